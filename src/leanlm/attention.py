@@ -1,0 +1,109 @@
+"""Attention backends behind one signature: ``meta.attend(layer_idx, sliding, q, k, v)``.
+
+The model computes q, k, v for a layer (after rotary embedding) and hands them to the metadata
+object built once per forward. The metadata owns everything that differs between backends: where
+K/V live (nothing, a contiguous :class:`KVCache`, or — in the serving engine — a paged block
+table) and which keys each query may see. This module holds the SDPA backend used for training,
+scoring, prefill and the reference generator.
+
+Masking. Query i at absolute position p_i may attend key j at position p_j iff
+``0 <= p_j <= p_i`` and, for sliding-window layers, ``p_i - p_j < W`` (Mistral: each token sees
+itself and the W-1 tokens before it). Padding is marked by position -1 (left padding in batched
+generation); a padded query always sees its own slot so that no row of the softmax is empty
+(an all-masked row would produce NaN, and ``0 * NaN`` would leak through the value matmul).
+Common cases skip the mask: a fresh causal prefill uses ``is_causal``, one decode token with no
+window and no padding attends to every cached key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+class KVCache:
+    """Contiguous per-layer K/V buffers [batch, kv_heads, max_len, head_dim] plus key positions."""
+
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, head_dim: int,
+                 max_len: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        shape = (batch, num_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.pos = torch.full((batch, max_len), -1, dtype=torch.long, device=device)
+        self.max_len = max_len
+        self.length = 0  # slots [0, length) are filled
+        self.padded = False  # some slot holds padding (position -1)
+
+    def reserve(self, n: int) -> tuple[int, int]:
+        """Claim the next ``n`` slots; returns (start, end)."""
+        start = self.length
+        if start + n > self.max_len:
+            raise ValueError(f"KV cache full: {start} + {n} tokens > capacity {self.max_len}")
+        self.length = start + n
+        return start, start + n
+
+
+@dataclass
+class SDPAMetadata:
+    """Per-forward state for the SDPA backend: rotary tables, masks and the optional cache."""
+
+    cos: torch.Tensor | None
+    sin: torch.Tensor | None
+    cache: KVCache | None
+    start: int  # first cache slot written by this forward
+    end: int
+    full_mask: torch.Tensor | None  # bool [B, 1, S, T] or None
+    full_causal: bool
+    sliding_mask: torch.Tensor | None
+
+    @classmethod
+    def build(cls, positions: torch.Tensor, cache: KVCache | None, sliding_window: int | None,
+              has_sliding: bool, contiguous: bool) -> SDPAMetadata:
+        """``positions`` is [B, S] (-1 = padding); ``contiguous`` means no padding anywhere."""
+        seq = positions.shape[1]
+        if cache is not None:
+            start, end = cache.reserve(seq)
+            cache.pos[:, start:end] = positions
+            cache.padded = cache.padded or not contiguous
+            kv_pos = cache.pos[:, :end]
+            no_pad = not cache.padded
+        else:
+            start, end = 0, seq
+            kv_pos = positions
+            no_pad = contiguous
+        full_mask, full_causal = None, False
+        if no_pad and (seq == 1 or start == 0):
+            full_causal = seq > 1  # fresh causal prefill, or one token that sees every key
+        else:
+            full_mask = _mask(positions, kv_pos, start, None)
+        sliding_mask = _mask(positions, kv_pos, start, sliding_window) if has_sliding else None
+        return cls(None, None, cache, start, end, full_mask, full_causal, sliding_mask)
+
+    def attend(self, layer_idx: int, sliding: bool, q: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> torch.Tensor:
+        """q [B, H, S, D], k/v [B, Hkv, S, D] -> [B, H, S, D]."""
+        if self.cache is not None:
+            ck, cv = self.cache.k[layer_idx], self.cache.v[layer_idx]
+            ck[:, :, self.start:self.end] = k
+            cv[:, :, self.start:self.end] = v
+            k, v = ck[:, :, :self.end], cv[:, :, :self.end]
+        mask = self.sliding_mask if sliding else self.full_mask
+        causal = False if sliding else self.full_causal
+        gqa = q.shape[1] != k.shape[1]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                              enable_gqa=gqa)
+
+
+def _mask(q_pos: torch.Tensor, kv_pos: torch.Tensor, start: int, window: int | None) -> torch.Tensor:
+    """Boolean [B, 1, S, T] mask (True = may attend) from absolute positions."""
+    qp = q_pos[:, :, None]
+    kp = kv_pos[:, None, :]
+    allowed = (kp >= 0) & (kp <= qp)
+    if window is not None:
+        allowed &= (qp - kp) < window
+    seq, total = q_pos.shape[1], kv_pos.shape[1]
+    own = torch.arange(total, device=q_pos.device)[None, :] == (
+        start + torch.arange(seq, device=q_pos.device))[:, None]
+    return (allowed | own[None]).unsqueeze(1)

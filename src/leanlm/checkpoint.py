@@ -1,0 +1,288 @@
+"""Hugging Face checkpoints <-> the leanlm Transformer.
+
+Loading (the gpt-fast pattern): read config.json, build the Transformer on the ``meta`` device
+(no memory, no init cost), open the safetensors files memory-mapped, check every tensor's name
+and shape against what the config implies, convert names (and GPT-2's fused, transposed Conv1D
+weights), then ``load_state_dict(assign=True)`` so parameters *are* the mapped tensors: peak memory
+is about one copy of the weights (no copy at all when the file's dtype is the requested one).
+
+Saving writes safetensors shards + ``model.safetensors.index.json`` when needed, config.json,
+generation_config.json and the tokenizer files into a temporary directory next to the target,
+then renames it into place, so a crash never leaves a half-written checkpoint.
+
+Security: pickle checkpoints (``pytorch_model.bin``) are refused unless ``allow_pickle=True``,
+and even then are read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from leanlm.config import ModelConfig
+from leanlm.errors import LeanLMError
+from leanlm.model import Transformer
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq|attn\.bias|attn\.masked_bias)$")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise LeanLMError(f"unknown dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+# ---- name conversion ------------------------------------------------------------------------
+def to_hf_state(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """leanlm state dict -> Hugging Face tensor names/layouts (works on meta tensors too)."""
+    tied = config.tie_word_embeddings
+    if config.model_type != "gpt2":
+        return {(k if k.startswith("lm_head.") else f"model.{k}"): v for k, v in state.items()
+                if not (tied and k == "lm_head.weight")}
+    out: dict[str, torch.Tensor] = {}
+    rename = {"embed_tokens.weight": "wte.weight", "embed_positions.weight": "wpe.weight",
+              "norm.weight": "ln_f.weight", "norm.bias": "ln_f.bias"}
+    for k, v in state.items():
+        if k in rename:
+            out[f"transformer.{rename[k]}"] = v
+        elif k == "lm_head.weight" and not tied:
+            out[k] = v
+    for i in range(config.num_layers):
+        p, h = f"layers.{i}.", f"transformer.h.{i}."
+        for ours, theirs in (("input_layernorm", "ln_1"), ("post_attention_layernorm", "ln_2")):
+            out[h + theirs + ".weight"] = state[p + ours + ".weight"]
+            out[h + theirs + ".bias"] = state[p + ours + ".bias"]
+        a = p + "self_attn."
+        out[h + "attn.c_attn.weight"] = torch.cat(
+            [state[a + f"{n}_proj.weight"] for n in "qkv"], dim=0).t()
+        out[h + "attn.c_attn.bias"] = torch.cat([state[a + f"{n}_proj.bias"] for n in "qkv"])
+        for ours, theirs in ((a + "o_proj", "attn.c_proj"), (p + "mlp.up_proj", "mlp.c_fc"),
+                             (p + "mlp.down_proj", "mlp.c_proj")):
+            out[h + theirs + ".weight"] = state[ours + ".weight"].t()
+            out[h + theirs + ".bias"] = state[ours + ".bias"]
+    return out
+
+
+def from_hf_state(config: ModelConfig, get: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`to_hf_state`: ``get(hf_name)`` returns a tensor (already validated)."""
+    if config.model_type != "gpt2":
+        ours = {}
+        for name in _meta_model(config).state_dict():
+            hf = name if name.startswith("lm_head.") else f"model.{name}"
+            if name == "lm_head.weight" and config.tie_word_embeddings:
+                continue
+            ours[name] = get(hf)
+        if config.tie_word_embeddings:
+            ours["lm_head.weight"] = ours["embed_tokens.weight"]
+        return ours
+    g = lambda n: get(f"transformer.{n}")  # noqa: E731
+    h_dim = config.hidden_size
+    ours = {"embed_tokens.weight": g("wte.weight"), "embed_positions.weight": g("wpe.weight"),
+            "norm.weight": g("ln_f.weight"), "norm.bias": g("ln_f.bias")}
+    ours["lm_head.weight"] = ours["embed_tokens.weight"] if config.tie_word_embeddings else get("lm_head.weight")
+    for i in range(config.num_layers):
+        p, h = f"layers.{i}.", f"h.{i}."
+        for mine, theirs in (("input_layernorm", "ln_1"), ("post_attention_layernorm", "ln_2")):
+            ours[p + mine + ".weight"] = g(h + theirs + ".weight")
+            ours[p + mine + ".bias"] = g(h + theirs + ".bias")
+        w = g(h + "attn.c_attn.weight").t()
+        b = g(h + "attn.c_attn.bias")
+        for j, n in enumerate("qkv"):
+            ours[p + f"self_attn.{n}_proj.weight"] = w[j * h_dim:(j + 1) * h_dim].contiguous()
+            ours[p + f"self_attn.{n}_proj.bias"] = b[j * h_dim:(j + 1) * h_dim]
+        for mine, theirs in (("self_attn.o_proj", "attn.c_proj"), ("mlp.up_proj", "mlp.c_fc"),
+                             ("mlp.down_proj", "mlp.c_proj")):
+            ours[p + mine + ".weight"] = g(h + theirs + ".weight").t().contiguous()
+            ours[p + mine + ".bias"] = g(h + theirs + ".bias")
+    return ours
+
+
+def _meta_model(config: ModelConfig) -> Transformer:
+    with torch.device("meta"):
+        return Transformer(config)
+
+
+# ---- reading ----------------------------------------------------------------------------------
+def _weight_files(path: Path, allow_pickle: bool) -> tuple[list[Path], str]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise LeanLMError(f"{index}: not a valid safetensors index ({e})") from None
+        files = sorted({path / f for f in weight_map.values()})
+        for f in files:
+            if not f.is_file():
+                raise LeanLMError(f"{index} names shard {f.name}, which does not exist")
+        return files, "safetensors"
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single], "safetensors"
+    pickles = sorted(path.glob("pytorch_model*.bin"))
+    if pickles:
+        if not allow_pickle:
+            raise LeanLMError(f"{path} holds only pickle weights ({pickles[0].name}); leanlm loads "
+                              "safetensors only. Convert it, or pass allow_pickle=True to read it "
+                              "with torch.load(weights_only=True)")
+        return pickles, "pickle"
+    raise LeanLMError(f"{path}: no weights found (expected model.safetensors or "
+                      "model.safetensors.index.json)")
+
+
+class _Entry:
+    """One tensor in a checkpoint: its shape (from the header only) and a lazy loader."""
+
+    __slots__ = ("shape", "file", "load")
+
+    def __init__(self, shape: list[int], file: Path, load: Callable[[], torch.Tensor]) -> None:
+        self.shape, self.file, self.load = shape, file, load
+
+
+def _open_tensors(files: list[Path], kind: str, stack: ExitStack) -> dict[str, _Entry]:
+    """name -> entry, reading only headers; raises LeanLMError for corrupt files."""
+    entries: dict[str, _Entry] = {}
+    for f in files:
+        if kind == "pickle":
+            sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            entries.update({k: _Entry(list(t.shape), f, lambda t=t: t) for k, t in sd.items()})
+            continue
+        try:
+            handle = stack.enter_context(safe_open(str(f), framework="pt"))
+            for k in handle.keys():
+                shape = list(handle.get_slice(k).get_shape())
+                entries[k] = _Entry(shape, f, lambda h=handle, k=k: h.get_tensor(k))
+        except (SafetensorError, OSError) as e:
+            raise LeanLMError(f"{f}: not a readable safetensors file ({e}); is it truncated?") from None
+    return entries
+
+
+def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype | None = None,
+               device: str | torch.device = "cpu", allow_pickle: bool = False) -> Transformer:
+    """Load a Hugging Face checkpoint directory into a :class:`Transformer` (eval mode)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise LeanLMError(f"{path}: not a directory (expected a Hugging Face model directory)")
+    if not (path / "config.json").is_file():
+        raise LeanLMError(f"{path}: no config.json (expected a Hugging Face model directory)")
+    config = ModelConfig.from_json_file(path / "config.json")
+    want = resolve_dtype(dtype)
+    files, kind = _weight_files(path, allow_pickle)
+    with ExitStack() as stack:
+        entries = _open_tensors(files, kind, stack)
+        if config.model_type == "gpt2":  # the original GPT-2 checkpoints have no "transformer." prefix
+            entries = {(k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}"): e
+                       for k, e in entries.items()}
+        expected = {k: list(v.shape) for k, v in to_hf_state(config, _meta_model(config).state_dict()).items()}
+        _check(expected, entries, config)
+        file_dtype = entries[next(iter(expected))].load().dtype
+        target = want or resolve_dtype(config.torch_dtype) or file_dtype
+
+        def get(name: str) -> torch.Tensor:
+            t = entries[name].load()
+            return t if t.dtype == target else t.to(target)
+
+        state = from_hf_state(config, get)
+    model = _meta_model(config)
+    model.load_state_dict(state, assign=True, strict=True)
+    model.tie_weights()
+    model.init_buffers("cpu")
+    config.torch_dtype = str(target).removeprefix("torch.")
+    return model.to(device).eval()
+
+
+def _check(expected: dict[str, list[int]], found: dict[str, _Entry], config: ModelConfig) -> None:
+    for name, shape in expected.items():
+        if name not in found:
+            missing = [n for n in expected if n not in found]
+            raise LeanLMError(f"checkpoint is missing {len(missing)} tensor(s) the config implies, "
+                              f"e.g. {missing[0]!r} with shape {shape}")
+        got, f = found[name].shape, found[name].file
+        if got != shape:
+            raise LeanLMError(f"{f.name}: tensor {name!r} has shape {got}, expected {shape} "
+                              f"(from config.json, model_type {config.model_type!r})")
+    extra = [n for n in found if n not in expected and not _IGNORED.search(n)
+             and not (n == "lm_head.weight" and config.tie_word_embeddings)]
+    if extra:
+        raise LeanLMError(f"checkpoint has {len(extra)} tensor(s) that config.json does not explain, "
+                          f"e.g. {extra[0]!r}")
+
+
+# ---- writing ----------------------------------------------------------------------------------
+def save_model(model: Transformer, path: str | os.PathLike[str], tokenizer: Any | None = None,
+               dtype: str | torch.dtype | None = None, max_shard_bytes: int = 4 * 1024**3) -> Path:
+    """Write ``model`` as a Hugging Face checkpoint directory (atomically replaces ``path``)."""
+    path = Path(path)
+    config = model.config
+    target = resolve_dtype(dtype)
+    state = {k: (v.detach().to("cpu", target) if target else v.detach().cpu()).contiguous()
+             for k, v in to_hf_state(config, model.state_dict()).items()}
+    saved_dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        shards = list(_shard(state, max_shard_bytes))
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update({k: fname for k in shard})
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        hf = config.to_hf()
+        hf["torch_dtype"] = hf["dtype"] = saved_dtype
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
+        gen = {k: v for k, v in (("bos_token_id", config.bos_token_id),
+                                 ("eos_token_id", config.eos_token_id),
+                                 ("pad_token_id", config.pad_token_id)) if v is not None}
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _shard(state: dict[str, torch.Tensor], max_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
+    shard: dict[str, torch.Tensor] = {}
+    size = 0
+    for k, t in state.items():
+        n = t.numel() * t.element_size()
+        if shard and size + n > max_bytes:
+            yield shard
+            shard, size = {}, 0
+        shard[k] = t
+        size += n
+    yield shard
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise LeanLMError(f"{path} exists and is not a directory")
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,219 @@
+"""THE transformer: every supported family is this one module configured by a ModelConfig.
+
+A pre-norm decoder-only transformer (Vaswani et al. 2017; Radford et al. 2019 for GPT-2's
+pre-norm layout; Touvron et al. 2023 for Llama's RMSNorm + SwiGLU + RoPE):
+
+    h_0     = E[x] (+ P[pos] for learned positions)
+    a_l     = h_{l-1} + W_o · Attn(RoPE(W_q n(h)), RoPE(W_k n(h)), W_v n(h))     n = input norm
+    h_l     = a_l + MLP(n'(a_l)),  MLP(x) = W_down (act(W_gate x) ⊙ W_up x)  or  W_down act(W_up x)
+    logits  = W_out · norm(h_L)
+
+RMSNorm(x) = w ⊙ x / sqrt(mean(x²) + ε), computed in fp32 and cast back before the weight, as
+Hugging Face does, so that bf16 results agree bit-for-bit in the common case. RoPE rotates pairs
+(x_i, x_{i+d/2}) by angle p · θ^{-2i/d} (the "rotate_half" layout of HF checkpoints); the angle
+table is computed in fp32 from the positions on every forward. Qwen3 applies RMSNorm over the
+head dimension to q and k before RoPE. Grouped-query attention keeps ``num_kv_heads`` K/V heads,
+each shared by ``num_heads / num_kv_heads`` query heads.
+
+Module names follow the Hugging Face Llama layout (``layers.N.self_attn.q_proj`` …) for every
+family, so quantization and PEFT target the same names everywhere; ``checkpoint.py`` maps GPT-2's
+fused Conv1D names onto them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leanlm.attention import KVCache, SDPAMetadata
+from leanlm.config import ModelConfig
+from leanlm.errors import LeanLMError
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def make_norm(config: ModelConfig, dim: int) -> nn.Module:
+    if config.norm_type == "layernorm":
+        return nn.LayerNorm(dim, eps=config.norm_eps)
+    return RMSNorm(dim, config.norm_eps)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies θ^{-2i/d}, with Llama-3 or linear (position interpolation) scaling."""
+    dim = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv
+    factor = float(scaling["factor"])
+    if scaling["rope_type"] == "linear":
+        return inv / factor
+    # llama3 (Meta's Llama 3.1 release): divide low frequencies by `factor`, keep high ones,
+    # interpolate smoothly between the two wavelength thresholds.
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = float(scaling["original_max_position_embeddings"])
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        h, d = config.hidden_size, config.head_dim
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, d
+        self.sliding = config.layer_types[layer_idx] == "sliding_attention"
+        self.q_proj = nn.Linear(h, config.num_heads * d, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(h, config.num_kv_heads * d, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(h, config.num_kv_heads * d, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.num_heads * d, h, bias=config.o_bias)
+        self.q_norm = RMSNorm(d, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(d, config.norm_eps) if config.qk_norm else None
+
+    def forward(self, x: torch.Tensor, meta: SDPAMetadata) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if meta.cos is not None:
+            cos, sin = meta.cos, meta.sin
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+        out = meta.attend(self.layer_idx, self.sliding, q, k, v)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias) if config.gated_mlp else None
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+        self.activation = config.activation
+
+    def act(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation == "silu":
+            return F.silu(x)
+        return F.gelu(x, approximate="tanh" if self.activation == "gelu_tanh" else "none")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_proj is not None:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = make_norm(config, config.hidden_size)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = make_norm(config, config.hidden_size)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, meta: SDPAMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """The one model. ``model(tokens)`` -> logits [batch, seq, vocab]."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_positions = (nn.Embedding(config.max_position_embeddings, config.hidden_size)
+                                if config.positional == "learned" else None)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = make_norm(config, config.hidden_size)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self._has_sliding = "sliding_attention" in config.layer_types
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute non-persistent buffers, e.g. after building on the meta device."""
+        device = device or self.embed_tokens.weight.device
+        self.inv_freq = rope_inv_freq(self.config).to(device)
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Random init (normal(0, std) for matrices, zeros for biases, ones for norm weights)."""
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("bias"):
+                    p.zero_()
+                elif p.ndim == 1:
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, std, generator=generator)
+
+    def make_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        w = self.embed_tokens.weight
+        c = self.config
+        return KVCache(c.num_layers, batch, c.num_kv_heads, c.head_dim, max_len,
+                       dtype or w.dtype, w.device)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """tokens [B, S] -> logits [B, S, V] ([B, 1, V] with ``last_only``).
+
+        ``positions`` [B, S] are absolute positions (-1 marks left padding); by default they
+        continue from the cache (or start at 0). With a cache, K/V of these tokens are appended.
+        """
+        b, s = tokens.shape
+        contiguous = positions is None
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + s, device=tokens.device).expand(b, s)
+        meta = SDPAMetadata.build(positions, cache, self.config.sliding_window,
+                                  self._has_sliding, contiguous)
+        x = self.embed_tokens(tokens)
+        pos = positions.clamp(min=0)
+        if self.embed_positions is not None:
+            if int(pos.max()) >= self.config.max_position_embeddings:
+                raise LeanLMError(f"position {int(pos.max())} is past the model's context of "
+                                  f"{self.config.max_position_embeddings} (learned positions)")
+            x = x + self.embed_positions(pos)
+        else:
+            freqs = pos[..., None].float() * self.inv_freq.float()
+            emb = torch.cat((freqs, freqs), dim=-1)
+            meta.cos = emb.cos().to(x.dtype)[:, None]
+            meta.sin = emb.sin().to(x.dtype)[:, None]
+        for layer in self.layers:
+            x = layer(x, meta)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))

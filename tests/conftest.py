@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints of every supported family, built offline."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+VOCAB = 256
+
+# family name -> (transformers config class name, kwargs). 2 layers, hidden 32-64, GQA where the
+# family has it; rope scaling, biases, q/k norm and sliding windows exercised where they exist.
+FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                  num_key_value_heads=2)),
+    "llama3-rope": ("LlamaConfig", dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                        num_key_value_heads=2, max_position_embeddings=256,
+                                        rope_theta=500000.0, tie_word_embeddings=True,
+                                        rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                      "original_max_position_embeddings": 32})),
+    "llama-linear-rope": ("LlamaConfig", dict(hidden_size=32, intermediate_size=64,
+                                              num_attention_heads=4, num_key_value_heads=4,
+                                              attention_bias=True, mlp_bias=True,
+                                              rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    "mistral": ("MistralConfig", dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                      num_key_value_heads=2, sliding_window=8)),
+    "qwen2": ("Qwen2Config", dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                  num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen2-sliding": ("Qwen2Config", dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                          num_key_value_heads=2, use_sliding_window=True,
+                                          sliding_window=8, max_window_layers=1)),
+    "qwen3": ("Qwen3Config", dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                  num_key_value_heads=2, head_dim=16)),
+    "gpt2": ("GPT2Config", dict(n_embd=64, n_head=4, n_positions=128)),
+}
+
+
+def hf_config(family: str) -> Any:
+    import transformers
+
+    cls_name, kwargs = FAMILIES[family]
+    cls = getattr(transformers, cls_name)
+    if cls_name == "GPT2Config":
+        return cls(vocab_size=VOCAB, n_layer=2, bos_token_id=0, eos_token_id=1, **kwargs)
+    return cls(vocab_size=VOCAB, num_hidden_layers=2, bos_token_id=0, eos_token_id=1, **kwargs)
+
+
+def build_hf_model(family: str, seed: int = 0) -> Any:
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(family), dtype=torch.float32)
+    # HF init leaves norms at 1 and biases at 0: randomise them so the test can see a mix-up.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval()
+
+
+@pytest.fixture
+def make_hf_checkpoint(tmp_path: Path) -> Callable[..., Path]:
+    """Save a tiny random transformers model of ``family`` to a temp dir and return the path."""
+
+    def make(family: str, seed: int = 0, **save_kwargs: Any) -> Path:
+        model = build_hf_model(family, seed)
+        out = tmp_path / f"{family}-{seed}"
+        model.save_pretrained(out, **save_kwargs)
+        return out
+
+    return make
