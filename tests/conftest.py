@@ -13,7 +13,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-VOCAB = 256
+VOCAB = 320  # tokenizer fixtures use 300 ids, all inside the model vocabulary
 
 # family name -> (transformers config class name, kwargs). 2 layers, hidden 32-64, GQA where the
 # family has it; rope scaling, biases, q/k norm and sliding windows exercised where they exist.
@@ -77,3 +77,32 @@ def make_hf_checkpoint(tmp_path: Path) -> Callable[..., Path]:
         return out
 
     return make
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+CORPUS = ["def main():\n    return 0\n", "The quick brown fox jumps over the lazy dog.",
+          "héllo wörld — ünïcode ✓ 日本語のテキスト", "To be, or not to be: that is the question."] * 20
+
+
+def write_tokenizer(path: Path, vocab_size: int = 300) -> Path:
+    """Train a tiny byte-level BPE (with BOS/EOS and a ChatML template) into ``path``."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 0)])
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "chat_template": CHATML,
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 128}))
+    return path

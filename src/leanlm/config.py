@@ -160,6 +160,8 @@ class ModelConfig:
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
         if name not in PRESETS:
             raise LeanLMError(f"unknown preset {name!r}: expected one of {sorted(PRESETS)}")
+        if "num_layers" in overrides:
+            overrides.setdefault("layer_types", None)  # re-derived for the new depth
         return replace(PRESETS[name], **overrides)
 
 
