@@ -60,7 +60,7 @@ def build_hf_model(family: str, seed: int = 0) -> Any:
     model = transformers.AutoModelForCausalLM.from_config(hf_config(family), dtype=torch.float32)
     # HF init leaves norms at 1 and biases at 0: randomise them so the test can see a mix-up.
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     return model.eval()

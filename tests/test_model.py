@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, VOCAB, build_hf_model
 
 import leanlm
+from conftest import FAMILIES, VOCAB, build_hf_model
 from leanlm.generate import GenerationConfig, generate
 
 

@@ -90,11 +90,12 @@ def from_hf_state(config: ModelConfig, get: Callable[[str], torch.Tensor]) -> di
         if config.tie_word_embeddings:
             ours["lm_head.weight"] = ours["embed_tokens.weight"]
         return ours
-    g = lambda n: get(f"transformer.{n}")  # noqa: E731
+    g = lambda n: get(f"transformer.{n}")
     h_dim = config.hidden_size
     ours = {"embed_tokens.weight": g("wte.weight"), "embed_positions.weight": g("wpe.weight"),
             "norm.weight": g("ln_f.weight"), "norm.bias": g("ln_f.bias")}
-    ours["lm_head.weight"] = ours["embed_tokens.weight"] if config.tie_word_embeddings else get("lm_head.weight")
+    tied = config.tie_word_embeddings
+    ours["lm_head.weight"] = ours["embed_tokens.weight"] if tied else get("lm_head.weight")
     for i in range(config.num_layers):
         p, h = f"layers.{i}.", f"h.{i}."
         for mine, theirs in (("input_layernorm", "ln_1"), ("post_attention_layernorm", "ln_2")):
@@ -147,7 +148,7 @@ def _weight_files(path: Path, allow_pickle: bool) -> tuple[list[Path], str]:
 class _Entry:
     """One tensor in a checkpoint: its shape (from the header only) and a lazy loader."""
 
-    __slots__ = ("shape", "file", "load")
+    __slots__ = ("file", "load", "shape")
 
     def __init__(self, shape: list[int], file: Path, load: Callable[[], torch.Tensor]) -> None:
         self.shape, self.file, self.load = shape, file, load
@@ -163,7 +164,7 @@ def _open_tensors(files: list[Path], kind: str, stack: ExitStack) -> dict[str, _
             continue
         try:
             handle = stack.enter_context(safe_open(str(f), framework="pt"))
-            for k in handle.keys():
+            for k in handle.keys():  # noqa: SIM118 (not a dict)
                 shape = list(handle.get_slice(k).get_shape())
                 entries[k] = _Entry(shape, f, lambda h=handle, k=k: h.get_tensor(k))
         except (SafetensorError, OSError) as e:
@@ -187,7 +188,8 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype | None = N
         if config.model_type == "gpt2":  # the original GPT-2 checkpoints have no "transformer." prefix
             entries = {(k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}"): e
                        for k, e in entries.items()}
-        expected = {k: list(v.shape) for k, v in to_hf_state(config, _meta_model(config).state_dict()).items()}
+        meta_state = to_hf_state(config, _meta_model(config).state_dict())
+        expected = {k: list(v.shape) for k, v in meta_state.items()}
         _check(expected, entries, config)
         file_dtype = entries[next(iter(expected))].load().dtype
         target = want or resolve_dtype(config.torch_dtype) or file_dtype

@@ -38,7 +38,7 @@ def resolve_model(model: Path | None) -> Path:
 def generate(
     model: ModelArg = None,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt text.")] = "",
-    chat: Annotated[bool, typer.Option(help="Wrap the prompt as a user message in the chat template.")] = False,
+    chat: Annotated[bool, typer.Option(help="Wrap the prompt as a user chat message.")] = False,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 64,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0 = off).")] = 0,
@@ -47,7 +47,7 @@ def generate(
     repetition_penalty: Annotated[float, typer.Option(help="CTRL-style penalty (1 = off).")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
-    dtype: Annotated[str | None, typer.Option(help="float32 | bfloat16 | float16 (default: checkpoint's).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32 | bfloat16 | float16.")] = None,
     stream: Annotated[bool, typer.Option(help="Print tokens as they are generated.")] = True,
 ) -> None:
     """Generate a completion of --prompt with MODEL and print it (streamed token by token)."""
