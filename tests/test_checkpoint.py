@@ -49,11 +49,16 @@ def test_transformers_sharded_checkpoint_loads(make_hf_checkpoint):
     assert diff < 1e-4
 
 
-def test_dtype_selection_and_mmap_without_copy(make_hf_checkpoint, tmp_path):
+def test_dtype_selection_and_mmap(make_hf_checkpoint, tmp_path):
     out = save_model(load_model(make_hf_checkpoint("llama")), tmp_path / "bf16", dtype="bfloat16")
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    model = load_model(out)  # default: the checkpoint's dtype, so tensors are the mapped file
+    assert oct((out / "model.safetensors").stat().st_mode & 0o644) == oct(0o644)
+    model = load_model(out)  # default: the checkpoint's dtype
     assert model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    mapped = load_model(out, mmap=True)
+    tokens = torch.randint(0, VOCAB, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(mapped(tokens), model(tokens))
     assert load_model(out, dtype="fp32").layers[0].mlp.up_proj.weight.dtype == torch.float32
     assert load_model(out, dtype=torch.float16).norm.weight.dtype == torch.float16
     with pytest.raises(LeanLMError, match="unknown dtype 'int3'"):
