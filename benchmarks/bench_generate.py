@@ -19,9 +19,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from common import machine, random_checkpoint
 
 import leanlm
+from common import machine, random_checkpoint
 from leanlm.generate import GenerationConfig, generate
 
 
