@@ -73,7 +73,10 @@ def main() -> None:
         for w, x in zip(weights, xs, strict=True):
             F.linear(x, w)
 
-    same = run_ours(16) == run_hf(16)
+    # A random model's top logits are near-ties, so bf16 rounding differences (our decode
+    # attention runs in fp32) can flip a token; exact parity is tested in fp32 (tests/test_model.py).
+    a, b = run_ours(16), run_hf(16)
+    agree = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
     # Interleave the three measurements so that machine noise hits them alike.
     rounds = {"leanlm": [], "transformers": [], "gemv floor": []}
     for _ in range(args.repeats):
@@ -85,7 +88,7 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"model: {args.preset} (random weights, bf16), prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens, batch 1, median of {args.repeats}")
-    print(f"greedy tokens identical to transformers: {same}")
+    print(f"greedy tokens equal to transformers' (bf16): first {agree} of {len(a)}")
     for k, v in med.items():
         print(f"  {k:13s} {v:7.1f} ms/token  {1e3 / v:6.2f} tok/s")
     print(f"leanlm speed-up over transformers: {med['transformers'] / med['leanlm']:.2f}x")

@@ -90,10 +90,28 @@ class SDPAMetadata:
             cv[:, :, self.start:self.end] = v
             k, v = ck[:, :, :self.end], cv[:, :, :self.end]
         mask = self.sliding_mask if sliding else self.full_mask
+        if q.shape[2] == 1:
+            return decode_attention(q, k, v, mask)
         causal = False if sliding else self.full_causal
         gqa = q.shape[1] != k.shape[1]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                               enable_gqa=gqa)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: torch.Tensor | None) -> torch.Tensor:
+    """One query per row: softmax(q kᵀ/√d) v with the query heads of a KV group batched together.
+
+    Computed in fp32 whatever the cache dtype: on CPU, bf16 SDPA for one query over 300 keys
+    takes ~6x longer than this (bf16 matmuls of these small shapes are slow without native bf16
+    units), and fp32 is also the more exact result.
+    """
+    b, h, _, d = q.shape
+    hkv = k.shape[1]
+    scores = (q.view(b, hkv, h // hkv, d).float() @ k.float().transpose(-1, -2)) * d**-0.5
+    if mask is not None:  # [B, 1, 1, T] broadcasts over (kv head, group)
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ v.float()).to(q.dtype).view(b, h, 1, d)
 
 
 def _mask(q_pos: torch.Tensor, kv_pos: torch.Tensor, start: int, window: int | None) -> torch.Tensor:
