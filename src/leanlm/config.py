@@ -171,6 +171,14 @@ _DROP = {"architectures", "transformers_version", "_name_or_path", "torch_dtype"
          "rope_parameters", "rope_scaling", "rope_theta", "use_cache", "id2label", "label2id"}
 
 
+def _shared_fields(hf: dict[str, Any], known: set[str]) -> dict[str, Any]:
+    """Special token ids, saved dtype and the untranslated keys: the same for every family."""
+    return {"bos_token_id": hf.get("bos_token_id"), "eos_token_id": hf.get("eos_token_id"),
+            "pad_token_id": hf.get("pad_token_id"),
+            "torch_dtype": hf.get("dtype") or hf.get("torch_dtype"),
+            "hf_extra": {k: v for k, v in hf.items() if k not in known and k not in _DROP}}
+
+
 def _require(hf: dict[str, Any], key: str) -> Any:
     if key not in hf or hf[key] is None:
         raise LeanLMError(f"config.json (model_type {hf.get('model_type')!r}) is missing {key!r}")
@@ -250,11 +258,7 @@ def _from_llama_like(hf: dict[str, Any]) -> ModelConfig:
         sliding_window=sliding,
         layer_types=layer_types,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=hf.get("eos_token_id"),
-        pad_token_id=hf.get("pad_token_id"),
-        torch_dtype=hf.get("dtype") or hf.get("torch_dtype"),
-        hf_extra={k: v for k, v in hf.items() if k not in known and k not in _DROP},
+        **_shared_fields(hf, known),
     )
 
 
@@ -323,11 +327,7 @@ def _from_gpt2(hf: dict[str, Any]) -> ModelConfig:
         o_bias=True,
         mlp_bias=True,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
-        bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=hf.get("eos_token_id"),
-        pad_token_id=hf.get("pad_token_id"),
-        torch_dtype=hf.get("dtype") or hf.get("torch_dtype"),
-        hf_extra={k: v for k, v in hf.items() if k not in known and k not in _DROP},
+        **_shared_fields(hf, known),
     )
 
 
