@@ -48,6 +48,11 @@ def test_chat_template_matches_transformers(tok_dir, add_generation_prompt):
     assert ours.encode_chat(MESSAGES, add_generation_prompt) == list(ids)
 
 
+def test_chat_template_sees_special_tokens(tok_dir):
+    (tok_dir / "chat_template.jinja").write_text("{{ bos_token }}{{ messages[0]['content'] }}{{ eos_token }}")
+    assert load_tokenizer(tok_dir).apply_chat_template(MESSAGES[:1]) == "<s>Be brief.</s>"
+
+
 def test_chat_template_file_and_errors(tok_dir):
     cfg = json.loads((tok_dir / "tokenizer_config.json").read_text())
     del cfg["chat_template"]

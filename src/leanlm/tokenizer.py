@@ -78,7 +78,8 @@ class Tokenizer:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m:
                 raise LeanLMError(f"chat message {i} must be a dict with 'role' and 'content'")
-        special = {k: _token_str(v) for k, v in self.config.items() if k.endswith("_token")}
+        special = {k: _token_str(v) for k, v in self.config.items()
+                   if k.endswith("_token") and not k.startswith("add_")}  # bos_token, eos_token …
         return _compile(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt, **special, **kwargs)
 
