@@ -17,7 +17,7 @@ penalty).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -158,41 +158,30 @@ def generate_text(model: Transformer, tokenizer: Tokenizer, prompt: str | list[d
     ids = tokenizer.encode_chat(prompt) if isinstance(prompt, list) else tokenizer.encode(prompt)
     if cfg.stop_token_ids is None and tokenizer.eos_token_id is not None:
         eos = set(model.config.eos_token_ids) | {tokenizer.eos_token_id}
-        cfg = GenerationConfig(**{**cfg.__dict__, "stop_token_ids": sorted(eos)})
+        cfg = replace(cfg, stop_token_ids=sorted(eos))
     decoder = IncrementalDecoder(tokenizer)
-    text: list[str] = []
-    held = 0  # chars kept back from the stream because they may begin a stop string
-    longest_stop = max((len(s) for s in cfg.stop), default=0)
-    state = {"stopped": False}
+    text = ""
+    held = 0  # chars emitted to ``stream`` so far; the tail may still begin a stop string
+    keep_back = max((len(s) for s in cfg.stop), default=1) - 1
+    stopped = False
 
-    def on_token(_: int, token: int) -> bool:
-        text.append(decoder.push(token))
-        full = "".join(text)
-        for s in cfg.stop:
-            cut = full.find(s)
-            if cut != -1:
-                text[:] = [full[:cut]]
-                state["stopped"] = True
-                return True
-        return False
-
-    def emit(final: bool) -> None:
+    def emit(upto: int) -> None:
         nonlocal held
-        if stream is None:
-            return
-        full = "".join(text)
-        upto = len(full) if final else max(held, len(full) - max(longest_stop - 1, 0))
-        if upto > held:
-            stream(full[held:upto])
+        if stream is not None and upto > held:
+            stream(text[held:upto])
             held = upto
 
-    def on_token_streaming(row: int, token: int) -> bool:
-        stop = on_token(row, token)
-        emit(final=False)
-        return stop
+    def on_token(_: int, token: int) -> bool:
+        nonlocal text, stopped
+        text += decoder.push(token)
+        cuts = [i for i in (text.find(s) for s in cfg.stop) if i != -1]
+        if cuts:
+            text, stopped = text[:min(cuts)], True
+        emit(max(held, len(text) - keep_back))
+        return stopped
 
-    generate(model, [ids], cfg, on_token_streaming)
-    if not state["stopped"]:
-        text.append(decoder.flush())
-    emit(final=True)
-    return "".join(text)
+    generate(model, [ids], cfg, on_token)
+    if not stopped:
+        text += decoder.flush()
+    emit(len(text))
+    return text
