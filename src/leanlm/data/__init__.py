@@ -1,0 +1,1 @@
+"""Data: corpus assembly, readers/writers and (later) selection — the survey's data-centric part."""

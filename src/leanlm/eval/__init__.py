@@ -1,0 +1,1 @@
+"""Evaluation: perplexity / loss on held-out text (and, later, tasks and comparisons)."""

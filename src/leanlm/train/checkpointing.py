@@ -1,0 +1,161 @@
+"""Distributed checkpoints with ``torch.distributed.checkpoint`` (DCP), atomic and resumable.
+
+A checkpoint ``OUT/checkpoints/step-000200/`` holds the model and AdamW state as DCP shards (each
+rank writes its own FSDP shards; DCP's planner de-duplicates replicated tensors), the RNG state,
+and ``trainer_state.json`` (step, data-loader position, config). Loading goes through DCP's
+resharding, so a checkpoint written by N processes loads into M (``get_state_dict`` /
+``set_state_dict`` speak fully qualified names whatever the wrapping: FSDP, AC, compile).
+
+Atomicity: everything is written to ``step-N.tmp-<nonce>/``; after a barrier rank 0 renames it to
+``step-N``, so a run killed mid-save (even by SIGKILL) leaves the previous checkpoint as the
+latest complete one and the partial directory is ignored (and later removed).
+
+Safety: only tensors are stored through DCP (AdamW's hyper-parameters are rebuilt from the
+config, not unpickled), and DCP's pickled ``.metadata`` is read with an unpickler that admits
+only DCP's own metadata classes, ``torch.Size`` and dtypes, so resuming cannot run code from a
+tampered checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+
+from leanlm.errors import LeanLMError
+
+_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+_TORCH_OK = {"Size"}
+# "torch.strided" -> layout, and the checkpoint id DCP records (a path)
+_ALSO_OK = {("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        dcp_class = module.startswith("torch.distributed.checkpoint.")
+        if dcp_class or (module == "collections" and name == "OrderedDict"):
+            obj = super().find_class(module, name)
+            if isinstance(obj, type):
+                return obj
+        if module == "torch" and (name in _TORCH_OK or isinstance(getattr(torch, name, None), torch.dtype)):
+            return getattr(torch, name)
+        if (module, name) in _ALSO_OK:
+            return super().find_class(module, name)
+        if module == "builtins" and name in {"set", "frozenset", "dict", "list", "tuple", "slice"}:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which a DCP "
+                                     "checkpoint never contains")
+
+
+class SafeReader(dcp.FileSystemReader):
+    """FileSystemReader whose metadata is unpickled with an allow-list (see module docstring)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        path = Path(self.path) / ".metadata"
+        try:
+            metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
+        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
+            raise LeanLMError(f"checkpoint {self.path} is corrupt or not a leanlm checkpoint: "
+                              f"cannot read {path.name} ({e})") from None
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _tensor_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict, dict]:
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
+    tensors = {k: v for k, v in optim_sd.items() if isinstance(v, torch.Tensor)}
+    return model_sd, optim_sd, tensors
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Finished checkpoints under ``root``, oldest first (partial ``.tmp`` dirs are skipped)."""
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
+            and ".tmp" not in p.name and (p / "trainer_state.json").is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    trainer_state: dict[str, Any], keep: int = 2, nonce: str = "") -> Path:
+    """Write ``root/step-NNNNNN`` atomically from all ranks; keep the newest ``keep``."""
+    final = root / f"step-{step:06d}"
+    tmp = root / f"{final.name}.tmp-{nonce or os.getpid()}"
+    model_sd, _, optim_tensors = _tensor_state(model, optimizer)
+    state = {"model": model_sd, "optim": optim_tensors, "rng": {"cpu": torch.get_rng_state()}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["rng"]["cuda"] = torch.cuda.get_rng_state()
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+    _barrier()
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp))
+    _barrier()
+    if _rank() == 0:
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        for partial in root.glob("step-*.tmp-*"):
+            shutil.rmtree(partial, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore model, optimizer and RNG in place from ``path``; returns its trainer state."""
+    state_file = path / "trainer_state.json"
+    if not state_file.is_file() or not (path / ".metadata").is_file():
+        raise LeanLMError(f"checkpoint {path} is incomplete: expected .metadata and trainer_state.json")
+    try:
+        trainer_state = json.loads(state_file.read_text())
+    except json.JSONDecodeError as e:
+        raise LeanLMError(f"checkpoint {state_file} is corrupt ({e.msg})") from None
+    model_sd, optim_sd, optim_tensors = _tensor_state(model, optimizer)
+    state = {"model": model_sd, "optim": optim_tensors, "rng": {"cpu": torch.get_rng_state()}}
+    try:
+        dcp.load(state, storage_reader=SafeReader(path))
+    except LeanLMError:
+        raise
+    except Exception as e:  # DCP wraps per-rank failures in CheckpointException
+        raise LeanLMError(f"checkpoint {path} is corrupt or does not match this model: "
+                          f"{str(e).strip().splitlines()[-1][:300]}") from None
+    optim_sd.update(state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=optim_sd,
+                   options=_OPTIONS)
+    torch.set_rng_state(state["rng"]["cpu"])
+    return trainer_state
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded model state on CPU (complete on rank 0; FSDP gathers it)."""
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts)

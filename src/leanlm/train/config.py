@@ -1,0 +1,145 @@
+"""``TrainConfig``: everything one pretraining run needs, torch-free, overridable as key=value.
+
+A recipe (``recipes.py``) is a function returning one of these; the CLI applies ``--set
+key=value`` overrides on top (``model.<field>=value`` reaches into the model config), so a run
+is fully described by its recipe name plus overrides, which the trainer writes to
+``OUT/train_config.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from leanlm.config import ModelConfig
+from leanlm.errors import LeanLMError
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig
+    data: str = ""  # a corpus dir (leanlm corpus build) with <domain>/{train,val}-*.jsonl
+    tokenizer: str = ""  # a tokenizer dir; default: the shipped default model's
+    out: str = "runs/run"
+    seed: int = 0
+    # batch: global batch = micro_batch * grad_accum * world_size sequences of seq_len tokens
+    seq_len: int = 512
+    micro_batch: int = 8
+    grad_accum: int = 1
+    document_masking: bool = True
+    # optimisation: AdamW with linear warmup, then cosine or warmup-stable-decay (WSD)
+    max_steps: int = 1000
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | wsd
+    decay_fraction: float = 0.2  # wsd: share of steps in the final linear decay
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    init_std: float = 0.02
+    # systems
+    precision: str = "bf16"  # bf16 (autocast / FSDP param dtype, fp32 master weights) | fp32
+    ac: str = "none"  # none | full | selective (op-level: keep matmul outputs, recompute the rest)
+    ac_every: int = 1  # checkpoint every n-th block (layer-selective AC)
+    compile: bool = False
+    parallel: str = "auto"  # auto (fsdp when world > 1) | none | ddp | fsdp
+    reshard_after_forward: bool = True  # True = ZeRO-3, False = ZeRO-2
+    cpu_offload: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    # bookkeeping
+    eval_every: int = 200
+    eval_windows: int = 0  # per domain; 0 = the whole validation split
+    ckpt_every: int = 200
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    peak_tflops: float = 0.0  # for MFU; 0 = the device's known peak (or none on CPU)
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.schedule in ("cosine", "wsd"), "schedule must be 'cosine' or 'wsd'"),
+            (self.precision in ("bf16", "fp32"), "precision must be 'bf16' or 'fp32'"),
+            (self.ac in ("none", "full", "selective"), "ac must be 'none', 'full' or 'selective'"),
+            (self.parallel in ("auto", "none", "ddp", "fsdp"),
+             "parallel must be 'auto', 'none', 'ddp' or 'fsdp'"),
+            (self.device in ("auto", "cpu", "cuda"), "device must be 'auto', 'cpu' or 'cuda'"),
+            (self.seq_len >= 2 and self.micro_batch >= 1 and self.grad_accum >= 1,
+             "seq_len >= 2, micro_batch >= 1 and grad_accum >= 1 are required"),
+            (self.max_steps >= 1 and self.warmup_steps >= 0, "max_steps >= 1, warmup_steps >= 0"),
+            (self.ac_every >= 1, "ac_every must be >= 1"),
+            (self.seq_len <= self.model.max_position_embeddings,
+             f"seq_len {self.seq_len} > the model's context {self.model.max_position_embeddings}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise LeanLMError(f"train config: {msg}")
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["model"] = self.model.to_hf()
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        d = dict(d)
+        d["model"] = ModelConfig.from_hf(d["model"])
+        return cls(**d)
+
+
+def _parse(value: str, current: Any) -> Any:
+    if isinstance(current, bool):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected true/false, got {value!r}")
+    if isinstance(current, int):
+        return int(value)
+    if isinstance(current, float):
+        return float(value)
+    if isinstance(current, tuple):
+        return tuple(float(x) for x in value.split(","))
+    if current is None:
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """``["lr=1e-3", "model.num_layers=4"]`` -> a new, validated config."""
+    top: dict[str, Any] = {}
+    model: dict[str, Any] = {}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    mfields = {f.name for f in dataclasses.fields(ModelConfig)}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise LeanLMError(f"override {item!r}: expected key=value")
+        key = key.strip().replace("-", "_")
+        target, name, current = (model, key[6:], getattr(cfg.model, key[6:], None)) \
+            if key.startswith("model.") else (top, key, getattr(cfg, key, None))
+        valid = mfields if target is model else fields
+        if name not in valid or name == "model":
+            raise LeanLMError(f"override {item!r}: unknown setting {key!r} (known: "
+                              f"{', '.join(sorted(valid - {'model'}))})")
+        try:
+            target[name] = _parse(value, current)
+        except ValueError as e:
+            raise LeanLMError(f"override {item!r}: {e}") from None
+    if "num_layers" in model:  # re-derive per-layer types and head size for the new shape
+        model.setdefault("layer_types", None)
+    if {"hidden_size", "num_heads"} & model.keys():
+        model.setdefault("head_dim", None)
+    model_cfg = dataclasses.replace(cfg.model, **model) if model else cfg.model
+    return dataclasses.replace(cfg, model=model_cfg, **top)

@@ -1,0 +1,161 @@
+"""Tokenized, packed, resumable training data.
+
+``tokenize_corpus`` turns a corpus directory into one flat token array per (domain, split),
+cached as ``.bin`` files (uint16 when the vocabulary allows) next to a ``tokens.json`` that
+records the tokenizer's hash, so a changed tokenizer re-tokenizes. Every document is written as
+``<eos> text``: the separator doubles as the BOS of the next document, so with document masking
+every position has a meaningful target (the last token of a document predicts ``<eos>``, the
+``<eos>`` predicts the first token of its own document) and no target needs masking.
+
+Packing (Raffel et al. 2020; Krell et al. 2021): the stream is cut into windows of
+``seq_len + 1`` tokens (inputs and shifted targets); a window holds pieces of several documents.
+With document masking each token attends only to its own document, and rotary positions restart
+at each document, so packing changes the cost of a batch and nothing else about what a token sees.
+
+:class:`PackedLoader` deals out windows in a seeded random order, epoch after epoch. Its whole
+state is ``(epoch, cursor)``; the global batch of a step is ``perm[cursor : cursor + G]`` laid
+out as ``[grad_accum, world, micro_batch]``, so a rank takes ``[:, rank]`` and the same global
+batch is seen whatever the number of processes — the property the parity tests rely on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from leanlm.data.corpus import load_manifest, read_split
+from leanlm.errors import LeanLMError
+from leanlm.tokenizer import Tokenizer
+
+
+@dataclass
+class Batch:
+    inputs: torch.Tensor  # [B, T]
+    targets: torch.Tensor  # [B, T]
+    positions: torch.Tensor | None  # [B, T], restarting at each document (None: 0..T-1)
+    documents: torch.Tensor | None  # [B, T] document index within the row (None: one document)
+
+    def to(self, device: torch.device) -> Batch:
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)
+        return Batch(move(self.inputs), move(self.targets), move(self.positions), move(self.documents))
+
+    @property
+    def num_tokens(self) -> int:
+        return self.targets.numel()
+
+
+def make_batch(windows: np.ndarray, eos_id: int, document_masking: bool) -> Batch:
+    """[B, T+1] token windows -> inputs, targets and (with masking) positions and documents."""
+    w = torch.from_numpy(windows.astype(np.int64))
+    inputs, targets = w[:, :-1], w[:, 1:]
+    if not document_masking:
+        return Batch(inputs, targets, None, None)
+    starts = inputs == eos_id
+    starts[:, 0] = True
+    documents = starts.long().cumsum(1)
+    idx = torch.arange(inputs.shape[1]).expand_as(inputs)
+    last_start = torch.where(starts, idx, torch.zeros_like(idx)).cummax(1).values
+    return Batch(inputs, targets, idx - last_start, documents)
+
+
+def _tokenizer_hash(tok: Tokenizer) -> str:
+    return hashlib.sha256(tok.tok.to_str().encode()).hexdigest()[:16]
+
+
+def tokenize_corpus(corpus: str | os.PathLike[str], tok: Tokenizer, cache: str | os.PathLike[str],
+                    eos_id: int, batch_docs: int = 256) -> dict[str, dict[str, Path]]:
+    """Tokenize every (domain, split) of ``corpus`` into ``cache``; returns {domain: {split: path}}."""
+    manifest = load_manifest(corpus)
+    cache = Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    index_path = cache / "tokens.json"
+    key = {"tokenizer": _tokenizer_hash(tok), "corpus": str(Path(corpus).resolve()), "eos": eos_id}
+    index = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
+    out: dict[str, dict[str, Path]] = {}
+    for domain in manifest["domains"]:
+        out[domain] = {}
+        for split in ("train", "val"):
+            name = f"{domain}-{split}"
+            path = cache / f"{name}.bin"
+            out[domain][split] = path
+            if index.get(name, {}).get("key") == key and path.is_file():
+                continue
+            pieces: list[np.ndarray] = []
+            texts = list(read_split(corpus, domain, split))
+            for i in range(0, len(texts), batch_docs):
+                for enc in tok.tok.encode_batch(texts[i:i + batch_docs], add_special_tokens=False):
+                    pieces.append(np.asarray([eos_id, *enc.ids], dtype=dtype))
+            arr = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
+            tmp = path.with_suffix(f".tmp-{os.getpid()}")
+            arr.tofile(tmp)
+            os.replace(tmp, path)
+            index[name] = {"key": key, "tokens": int(arr.size), "dtype": np.dtype(dtype).name,
+                           "docs": len(texts)}
+            index_path.write_text(json.dumps(index, indent=2) + "\n")
+    return out
+
+
+def load_tokens(path: Path) -> np.ndarray:
+    index = json.loads((path.parent / "tokens.json").read_text())
+    return np.fromfile(path, dtype=index[path.stem]["dtype"])
+
+
+def windows_of(tokens: np.ndarray, seq_len: int) -> int:
+    return max(0, (tokens.size - 1) // seq_len)
+
+
+def window(tokens: np.ndarray, i: int, seq_len: int) -> np.ndarray:
+    return tokens[i * seq_len: i * seq_len + seq_len + 1]
+
+
+class PackedLoader:
+    """Seeded, stateful, rank-aware windows of a packed token stream (see the module docstring)."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, eos_id: int, micro_batch: int,
+                 grad_accum: int = 1, rank: int = 0, world: int = 1, seed: int = 0,
+                 document_masking: bool = True) -> None:
+        self.tokens, self.seq_len, self.eos_id = tokens, seq_len, eos_id
+        self.micro_batch, self.grad_accum, self.rank, self.world = micro_batch, grad_accum, rank, world
+        self.seed, self.document_masking = seed, document_masking
+        self.num_windows = windows_of(tokens, seq_len)
+        self.global_batch = micro_batch * grad_accum * world
+        if self.num_windows < self.global_batch:
+            raise LeanLMError(f"training data has {tokens.size:,} tokens = {self.num_windows} windows "
+                              f"of {seq_len + 1}, fewer than one global batch of {self.global_batch} "
+                              "sequences: add data or lower seq_len/micro_batch")
+        self.epoch, self.cursor = 0, 0
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def _permutation(self) -> np.ndarray:
+        if self._perm is None or self._perm[0] != self.epoch:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            self._perm = (self.epoch, rng.permutation(self.num_windows))
+        return self._perm[1]
+
+    def next_step(self) -> list[Batch]:
+        """The ``grad_accum`` micro-batches of this rank for the next optimizer step."""
+        if self.cursor + self.global_batch > self.num_windows:
+            self.epoch, self.cursor = self.epoch + 1, 0
+        ids = self._permutation()[self.cursor:self.cursor + self.global_batch]
+        self.cursor += self.global_batch
+        ids = ids.reshape(self.grad_accum, self.world, self.micro_batch)[:, self.rank]
+        return [make_batch(np.stack([window(self.tokens, i, self.seq_len) for i in row]),
+                           self.eos_id, self.document_masking) for row in ids]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed,
+                "num_windows": self.num_windows, "global_batch": self.global_batch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for k in ("num_windows", "global_batch", "seed"):
+            if state.get(k) != getattr(self, k):
+                raise LeanLMError(f"cannot resume the data loader: checkpoint has {k}={state.get(k)}, "
+                                  f"this run has {getattr(self, k)} (same data, batch and seed needed)")
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])

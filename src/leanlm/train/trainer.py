@@ -1,0 +1,314 @@
+"""The pretraining loop over the one ``Transformer``, single-process or under ``torchrun``.
+
+One optimizer step: ``grad_accum`` micro-batches, each ``loss_i / grad_accum`` back-propagated
+(gradients add up to those of the mean loss over the whole global batch, since every micro-batch
+has the same number of target tokens); FSDP/DDP average them over ranks; the global gradient
+norm is clipped; AdamW (Loshchilov & Hutter 2019; decoupled weight decay on matrices only)
+steps with the learning rate of the schedule:
+
+    warmup:  lr · (s+1) / warmup
+    cosine:  lr · (r + (1 - r) · ½(1 + cos(π · p)))            p = progress after warmup
+    wsd:     lr until the last ``decay_fraction`` of steps, then linear to r · lr   (Hu et al. 2024)
+
+bf16 autocast keeps fp32 master weights and optimizer state (Micikevicius et al. 2018); under
+FSDP the mixed-precision policy does the casting instead. The model is built on the meta
+device, parallelized (``parallelize.py``), materialized with ``to_empty`` and initialized
+parameter by parameter from a generator seeded by (seed, parameter name): the same weights
+whether a parameter is whole or an FSDP shard, so 1 and N processes start identically.
+
+Throughput: tokens/s of the global batch; MFU = achieved FLOP/s ÷ peak, with FLOPs per token
+= 6·N (matmul parameters, embeddings excluded) + 12·L·d·T (attention scores; PaLM, Chowdhery
+et al. 2022, appendix B).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import zlib
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from leanlm.errors import LeanLMError
+from leanlm.eval.perplexity import autocast_context, batch_loss, stream_loss
+from leanlm.model import Transformer
+from leanlm.tokenizer import Tokenizer, load_tokenizer
+from leanlm.train import checkpointing as ckpt
+from leanlm.train.config import TrainConfig
+from leanlm.train.data import PackedLoader, load_tokens, tokenize_corpus
+from leanlm.train.memory import check_fits
+from leanlm.train.metrics import MetricsLogger, flops_per_token, peak_flops
+from leanlm.train.parallelize import parallelize
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    r = cfg.min_lr_ratio
+    if cfg.schedule == "wsd":
+        decay_start = cfg.max_steps - int(cfg.decay_fraction * cfg.max_steps)
+        if step < decay_start:
+            return cfg.lr
+        p = (step - decay_start) / max(1, cfg.max_steps - decay_start)
+        return cfg.lr * (1 - (1 - r) * p)
+    p = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.lr * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    mesh: Any = None
+
+    @classmethod
+    def setup(cls, cfg: TrainConfig) -> DistInfo:
+        want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+        if want_cuda and not torch.cuda.is_available():
+            raise LeanLMError("device=cuda but no CUDA GPU is visible")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local) if want_cuda else torch.device("cpu")
+        if want_cuda:
+            torch.cuda.set_device(device)
+        needs_pg = world > 1 or cfg.parallel in ("ddp", "fsdp")
+        if needs_pg and not dist.is_initialized():
+            backend = "nccl" if want_cuda else "gloo"
+            if "MASTER_ADDR" in os.environ:
+                dist.init_process_group(backend)
+            else:  # one process asked for FSDP/DDP: a group of one
+                store = dist.HashStore()
+                dist.init_process_group(backend, store=store, rank=0, world_size=1)
+        mesh = None
+        if dist.is_initialized():
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+            rank, world = dist.get_rank(), dist.get_world_size()
+        return cls(rank, world, local, device, mesh)
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+
+@torch.no_grad()
+def init_parameters(model: nn.Module, std: float, seed: int) -> None:
+    """Normal(0, std) matrices, ones for norms, zeros for biases — each from its own seeded
+    generator, and sliced to the local shard for FSDP parameters (identical for any world size)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for name, p in model.named_parameters():
+        name = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+        g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        if name.endswith("bias"):
+            full = torch.zeros(p.shape)
+        elif p.ndim == 1:
+            full = torch.ones(p.shape)
+        else:
+            full = torch.empty(p.shape).normal_(0.0, std, generator=g)
+        if isinstance(p, DTensor):
+            full = distribute_tensor(full.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+        p.copy_(full)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, quiet: bool = False) -> None:
+        self.cfg = cfg
+        self.quiet = quiet
+        self.out = Path(cfg.out)
+        self.d = DistInfo.setup(cfg)
+        self.tok = self._tokenizer()
+        self.eos_id = int(self.tok.eos_token_id)  # type: ignore[arg-type]
+        cfg.model.bos_token_id = cfg.model.eos_token_id = self.eos_id
+        check_fits(cfg, self.d.world, self.d.device)
+        self._prepare_data()
+        self.model = self._build_model()
+        decay = [p for p in self.model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+        self.step = 0
+        self.losses: list[float] = []
+        self.ckpt_root = self.out / "checkpoints"
+        latest = ckpt.complete_checkpoints(self.ckpt_root)
+        if latest:
+            state = ckpt.load_checkpoint(latest[-1], self.model, self.optimizer)
+            self.step = int(state["step"])
+            self.loader.load_state_dict(state["data"])
+            self.log(f"resumed from {latest[-1]} at step {self.step}")
+
+    # --- setup ----------------------------------------------------------------------------
+    def log(self, msg: str) -> None:
+        if self.d.rank == 0 and not self.quiet:
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[dim]leanlm pretrain:[/] {msg}", highlight=False)
+
+    def _tokenizer(self) -> Tokenizer:
+        if self.cfg.tokenizer:
+            tok = load_tokenizer(self.cfg.tokenizer)
+        else:
+            from leanlm.assets import default_model_path
+
+            tok = load_tokenizer(default_model_path())
+        if tok.eos_token_id is None:
+            raise LeanLMError(f"tokenizer {tok.source}: no eos_token (needed as the document separator)")
+        if tok.vocab_size > self.cfg.model.vocab_size:
+            raise LeanLMError(f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
+                              f"{self.cfg.model.vocab_size}: set model.vocab_size={tok.vocab_size}")
+        return tok
+
+    def _prepare_data(self) -> None:
+        cfg, d = self.cfg, self.d
+        if not cfg.data:
+            raise LeanLMError("no training data: pass --data DIR (a corpus from `leanlm corpus build`)")
+        cache = self.out / "tokens"
+        if d.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.files = tokenize_corpus(cfg.data, self.tok, cache, self.eos_id)
+            (self.out / "train_config.json").write_text(cfg.to_json())
+        d.barrier()
+        if d.rank != 0:
+            self.files = tokenize_corpus(cfg.data, self.tok, cache, self.eos_id)  # cached: no work
+        import numpy as np
+
+        train = [load_tokens(f["train"]) for f in self.files.values()]
+        self.val = {dom: load_tokens(f["val"]) for dom, f in self.files.items()}
+        self.loader = PackedLoader(np.concatenate(train), cfg.seq_len, self.eos_id, cfg.micro_batch,
+                                   cfg.grad_accum, d.rank, d.world, cfg.seed, cfg.document_masking)
+
+    def _build_model(self) -> nn.Module:
+        cfg = self.cfg
+        with torch.device("meta"):
+            model = Transformer(cfg.model)
+        self.mode = parallelize(model, cfg, self.d.mesh, self.d.world, self._materialize)
+        return model
+
+    def _materialize(self, model: Transformer) -> None:
+        model.to_empty(device=self.d.device)
+        if not any(hasattr(p, "device_mesh") for p in model.parameters()):
+            model.tie_weights()  # to_empty gives each module its own tensor; FSDP keeps the tie
+        model.init_buffers(self.d.device)
+        init_parameters(model, self.cfg.init_std, self.cfg.seed)
+
+    # --- the loop -------------------------------------------------------------------------
+    def _autocast(self) -> object:
+        if self.mode == "fsdp":  # FSDP's MixedPrecisionPolicy casts parameters itself
+            return nullcontext()
+        return autocast_context(self.d.device, self.cfg.precision)
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step; returns (mean loss over the global batch, grad norm)."""
+        cfg = self.cfg
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(cfg, self.step)
+        total = 0.0
+        for batch in self.loader.next_step():
+            batch = batch.to(self.d.device)
+            with self._autocast():
+                loss = batch_loss(self.model, batch)
+            (loss / cfg.grad_accum).backward()
+            total += float(loss.detach()) / cfg.grad_accum
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        (loss_avg,) = self.d.all_reduce_sum([total])
+        return loss_avg / self.d.world, float(norm)
+
+    def evaluate(self) -> dict[str, float]:
+        cfg, d = self.cfg, self.d
+        out = {}
+        for domain, tokens in self.val.items():
+            s, n = stream_loss(self.model, tokens, cfg.seq_len, self.eos_id, cfg.micro_batch,
+                               cfg.eval_windows, cfg.document_masking,
+                               "fp32" if self.mode == "fsdp" else cfg.precision, d.rank, d.world, d.device)
+            s, n = d.all_reduce_sum([s, float(n)])
+            if n:
+                out[domain] = s / n
+        return out
+
+    def save(self) -> Path:
+        state = {"step": self.step, "data": self.loader.state_dict(), "config": self.cfg.to_dict()}
+        return ckpt.save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, state,
+                                    self.cfg.keep_checkpoints, nonce=str(self.step))
+
+    def export(self) -> Path | None:
+        """Write the trained model as a Hugging Face checkpoint to OUT/model (rank 0)."""
+        from leanlm.checkpoint import save_model
+
+        state = ckpt.full_model_state(self.model)
+        path = self.out / "model"
+        if self.d.rank == 0:
+            with torch.device("meta"):
+                plain = Transformer(self.cfg.model)
+            plain.load_state_dict(state, assign=True, strict=False)
+            plain.tie_weights()
+            save_model(plain, path, tokenizer=self.tok)
+        self.d.barrier()
+        return path if self.d.rank == 0 else None
+
+    def run(self, stop_after: int | None = None) -> dict[str, Any]:
+        """Train to ``max_steps`` (or ``stop_after`` more steps), checkpoint, evaluate, export."""
+        cfg, d = self.cfg, self.d
+        logger = MetricsLogger(self.out / "metrics.jsonl", enabled=d.rank == 0,
+                               progress=cfg.progress and not self.quiet, total=cfg.max_steps,
+                               start=self.step)
+        fpt = flops_per_token(cfg.model, cfg.seq_len)
+        peak = peak_flops(d.device, cfg.peak_tflops)
+        tokens_per_step = self.loader.global_batch * cfg.seq_len
+        end = cfg.max_steps if stop_after is None else min(cfg.max_steps, self.step + stop_after)
+        self.log(f"{self.mode} x{d.world} on {d.device.type}, {cfg.model.num_parameters() / 1e6:.1f}M "
+                 f"params, {tokens_per_step:,} tokens/step, steps {self.step}->{end}")
+        evals: dict[str, float] = {}
+        with logger:
+            while self.step < end:
+                t0 = time.perf_counter()
+                loss, norm = self.train_step()
+                dt = time.perf_counter() - t0
+                self.losses.append(loss)
+                if not math.isfinite(loss):
+                    raise LeanLMError(f"loss became {loss} at step {self.step}: lower lr or check the data")
+                rec = {"step": self.step, "loss": loss, "grad_norm": norm, "lr": lr_at(cfg, self.step - 1),
+                       "tokens_per_s": tokens_per_step / dt, "step_time_s": dt}
+                if peak:
+                    rec["mfu"] = fpt * tokens_per_step / dt / peak
+                logger.step(rec, log=self.step % cfg.log_every == 0 or self.step == end)
+                if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
+                    evals = self.evaluate()
+                    logger.record({"step": self.step, "eval": evals})
+                if self.step % cfg.ckpt_every == 0 or self.step == end:
+                    self.save()
+        result: dict[str, Any] = {"step": self.step, "losses": self.losses, "eval": evals}
+        if self.step >= cfg.max_steps:
+            result["model"] = self.export()
+            if d.rank == 0:
+                final = self.losses[-1] if self.losses else None
+                (self.out / "result.json").write_text(json.dumps(
+                    {"step": self.step, "eval": evals, "final_loss": final}, indent=2) + "\n")
+        return result
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,57 @@
+"""2-process FSDP2 / DDP on gloo under torchrun give the single-process result; DCP reshards."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.dist
+
+STEPS = 5
+
+
+def pretrain(data: tuple[Path, Path], out: Path, *sets: str, nproc: int = 1,
+             extra: tuple[str, ...] = ()) -> list[float]:
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 f"--nproc-per-node={nproc}"] if nproc > 1 else [sys.executable])
+    args = [*launcher, "-m", "leanlm.cli", "pretrain", "--recipe", "tiny", "--quiet",
+            "--data", str(data[0]), "--tokenizer", str(data[1]), "--out", str(out),
+            "--max-steps", str(STEPS), *extra]
+    for s in ("precision=fp32", "eval_every=0", "log_every=1", "ckpt_every=3", *sets):
+        args += ["--set", s]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def single(tiny_data, tmp_path_factory) -> list[float]:
+    return pretrain(tiny_data, tmp_path_factory.mktemp("single") / "run", "micro_batch=4")
+
+
+@pytest.mark.parametrize("sets", [("parallel=fsdp",), ("parallel=fsdp", "reshard_after_forward=false"),
+                                  ("parallel=ddp",)], ids=["fsdp-zero3", "fsdp-zero2", "ddp"])
+def test_two_processes_match_one(tiny_data, tmp_path, single, sets):
+    two = pretrain(tiny_data, tmp_path / "run", "micro_batch=2", *sets, nproc=2)
+    assert len(two) == len(single) == STEPS
+    for a, b in zip(two, single, strict=True):
+        assert a == pytest.approx(b, rel=1e-4)
+
+
+def test_checkpoint_saved_by_two_processes_resumes_in_one(tiny_data, tmp_path, single):
+    out = tmp_path / "run"
+    first = pretrain(tiny_data, out, "micro_batch=2", "parallel=fsdp", nproc=2, extra=("--stop-after", "3"))
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000003"]
+    (out / "metrics.jsonl").unlink()
+    rest = pretrain(tiny_data, out, "micro_batch=4")
+    assert len(first) == 3 and len(rest) == STEPS - 3
+    for a, b in zip(first + rest, single, strict=True):
+        assert a == pytest.approx(b, rel=1e-4)
+    assert (out / "model" / "model.safetensors").is_file()
