@@ -188,13 +188,15 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, last_only: bool = False,
-                documents: torch.Tensor | None = None) -> torch.Tensor:
+                documents: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, S] -> logits [B, S, V] ([B, 1, V] with ``last_only``).
 
         ``positions`` [B, S] are absolute positions (-1 marks left padding); by default they
         continue from the cache (or start at 0). With a cache, K/V of these tokens are appended.
         ``documents`` [B, S] (training on packed sequences, no cache) are document indices:
-        a token attends only to earlier tokens of its own document.
+        a token attends only to earlier tokens of its own document. With ``targets`` [B, S]
+        the mean next-token cross-entropy is returned instead of logits, through the fused
+        chunked head + loss of ``train/loss.py`` (no full-size logits are materialised).
         """
         b, s = tokens.shape
         if documents is not None:
@@ -222,6 +224,10 @@ class Transformer(nn.Module):
             meta.sin = emb.sin().to(x.dtype)[:, None]
         for layer in self.layers:
             x = layer(x, meta)
+        if targets is not None:
+            from leanlm.train.loss import linear_cross_entropy
+
+            return linear_cross_entropy(self.norm(x), self.lm_head, targets)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))

@@ -22,9 +22,9 @@ from leanlm.train.data import Batch, make_batch, window, windows_of
 
 
 def batch_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Mean next-token cross-entropy of one packed batch (logits upcast to fp32)."""
-    logits = model(batch.inputs, positions=batch.positions, documents=batch.documents)
-    return F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten())
+    """Mean next-token cross-entropy of one packed batch (the model's fused head + loss)."""
+    return model(batch.inputs, positions=batch.positions, documents=batch.documents,
+                 targets=batch.targets)
 
 
 def autocast_context(device: torch.device, precision: str) -> object:

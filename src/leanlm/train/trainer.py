@@ -145,7 +145,7 @@ class Trainer:
         no_decay = [p for p in self.model.parameters() if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+            lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)  # one fused kernel per param
         self.step = 0
         self.losses: list[float] = []
         self.ckpt_root = self.out / "checkpoints"
