@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -141,11 +142,10 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         raise LeanLMError(f"checkpoint {state_file} is corrupt ({e.msg})") from None
     model_sd, optim_sd, optim_tensors = _tensor_state(model, optimizer)
     state = {"model": model_sd, "optim": optim_tensors, "rng": {"cpu": torch.get_rng_state()}}
+    SafeReader(path).read_metadata()  # a clear error for a damaged .metadata, before DCP logs its own
     try:
         dcp.load(state, storage_reader=SafeReader(path))
-    except LeanLMError:
-        raise
-    except Exception as e:  # DCP wraps per-rank failures in CheckpointException
+    except (Exception, CheckpointException) as e:  # DCP wraps per-rank failures (a BaseException)
         raise LeanLMError(f"checkpoint {path} is corrupt or does not match this model: "
                           f"{str(e).strip().splitlines()[-1][:300]}") from None
     optim_sd.update(state["optim"])

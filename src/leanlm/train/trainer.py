@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from leanlm.data.corpus import load_manifest
 from leanlm.errors import LeanLMError
 from leanlm.eval.perplexity import autocast_context, batch_loss, stream_loss
 from leanlm.model import Transformer
@@ -134,6 +135,9 @@ class Trainer:
         self.cfg = cfg
         self.quiet = quiet
         self.out = Path(cfg.out)
+        if not cfg.data:
+            raise LeanLMError("no training data: pass --data DIR (a corpus from `leanlm corpus build`)")
+        load_manifest(cfg.data)  # a missing or empty data dir fails here, before any other work
         self.d = DistInfo.setup(cfg)
         self.tok = self._tokenizer()
         self.eos_id = int(self.tok.eos_token_id)  # type: ignore[arg-type]
@@ -179,8 +183,6 @@ class Trainer:
 
     def _prepare_data(self) -> None:
         cfg, d = self.cfg, self.d
-        if not cfg.data:
-            raise LeanLMError("no training data: pass --data DIR (a corpus from `leanlm corpus build`)")
         cache = self.out / "tokens"
         if d.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)

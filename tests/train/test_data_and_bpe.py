@@ -1,0 +1,92 @@
+"""Tokenizer training, packing with document masking, and the stateful loader."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_config
+from leanlm.errors import LeanLMError
+from leanlm.model import Transformer
+from leanlm.tokenizer import load_tokenizer
+from leanlm.train.bpe import EOS, train_tokenizer
+from leanlm.train.data import PackedLoader, make_batch
+
+
+def test_train_tokenizer_roundtrips_and_loads_in_transformers(tiny_data, tmp_path):
+    out = train_tokenizer(tiny_data[0], tmp_path / "tok", vocab_size=400, show_progress=False)
+    tok = load_tokenizer(out)
+    assert tok.vocab_size == 400 and tok.eos_token == EOS
+    text = "def king_queen(value):\n    return data + ünïcode ✓"
+    assert tok.decode(tok.encode(text)) == text
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast.from_pretrained(out)
+    assert hf.encode(text) == tok.encode(text)
+    assert "<|im_start|>user\nhi<|im_end|>" in tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    with pytest.raises(LeanLMError, match="vocab_size must be"):
+        train_tokenizer(tiny_data[0], tmp_path / "bad", vocab_size=100)
+
+
+def test_make_batch_positions_and_documents():
+    b = make_batch(np.array([[5, 0, 7, 8, 0, 9, 9]]), eos_id=0, document_masking=True)
+    assert b.inputs.tolist() == [[5, 0, 7, 8, 0, 9]] and b.targets.tolist() == [[0, 7, 8, 0, 9, 9]]
+    assert b.positions.tolist() == [[0, 0, 1, 2, 0, 1]]
+    assert b.documents.tolist() == [[1, 2, 2, 2, 3, 3]]
+    plain = make_batch(np.array([[5, 0, 7]]), eos_id=0, document_masking=False)
+    assert plain.positions is None and plain.documents is None
+
+
+def test_document_masking_equals_separate_documents(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path).model
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    model.init_weights(0.1)
+    a, b = torch.randint(2, 300, (1, 7)), torch.randint(2, 300, (1, 5))
+    eos = torch.tensor([[1]])
+    packed = torch.cat([eos, a, eos, b], dim=1)
+    batch = make_batch(np.concatenate([packed.numpy(), [[3]]], axis=1), eos_id=1, document_masking=True)
+    with torch.no_grad():
+        together = model(batch.inputs, positions=batch.positions, documents=batch.documents)
+        first = model(torch.cat([eos, a], 1))
+        second = model(torch.cat([eos, b], 1))
+    torch.testing.assert_close(together, torch.cat([first, second], 1), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_loss_matches_logits_loss(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path).model
+    model = Transformer(cfg)
+    model.init_weights(0.1, torch.Generator().manual_seed(0))
+    x, y = torch.randint(0, 300, (2, 12)), torch.randint(0, 300, (2, 12))
+    y[0, :3] = -100
+    fused = model(x, targets=y)
+    fused.backward()
+    g1 = model.embed_tokens.weight.grad.clone()
+    model.zero_grad()
+    plain = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    plain.backward()
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g1, model.embed_tokens.weight.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_loader_layout_is_independent_of_world_size_and_resumes():
+    tokens = np.arange(2000) % 50
+    one = PackedLoader(tokens, 16, 0, micro_batch=4, grad_accum=2, seed=3)
+    two = [PackedLoader(tokens, 16, 0, micro_batch=2, grad_accum=2, rank=r, world=2, seed=3) for r in (0, 1)]
+    for _ in range(40):  # crosses epochs (124 windows / 8 per step)
+        ref = one.next_step()
+        parts = [ld.next_step() for ld in two]
+        for k in range(2):  # micro-step k: rank 0 and 1 halves concatenated = the 1-process batch
+            both = torch.cat([parts[0][k].inputs, parts[1][k].inputs])
+            assert torch.equal(both, ref[k].inputs)
+    state = one.state_dict()
+    nxt = one.next_step()
+    fresh = PackedLoader(tokens, 16, 0, micro_batch=4, grad_accum=2, seed=3)
+    fresh.load_state_dict(state)
+    assert all(torch.equal(a.inputs, b.inputs) for a, b in zip(fresh.next_step(), nxt, strict=True))
+    other = PackedLoader(tokens, 16, 0, micro_batch=2, grad_accum=2, seed=3)
+    with pytest.raises(LeanLMError, match="cannot resume the data loader"):
+        other.load_state_dict(state)
+    with pytest.raises(LeanLMError, match="fewer than one global batch"):
+        PackedLoader(np.arange(40), 16, 0, micro_batch=4)
