@@ -220,8 +220,12 @@ class Transformer(nn.Module):
         else:
             freqs = pos[..., None].float() * self.inv_freq.float()
             emb = torch.cat((freqs, freqs), dim=-1)
-            meta.cos = emb.cos().to(x.dtype)[:, None]
-            meta.sin = emb.sin().to(x.dtype)[:, None]
+            # rotate q/k in the dtype they come out of their projections in (bf16 under
+            # autocast), so rotary does not promote them to fp32 only to be cast back for SDPA
+            dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) \
+                else x.dtype
+            meta.cos = emb.cos().to(dt)[:, None]
+            meta.sin = emb.sin().to(dt)[:, None]
         for layer in self.layers:
             x = layer(x, meta)
         if targets is not None:
