@@ -82,3 +82,11 @@ def test_schedules():
     wsd = apply_overrides(cfg, ["schedule=wsd", "decay_fraction=0.2"])
     assert lr_at(wsd, 50) == 1.0 and lr_at(wsd, 79) == 1.0
     assert lr_at(wsd, 90) == pytest.approx(0.55) and lr_at(wsd, 100) == pytest.approx(0.1)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_keep_the_result(tiny_data, tmp_path):
+    base = train(tiny_data, tmp_path / "base", "max_steps=3", "eval_every=0")
+    compiled = train(tiny_data, tmp_path / "compiled", "max_steps=3", "eval_every=0", "compile=true",
+                     "ac=full")
+    torch.testing.assert_close(torch.tensor(compiled.losses), torch.tensor(base.losses), rtol=1e-4, atol=1e-5)

@@ -6,8 +6,9 @@ vocabulary has ``vocab_size`` entries, so every string is encodable and there is
 token. Pre-tokenization splits with the GPT-2 regex (letters, digits, punctuation, whitespace
 runs) so merges never cross word boundaries. The ``tokenizers`` library does the learning (the
 same Rust code Hugging Face uses); this module chooses the settings, balances the domains of a
-leanlm corpus, and writes a Hugging Face tokenizer directory (``tokenizer.json`` +
-``tokenizer_config.json`` with a ChatML chat template) that ``transformers`` loads as is.
+leanlm corpus, prefixes every encoding with the document separator, and writes a Hugging Face
+tokenizer directory (``tokenizer.json`` + ``tokenizer_config.json`` with a ChatML chat template)
+that ``transformers`` loads as is.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from leanlm.data.corpus import load_manifest, read_split
 from leanlm.errors import LeanLMError
@@ -41,6 +42,13 @@ def corpus_texts(corpus: str | os.PathLike[str], max_bytes_per_domain: int | Non
                 break
 
 
+def add_bos(tok: HFTokenizer) -> None:
+    """Prefix encodings with ``<|endoftext|>``: documents are trained as ``<eos> text`` (see
+    ``train/data.py``), so a prompt starts the way every training document did."""
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{EOS} $A", pair=f"{EOS} $A {EOS} $B", special_tokens=[(EOS, tok.token_to_id(EOS))])
+
+
 def train_tokenizer(corpus: str | os.PathLike[str], out: str | os.PathLike[str],
                     vocab_size: int = 8192, min_frequency: int = 2,
                     max_bytes_per_domain: int | None = 8_000_000, show_progress: bool = True) -> Path:
@@ -55,11 +63,12 @@ def train_tokenizer(corpus: str | os.PathLike[str], out: str | os.PathLike[str],
                                   special_tokens=SPECIAL_TOKENS, show_progress=show_progress,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus_texts(corpus, max_bytes_per_domain), trainer)
+    add_bos(tok)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOS, "eos_token": EOS,
-              "unk_token": None, "pad_token": EOS, "add_bos_token": False,
+              "unk_token": None, "pad_token": EOS, "add_bos_token": True,
               "model_max_length": 1 << 20, "chat_template": CHATML}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out

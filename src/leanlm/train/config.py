@@ -58,6 +58,7 @@ class TrainConfig:
     log_every: int = 10
     peak_tflops: float = 0.0  # for MFU; 0 = the device's known peak (or none on CPU)
     progress: bool = True
+    export_dtype: str = "float32"  # dtype of the exported HF checkpoint (OUT/model)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -72,6 +73,8 @@ class TrainConfig:
              "seq_len >= 2, micro_batch >= 1 and grad_accum >= 1 are required"),
             (self.max_steps >= 1 and self.warmup_steps >= 0, "max_steps >= 1, warmup_steps >= 0"),
             (self.ac_every >= 1, "ac_every must be >= 1"),
+            (self.export_dtype in ("float32", "bfloat16", "float16"),
+             "export_dtype must be float32, bfloat16 or float16"),
             (self.seq_len <= self.model.max_position_embeddings,
              f"seq_len {self.seq_len} > the model's context {self.model.max_position_embeddings}"),
         ]

@@ -35,7 +35,7 @@ def default() -> TrainConfig:
     return TrainConfig(model=_llama(8192, 320, 6, 864, 5, 5, 1024), seq_len=512, micro_batch=16,
                        max_steps=2000, warmup_steps=100, lr=3e-3, min_lr_ratio=0.1,
                        schedule="wsd", decay_fraction=0.25, eval_every=250, eval_windows=16,
-                       ckpt_every=100, log_every=10, out="runs/default")
+                       ckpt_every=100, log_every=10, export_dtype="bfloat16", out="runs/default")
 
 
 def draft() -> TrainConfig:
@@ -43,7 +43,7 @@ def draft() -> TrainConfig:
     return TrainConfig(model=_llama(8192, 128, 2, 384, 2, 2, 1024), seq_len=512, micro_batch=16,
                        max_steps=1200, warmup_steps=50, lr=4e-3, schedule="wsd",
                        decay_fraction=0.25, eval_every=400, eval_windows=16, ckpt_every=100,
-                       log_every=10, out="runs/draft")
+                       log_every=10, export_dtype="bfloat16", out="runs/draft")
 
 
 def llama_3_2_1b() -> TrainConfig:

@@ -267,7 +267,7 @@ class Trainer:
                 plain = Transformer(self.cfg.model)
             plain.load_state_dict(state, assign=True, strict=False)
             plain.tie_weights()
-            save_model(plain, path, tokenizer=self.tok)
+            save_model(plain, path, tokenizer=self.tok, dtype=self.cfg.export_dtype)
         self.d.barrier()
         return path if self.d.rank == 0 else None
 
