@@ -91,12 +91,6 @@ class TrainConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, default=str) + "\n"
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        d = dict(d)
-        d["model"] = ModelConfig.from_hf(d["model"])
-        return cls(**d)
-
 
 def _parse(value: str, current: Any) -> Any:
     if isinstance(current, bool):

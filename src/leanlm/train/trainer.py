@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -191,8 +192,6 @@ class Trainer:
         d.barrier()
         if d.rank != 0:
             self.files = tokenize_corpus(cfg.data, self.tok, cache, self.eos_id)  # cached: no work
-        import numpy as np
-
         train = [load_tokens(f["train"]) for f in self.files.values()]
         self.val = {dom: load_tokens(f["val"]) for dom, f in self.files.items()}
         self.loader = PackedLoader(np.concatenate(train), cfg.seq_len, self.eos_id, cfg.micro_batch,
