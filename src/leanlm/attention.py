@@ -25,6 +25,13 @@ import torch
 import torch.nn.functional as F
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on ``x`` run in: autocast's when it is on, else ``x``'s own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 class KVCache:
     """Contiguous per-layer K/V buffers [batch, kv_heads, max_len, head_dim] plus key positions."""
 

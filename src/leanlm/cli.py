@@ -233,7 +233,7 @@ def eval_(
     for col in ("domain", "tokens", "loss", "ppl"):
         table.add_column(col)
     with tempfile.TemporaryDirectory() as tmp:
-        files = tokenize_corpus(data, tok, tmp, tok.eos_token_id)
+        files = tokenize_corpus(data, tok, tmp, tok.eos_token_id, splits=("val",))
         for dom, f in files.items():
             s, n = stream_loss(lm, load_tokens(f["val"]), seq_len, tok.eos_token_id, batch_size, max_windows)
             if n:

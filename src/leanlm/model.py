@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanlm.attention import KVCache, SDPAMetadata
+from leanlm.attention import KVCache, SDPAMetadata, compute_dtype
 from leanlm.config import ModelConfig
 from leanlm.errors import LeanLMError
 
@@ -222,10 +222,8 @@ class Transformer(nn.Module):
             emb = torch.cat((freqs, freqs), dim=-1)
             # rotate q/k in the dtype they come out of their projections in (bf16 under
             # autocast), so rotary does not promote them to fp32 only to be cast back for SDPA
-            dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) \
-                else x.dtype
-            meta.cos = emb.cos().to(dt)[:, None]
-            meta.sin = emb.sin().to(dt)[:, None]
+            meta.cos = emb.cos().to(compute_dtype(x))[:, None]
+            meta.sin = emb.sin().to(compute_dtype(x))[:, None]
         for layer in self.layers:
             x = layer(x, meta)
         if targets is not None:

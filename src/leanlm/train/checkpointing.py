@@ -1,19 +1,21 @@
 """Distributed checkpoints with ``torch.distributed.checkpoint`` (DCP), atomic and resumable.
 
 A checkpoint ``OUT/checkpoints/step-000200/`` holds the model and AdamW state as DCP shards (each
-rank writes its own FSDP shards; DCP's planner de-duplicates replicated tensors), the RNG state,
-and ``trainer_state.json`` (step, data-loader position, config). Loading goes through DCP's
-resharding, so a checkpoint written by N processes loads into M (``get_state_dict`` /
-``set_state_dict`` speak fully qualified names whatever the wrapping: FSDP, AC, compile).
+rank writes its own FSDP shards; DCP's planner de-duplicates replicated tensors), the host RNG
+state (the loop itself draws no random numbers: data order comes from the loader's seeded
+permutation, and there is no dropout), and ``trainer_state.json`` (step, data-loader position,
+config). Loading goes through DCP's resharding, so a checkpoint written by N processes loads
+into M (``get_state_dict`` / ``set_state_dict`` speak fully qualified names whatever the
+wrapping: FSDP, AC, compile).
 
 Atomicity: everything is written to ``step-N.tmp-<nonce>/``; after a barrier rank 0 renames it to
 ``step-N``, so a run killed mid-save (even by SIGKILL) leaves the previous checkpoint as the
 latest complete one and the partial directory is ignored (and later removed).
 
 Safety: only tensors are stored through DCP (AdamW's hyper-parameters are rebuilt from the
-config, not unpickled), and DCP's pickled ``.metadata`` is read with an unpickler that admits
-only DCP's own metadata classes, ``torch.Size`` and dtypes, so resuming cannot run code from a
-tampered checkpoint.
+config, not unpickled), and DCP's pickled ``.metadata`` is read with an unpickler that admits an
+explicit list of globals (DCP's metadata records, ``torch.Size``, dtypes, a path) and nothing
+else — no dotted names, no module prefixes — so a tampered checkpoint cannot reach a callable.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -40,23 +43,23 @@ from torch.distributed.checkpoint.state_dict import (
 from leanlm.errors import LeanLMError
 
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
-_TORCH_OK = {"Size"}
-# "torch.strided" -> layout, and the checkpoint id DCP records (a path)
-_ALSO_OK = {("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")}
+_META = "torch.distributed.checkpoint.metadata"
+# every global a DCP .metadata pickle refers to: DCP's own metadata records, torch.Size, dtypes,
+# the layout lookup ("torch.strided") and the checkpoint id DCP records (a path)
+_ALLOWED = {
+    *((_META, n) for n in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
+                          "ChunkStorageMetadata", "TensorProperties", "MetadataIndex",
+                          "StorageMeta", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        dcp_class = module.startswith("torch.distributed.checkpoint.")
-        if dcp_class or (module == "collections" and name == "OrderedDict"):
-            obj = super().find_class(module, name)
-            if isinstance(obj, type):
-                return obj
-        if module == "torch" and (name in _TORCH_OK or isinstance(getattr(torch, name, None), torch.dtype)):
-            return getattr(torch, name)
-        if (module, name) in _ALSO_OK:
-            return super().find_class(module, name)
-        if module == "builtins" and name in {"set", "frozenset", "dict", "list", "tuple", "slice"}:
+        if (module, name) in _ALLOWED or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}, which a DCP "
                                      "checkpoint never contains")
@@ -66,14 +69,14 @@ class SafeReader(dcp.FileSystemReader):
     """FileSystemReader whose metadata is unpickled with an allow-list (see module docstring)."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-        from torch.distributed.checkpoint.metadata import StorageMeta
-
         path = Path(self.path) / ".metadata"
         try:
             metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
-        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ValueError) as e:
+            if not isinstance(metadata, Metadata):
+                raise ValueError(f"found {type(metadata).__name__}, expected DCP Metadata")
+        except Exception as e:  # whatever the bytes were, say the file is bad
             raise LeanLMError(f"checkpoint {self.path} is corrupt or not a leanlm checkpoint: "
-                              f"cannot read {path.name} ({e})") from None
+                              f"cannot read {path.name} ({e or type(e).__name__})") from None
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -111,18 +114,25 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
     tmp = root / f"{final.name}.tmp-{nonce or os.getpid()}"
     model_sd, _, optim_tensors = _tensor_state(model, optimizer)
     state = {"model": model_sd, "optim": optim_tensors, "rng": {"cpu": torch.get_rng_state()}}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["rng"]["cuda"] = torch.cuda.get_rng_state()
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a same-named leftover of a killed run
     _barrier()
-    dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp))
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp))  # fsyncs its files
     _barrier()
     if _rank() == 0:
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
+        with open(tmp / "trainer_state.json", "w") as f:
+            f.write(json.dumps(trainer_state, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        fd = os.open(root, os.O_RDONLY)  # make the rename itself durable
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
         for partial in root.glob("step-*.tmp-*"):
@@ -146,8 +156,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     try:
         dcp.load(state, storage_reader=SafeReader(path))
     except (Exception, CheckpointException) as e:  # DCP wraps per-rank failures (a BaseException)
-        raise LeanLMError(f"checkpoint {path} is corrupt or does not match this model: "
-                          f"{str(e).strip().splitlines()[-1][:300]}") from None
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
+        raise LeanLMError(f"checkpoint {path} is corrupt or does not match this model: {detail}") from None
     optim_sd.update(state["optim"])
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=optim_sd,
                    options=_OPTIONS)

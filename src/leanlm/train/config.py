@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from leanlm.config import ModelConfig
@@ -59,7 +59,7 @@ class TrainConfig:
     peak_tflops: float = 0.0  # for MFU; 0 = the device's known peak (or none on CPU)
     progress: bool = True
     export_dtype: str = "float32"  # dtype of the exported HF checkpoint (OUT/model)
-    extra: dict[str, Any] = field(default_factory=dict)
+    check_memory: bool = True  # refuse to start when the memory estimate exceeds what is free
 
     def __post_init__(self) -> None:
         checks = [
@@ -73,6 +73,12 @@ class TrainConfig:
              "seq_len >= 2, micro_batch >= 1 and grad_accum >= 1 are required"),
             (self.max_steps >= 1 and self.warmup_steps >= 0, "max_steps >= 1, warmup_steps >= 0"),
             (self.ac_every >= 1, "ac_every must be >= 1"),
+            (self.lr > 0 and 0.0 <= self.min_lr_ratio <= 1.0 and 0.0 <= self.decay_fraction <= 1.0,
+             "lr > 0, and min_lr_ratio and decay_fraction in [0, 1], are required"),
+            (self.eval_every >= 0 and self.eval_windows >= 0,
+             "eval_every, eval_windows >= 0 (0 = off / all)"),
+            (self.ckpt_every >= 1 and self.log_every >= 1 and self.keep_checkpoints >= 1,
+             "ckpt_every, log_every and keep_checkpoints must be >= 1"),
             (self.export_dtype in ("float32", "bfloat16", "float16"),
              "export_dtype must be float32, bfloat16 or float16"),
             (self.seq_len <= self.model.max_position_embeddings,

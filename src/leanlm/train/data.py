@@ -45,10 +45,6 @@ class Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)
         return Batch(move(self.inputs), move(self.targets), move(self.positions), move(self.documents))
 
-    @property
-    def num_tokens(self) -> int:
-        return self.targets.numel()
-
 
 def make_batch(windows: np.ndarray, eos_id: int, document_masking: bool) -> Batch:
     """[B, T+1] token windows -> inputs, targets and (with masking) positions and documents."""
@@ -68,23 +64,33 @@ def _tokenizer_hash(tok: Tokenizer) -> str:
     return hashlib.sha256(tok.tok.to_str().encode()).hexdigest()[:16]
 
 
+def _shards_hash(corpus: Path, domain: str, split: str) -> str:
+    """Names, sizes and mtimes of a split's shards: a rebuilt corpus re-tokenizes."""
+    shards = sorted(corpus.joinpath(domain).glob(f"{split}-*.jsonl"))
+    desc = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in shards]
+    return hashlib.sha256(json.dumps(desc).encode()).hexdigest()[:16]
+
+
 def tokenize_corpus(corpus: str | os.PathLike[str], tok: Tokenizer, cache: str | os.PathLike[str],
-                    eos_id: int, batch_docs: int = 256) -> dict[str, dict[str, Path]]:
-    """Tokenize every (domain, split) of ``corpus`` into ``cache``; returns {domain: {split: path}}."""
+                    eos_id: int, splits: tuple[str, ...] = ("train", "val"),
+                    batch_docs: int = 256) -> dict[str, dict[str, Path]]:
+    """Tokenize each (domain, split) of ``corpus`` into ``cache``; returns {domain: {split: path}}."""
     manifest = load_manifest(corpus)
+    corpus = Path(corpus)
     cache = Path(cache)
     cache.mkdir(parents=True, exist_ok=True)
     index_path = cache / "tokens.json"
-    key = {"tokenizer": _tokenizer_hash(tok), "corpus": str(Path(corpus).resolve()), "eos": eos_id}
+    base = {"tokenizer": _tokenizer_hash(tok), "corpus": str(corpus.resolve()), "eos": eos_id}
     index = json.loads(index_path.read_text()) if index_path.is_file() else {}
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
     out: dict[str, dict[str, Path]] = {}
     for domain in manifest["domains"]:
         out[domain] = {}
-        for split in ("train", "val"):
+        for split in splits:
             name = f"{domain}-{split}"
             path = cache / f"{name}.bin"
             out[domain][split] = path
+            key = {**base, "shards": _shards_hash(corpus, domain, split)}
             if index.get(name, {}).get("key") == key and path.is_file():
                 continue
             pieces: list[np.ndarray] = []

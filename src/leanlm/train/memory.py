@@ -1,14 +1,16 @@
 """Will this recipe fit? An estimate of training memory per process, checked before starting.
 
-Per process, with P parameters, world size W, sequence T, micro-batch B, L layers, width h,
-a heads and vocabulary V (bytes):
+Per process, with P parameters, world size W, sequence T, micro-batch B, L layers, width h
+and vocabulary V (bytes):
 
 * states: fp32 weights (4P), fp32 grads (4P) and AdamW's two moments (8P); FSDP divides all
   three by W (ZeRO-3), DDP or one process keeps them whole;
-* activations (Korthikanti et al. 2022, "Reducing Activation Recomputation", eq. 2, bf16):
-  ``T·B·h·(34 + 5·a·T/h)`` per layer without AC; full AC keeps the block inputs ``2·T·B·h`` per
-  layer plus one layer's worth; selective AC keeps about ``T·B·h·34 / 2``;
-* logits: ``T·B·V`` in fp32 three times (logits, softmax, gradient).
+* activations (Korthikanti et al. 2022, "Reducing Activation Recomputation", eq. 1 without
+  dropout and without the ``5·a·T/h`` attention-score term, which flash / memory-efficient SDPA
+  never stores): ``34·T·B·h`` bytes per layer in bf16 (twice that in fp32); full AC keeps the
+  block inputs ``2·T·B·h`` per layer plus one layer's worth; selective AC about half;
+* the fused head + loss (``train/loss.py``): one chunk of fp32 logits three times over, plus
+  the fp32 head gradient ``4·V·h``.
 
 It is an estimate (allocator slack and workspace come on top), so the check refuses only when the
 estimate exceeds what is available; the message gives the numbers and the knobs to turn.
@@ -22,6 +24,7 @@ import torch
 
 from leanlm.errors import LeanLMError
 from leanlm.train.config import TrainConfig
+from leanlm.train.loss import CHUNK
 
 GiB = 2**30
 
@@ -31,31 +34,37 @@ def estimate_bytes(cfg: TrainConfig, world: int) -> dict[str, float]:
     p = m.num_parameters()
     shard = world if cfg.parallel in ("fsdp", "auto") and world > 1 else 1
     states = 16 * p / shard
-    t, b, h, a, layers = cfg.seq_len, cfg.micro_batch, m.hidden_size, m.num_heads, m.num_layers
-    per_layer = t * b * h * (34 + 5 * a * t / h) * (1 if cfg.precision == "bf16" else 2)
+    t, b, h, layers = cfg.seq_len, cfg.micro_batch, m.hidden_size, m.num_layers
+    per_layer = 34 * t * b * h * (1 if cfg.precision == "bf16" else 2)
     if cfg.ac == "full":
         acts = layers * 2 * t * b * h + per_layer
     elif cfg.ac == "selective":
         acts = layers * per_layer / 2
     else:
         acts = layers * per_layer
-    logits = 12 * t * b * m.vocab_size
-    return {"states": states, "activations": acts, "logits": logits,
-            "total": states + acts + logits}
+    head = 12 * min(t * b, CHUNK) * m.vocab_size + 4 * m.vocab_size * h
+    return {"states": states, "activations": acts, "head and loss": head,
+            "total": states + acts + head}
 
 
 def available_bytes(device: torch.device) -> float:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return float(free)
-    try:
-        return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError):
-        return float("inf")
+    try:  # MemAvailable counts reclaimable page cache, unlike the free-pages count
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float("inf")
 
 
 def check_fits(cfg: TrainConfig, world: int, device: torch.device) -> dict[str, float]:
     est = estimate_bytes(cfg, world)
+    if not cfg.check_memory:
+        return est
     procs_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
     need = est["total"] * procs_here
     have = available_bytes(device)
@@ -64,6 +73,6 @@ def check_fits(cfg: TrainConfig, world: int, device: torch.device) -> dict[str, 
         raise LeanLMError(
             f"this recipe needs about {need / GiB:.1f} GiB on {device.type} ({parts}"
             f"{f', x{procs_here} processes' if procs_here > 1 else ''}) but only {have / GiB:.1f} GiB "
-            "is available: lower micro_batch or seq_len, set ac=full, or shard with parallel=fsdp "
-            "over more processes")
+            "is available: lower micro_batch or seq_len, set ac=full, shard with parallel=fsdp "
+            "over more processes, or skip this check with check_memory=false")
     return est

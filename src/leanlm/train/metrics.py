@@ -39,8 +39,9 @@ def peak_memory_gib(device: torch.device) -> float:
 class MetricsLogger:
     """Appends records to a JSONL file and drives a rich progress bar (rank 0 only)."""
 
-    def __init__(self, path: Path, enabled: bool, progress: bool, total: int, start: int) -> None:
-        self.path, self.enabled, self.show = path, enabled, progress and enabled
+    def __init__(self, path: Path, device: torch.device, enabled: bool, progress: bool, total: int,
+                 start: int) -> None:
+        self.path, self.device, self.enabled, self.show = path, device, enabled, progress and enabled
         self.total, self.start = total, start
         self._progress: Any = None
 
@@ -70,8 +71,7 @@ class MetricsLogger:
     def step(self, rec: dict[str, Any], log: bool) -> None:
         if not self.enabled:
             return
-        rec["mem_gib"] = peak_memory_gib(torch.device("cpu") if not torch.cuda.is_available()
-                                         else torch.device("cuda", torch.cuda.current_device()))
+        rec["mem_gib"] = peak_memory_gib(self.device)
         if log:
             self.record(rec)
         if self._progress is not None:

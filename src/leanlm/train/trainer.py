@@ -55,13 +55,14 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     r = cfg.min_lr_ratio
+    # p reaches 1 at the last step run, max_steps - 1
     if cfg.schedule == "wsd":
         decay_start = cfg.max_steps - int(cfg.decay_fraction * cfg.max_steps)
         if step < decay_start:
             return cfg.lr
-        p = (step - decay_start) / max(1, cfg.max_steps - decay_start)
-        return cfg.lr * (1 - (1 - r) * p)
-    p = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        p = (step - decay_start + 1) / max(1, cfg.max_steps - decay_start)
+        return cfg.lr * (1 - (1 - r) * min(1.0, p))
+    p = (step - cfg.warmup_steps + 1) / max(1, cfg.max_steps - cfg.warmup_steps)
     return cfg.lr * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
 
 
@@ -264,7 +265,10 @@ class Trainer:
         if self.d.rank == 0:
             with torch.device("meta"):
                 plain = Transformer(self.cfg.model)
-            plain.load_state_dict(state, assign=True, strict=False)
+            missing, unexpected = plain.load_state_dict(state, assign=True, strict=False)
+            tied = {"lm_head.weight"} if self.cfg.model.tie_word_embeddings else set()
+            if set(missing) - tied or unexpected:
+                raise LeanLMError(f"export: state dict mismatch (missing {missing}, unexpected {unexpected})")
             plain.tie_weights()
             save_model(plain, path, tokenizer=self.tok, dtype=self.cfg.export_dtype)
         self.d.barrier()
@@ -273,7 +277,7 @@ class Trainer:
     def run(self, stop_after: int | None = None) -> dict[str, Any]:
         """Train to ``max_steps`` (or ``stop_after`` more steps), checkpoint, evaluate, export."""
         cfg, d = self.cfg, self.d
-        logger = MetricsLogger(self.out / "metrics.jsonl", enabled=d.rank == 0,
+        logger = MetricsLogger(self.out / "metrics.jsonl", d.device, enabled=d.rank == 0,
                                progress=cfg.progress and not self.quiet, total=cfg.max_steps,
                                start=self.step)
         fpt = flops_per_token(cfg.model, cfg.seq_len)
@@ -283,6 +287,10 @@ class Trainer:
         self.log(f"{self.mode} x{d.world} on {d.device.type}, {cfg.model.num_parameters() / 1e6:.1f}M "
                  f"params, {tokens_per_step:,} tokens/step, steps {self.step}->{end}")
         evals: dict[str, float] = {}
+        if self.step >= cfg.max_steps and (self.out / "result.json").is_file():
+            self.log(f"already trained to step {self.step}: {self.out / 'model'}")
+            return {"step": self.step, "losses": [], **json.loads((self.out / "result.json").read_text()),
+                    "model": self.out / "model" if d.rank == 0 else None}
         with logger:
             while self.step < end:
                 t0 = time.perf_counter()
@@ -294,7 +302,7 @@ class Trainer:
                 rec = {"step": self.step, "loss": loss, "grad_norm": norm, "lr": lr_at(cfg, self.step - 1),
                        "tokens_per_s": tokens_per_step / dt, "step_time_s": dt}
                 if peak:
-                    rec["mfu"] = fpt * tokens_per_step / dt / peak
+                    rec["mfu"] = fpt * tokens_per_step / dt / (peak * d.world)
                 logger.step(rec, log=self.step % cfg.log_every == 0 or self.step == end)
                 if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
                     evals = self.evaluate()
