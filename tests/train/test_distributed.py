@@ -37,8 +37,9 @@ def single(tiny_data, tmp_path_factory) -> list[float]:
 
 
 @pytest.mark.parametrize("sets", [("parallel=fsdp",), ("parallel=fsdp", "reshard_after_forward=false"),
-                                  ("parallel=fsdp", "ac=selective"), ("parallel=ddp",)],
-                         ids=["fsdp-zero3", "fsdp-zero2", "fsdp-selective-ac", "ddp"])
+                                  ("parallel=fsdp", "ac=selective"), ("parallel=ddp",),
+                                  ("parallel=ddp", "micro_batch=1", "grad_accum=2")],
+                         ids=["fsdp-zero3", "fsdp-zero2", "fsdp-selective-ac", "ddp", "ddp-grad-accum"])
 def test_two_processes_match_one(tiny_data, tmp_path, single, sets):
     two = pretrain(tiny_data, tmp_path / "run", "micro_batch=2", *sets, nproc=2)
     assert len(two) == len(single) == STEPS

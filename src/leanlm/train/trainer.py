@@ -224,7 +224,10 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(cfg, self.step)
         total = 0.0
-        for batch in self.loader.next_step():
+        batches = self.loader.next_step()
+        for i, batch in enumerate(batches):
+            if self.mode == "ddp":  # all-reduce gradients once, after the last micro-batch
+                self.model.set_requires_gradient_sync(i == len(batches) - 1)  # type: ignore[operator]
             batch = batch.to(self.d.device)
             with self._autocast():
                 loss = batch_loss(self.model, batch)
