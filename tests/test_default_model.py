@@ -50,7 +50,7 @@ def test_transformers_loads_it_with_the_same_logits(path):
 
 @pytest.mark.parametrize(("prompt", "expect"), [
     ("def ", r"\(|\):|return|self"),
-    ("The ", r"\b(the|of|to|and|is|a)\b"),
+    ("This function returns", r":class:|:func:|\b(the|of|to|and|is|a)\b"),
     ("KING HENRY.\n", r"\b(the|and|of|my|I|to|you)\b"),
 ])
 def test_generates_readable_text_in_each_domain(prompt, expect):
@@ -66,7 +66,7 @@ def test_cli_uses_the_default_model_when_none_is_named():
     out = subprocess.run([sys.executable, "-m", "leanlm.cli", "generate", "--prompt", "def ",
                           "--max-new-tokens", "8"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("def ") and len(out.stdout.strip()) > 4
+    assert len(out.stdout.strip()) > 4  # the completion of "def " (the prompt is not echoed)
 
 
 def test_model_card_code_loss_is_reproduced(tmp_path):
