@@ -145,12 +145,16 @@ def main() -> None:
     print(f"\n{machine()}; shape {s}, batch {args.batch} x {args.seq}, bf16 autocast, {args.steps} steps "
           f"x {args.rounds} rounds (medians)")
     med = {c: {k: statistics.median(x[k] for x in results[c]) for k in results[c][0]} for c in configs}
-    ref = med.get("transformers", {}).get("tokens_per_s")
-    print(f"| config | tokens/s | vs transformers | peak memory GiB |{' MFU |' if args.cuda else ''}")
+    peer = results.get("transformers")
+    print(f"| config | tokens/s | vs transformers (median of per-round ratios) | peak memory GiB |"
+          f"{' MFU |' if args.cuda else ''}")
     print(f"| --- | ---: | ---: | ---: |{' ---: |' if args.cuda else ''}")
     for c in configs:
         m = med[c]
-        ratio = f"{m['tokens_per_s'] / ref:.2f}x" if ref else "-"
+        ratio = "-"
+        if peer:  # each round's configurations ran back to back: compare within a round
+            pairs = zip(results[c], peer, strict=True)
+            ratio = f"{statistics.median(a['tokens_per_s'] / b['tokens_per_s'] for a, b in pairs):.2f}x"
         mfu = f" {m['mfu']:.1%} |" if "mfu" in m else ""
         print(f"| {c} | {m['tokens_per_s']:,.0f} | {ratio} | {m['peak_mem_gib']:.2f} |{mfu}")
 
