@@ -40,10 +40,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
+        dtype, out_dtype = x.dtype, compute_dtype(x)
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # Under autocast, hand the next matmuls their input dtype once, rather than have
+        # autocast cast this output separately for each of q/k/v (or gate/up) and each backward.
+        return (self.weight * x.to(dtype)).to(out_dtype)
 
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
