@@ -40,6 +40,13 @@ def test_loss_decreases_and_exports_hf_model(tiny_data, tmp_path):
     steps = [r for r in lines if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 31))
     assert all(r["tokens_per_s"] > 0 and r["mem_gib"] > 0 for r in steps)
+    # running a finished run again changes nothing: no steps, same result, model kept
+    stamp = (model_dir / "model.safetensors").stat().st_mtime_ns
+    again = Trainer(tiny_config(tiny_data, tmp_path / "run", "max_steps=30", "lr=1e-2"), quiet=True)
+    out = again.run()
+    again.close()
+    assert out["eval"] == result["eval"] and not again.losses
+    assert (model_dir / "model.safetensors").stat().st_mtime_ns == stamp
 
 
 @pytest.mark.parametrize("ac", ["full", "selective"])
