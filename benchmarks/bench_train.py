@@ -5,7 +5,7 @@ Both train the same Llama shape (default: the embedded default model's, 10M para
 and gradient clipping, no document masking (transformers has none):
 
 * leanlm: ``model(tokens, targets=...)`` — the trainer's step, whose head + loss is the fused,
-  chunked linear cross-entropy (``train/loss.py``), with activation checkpointing off, full or
+  chunked linear cross-entropy (``leanlm/loss.py``), with activation checkpointing off, full or
   selective (``train/parallelize.py``);
 * transformers: ``LlamaForCausalLM(input_ids, labels=...)`` with SDPA attention.
 

@@ -13,8 +13,8 @@ generation); a padded query always sees its own slot so that no row of the softm
 (an all-masked row would produce NaN, and ``0 * NaN`` would leak through the value matmul).
 Packed training sequences (several documents in one row) add a document mask: a query sees only
 keys of its own document (``SDPAMetadata.packed``). Common cases skip the mask: a fresh causal
-prefill uses ``is_causal``, one decode token with no
-window and no padding attends to every cached key.
+prefill uses ``is_causal``, one decode token with no window and no padding attends to every
+cached key.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from torch import nn
 from leanlm.attention import KVCache, SDPAMetadata, compute_dtype
 from leanlm.config import ModelConfig
 from leanlm.errors import LeanLMError
+from leanlm.loss import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -145,6 +146,17 @@ class Block(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+@torch.no_grad()
+def init_param_(name: str, p: torch.Tensor, std: float, generator: torch.Generator | None) -> None:
+    """The init rule: zeros for biases, ones for norm weights (1-D), normal(0, std) for matrices."""
+    if name.endswith("bias"):
+        p.zero_()
+    elif p.ndim == 1:
+        p.fill_(1.0)
+    else:
+        p.normal_(0.0, std, generator=generator)
+
+
 class Transformer(nn.Module):
     """The one model. ``model(tokens)`` -> logits [batch, seq, vocab]."""
 
@@ -172,15 +184,9 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
-        """Random init (normal(0, std) for matrices, zeros for biases, ones for norm weights)."""
+        """Random init of every parameter with :func:`init_param_`."""
         for name, p in self.named_parameters():
-            with torch.no_grad():
-                if name.endswith("bias"):
-                    p.zero_()
-                elif p.ndim == 1:
-                    p.fill_(1.0)
-                else:
-                    p.normal_(0.0, std, generator=generator)
+            init_param_(name, p, std, generator)
 
     def make_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         w = self.embed_tokens.weight
@@ -198,7 +204,7 @@ class Transformer(nn.Module):
         ``documents`` [B, S] (training on packed sequences, no cache) are document indices:
         a token attends only to earlier tokens of its own document. With ``targets`` [B, S]
         the mean next-token cross-entropy is returned instead of logits, through the fused
-        chunked head + loss of ``train/loss.py`` (no full-size logits are materialised).
+        chunked head + loss of ``loss.py`` (no full-size logits are materialised).
         """
         b, s = tokens.shape
         if documents is not None:
@@ -229,8 +235,6 @@ class Transformer(nn.Module):
         for layer in self.layers:
             x = layer(x, meta)
         if targets is not None:
-            from leanlm.train.loss import linear_cross_entropy
-
             return linear_cross_entropy(self.norm(x), self.lm_head, targets)
         if last_only:
             x = x[:, -1:]

@@ -18,13 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanlm.train.data import Batch, make_batch, window, windows_of
-
-
-def batch_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Mean next-token cross-entropy of one packed batch (the model's fused head + loss)."""
-    return model(batch.inputs, positions=batch.positions, documents=batch.documents,
-                 targets=batch.targets)
+from leanlm.train.data import make_batch, window, windows_of
 
 
 def autocast_context(device: torch.device, precision: str) -> object:

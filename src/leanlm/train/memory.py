@@ -9,7 +9,7 @@ and vocabulary V (bytes):
   dropout and without the ``5·a·T/h`` attention-score term, which flash / memory-efficient SDPA
   never stores): ``34·T·B·h`` bytes per layer in bf16 (twice that in fp32); full AC keeps the
   block inputs ``2·T·B·h`` per layer plus one layer's worth; selective AC about half;
-* the fused head + loss (``train/loss.py``): one chunk of fp32 logits three times over, plus
+* the fused head + loss (``leanlm/loss.py``): one chunk of fp32 logits three times over, plus
   the fp32 head gradient ``4·V·h``.
 
 It is an estimate (allocator slack and workspace come on top), so the check refuses only when the
@@ -23,8 +23,8 @@ import os
 import torch
 
 from leanlm.errors import LeanLMError
+from leanlm.loss import CHUNK
 from leanlm.train.config import TrainConfig
-from leanlm.train.loss import CHUNK
 
 GiB = 2**30
 

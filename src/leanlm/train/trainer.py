@@ -40,8 +40,8 @@ from torch import nn
 
 from leanlm.data.corpus import load_manifest
 from leanlm.errors import LeanLMError
-from leanlm.eval.perplexity import autocast_context, batch_loss, stream_loss
-from leanlm.model import Transformer
+from leanlm.eval.perplexity import autocast_context, stream_loss
+from leanlm.model import Transformer, init_param_
 from leanlm.tokenizer import Tokenizer, load_tokenizer
 from leanlm.train import checkpointing as ckpt
 from leanlm.train.config import TrainConfig
@@ -121,12 +121,8 @@ def init_parameters(model: nn.Module, std: float, seed: int) -> None:
     for name, p in model.named_parameters():
         name = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
         g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-        if name.endswith("bias"):
-            full = torch.zeros(p.shape)
-        elif p.ndim == 1:
-            full = torch.ones(p.shape)
-        else:
-            full = torch.empty(p.shape).normal_(0.0, std, generator=g)
+        full = torch.empty(p.shape)
+        init_param_(name, full, std, g)  # the model's own rule, on the whole fp32 tensor
         if isinstance(p, DTensor):
             full = distribute_tensor(full.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
         p.copy_(full)
@@ -230,7 +226,8 @@ class Trainer:
                 self.model.set_requires_gradient_sync(i == len(batches) - 1)  # type: ignore[operator]
             batch = batch.to(self.d.device)
             with self._autocast():
-                loss = batch_loss(self.model, batch)
+                loss = self.model(batch.inputs, positions=batch.positions, documents=batch.documents,
+                                  targets=batch.targets)
             (loss / cfg.grad_accum).backward()
             total += float(loss.detach()) / cfg.grad_accum
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
@@ -280,6 +277,10 @@ class Trainer:
     def run(self, stop_after: int | None = None) -> dict[str, Any]:
         """Train to ``max_steps`` (or ``stop_after`` more steps), checkpoint, evaluate, export."""
         cfg, d = self.cfg, self.d
+        if self.step >= cfg.max_steps and (self.out / "result.json").is_file():
+            self.log(f"already trained to step {self.step}: {self.out / 'model'}")
+            return {"step": self.step, "losses": [], **json.loads((self.out / "result.json").read_text()),
+                    "model": self.out / "model" if d.rank == 0 else None}
         logger = MetricsLogger(self.out / "metrics.jsonl", d.device, enabled=d.rank == 0,
                                progress=cfg.progress and not self.quiet, total=cfg.max_steps,
                                start=self.step)
@@ -290,10 +291,6 @@ class Trainer:
         self.log(f"{self.mode} x{d.world} on {d.device.type}, {cfg.model.num_parameters() / 1e6:.1f}M "
                  f"params, {tokens_per_step:,} tokens/step, steps {self.step}->{end}")
         evals: dict[str, float] = {}
-        if self.step >= cfg.max_steps and (self.out / "result.json").is_file():
-            self.log(f"already trained to step {self.step}: {self.out / 'model'}")
-            return {"step": self.step, "losses": [], **json.loads((self.out / "result.json").read_text()),
-                    "model": self.out / "model" if d.rank == 0 else None}
         with logger:
             while self.step < end:
                 t0 = time.perf_counter()
