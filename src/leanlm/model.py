@@ -194,17 +194,12 @@ class Transformer(nn.Module):
         return KVCache(c.num_layers, batch, c.num_kv_heads, c.head_dim, max_len,
                        dtype or w.dtype, w.device)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False,
-                documents: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [B, S] -> logits [B, S, V] ([B, 1, V] with ``last_only``).
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+              cache: KVCache | None = None, documents: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, SDPAMetadata]:
+        """The input of block 0 and the attention metadata every block uses (see ``forward``).
 
-        ``positions`` [B, S] are absolute positions (-1 marks left padding); by default they
-        continue from the cache (or start at 0). With a cache, K/V of these tokens are appended.
-        ``documents`` [B, S] (training on packed sequences, no cache) are document indices:
-        a token attends only to earlier tokens of its own document. With ``targets`` [B, S]
-        the mean next-token cross-entropy is returned instead of logits, through the fused
-        chunked head + loss of ``loss.py`` (no full-size logits are materialised).
+        Layer-by-layer calibration (``quant/``) runs the blocks one at a time on these.
         """
         b, s = tokens.shape
         if documents is not None:
@@ -232,6 +227,21 @@ class Transformer(nn.Module):
             # autocast), so rotary does not promote them to fp32 only to be cast back for SDPA
             meta.cos = emb.cos().to(compute_dtype(x))[:, None]
             meta.sin = emb.sin().to(compute_dtype(x))[:, None]
+        return x, meta
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None, last_only: bool = False,
+                documents: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, S] -> logits [B, S, V] ([B, 1, V] with ``last_only``).
+
+        ``positions`` [B, S] are absolute positions (-1 marks left padding); by default they
+        continue from the cache (or start at 0). With a cache, K/V of these tokens are appended.
+        ``documents`` [B, S] (training on packed sequences, no cache) are document indices:
+        a token attends only to earlier tokens of its own document. With ``targets`` [B, S]
+        the mean next-token cross-entropy is returned instead of logits, through the fused
+        chunked head + loss of ``loss.py`` (no full-size logits are materialised).
+        """
+        x, meta = self.embed(tokens, positions, cache, documents)
         for layer in self.layers:
             x = layer(x, meta)
         if targets is not None:

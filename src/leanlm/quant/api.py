@@ -1,0 +1,184 @@
+"""``quantize_(model, config, calib)``: one model transformed in place, one handler per method.
+
+The torchao pattern: each method is a config dataclass plus a handler class registered for it
+with :func:`register_method`; :func:`quantize_` looks the handler up by the config's type, so a
+new method costs one config and one handler and nothing here changes.
+
+Calibration-free methods (RTN, LLM.int8()) replace each selected ``nn.Linear`` directly.
+Calibrated methods (GPTQ, AWQ, SmoothQuant) run layer by layer: the calibration tokens are
+embedded once, then for each block the handler sees only that block and its inputs
+(:class:`~leanlm.quant.calibration.LayerInputs`), quantizes it, and the inputs advance to the
+block's outputs -- computed with the quantized block (GPTQ: later layers correct for earlier
+errors) or with the original one (AWQ and SmoothQuant match the full-precision activations),
+as each handler says. Within a block, linears are visited as :func:`block_sublayers` lists them:
+the groups that read the same input, in execution order (GPTQ's "true sequential" order).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from rich.progress import Progress
+from torch import nn
+
+from leanlm.errors import LeanLMError
+from leanlm.quant.calibration import LayerInputs
+
+FilterFn = Callable[[str, nn.Module], bool]
+_HANDLERS: dict[type, type[Method]] = {}
+
+
+def register_method(config_cls: type) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: ``@register_method(GPTQConfig) class GPTQ(Method): ...``."""
+    def wrap(handler: type[Method]) -> type[Method]:
+        _HANDLERS[config_cls] = handler
+        return handler
+    return wrap
+
+
+@dataclass
+class Sublayer:
+    """Linears of a block that read one input, with the op that produces it.
+
+    ``prev`` (a norm, or a linear whose output rows feed these linears' input columns one to
+    one) is where AWQ/SmoothQuant fold a per-channel scale; None when no such op exists (the
+    input passes through a nonlinearity that does not commute with scaling). ``inspect`` is the
+    module whose output AWQ compares while searching that scale.
+    """
+
+    names: tuple[str, ...]
+    prev: str | None
+    inspect: str
+
+
+def block_sublayers(block: nn.Module) -> list[Sublayer]:
+    attn, mlp = block.self_attn, block.mlp
+    out = [Sublayer(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm",
+                    "self_attn")]
+    # v -> o is one to one only without grouped-query sharing (as AutoAWQ's Llama rule)
+    same = attn.v_proj.weight.shape == attn.o_proj.weight.shape
+    out.append(Sublayer(("self_attn.o_proj",), "self_attn.v_proj" if same else None, "self_attn.o_proj"))
+    if mlp.gate_proj is not None:
+        out.append(Sublayer(("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm", "mlp"))
+        out.append(Sublayer(("mlp.down_proj",), "mlp.up_proj", "mlp.down_proj"))  # act(g) ⊙ (up x)
+    else:
+        out.append(Sublayer(("mlp.up_proj",), "post_attention_layernorm", "mlp"))
+        out.append(Sublayer(("mlp.down_proj",), None, "mlp.down_proj"))  # through a GELU: no fold
+    return out
+
+
+def run_module(block: nn.Module, name: str) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    """A function (x, meta) -> output of submodule ``name`` of ``block`` on input x."""
+    module = block.get_submodule(name)
+    if name == "self_attn":
+        return lambda x, meta: module(x, meta)
+    return lambda x, meta: module(x)
+
+
+def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+@dataclass
+class WeightOnlyConfig:
+    """What every weight-only method shares: b-bit codes in groups of ``group_size`` inputs."""
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    backend: str = "auto"  # QuantLinear backend: auto | int4pack | int8pack | dequant | reference
+
+    def __post_init__(self) -> None:
+        from leanlm.quant.linear import BACKENDS
+        from leanlm.quant.primitives import check_scheme
+
+        check_scheme(self.bits, self.group_size)
+        if self.backend not in BACKENDS:
+            raise LeanLMError(f"unknown backend {self.backend!r}: expected one of {BACKENDS}")
+
+
+class Method:
+    """A quantization method's handler. Subclasses set the class flags and override one hook."""
+
+    calibrated: ClassVar[bool] = False
+    propagate_quantized: ClassVar[bool] = True  # next block's inputs from the quantized block
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    def quantize_linear(self, name: str, linear: nn.Linear) -> nn.Module:
+        """Calibration-free methods: the module that replaces ``linear``."""
+        raise NotImplementedError
+
+    def quantize_block(self, block: nn.Module, inputs: LayerInputs, targets: set[str]) -> None:
+        """Calibrated methods: quantize (in place) the linears of ``block`` named in ``targets``."""
+        raise NotImplementedError
+
+
+def default_filter(name: str, module: nn.Module) -> bool:
+    """Every linear inside the transformer blocks (embeddings and the LM head stay as they are)."""
+    return name.startswith("layers.")
+
+
+def quantize_(model: nn.Module, config: Any, calib: torch.Tensor | None = None,
+              filter_fn: FilterFn | None = None, batch_size: int = 8, progress: bool = True) -> nn.Module:
+    """Quantize ``model`` in place with ``config`` (GPTQConfig, AWQConfig, RTNConfig, ...).
+
+    ``calib``: token ids [n_samples, seq_len] (see ``calibration_tokens``), required by the
+    calibrated methods. ``filter_fn(name, linear)`` selects the linears (default: all linears
+    of the blocks). Returns the model.
+    """
+    import leanlm.quant  # noqa: F401 (registers the built-in methods)
+    from leanlm.quant.linear import quantized_linears
+
+    handler_cls = _HANDLERS.get(type(config))
+    if handler_cls is None:
+        raise LeanLMError(f"no quantization method registered for {type(config).__name__}; known: "
+                          f"{sorted(c.__name__ for c in _HANDLERS)}")
+    done = quantized_linears(model)
+    if done:
+        raise LeanLMError(f"the model is already quantized ({next(iter(done))} is "
+                          f"{type(next(iter(done.values()))).__name__}); load the full-precision model")
+    method = handler_cls(config)
+    keep = filter_fn or default_filter
+    targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and keep(n, m)]
+    if not targets:
+        raise LeanLMError("the filter selected no nn.Linear layers to quantize")
+    start = time.perf_counter()
+    with Progress(disable=not progress, transient=True) as bar:
+        if not method.calibrated:
+            task = bar.add_task(f"{type(config).__name__}", total=len(targets))
+            for name in targets:
+                set_module(model, name, method.quantize_linear(name, model.get_submodule(name)))
+                bar.advance(task)
+        else:
+            _quantize_layerwise(model, method, config, calib, targets, batch_size, bar)
+    model.quantization = config
+    model.quantization_seconds = time.perf_counter() - start
+    return model
+
+
+def _quantize_layerwise(model: nn.Module, method: Method, config: Any, calib: torch.Tensor | None,
+                        targets: list[str], batch_size: int, bar: Progress) -> None:
+    if calib is None or calib.numel() == 0:
+        raise LeanLMError(f"{type(config).__name__} needs calibration data (calib=[n, seq] token ids)")
+    outside = [n for n in targets if not n.startswith("layers.")]
+    if outside:
+        raise LeanLMError(f"{type(config).__name__} quantizes linears inside the transformer blocks "
+                          f"only; the filter also selected {outside[0]!r}")
+    inputs = LayerInputs(model, calib, batch_size)
+    task = bar.add_task(f"{type(config).__name__} (block 0/{len(model.layers)})", total=len(model.layers))
+    for i, block in enumerate(model.layers):
+        bar.update(task, description=f"{type(config).__name__} (block {i + 1}/{len(model.layers)})")
+        prefix = f"layers.{i}."
+        mine = {n[len(prefix):] for n in targets if n.startswith(prefix)}
+        original = None if method.propagate_quantized else inputs.outputs(block)
+        if mine:
+            method.quantize_block(block, inputs, mine)
+        inputs.advance(original if original is not None else inputs.outputs(block))
+        bar.advance(task)

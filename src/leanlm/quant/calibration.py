@@ -1,0 +1,134 @@
+"""Calibration data and layer-by-layer execution for the calibrated methods (GPTQ, AWQ, SmoothQuant).
+
+Samples follow the GPTQ protocol: the texts are tokenized into one ``<eos>``-separated stream
+and ``n_samples`` windows of ``seq_len`` tokens start at seeded random offsets.
+
+:class:`LayerInputs` holds the inputs of one transformer block for every calibration sample
+(in micro-batches, with their attention metadata). A method quantizes block ``l`` from them,
+then :meth:`LayerInputs.advance` replaces them by the block's outputs, so only one block's
+activations are ever in memory: a model whose calibration activations would not fit as a
+whole still quantizes, at the cost of one forward per block.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from leanlm.attention import SDPAMetadata
+from leanlm.errors import LeanLMError
+
+
+def read_texts(path: str | os.PathLike[str]) -> list[str]:
+    """Texts from a .jsonl file (the "text" field), a text file, or a corpus directory (train split)."""
+    path = Path(path)
+    if path.is_dir():
+        from leanlm.data.corpus import load_manifest, read_split
+
+        manifest = load_manifest(path)
+        texts = [t for dom in manifest["domains"] for t in read_split(path, dom, "train")]
+    elif not path.is_file():
+        raise LeanLMError(f"calibration data {path}: no such file or directory")
+    elif path.suffix == ".jsonl":
+        texts = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    texts.append(json.loads(line)["text"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise LeanLMError(f"{path}:{n}: expected a JSON object with a \"text\" field") from None
+    else:
+        try:
+            texts = [path.read_text(encoding="utf-8")]
+        except UnicodeDecodeError:
+            raise LeanLMError(f"{path}: not UTF-8 text (expected .jsonl or a text file)") from None
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise LeanLMError(f"calibration data {path} is empty (expected text to calibrate on)")
+    return texts
+
+
+def default_texts(max_files: int = 400, seed: int = 0) -> list[str]:
+    """Calibration text available offline on any machine: a seeded sample of the stdlib sources."""
+    from leanlm.data.corpus import default_sources
+
+    root = default_sources()["code"]
+    files = sorted(p for p in root.rglob("*.py") if "test" not in p.parts and "site-packages" not in p.parts)
+    random.Random(seed).shuffle(files)
+    return [p.read_text(encoding="utf-8", errors="replace") for p in files[:max_files]]
+
+
+def calibration_tokens(texts: Iterable[str], tokenizer: object, n_samples: int = 128,
+                       seq_len: int = 512, seed: int = 0) -> torch.Tensor:
+    """``n_samples`` windows [n, seq_len] of the tokenized, ``<eos>``-joined texts (seeded)."""
+    if n_samples < 1 or seq_len < 1:
+        raise LeanLMError(f"n_samples ({n_samples}) and seq_len ({seq_len}) must be positive")
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for t in texts:
+        if eos is not None:
+            stream.append(eos)
+        stream.extend(tokenizer.encode(t, add_special_tokens=False))
+    if len(stream) < seq_len:
+        raise LeanLMError(f"calibration data has {len(stream)} tokens, fewer than one window of "
+                          f"seq_len={seq_len}")
+    ids = torch.tensor(stream, dtype=torch.long)
+    rng = random.Random(seed)
+    starts = [rng.randrange(0, len(stream) - seq_len + 1) for _ in range(n_samples)]
+    return torch.stack([ids[s:s + seq_len] for s in starts])
+
+
+class LayerInputs:
+    """The inputs of the current block for all calibration samples, in micro-batches."""
+
+    def __init__(self, model: nn.Module, tokens: torch.Tensor, batch_size: int = 8) -> None:
+        if tokens.ndim != 2 or tokens.dtype != torch.long:
+            raise LeanLMError(f"calibration tokens must be a [n, seq] integer tensor, got "
+                              f"{tuple(tokens.shape)} {tokens.dtype}")
+        if int(tokens.max()) >= model.config.vocab_size or int(tokens.min()) < 0:
+            raise LeanLMError(f"calibration token ids must lie in [0, {model.config.vocab_size})")
+        device = model.embed_tokens.weight.device
+        self.batches: list[tuple[torch.Tensor, SDPAMetadata]] = []
+        with torch.no_grad():
+            for mb in tokens.to(device).split(batch_size):
+                self.batches.append(model.embed(mb))
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(x.shape[0] * x.shape[1] for x, _ in self.batches)
+
+    def run(self, fn: Callable[[torch.Tensor, SDPAMetadata], torch.Tensor]) -> Iterator[torch.Tensor]:
+        with torch.no_grad():
+            for x, meta in self.batches:
+                yield fn(x, meta)
+
+    def outputs(self, block: nn.Module) -> list[torch.Tensor]:
+        return list(self.run(lambda x, meta: block(x, meta)))
+
+    def advance(self, outputs: list[torch.Tensor]) -> None:
+        """The next block's inputs are ``outputs`` (one tensor per micro-batch)."""
+        self.batches = [(y, meta) for y, (_, meta) in zip(outputs, self.batches, strict=True)]
+
+
+def capture_inputs(modules: dict[str, nn.Module], inputs: LayerInputs,
+                   fn: Callable[[torch.Tensor, SDPAMetadata], torch.Tensor],
+                   reduce: Callable[[str, torch.Tensor], None]) -> None:
+    """Run ``fn`` over all micro-batches, calling ``reduce(name, x)`` with each input of each
+    module in ``modules`` (flattened to [tokens, features]); the activations are not kept."""
+    handles = [m.register_forward_pre_hook(
+        lambda _m, args, name=name: reduce(name, args[0].detach().reshape(-1, args[0].shape[-1])))
+        for name, m in modules.items()]
+    try:
+        for _ in inputs.run(fn):
+            pass
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,259 @@
+"""Weight-only quantized linear layers and the kernels that run them.
+
+:class:`QuantLinear` replaces an ``nn.Linear`` after RTN, GPTQ or AWQ. Its state is the
+canonical, format-neutral form of :mod:`leanlm.quant.primitives`: packed codes ``qweight``
+[N, K·b/8] (uint8 bit stream along K), ``scales`` and integer ``zeros`` [N, G], ``g_idx`` [K]
+and the optional ``bias``. Checkpoint formats (GPTQ, AWQ) are conversions of this state.
+
+The forward picks a backend once per (device, M-regime), automatically:
+
+- ``int4pack`` (CPU, 4 bits): torch's ``_weight_int4pack_mm_for_cpu`` with bf16 activations.
+  It computes ``(q - 8)·s + m`` per group, so the zero point goes in as ``m = (8 - z)·s``.
+  Its groups are contiguous, so act-order weights are stored with their columns sorted by group
+  (``perm``) and the input is gathered with the same permutation; K is padded to a whole group.
+- ``int8pack`` (CPU, 8 bits, per-channel): ``_weight_int8pack_mm`` on ``q - 128`` with bf16
+  activations; an asymmetric zero point becomes a rank-1 correction ``-(Σ_k x_k)·s·(z - 128)``.
+- ``dequant``: ŵ = s·(q - z) in the activation dtype, then a dense GEMM. This is what runs for
+  large M (prefill: M ≥ ``DECODE_MAX_M`` rows), on GPU, and for any shape the kernels refuse.
+- ``reference``: the same in fp32 (tests compare the others against it).
+
+``backend=`` forces one; a forced kernel that cannot run this layer raises a clear error.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leanlm.errors import LeanLMError
+from leanlm.quant.primitives import (
+    dequantize_weight,
+    num_groups,
+    pack_codes,
+    packed_bytes,
+    pad_codes,
+    unpack_codes,
+)
+
+BACKENDS = ("auto", "int4pack", "int8pack", "dequant", "reference")
+DECODE_MAX_M = 16  # rows at or above which dequantize + GEMM beats the packed CPU kernels
+
+
+class QuantLinear(nn.Module):
+    """y = x ŵᵀ + b with ŵ = s·(q - z) held as packed integer codes."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
+                 bias: bool = False, dtype: torch.dtype = torch.bfloat16,
+                 device: torch.device | str | None = None, backend: str = "auto") -> None:
+        super().__init__()
+        if backend not in BACKENDS:
+            raise LeanLMError(f"unknown backend {backend!r}: expected one of {BACKENDS}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.backend = bits, group_size, backend
+        g = num_groups(in_features, group_size)
+        kw = {"device": device}
+        self.register_buffer("qweight", torch.zeros(out_features, packed_bytes(in_features, bits),
+                                                    dtype=torch.uint8, **kw))
+        self.register_buffer("scales", torch.zeros(out_features, g, dtype=dtype, **kw))
+        self.register_buffer("zeros", torch.zeros(out_features, g, dtype=torch.uint8, **kw))
+        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, **kw))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, **kw),
+                                 requires_grad=False) if bias else None
+        self._kernels: dict[str, tuple] = {}
+
+    # ---- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   g_idx: torch.Tensor, bits: int, group_size: int, bias: torch.Tensor | None = None,
+                   dtype: torch.dtype = torch.bfloat16, backend: str = "auto") -> QuantLinear:
+        n, k = codes.shape
+        m = cls(k, n, bits, group_size, bias is not None, dtype, codes.device, backend)
+        m.load_codes(codes, scales, zeros, g_idx, bias)
+        return m
+
+    def load_codes(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   g_idx: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        self.qweight = pack_codes(pad_codes(codes.to(torch.uint8), self.bits), self.bits)
+        self.scales = scales.to(self.scales.dtype).contiguous()
+        self.zeros = zeros.to(torch.uint8).contiguous()
+        self.g_idx = g_idx.to(torch.int32).contiguous()
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().to(self.scales.dtype), requires_grad=False)
+        self._kernels.clear()
+
+    def codes(self) -> torch.Tensor:
+        return unpack_codes(self.qweight, self.bits, self.in_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_weight(self.codes(), self.scales, self.zeros, self.g_idx, dtype)
+
+    def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:
+        self._kernels.clear()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse: bool = True):  # nn.Module signature
+        self._kernels.clear()  # derived kernel tensors follow the module via re-preparation
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}, backend={self.backend}")
+
+    # ---- backends -----------------------------------------------------------------------------
+    def kernel_problem(self, backend: str) -> str | None:
+        """Why ``backend`` cannot run this layer on its current device (None if it can)."""
+        n, g = self.out_features, self.group_size
+        if backend in ("dequant", "reference"):
+            return None
+        if self.qweight.device.type != "cpu":
+            return f"{backend} is a CPU kernel; this layer is on {self.qweight.device}"
+        if backend == "int4pack":
+            if self.bits != 4:
+                return f"int4pack runs 4-bit weights, this layer has {self.bits} bits"
+            if g not in (32, 64, 128, 256):
+                return f"int4pack needs group_size 32/64/128/256, this layer has {g}"
+            if n % 16:
+                return f"int4pack needs out_features divisible by 16, got {n}"
+            if not self._contiguous_groups():
+                return "int4pack needs every group to hold group_size columns (g_idx is irregular)"
+            return None
+        if backend == "int8pack":
+            if self.bits != 8 or g != -1:
+                return (f"int8pack runs 8-bit per-channel weights (group_size -1), this layer has "
+                        f"{self.bits} bits, group_size {g}")
+            return None
+        return f"unknown backend {backend!r}"
+
+    def _contiguous_groups(self) -> bool:
+        counts = torch.bincount(self.g_idx.long(), minlength=self.scales.shape[1])
+        full = counts[:-1] == self.group_size
+        return bool(full.all()) and int(counts[-1]) <= self.group_size
+
+    def _choose(self, m: int) -> str:
+        if self.backend != "auto":
+            problem = self.kernel_problem(self.backend)
+            if problem:
+                raise LeanLMError(f"backend {self.backend!r} cannot run this layer: {problem}")
+            return self.backend
+        if m < DECODE_MAX_M:
+            for b in ("int4pack", "int8pack"):
+                if self.kernel_problem(b) is None:
+                    return b
+        return "dequant"
+
+    def _prepare(self, backend: str) -> tuple:
+        if backend in self._kernels:
+            return self._kernels[backend]
+        codes = self.codes()
+        if backend == "int4pack":
+            g, k = self.group_size, self.in_features
+            perm = None
+            if not torch.equal(self.g_idx, torch.sort(self.g_idx, stable=True).values):
+                perm = torch.argsort(self.g_idx.long(), stable=True)
+                codes = codes[:, perm]
+            pad = (-k) % g
+            codes = F.pad(codes.int(), (0, pad), value=8)  # padded columns dequantize to 0·s + 0
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+            s = self.scales.float()
+            sz = torch.stack([s, (8 - self.zeros.float()) * s], -1).transpose(0, 1)
+            self._kernels[backend] = (packed, sz.to(torch.bfloat16).contiguous(), perm, pad)
+        elif backend == "int8pack":
+            s = self.scales.float()[:, 0]
+            zero = self.zeros.float()[:, 0] - 128
+            corr = None if bool((zero == 0).all()) else (s * zero).to(torch.bfloat16)
+            w8 = (codes.int() - 128).to(torch.int8).contiguous()
+            self._kernels[backend] = (w8, s.to(torch.bfloat16), corr)
+        else:
+            self._kernels[backend] = ()
+        return self._kernels[backend]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        backend = self._choose(x2.shape[0])
+        out_dtype = x.dtype
+        if backend == "int4pack":
+            packed, sz, perm, pad = self._prepare(backend)
+            xb = x2.to(torch.bfloat16)
+            if perm is not None:
+                xb = xb[:, perm]
+            if pad:
+                xb = F.pad(xb, (0, pad))
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), packed, self.group_size, sz)
+        elif backend == "int8pack":
+            w8, s, corr = self._prepare(backend)
+            xb = x2.to(torch.bfloat16).contiguous()
+            y = torch.ops.aten._weight_int8pack_mm(xb, w8, s)
+            if corr is not None:
+                y = y - xb.float().sum(-1, keepdim=True).to(torch.bfloat16) * corr
+        elif backend == "reference":
+            y = F.linear(x2.float(), self.dequantize(torch.float32))
+            out_dtype = x.dtype
+        else:
+            dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
+            if torch.is_autocast_enabled(x2.device.type):
+                dtype = torch.get_autocast_dtype(x2.device.type)
+            y = F.linear(x2.to(dtype), self.dequantize(dtype))
+            out_dtype = dtype
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(out_dtype).reshape(*shape[:-1], self.out_features)
+
+
+def absmax_int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: (q int8, scale fp32 [rows, 1]) with t ≈ q · scale."""
+    scale = t.float().abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127
+    return torch.clamp(torch.round(t.float() / scale), -127, 127).to(torch.int8), scale
+
+
+class W8A8Linear(nn.Module):
+    """int8 weights (per output channel) x int8 activations (per token, dynamic) -> int32 GEMM.
+
+    y = (X_q W_qᵀ) ⊙ (s_x s_wᵀ) + b, with X_q = round(X / s_x), s_x = max_k |X_tk| / 127 per
+    token, computed on the fly; the int8 x int8 -> int32 product runs in ``torch._int_mm``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8,
+                                                   device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
+                                 requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> W8A8Linear:
+        w = linear.weight.detach()
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, w.dtype, w.device)
+        q, s = absmax_int8(w)
+        m.weight, m.weight_scale = q, s[:, 0].to(w.dtype)
+        if linear.bias is not None:
+            m.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return m
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}")
+
+    def int8_linear(self, x2: torch.Tensor) -> torch.Tensor:
+        """fp32 [M, N] result of the int8 GEMM for activations x2 [M, K]."""
+        xq, xs = absmax_int8(x2)
+        if x2.shape[0] <= 16 and x2.device.type == "cuda":  # cuBLASLt int8 needs M > 16
+            xq = torch.nn.functional.pad(xq, (0, 0, 0, 17 - x2.shape[0]))
+        acc = torch._int_mm(xq, self.weight.t())[: x2.shape[0]]
+        return acc.float() * xs * self.weight_scale.float()[None, :]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        y = self.int8_linear(x2)
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+def quantized_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module of ``model`` that a quantization method put in place of an nn.Linear."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, W8A8Linear))}
