@@ -84,7 +84,7 @@ def from_hf_state(config: ModelConfig, get: Callable[[str], torch.Tensor]) -> di
     """Inverse of :func:`to_hf_state`: ``get(hf_name)`` returns a tensor (already validated)."""
     if config.model_type != "gpt2":
         ours = {}
-        for name in _meta_model(config).state_dict():
+        for name in meta_model(config).state_dict():
             hf = name if name.startswith("lm_head.") else f"model.{name}"
             if name == "lm_head.weight" and config.tie_word_embeddings:
                 continue
@@ -115,13 +115,13 @@ def from_hf_state(config: ModelConfig, get: Callable[[str], torch.Tensor]) -> di
     return ours
 
 
-def _meta_model(config: ModelConfig) -> Transformer:
+def meta_model(config: ModelConfig) -> Transformer:
     with torch.device("meta"):
         return Transformer(config)
 
 
 # ---- reading ----------------------------------------------------------------------------------
-def _weight_files(path: Path, allow_pickle: bool) -> tuple[list[Path], str]:
+def weight_files(path: Path, allow_pickle: bool) -> tuple[list[Path], str]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -157,7 +157,7 @@ class _Entry:
         self.shape, self.dtype, self.file, self.load = shape, dtype, file, load
 
 
-def _open_tensors(files: list[Path], kind: str, stack: ExitStack, mmap: bool) -> dict[str, _Entry]:
+def open_tensors(files: list[Path], kind: str, stack: ExitStack, mmap: bool) -> dict[str, _Entry]:
     """name -> entry, reading only headers; raises LeanLMError for corrupt files."""
     entries: dict[str, _Entry] = {}
     for f in files:
@@ -233,15 +233,20 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype | None = N
         raise LeanLMError(f"{path}: no config.json (expected a Hugging Face model directory)")
     config = ModelConfig.from_json_file(path / "config.json")
     want = resolve_dtype(dtype)
-    files, kind = _weight_files(path, allow_pickle)
+    qcfg = json.loads((path / "config.json").read_text()).get("quantization_config")
+    if qcfg:
+        from leanlm.quant.formats import load_quantized
+
+        return load_quantized(path, config, qcfg, want, mmap).to(device).eval()
+    files, kind = weight_files(path, allow_pickle)
     with ExitStack() as stack:
-        entries = _open_tensors(files, kind, stack, mmap)
+        entries = open_tensors(files, kind, stack, mmap)
         if config.model_type == "gpt2":  # the original GPT-2 checkpoints have no "transformer." prefix
             entries = {(k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}"): e
                        for k, e in entries.items()}
-        meta_state = to_hf_state(config, _meta_model(config).state_dict())
+        meta_state = to_hf_state(config, meta_model(config).state_dict())
         expected = {k: list(v.shape) for k, v in meta_state.items()}
-        _check(expected, entries, config)
+        check_shapes(expected, entries, config)
         saved = DTYPES.get(config.torch_dtype or "")  # float64 or int checkpoints: use the file's
         target = want or saved or entries[next(iter(expected))].dtype
 
@@ -250,7 +255,7 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype | None = N
             return t if t.dtype == target else t.to(target)
 
         state = from_hf_state(config, get)
-    model = _meta_model(config)
+    model = meta_model(config)
     model.load_state_dict(state, assign=True, strict=True)
     model.tie_weights()
     model.init_buffers("cpu")
@@ -258,7 +263,7 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype | None = N
     return model.to(device).eval()
 
 
-def _check(expected: dict[str, list[int]], found: dict[str, _Entry], config: ModelConfig) -> None:
+def check_shapes(expected: dict[str, list[int]], found: dict[str, _Entry], config: ModelConfig) -> None:
     for name, shape in expected.items():
         if name not in found:
             missing = [n for n in expected if n not in found]
@@ -279,12 +284,26 @@ def _check(expected: dict[str, list[int]], found: dict[str, _Entry], config: Mod
 def save_model(model: Transformer, path: str | os.PathLike[str], tokenizer: Any | None = None,
                dtype: str | torch.dtype | None = None, max_shard_bytes: int = 4 * 1024**3) -> Path:
     """Write ``model`` as a Hugging Face checkpoint directory (atomically replaces ``path``)."""
-    path = Path(path)
-    config = model.config
+    from leanlm.quant.linear import quantized_linears
+
+    if quantized_linears(model):
+        raise LeanLMError("the model is quantized: save it with leanlm.quant.save_quantized "
+                          "(GPTQ or AWQ format)")
     target = resolve_dtype(dtype)
     state = {k: (v.detach().to("cpu", target) if target else v.detach().cpu()).contiguous()
-             for k, v in to_hf_state(config, model.state_dict()).items()}
-    saved_dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+             for k, v in to_hf_state(model.config, model.state_dict()).items()}
+    return write_checkpoint(state, model.config.to_hf(), path, next(iter(state.values())).dtype,
+                            tokenizer, max_shard_bytes)
+
+
+def write_checkpoint(state: dict[str, torch.Tensor], hf_config: dict[str, Any],
+                     path: str | os.PathLike[str], dtype: torch.dtype, tokenizer: Any | None = None,
+                     max_shard_bytes: int = 4 * 1024**3, extra_json: dict[str, dict] | None = None) -> Path:
+    """Write HF-named tensors + config.json (+ generation config, tokenizer, ``extra_json`` files)
+    into a temporary directory next to ``path``, then rename it into place. ``dtype`` is the
+    model's dtype recorded in config.json."""
+    path = Path(path)
+    saved_dtype = str(dtype).removeprefix("torch.")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -300,13 +319,13 @@ def save_model(model: Transformer, path: str | os.PathLike[str], tokenizer: Any 
             total = sum(t.numel() * t.element_size() for t in state.values())
             (tmp / "model.safetensors.index.json").write_text(json.dumps(
                 {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        hf = config.to_hf()
+        hf = dict(hf_config)
         hf["torch_dtype"] = hf["dtype"] = saved_dtype
         (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
-        gen = {k: v for k, v in (("bos_token_id", config.bos_token_id),
-                                 ("eos_token_id", config.eos_token_id),
-                                 ("pad_token_id", config.pad_token_id)) if v is not None}
+        gen = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf.get(k) is not None}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        for name, content in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)
         umask = os.umask(0)

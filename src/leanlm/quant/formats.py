@@ -1,0 +1,238 @@
+"""GPTQ and AWQ checkpoints: the on-disk layouts transformers, vLLM, AutoGPTQ/GPTQModel and
+AutoAWQ read and write, converted from and to :class:`~leanlm.quant.linear.QuantLinear`.
+
+GPTQ (``quant_method: gptq``, ``checkpoint_format: gptq``, AutoGPTQ's v1 format), per linear:
+
+- ``qweight`` int32 [K·b/32, N]: column n is the little-endian bit stream of the codes of output
+  n along K (code k at bits [b·k, b·k + b) of the column's words; for 3 bits codes straddle words);
+- ``qzeros`` int32 [G, N·b/32]: the same stream along N of ``z - 1`` (the v1 convention: a
+  symmetric 4-bit zero 8 is stored as 7, so ``qzeros`` words read 0x77777777), masked to b bits;
+  ``gptq_v2`` checkpoints store z itself;
+- ``scales`` fp16 [G, N]; ``g_idx`` int32 [K] (the group of each input column; act-order);
+- ``bias`` fp16 [N] when the layer has one; ``w[n, k] = scales[g, n] · (q[k, n] - z[g, n])``,
+  ``g = g_idx[k]``.
+
+AWQ GEMM (``quant_method: awq``, ``version: gemm``), 4 bits only, no ``g_idx`` (groups are
+contiguous):
+
+- ``qweight`` int32 [K, N/8]: word j of row k packs outputs 8j..8j+7 with nibble i (bits
+  [4i, 4i+4)) holding output ``8j + ORDER[i]``, ORDER = [0, 2, 4, 6, 1, 3, 5, 7] (AutoAWQ's
+  interleave for its dequantize kernel);
+- ``qzeros`` int32 [G, N/8]: the zeros, packed the same way (no minus one); ``scales`` fp16 [G, N].
+
+``config.json`` carries ``quantization_config`` (GPTQ also writes ``quantize_config.json``, which
+AutoGPTQ reads). Tensors that are not quantized keep their Hugging Face names and dtype.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from leanlm.checkpoint import (
+    DTYPES,
+    check_shapes,
+    meta_model,
+    open_tensors,
+    to_hf_state,
+    weight_files,
+    write_checkpoint,
+)
+from leanlm.config import ModelConfig
+from leanlm.errors import LeanLMError
+from leanlm.quant.api import set_module
+from leanlm.quant.linear import QuantLinear, quantized_linears
+from leanlm.quant.primitives import default_g_idx, pack_codes, unpack_codes
+
+AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
+AWQ_REVERSE = [0, 4, 1, 5, 2, 6, 3, 7]  # nibble i of a word holds output AWQ_ORDER[i]
+FORMATS = ("gptq", "awq")
+
+
+# ---- int32 bit streams --------------------------------------------------------------------------
+def pack_int32(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes [R, C] -> int32 [R, C·b/32] (little-endian bit stream along C)."""
+    if (codes.shape[-1] * bits) % 32:
+        unit = 32 if bits == 3 else 32 // bits
+        raise LeanLMError(f"{codes.shape[-1]} {bits}-bit codes do not fill whole int32 words (the "
+                          f"GPTQ/AWQ formats need that dimension to be a multiple of {unit})")
+    return pack_codes(codes, bits).contiguous().view(torch.int32)
+
+
+def unpack_int32(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    return unpack_codes(words.contiguous().view(torch.uint8), bits, n)
+
+
+def gptq_tensors(m: QuantLinear, version: int = 1) -> dict[str, torch.Tensor]:
+    mask = 2**m.bits - 1
+    zeros = (m.zeros.t().to(torch.int64) - (1 if version == 1 else 0)) & mask
+    out = {"qweight": pack_int32(m.codes(), m.bits).t().contiguous(),
+           "qzeros": pack_int32(zeros, m.bits),
+           "scales": m.scales.t().to(torch.float16).contiguous(),
+           "g_idx": m.g_idx.to(torch.int32).contiguous()}
+    if m.bias is not None:
+        out["bias"] = m.bias.detach().to(torch.float16)
+    return out
+
+
+def gptq_decode(t: dict[str, torch.Tensor], bits: int, k: int, n: int, version: int = 1) -> tuple:
+    """(codes [N, K], scales [N, G], zeros [N, G], g_idx [K]) from GPTQ tensors."""
+    codes = unpack_int32(t["qweight"].t(), bits, k)
+    zeros = unpack_int32(t["qzeros"], bits, n).to(torch.int64)
+    zeros = (zeros + (1 if version == 1 else 0)) & (2**bits - 1)
+    return codes, t["scales"].t(), zeros.t(), t.get("g_idx")
+
+
+def awq_tensors(m: QuantLinear) -> dict[str, torch.Tensor]:
+    if m.bits != 4:
+        raise LeanLMError(f"the AWQ GEMM format stores 4-bit weights; this model has {m.bits} bits "
+                          "(save it in GPTQ format)")
+    if not torch.equal(m.g_idx.cpu(), default_g_idx(m.in_features, m.group_size)):
+        raise LeanLMError("the AWQ format has no g_idx: act-order weights must be saved in GPTQ format")
+
+    def interleave(x: torch.Tensor) -> torch.Tensor:  # [R, N] -> int32 [R, N/8]
+        r, n = x.shape
+        if n % 8:
+            raise LeanLMError(f"the AWQ format needs out_features divisible by 8, got {n}")
+        return pack_int32(x.reshape(r, n // 8, 8)[:, :, AWQ_ORDER].reshape(r, n), 4)
+
+    out = {"qweight": interleave(m.codes().t()), "qzeros": interleave(m.zeros.t()),
+           "scales": m.scales.t().to(torch.float16).contiguous()}
+    if m.bias is not None:
+        out["bias"] = m.bias.detach().to(torch.float16)
+    return out
+
+
+def awq_decode(t: dict[str, torch.Tensor], k: int, n: int) -> tuple:
+    def deinterleave(w: torch.Tensor) -> torch.Tensor:  # int32 [R, N/8] -> [R, N]
+        x = unpack_int32(w, 4, n)
+        return x.reshape(x.shape[0], n // 8, 8)[:, :, AWQ_REVERSE].reshape(x.shape[0], n)
+
+    return deinterleave(t["qweight"]).t(), t["scales"].t(), deinterleave(t["qzeros"]).t(), None
+
+
+# ---- whole checkpoints ----------------------------------------------------------------------------
+def _quant_config(fmt: str, m: QuantLinear, model: nn.Module) -> dict[str, Any]:
+    cfg = getattr(model, "quantization", None)
+    if fmt == "awq":
+        return {"quant_method": "awq", "bits": 4, "group_size": m.group_size,
+                "zero_point": True, "version": "gemm", "modules_to_not_convert": None}
+    return {"quant_method": "gptq", "bits": m.bits, "group_size": m.group_size,
+            "desc_act": bool(getattr(cfg, "act_order", False)), "sym": bool(getattr(cfg, "sym", True)),
+            "static_groups": bool(getattr(cfg, "static_groups", False)),
+            "true_sequential": bool(getattr(cfg, "true_sequential", True)),
+            "damp_percent": float(getattr(cfg, "damp_percent", 0.01)),
+            "checkpoint_format": "gptq", "lm_head": False,
+            "meta": {"quantizer": ["leanlm:0.1.0"]}}
+
+
+def save_quantized(model: nn.Module, path: str | os.PathLike[str], tokenizer: Any | None = None,
+                   format: str = "gptq", max_shard_bytes: int = 4 * 1024**3) -> Path:
+    """Write a model quantized by RTN/GPTQ/AWQ as a GPTQ or AWQ checkpoint (atomic)."""
+    if format not in FORMATS:
+        raise LeanLMError(f"unknown format {format!r}: expected one of {FORMATS}")
+    config: ModelConfig = model.config
+    qlinears = quantized_linears(model)
+    if not qlinears:
+        raise LeanLMError("the model is not quantized (run quantize_ first, or use save_model)")
+    other = [n for n, m in qlinears.items() if not isinstance(m, QuantLinear)]
+    if other:
+        raise LeanLMError(f"{other[0]} is {type(qlinears[other[0]]).__name__}: only weight-only "
+                          "models (RTN, GPTQ, AWQ) have a GPTQ/AWQ checkpoint format")
+    if config.model_type == "gpt2":
+        raise LeanLMError("GPTQ/AWQ checkpoints are written for Llama-layout families; GPT-2's fused "
+                          "c_attn layout is not supported")
+    kinds = {(m.bits, m.group_size) for m in qlinears.values()}
+    if len(kinds) > 1:
+        raise LeanLMError(f"layers are quantized with different (bits, group_size) {sorted(kinds)}; "
+                          "a GPTQ/AWQ checkpoint has one")
+    state = to_hf_state(config, {k: v.detach().cpu() for k, v in model.state_dict().items()})
+    for name, m in qlinears.items():
+        hf = f"model.{name}"
+        for key in ("qweight", "scales", "zeros", "g_idx", "bias"):
+            state.pop(f"{hf}.{key}", None)
+        tensors = awq_tensors(m.cpu()) if format == "awq" else gptq_tensors(m.cpu())
+        state.update({f"{hf}.{k}": v for k, v in tensors.items()})
+    state = {k: v.contiguous() for k, v in state.items()}
+    hf_config = config.to_hf()
+    qcfg = _quant_config(format, next(iter(qlinears.values())), model)
+    hf_config["quantization_config"] = qcfg
+    extra = {"quantize_config.json": qcfg} if format == "gptq" else None
+    return write_checkpoint(state, hf_config, path, model.embed_tokens.weight.dtype, tokenizer,
+                            max_shard_bytes, extra)
+
+
+def load_quantized(path: Path, config: ModelConfig, qcfg: dict[str, Any], dtype: torch.dtype | None,
+                   mmap: bool = False) -> nn.Module:
+    """Build the model of a GPTQ/AWQ checkpoint with QuantLinear layers (called by load_model)."""
+    method = qcfg.get("quant_method")
+    if method not in FORMATS:
+        raise LeanLMError(f"{path}: quantization_config.quant_method {method!r} is not supported "
+                          f"(expected one of {FORMATS})")
+    bits, group_size = int(qcfg.get("bits", 4)), int(qcfg.get("group_size", 128))
+    if method == "awq" and (bits != 4 or str(qcfg.get("version", "gemm")).lower() != "gemm"):
+        raise LeanLMError(f"{path}: only 4-bit AWQ checkpoints in the GEMM layout are supported")
+    version = 2 if qcfg.get("checkpoint_format") == "gptq_v2" else 1
+    if config.model_type == "gpt2":
+        raise LeanLMError(f"{path}: quantized GPT-2 checkpoints are not supported")
+    model = meta_model(config)
+    files, kind = weight_files(path, allow_pickle=False)
+    with ExitStack() as stack:
+        entries = open_tensors(files, kind, stack, mmap)
+        names = sorted(k.removeprefix("model.").removesuffix(".qweight") for k in entries
+                       if k.endswith(".qweight"))
+        if not names:
+            raise LeanLMError(f"{path}: config.json declares {method} quantization but no tensor "
+                              "ends in .qweight")
+        target = dtype or DTYPES.get(config.torch_dtype or "", torch.float16)
+        for name in names:
+            try:
+                linear = model.get_submodule(name)
+            except AttributeError:
+                raise LeanLMError(f"{path}: quantized tensor {name}.qweight names no linear of the "
+                                  "model") from None
+            n, k = linear.out_features, linear.in_features
+            t = {key: entries[f"model.{name}.{key}"].load() for key in ("qweight", "qzeros", "scales",
+                 "g_idx", "bias") if f"model.{name}.{key}" in entries}
+            try:
+                codes, scales, zeros, g_idx = (awq_decode(t, k, n) if method == "awq"
+                                               else gptq_decode(t, bits, k, n, version))
+                gs = group_size if group_size > 0 else -1
+                if g_idx is None:
+                    g_idx = default_g_idx(k, gs)
+                q = QuantLinear.from_codes(codes[:, :k], scales, zeros, g_idx, bits, gs,
+                                           t.get("bias"), target)
+            except (RuntimeError, KeyError, IndexError) as e:
+                raise LeanLMError(f"{path}: the {method} tensors of {name} do not match its shape "
+                                  f"[{n}, {k}] with bits={bits}, group_size={group_size} ({e})") from None
+            set_module(model, name, q)
+        qset = set(names)
+        dense = {k: v for k, v in to_hf_state(config, model.state_dict()).items()
+                 if not _is_quant_buffer(k, qset)}
+        rest = {k: e for k, e in entries.items() if not _is_quant_buffer(k, qset)}
+        check_shapes({k: list(v.shape) for k, v in dense.items()}, rest, config)
+        state = {}
+        for hf_name in dense:
+            v = rest[hf_name].load()
+            state[hf_name.removeprefix("model.")] = v.to(target) if v.is_floating_point() else v
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    model.load_state_dict(state, assign=True, strict=False)
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise LeanLMError(f"{path}: checkpoint is missing {missing[0]}")
+    model.tie_weights()
+    model.init_buffers("cpu")
+    config.torch_dtype = str(target).removeprefix("torch.")
+    model.quantization = qcfg
+    return model
+
+
+def _is_quant_buffer(hf_name: str, names: set[str] | list[str]) -> bool:
+    """Whether ``hf_name`` is a tensor of one of the quantized linears ``names``."""
+    return hf_name.rpartition(".")[0].removeprefix("model.") in names
