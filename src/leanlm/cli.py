@@ -204,6 +204,88 @@ def pretrain(
         Console().print(f"model written to {result['model']}")
 
 
+METHODS = ("gptq", "awq", "rtn", "smoothquant", "llm-int8")
+
+
+@app.command()
+def quantize(
+    model: ModelArg = None,
+    method: Annotated[str, typer.Option(help="gptq | awq | rtn | smoothquant | llm-int8.")] = "gptq",
+    bits: Annotated[int, typer.Option(help="Weight bits (2, 3, 4, 8) for gptq/awq/rtn.")] = 4,
+    group_size: Annotated[int, typer.Option(
+        help="Input columns per scale: 32/64/128/256, -1 = per channel.")] = 128,
+    act_order: Annotated[bool, typer.Option(
+        help="GPTQ: quantize columns in decreasing Hessian order.")] = False,
+    static_groups: Annotated[bool, typer.Option(help="GPTQ: choose all group scales up front.")] = False,
+    sym: Annotated[bool | None, typer.Option(help="Symmetric codes (default: on, except AWQ).")] = None,
+    calib: Annotated[Path | None, typer.Option(
+        help="Calibration text: .jsonl (\"text\" field), a text file or a corpus directory; "
+             "default: a sample of the Python standard library sources.")] = None,
+    samples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed for the calibration windows.")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Output directory (required).")] = None,
+    format: Annotated[str | None, typer.Option(
+        help="gptq | awq (weight-only; default gptq, awq for --method awq) | w8a8.")] = None,
+    dtype: Annotated[str, typer.Option(help="dtype to calibrate in.")] = "float32",
+) -> None:
+    """Quantize MODEL with a post-training method and write the quantized checkpoint to --out."""
+    import time
+
+    import torch
+
+    from leanlm.checkpoint import load_model
+    from leanlm.config import ModelConfig
+    from leanlm.quant import (
+        AWQConfig,
+        GPTQConfig,
+        LLMInt8Config,
+        RTNConfig,
+        SmoothQuantConfig,
+        calibration_tokens,
+        default_texts,
+        quantize_,
+        read_texts,
+    )
+    from leanlm.quant.formats import save_quantized
+    from leanlm.tokenizer import load_tokenizer
+
+    if method not in METHODS:
+        raise LeanLMError(f"unknown --method {method!r}: expected one of {METHODS}")
+    if out is None:
+        raise LeanLMError("--out DIR is required (where the quantized checkpoint is written)")
+    weight_only = {"sym": True if sym is None else sym, "bits": bits, "group_size": group_size}
+    if method == "gptq":
+        config = GPTQConfig(**weight_only, act_order=act_order, static_groups=static_groups)
+    elif method == "awq":
+        config = AWQConfig(**{**weight_only, "sym": bool(sym)})
+    elif method == "rtn":
+        config = RTNConfig(**weight_only)
+    else:
+        config = SmoothQuantConfig() if method == "smoothquant" else LLMInt8Config()
+    path = resolve_model(model)
+    tok = load_tokenizer(path)
+    texts = read_texts(calib) if calib is not None else None  # read before the slow work
+    lm = load_model(path, dtype=dtype)
+    saved_dtype = ModelConfig.from_json_file(path / "config.json").torch_dtype
+    tokens = None
+    if method in ("gptq", "awq", "smoothquant"):
+        tokens = calibration_tokens(texts or default_texts(), tok, samples, seq_len, seed)
+    start = time.perf_counter()
+    quantize_(lm, config, tokens)
+    elapsed = time.perf_counter() - start
+    if saved_dtype in ("bfloat16", "float16", "float32"):
+        lm.to(getattr(torch, saved_dtype))  # the unquantized tensors keep the checkpoint's dtype
+    save_quantized(lm, out, tok, format=format or ("awq" if method == "awq" else None))
+    before, after = _weights_bytes(path), _weights_bytes(out)
+    Console().print(f"{method}: {before / 2**20:,.1f} MiB -> {after / 2**20:,.1f} MiB "
+                    f"({before / after:.2f}x smaller) in {elapsed:.1f} s; written to {out}")
+
+
+def _weights_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
 @app.command("eval")
 def eval_(
     model: ModelArg = None,

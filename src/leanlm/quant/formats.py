@@ -20,6 +20,9 @@ contiguous):
   interleave for its dequantize kernel);
 - ``qzeros`` int32 [G, N/8]: the zeros, packed the same way (no minus one); ``scales`` fp16 [G, N].
 
+SmoothQuant and LLM.int8() models are saved as ``quant_method: w8a8`` (leanlm's own config; the
+tensors follow compressed-tensors: ``weight`` int8 [N, K] and ``weight_scale`` [N, 1]).
+
 ``config.json`` carries ``quantization_config`` (GPTQ also writes ``quantize_config.json``, which
 AutoGPTQ reads). Tensors that are not quantized keep their Hugging Face names and dtype.
 """
@@ -46,12 +49,13 @@ from leanlm.checkpoint import (
 from leanlm.config import ModelConfig
 from leanlm.errors import LeanLMError
 from leanlm.quant.api import set_module
-from leanlm.quant.linear import QuantLinear, quantized_linears
+from leanlm.quant.linear import QuantLinear, W8A8Linear, quantized_linears
+from leanlm.quant.llm_int8 import Int8OutlierLinear
 from leanlm.quant.primitives import default_g_idx, pack_codes, unpack_codes
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 AWQ_REVERSE = [0, 4, 1, 5, 2, 6, 3, 7]  # nibble i of a word holds output AWQ_ORDER[i]
-FORMATS = ("gptq", "awq")
+FORMATS = ("gptq", "awq", "w8a8")
 
 
 # ---- int32 bit streams --------------------------------------------------------------------------
@@ -117,8 +121,14 @@ def awq_decode(t: dict[str, torch.Tensor], k: int, n: int) -> tuple:
 
 
 # ---- whole checkpoints ----------------------------------------------------------------------------
-def _quant_config(fmt: str, m: QuantLinear, model: nn.Module) -> dict[str, Any]:
+def _quant_config(fmt: str, m: nn.Module, model: nn.Module) -> dict[str, Any]:
     cfg = getattr(model, "quantization", None)
+    if fmt == "w8a8":
+        out = {"quant_method": "w8a8", "weights": "int8 per output channel",
+               "activations": "int8 per token, dynamic", "method": type(cfg).__name__}
+        if isinstance(m, Int8OutlierLinear):
+            out["outlier_threshold"] = m.threshold
+        return out
     if fmt == "awq":
         return {"quant_method": "awq", "bits": 4, "group_size": m.group_size,
                 "zero_point": True, "version": "gemm", "modules_to_not_convert": None}
@@ -131,86 +141,114 @@ def _quant_config(fmt: str, m: QuantLinear, model: nn.Module) -> dict[str, Any]:
             "meta": {"quantizer": ["leanlm:0.1.0"]}}
 
 
+def w8a8_tensors(m: W8A8Linear) -> dict[str, torch.Tensor]:
+    """int8 ``weight`` [N, K] and ``weight_scale`` [N, 1] (the compressed-tensors tensor layout)."""
+    out = {"weight": m.weight.contiguous(), "weight_scale": m.weight_scale[:, None].contiguous()}
+    if m.bias is not None:
+        out["bias"] = m.bias.detach()
+    return out
+
+
 def save_quantized(model: nn.Module, path: str | os.PathLike[str], tokenizer: Any | None = None,
-                   format: str = "gptq", max_shard_bytes: int = 4 * 1024**3) -> Path:
-    """Write a model quantized by RTN/GPTQ/AWQ as a GPTQ or AWQ checkpoint (atomic)."""
-    if format not in FORMATS:
-        raise LeanLMError(f"unknown format {format!r}: expected one of {FORMATS}")
+                   format: str | None = None, max_shard_bytes: int = 4 * 1024**3) -> Path:
+    """Write a quantized model (atomically): weight-only models as GPTQ (default) or AWQ
+    checkpoints, SmoothQuant / LLM.int8() models in leanlm's ``w8a8`` format."""
     config: ModelConfig = model.config
     qlinears = quantized_linears(model)
     if not qlinears:
         raise LeanLMError("the model is not quantized (run quantize_ first, or use save_model)")
-    other = [n for n, m in qlinears.items() if not isinstance(m, QuantLinear)]
-    if other:
-        raise LeanLMError(f"{other[0]} is {type(qlinears[other[0]]).__name__}: only weight-only "
-                          "models (RTN, GPTQ, AWQ) have a GPTQ/AWQ checkpoint format")
+    w8a8 = all(isinstance(m, W8A8Linear) for m in qlinears.values())
+    fmt = format or ("w8a8" if w8a8 else "gptq")
+    if fmt not in FORMATS:
+        raise LeanLMError(f"unknown format {fmt!r}: expected one of {FORMATS}")
+    wrong = [n for n, m in qlinears.items() if isinstance(m, W8A8Linear) != (fmt == "w8a8")]
+    if wrong:
+        raise LeanLMError(f"{wrong[0]} is {type(qlinears[wrong[0]]).__name__}, which the {fmt} format "
+                          "cannot hold (gptq/awq: RTN, GPTQ, AWQ models; w8a8: SmoothQuant, LLM.int8())")
     if config.model_type == "gpt2":
-        raise LeanLMError("GPTQ/AWQ checkpoints are written for Llama-layout families; GPT-2's fused "
+        raise LeanLMError("quantized checkpoints are written for Llama-layout families; GPT-2's fused "
                           "c_attn layout is not supported")
-    kinds = {(m.bits, m.group_size) for m in qlinears.values()}
+    kinds = {(m.bits, m.group_size) for m in qlinears.values() if isinstance(m, QuantLinear)}
     if len(kinds) > 1:
         raise LeanLMError(f"layers are quantized with different (bits, group_size) {sorted(kinds)}; "
                           "a GPTQ/AWQ checkpoint has one")
-    state = to_hf_state(config, {k: v.detach().cpu() for k, v in model.state_dict().items()})
+    qset = set(qlinears)
+    state = {k: v for k, v in to_hf_state(config, {k: v.detach().cpu() for k, v in
+                                                   model.state_dict().items()}).items()
+             if not _is_quant_buffer(k, qset)}
+    encode = {"gptq": gptq_tensors, "awq": awq_tensors, "w8a8": w8a8_tensors}[fmt]
     for name, m in qlinears.items():
-        hf = f"model.{name}"
-        for key in ("qweight", "scales", "zeros", "g_idx", "bias"):
-            state.pop(f"{hf}.{key}", None)
-        tensors = awq_tensors(m.cpu()) if format == "awq" else gptq_tensors(m.cpu())
-        state.update({f"{hf}.{k}": v for k, v in tensors.items()})
+        state.update({f"model.{name}.{k}": v for k, v in encode(m.cpu()).items()})
     state = {k: v.contiguous() for k, v in state.items()}
     hf_config = config.to_hf()
-    qcfg = _quant_config(format, next(iter(qlinears.values())), model)
+    qcfg = _quant_config(fmt, next(iter(qlinears.values())), model)
     hf_config["quantization_config"] = qcfg
-    extra = {"quantize_config.json": qcfg} if format == "gptq" else None
+    extra = {"quantize_config.json": qcfg} if fmt == "gptq" else None
     return write_checkpoint(state, hf_config, path, model.embed_tokens.weight.dtype, tokenizer,
                             max_shard_bytes, extra)
 
 
+def _build(method: str, qcfg: dict[str, Any], t: dict[str, torch.Tensor], linear: nn.Linear,
+           dtype: torch.dtype) -> nn.Module:
+    n, k = linear.out_features, linear.in_features
+    if method == "w8a8":
+        threshold = qcfg.get("outlier_threshold")
+        cls = Int8OutlierLinear if threshold else W8A8Linear
+        m = cls(k, n, "bias" in t, dtype)
+        if threshold:
+            m.threshold = float(threshold)
+        if t["weight"].shape != (n, k) or t["weight"].dtype != torch.int8:
+            raise LeanLMError(f"int8 weight of shape {list(t['weight'].shape)} {t['weight'].dtype}")
+        m.weight, m.weight_scale = t["weight"], t["weight_scale"].reshape(n).to(dtype)
+        if "bias" in t:
+            m.bias = nn.Parameter(t["bias"].to(dtype), requires_grad=False)
+        return m
+    bits, group_size = int(qcfg.get("bits", 4)), int(qcfg.get("group_size", 128))
+    version = 2 if qcfg.get("checkpoint_format") == "gptq_v2" else 1
+    codes, scales, zeros, g_idx = (awq_decode(t, k, n) if method == "awq"
+                                   else gptq_decode(t, bits, k, n, version))
+    gs = group_size if group_size > 0 else -1
+    if g_idx is None:
+        g_idx = default_g_idx(k, gs)
+    return QuantLinear.from_codes(codes[:, :k], scales, zeros, g_idx, bits, gs, t.get("bias"), dtype)
+
+
 def load_quantized(path: Path, config: ModelConfig, qcfg: dict[str, Any], dtype: torch.dtype | None,
                    mmap: bool = False) -> nn.Module:
-    """Build the model of a GPTQ/AWQ checkpoint with QuantLinear layers (called by load_model)."""
+    """Build the model of a GPTQ/AWQ/w8a8 checkpoint with quantized layers (called by load_model)."""
     method = qcfg.get("quant_method")
     if method not in FORMATS:
         raise LeanLMError(f"{path}: quantization_config.quant_method {method!r} is not supported "
                           f"(expected one of {FORMATS})")
-    bits, group_size = int(qcfg.get("bits", 4)), int(qcfg.get("group_size", 128))
-    if method == "awq" and (bits != 4 or str(qcfg.get("version", "gemm")).lower() != "gemm"):
+    gemm = str(qcfg.get("version", "gemm")).lower() == "gemm"
+    if method == "awq" and (int(qcfg.get("bits", 4)) != 4 or not gemm):
         raise LeanLMError(f"{path}: only 4-bit AWQ checkpoints in the GEMM layout are supported")
-    version = 2 if qcfg.get("checkpoint_format") == "gptq_v2" else 1
     if config.model_type == "gpt2":
         raise LeanLMError(f"{path}: quantized GPT-2 checkpoints are not supported")
     model = meta_model(config)
+    marker = ".weight_scale" if method == "w8a8" else ".qweight"
     files, kind = weight_files(path, allow_pickle=False)
     with ExitStack() as stack:
         entries = open_tensors(files, kind, stack, mmap)
-        names = sorted(k.removeprefix("model.").removesuffix(".qweight") for k in entries
-                       if k.endswith(".qweight"))
+        names = sorted(k.removeprefix("model.").removesuffix(marker) for k in entries if k.endswith(marker))
         if not names:
             raise LeanLMError(f"{path}: config.json declares {method} quantization but no tensor "
-                              "ends in .qweight")
+                              f"ends in {marker}")
         target = dtype or DTYPES.get(config.torch_dtype or "", torch.float16)
         for name in names:
             try:
                 linear = model.get_submodule(name)
             except AttributeError:
-                raise LeanLMError(f"{path}: quantized tensor {name}.qweight names no linear of the "
+                raise LeanLMError(f"{path}: quantized tensor {name}{marker} names no linear of the "
                                   "model") from None
-            n, k = linear.out_features, linear.in_features
-            t = {key: entries[f"model.{name}.{key}"].load() for key in ("qweight", "qzeros", "scales",
-                 "g_idx", "bias") if f"model.{name}.{key}" in entries}
+            prefix = f"model.{name}."
+            t = {k.removeprefix(prefix): e.load() for k, e in entries.items() if k.startswith(prefix)}
             try:
-                codes, scales, zeros, g_idx = (awq_decode(t, k, n) if method == "awq"
-                                               else gptq_decode(t, bits, k, n, version))
-                gs = group_size if group_size > 0 else -1
-                if g_idx is None:
-                    g_idx = default_g_idx(k, gs)
-                q = QuantLinear.from_codes(codes[:, :k], scales, zeros, g_idx, bits, gs,
-                                           t.get("bias"), target)
-            except (RuntimeError, KeyError, IndexError) as e:
-                raise LeanLMError(f"{path}: the {method} tensors of {name} do not match its shape "
-                                  f"[{n}, {k}] with bits={bits}, group_size={group_size} ({e})") from None
-            set_module(model, name, q)
+                set_module(model, name, _build(method, qcfg, t, linear, target))
+            except (RuntimeError, KeyError, IndexError, LeanLMError) as e:
+                shape = [linear.out_features, linear.in_features]
+                raise LeanLMError(f"{path}: the {method} tensors of {name} do not fit its shape "
+                                  f"{shape} with {qcfg} ({e})") from None
         qset = set(names)
         dense = {k: v for k, v in to_hf_state(config, model.state_dict()).items()
                  if not _is_quant_buffer(k, qset)}
