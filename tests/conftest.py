@@ -162,3 +162,21 @@ def tiny_config(data: tuple[Path, Path], out: Path, *overrides: str) -> Any:
     base = [f"data={data[0]}", f"tokenizer={data[1]}", f"out={out}", "precision=fp32",
             "progress=false", "eval_windows=2"]
     return apply_overrides(get_recipe("tiny"), base + list(overrides))
+
+
+def random_model(family: str = "llama", seed: int = 0, outliers: float = 0.0) -> Any:
+    """A tiny random leanlm Transformer (fp32, eval) of ``family``; ``outliers`` > 0 multiplies
+    a few channels of every norm weight by that factor (LLM-like activation outliers)."""
+    from leanlm.config import ModelConfig
+    from leanlm.model import Transformer
+
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig.from_hf(hf_config(family).to_dict()))
+    model.init_weights(std=0.05)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1 and "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+                if outliers and name.endswith("layernorm.weight"):
+                    p[:3] *= outliers
+    return model.eval()

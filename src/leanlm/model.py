@@ -179,6 +179,11 @@ class Transformer(nn.Module):
         device = device or self.embed_tokens.weight.device
         self.inv_freq = rope_inv_freq(self.config).to(device)
 
+    def _apply(self, fn, recurse: bool = True):  # nn.Module signature (.to, .cuda, .bfloat16 ...)
+        super()._apply(fn, recurse)
+        self.init_buffers(self.inv_freq.device)  # the rotary table stays fp32 in every dtype
+        return self
+
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight

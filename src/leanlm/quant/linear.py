@@ -70,6 +70,9 @@ class QuantLinear(nn.Module):
         n, k = codes.shape
         m = cls(k, n, bits, group_size, bias is not None, dtype, codes.device, backend)
         m.load_codes(codes, scales, zeros, g_idx, bias)
+        problem = None if backend == "auto" else m.kernel_problem(backend)
+        if problem:
+            raise LeanLMError(f"backend {backend!r} cannot run a [{n}, {k}] layer: {problem}")
         return m
 
     def load_codes(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

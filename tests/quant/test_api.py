@@ -1,0 +1,104 @@
+"""quantize_: the registry, the filter, calibration data, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import random_model, write_tokenizer
+from leanlm.errors import LeanLMError
+from leanlm.quant import (
+    AWQConfig,
+    GPTQConfig,
+    QuantLinear,
+    RTNConfig,
+    calibration_tokens,
+    quantize_,
+    read_texts,
+    register_method,
+)
+from leanlm.quant.api import Method
+from leanlm.tokenizer import load_tokenizer
+
+
+@pytest.mark.parametrize(("cls", "kwargs"), [
+    (GPTQConfig, {"bits": 5}), (RTNConfig, {"group_size": 48}), (AWQConfig, {"bits": 16}),
+    (GPTQConfig, {"damp_percent": 2.0}), (RTNConfig, {"backend": "cuda-magic"}),
+])
+def test_unsupported_configs_are_refused(cls: type, kwargs: dict) -> None:
+    with pytest.raises(LeanLMError):
+        cls(**kwargs)
+
+
+def test_a_kernel_that_cannot_run_the_chosen_group_size_fails_before_quantizing() -> None:
+    model = random_model("llama")
+    with pytest.raises(LeanLMError, match="int4pack needs group_size"):
+        quantize_(model, RTNConfig(bits=4, group_size=-1, backend="int4pack"), progress=False)
+
+
+def test_already_quantized_and_missing_calibration() -> None:
+    model = random_model("llama")
+    with pytest.raises(LeanLMError, match="needs calibration data"):
+        quantize_(model, GPTQConfig(), progress=False)
+    quantize_(model, RTNConfig(), progress=False)
+    with pytest.raises(LeanLMError, match="already quantized"):
+        quantize_(model, RTNConfig(), progress=False)
+
+
+def test_filter_and_unknown_methods() -> None:
+    model = random_model("llama")
+    calib = torch.randint(0, 300, (2, 16))
+    with pytest.raises(LeanLMError, match="no nn.Linear"):
+        quantize_(model, RTNConfig(), filter_fn=lambda n, m: False, progress=False)
+    with pytest.raises(LeanLMError, match="inside the transformer blocks"):
+        quantize_(model, GPTQConfig(), calib, filter_fn=lambda n, m: True, progress=False)
+
+    @dataclass
+    class Mystery:
+        pass
+
+    with pytest.raises(LeanLMError, match="no quantization method registered for Mystery"):
+        quantize_(model, Mystery(), progress=False)
+    # RTN may take the head too; the filter decides
+    quantize_(model, RTNConfig(bits=8, group_size=-1), filter_fn=lambda n, m: "mlp" in n or n == "lm_head",
+              progress=False)
+    assert isinstance(model.lm_head, QuantLinear) and isinstance(model.layers[0].mlp.up_proj, QuantLinear)
+    assert isinstance(model.layers[0].self_attn.q_proj, torch.nn.Linear)
+
+
+def test_a_new_method_is_one_config_and_one_handler() -> None:
+    @dataclass
+    class HalfConfig:
+        pass
+
+    @register_method(HalfConfig)
+    class Half(Method):
+        def quantize_linear(self, name: str, linear: torch.nn.Linear) -> torch.nn.Module:
+            return linear.half().float()
+
+    model = random_model("llama")
+    quantize_(model, HalfConfig(), progress=False)
+    assert model.quantization == HalfConfig()
+
+
+def test_calibration_sources(tmp_path: Path) -> None:
+    tok = load_tokenizer(write_tokenizer(tmp_path / "tok"))
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": "def f(x):\n    return x + 1\n" * 40}) + "\n\n")
+    texts = read_texts(tmp_path / "c.jsonl")
+    a = calibration_tokens(texts, tok, n_samples=5, seq_len=16, seed=3)
+    assert a.shape == (5, 16) and torch.equal(a, calibration_tokens(texts, tok, 5, 16, seed=3))
+    assert not torch.equal(a, calibration_tokens(texts, tok, 5, 16, seed=4))
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(LeanLMError, match="is empty"):
+        read_texts(tmp_path / "empty.jsonl")
+    (tmp_path / "bad.jsonl").write_text('{"txt": "x"}\n')
+    with pytest.raises(LeanLMError, match=r"bad.jsonl:1: expected a JSON object with a \"text\" field"):
+        read_texts(tmp_path / "bad.jsonl")
+    with pytest.raises(LeanLMError, match="no such file"):
+        read_texts(tmp_path / "missing.txt")
+    with pytest.raises(LeanLMError, match="fewer than one window"):
+        calibration_tokens(["tiny"], tok, 4, 512)

@@ -1,0 +1,109 @@
+"""Quantized linear modules: every backend against the fp32 reference, and their limits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from leanlm.errors import LeanLMError
+from leanlm.quant.linear import QuantLinear, W8A8Linear
+from leanlm.quant.llm_int8 import Int8OutlierLinear
+from leanlm.quant.primitives import default_g_idx, group_params, quantize_weight
+
+
+def make(n: int, k: int, bits: int, group: int, sym: bool = True, act_order: bool = False,
+         bias: bool = True, backend: str = "auto") -> QuantLinear:
+    torch.manual_seed(n + k + bits)
+    w = torch.randn(n, k)
+    s, z = group_params(w, bits, group, sym)
+    g_idx = default_g_idx(k, group)
+    if act_order:  # a GPTQ-like irregular assignment: group of column perm[i] is i // group
+        perm = torch.randperm(k)
+        g_idx = torch.empty_like(g_idx)
+        g_idx[perm] = (torch.arange(k) // group).int()
+    codes = quantize_weight(w, s, z, bits, g_idx)
+    return QuantLinear.from_codes(codes, s, z, g_idx, bits, group, torch.randn(n) if bias else None,
+                                  torch.bfloat16, backend)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize(("bits", "group", "sym", "act_order", "k", "backend"), [
+    (4, 32, True, False, 128, "int4pack"),
+    (4, 128, False, False, 320, "int4pack"),   # K not a multiple of the group: padded
+    (4, 64, True, True, 128, "int4pack"),      # act-order: input gathered by the sorted g_idx
+    (8, -1, True, False, 96, "int8pack"),
+    (8, -1, False, False, 96, "int8pack"),     # zero point: rank-1 correction
+    (3, 32, True, True, 64, "dequant"),
+    (2, 64, False, False, 128, "dequant"),
+])
+def test_backends_match_reference(bits: int, group: int, sym: bool, act_order: bool, k: int,
+                                  backend: str) -> None:
+    m = make(64, k, bits, group, sym, act_order)
+    x = torch.randn(3, k, dtype=torch.bfloat16)
+    reference = _forced(m, "reference")
+    assert m._choose(3) == backend  # the automatic choice for decode-shaped input
+    got = m(x)
+    assert got.dtype == torch.bfloat16 and got.shape == (3, 64)
+    assert rel_err(got, reference(x)) < 0.02
+    assert m._choose(64) == "dequant"  # prefill-shaped input
+    x = torch.randn(64, k, dtype=torch.bfloat16)
+    assert rel_err(m(x), reference(x)) < 0.02
+
+
+def _forced(m: QuantLinear, backend: str) -> QuantLinear:
+    return QuantLinear.from_codes(m.codes(), m.scales, m.zeros, m.g_idx, m.bits, m.group_size,
+                                  m.bias.detach(), m.scales.dtype, backend)
+
+
+def test_reference_is_the_dequantized_matmul() -> None:
+    m = make(32, 64, 4, 32, backend="reference")
+    x = torch.randn(5, 64)
+    want = x @ m.dequantize().t() + m.bias.float()
+    torch.testing.assert_close(m(x), want, rtol=1e-5, atol=1e-4)
+
+
+def test_forced_kernel_that_cannot_run_is_a_clear_error() -> None:
+    with pytest.raises(LeanLMError, match="int4pack needs group_size"):
+        make(32, 64, 4, -1, backend="int4pack")
+    with pytest.raises(LeanLMError, match="int8pack runs 8-bit per-channel"):
+        make(32, 64, 4, 32, backend="int8pack")
+    with pytest.raises(LeanLMError, match="divisible by 16"):
+        make(40, 64, 4, 32, backend="int4pack")
+
+
+def test_state_dict_round_trip_and_device_moves_drop_kernel_caches() -> None:
+    m = make(64, 128, 4, 32)
+    x = torch.randn(1, 128, dtype=torch.bfloat16)
+    y = m(x)
+    assert "int4pack" in m._kernels
+    m2 = QuantLinear(128, 64, 4, 32, bias=True)
+    m2.load_state_dict(m.state_dict())
+    torch.testing.assert_close(m2(x), y)
+    m.to(torch.float32)
+    assert not m._kernels
+
+
+def test_w8a8_linear_is_close_to_fp() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 64)
+    m = W8A8Linear.from_linear(lin)
+    x = torch.randn(7, 256)
+    assert rel_err(m(x), lin(x)) < 0.02
+    assert m.weight.dtype == torch.int8
+
+
+def test_llm_int8_outlier_decomposition_beats_plain_int8_on_outlier_features() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 64)
+    x = torch.randn(16, 256)
+    x[:, [3, 77]] *= 60  # two outlier feature dimensions, as in the paper
+    plain = W8A8Linear.from_linear(lin)
+    mixed = Int8OutlierLinear.from_linear(lin)
+    err_plain, err_mixed = rel_err(plain(x), lin(x)), rel_err(mixed(x), lin(x))
+    assert err_mixed < err_plain / 3
+    assert err_mixed < 0.02

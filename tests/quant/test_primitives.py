@@ -1,0 +1,73 @@
+"""Group-wise quantization arithmetic and the bit-stream packing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leanlm.errors import LeanLMError
+from leanlm.quant.primitives import (
+    check_scheme,
+    default_g_idx,
+    dequantize_weight,
+    group_params,
+    pack_codes,
+    pad_codes,
+    quantize_weight,
+    unpack_codes,
+)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [-1, 32, 64, 128])
+@pytest.mark.parametrize("sym", [True, False])
+def test_round_trip_error_is_within_half_a_step(bits: int, group_size: int, sym: bool) -> None:
+    torch.manual_seed(bits * 100 + group_size)
+    w = torch.randn(48, 160) * torch.rand(48, 1) * 3  # K=160: a partial last group for 64 and 128
+    scales, zeros = group_params(w, bits, group_size, sym)
+    g_idx = default_g_idx(160, group_size)
+    codes = quantize_weight(w, scales, zeros, bits, g_idx)
+    assert codes.dtype == torch.uint8 and int(codes.max()) < 2**bits
+    assert scales.shape == zeros.shape == (48, 1 if group_size == -1 else -(-160 // group_size))
+    what = dequantize_weight(codes, scales, zeros, g_idx)
+    step = scales[:, g_idx.long()]
+    # symmetric codes lose one level at the top (z = 2^(b-1)): the max may clip by one step
+    slack = 1.0 if sym else 0.5
+    assert bool(((w - what).abs() <= step * slack + 1e-6).all())
+    if bits == 8:
+        sqnr = 10 * torch.log10(w.pow(2).mean() / (w - what).pow(2).mean())
+        assert sqnr > 35
+
+
+def test_symmetric_zero_is_the_midpoint_and_empty_groups_are_safe() -> None:
+    w = torch.zeros(2, 32)
+    w[0] = torch.linspace(-1, 1, 32)
+    s, z = group_params(w, 4, 32, sym=True)
+    assert z.flatten().tolist() == [8.0, 8.0] and bool((s > 0).all())
+    codes = quantize_weight(w, s, z, 4, default_g_idx(32, 32))
+    assert bool((codes[1] == 8).all())  # an all-zero row dequantizes to exactly 0
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("k", [8, 24, 64, 100])
+def test_pack_unpack_round_trip(bits: int, k: int) -> None:
+    torch.manual_seed(k)
+    codes = torch.randint(0, 2**bits, (5, k), dtype=torch.uint8)
+    packed = pack_codes(pad_codes(codes, bits), bits)
+    assert packed.dtype == torch.uint8
+    assert torch.equal(unpack_codes(packed, bits, k), codes)
+
+
+def test_bit_order_is_little_endian_stream() -> None:
+    # 4 bits: code k in bits [4k, 4k+4) -> byte 0 = c1<<4 | c0
+    assert pack_codes(torch.tensor([[1, 2, 3, 4]]), 4).tolist() == [[0x21, 0x43]]
+    assert pack_codes(torch.tensor([[1, 2, 3, 0]]), 2).tolist() == [[0b00111001]]
+    # 3 bits: codes 0..7 -> the 24-bit number Σ k << 3k, little-endian bytes
+    word = sum(k << (3 * k) for k in range(8))
+    assert pack_codes(torch.arange(8)[None], 3).tolist() == [[word & 0xFF, (word >> 8) & 0xFF, word >> 16]]
+
+
+@pytest.mark.parametrize(("bits", "group"), [(5, 128), (4, 48), (16, -1), (4, 0)])
+def test_unsupported_schemes_are_refused(bits: int, group: int) -> None:
+    with pytest.raises(LeanLMError, match="unsupported"):
+        check_scheme(bits, group)

@@ -1,0 +1,72 @@
+"""`leanlm quantize`: writes a loadable checkpoint, reports sizes and time; one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import build_hf_model, write_tokenizer
+from leanlm.checkpoint import load_model
+from leanlm.quant import QuantLinear, W8A8Linear
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "leanlm.cli", "quantize", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.fixture
+def model_and_calib(tmp_path: Path) -> tuple[Path, Path]:
+    path = tmp_path / "m"
+    build_hf_model("llama").save_pretrained(path)
+    write_tokenizer(path)
+    calib = tmp_path / "calib.jsonl"
+    lines = [json.dumps({"text": f"def f{i}(x):\n    return x * {i} + 1\n"}) for i in range(200)]
+    calib.write_text("\n".join(lines) + "\n")
+    return path, calib
+
+
+@pytest.mark.parametrize(("method", "extra", "kind"), [
+    ("gptq", ["--act-order", "--group-size", "32"], QuantLinear),
+    ("awq", ["--group-size", "32"], QuantLinear),
+    ("smoothquant", [], W8A8Linear),
+])
+def test_quantize_writes_a_loadable_checkpoint(tmp_path: Path, model_and_calib: tuple[Path, Path],
+                                               method: str, extra: list[str], kind: type) -> None:
+    model, calib = model_and_calib
+    out = run(str(model), "--method", method, "--calib", str(calib), "--samples", "4", "--seq-len", "32",
+              "--out", str(tmp_path / "q"), *extra)
+    assert out.returncode == 0, out.stderr
+    assert f"{method}:" in out.stdout and "MiB ->" in out.stdout and " s;" in out.stdout
+    q = load_model(tmp_path / "q")
+    assert isinstance(q.layers[0].mlp.down_proj, kind)
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert cfg["torch_dtype"] == "float32"  # the source checkpoint's dtype, not the calibration dtype
+    with torch.no_grad():
+        assert torch.isfinite(q(torch.tensor([[1, 2, 3]]))).all()
+
+
+def test_quantize_errors_are_one_line(tmp_path: Path, model_and_calib: tuple[Path, Path]) -> None:
+    model, calib = model_and_calib
+    (tmp_path / "empty.jsonl").write_text("")
+    cases = [
+        (["--method", "nf4"], "unknown --method 'nf4'"),
+        (["--calib", str(calib)], "--out DIR is required"),
+        (["--bits", "5", "--out", str(tmp_path / "x")], "unsupported bits=5"),
+        (["--group-size", "100", "--out", str(tmp_path / "x")], "unsupported group_size=100"),
+        (["--calib", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "x")], "is empty"),
+    ]
+    for args, message in cases:
+        out = run(str(model), *args)
+        assert out.returncode == 2, (args, out.stderr)
+        assert message in out.stderr and "Traceback" not in out.stderr
+    q = tmp_path / "q"
+    assert run(str(model), "--method", "rtn", "--out", str(q)).returncode == 0
+    out = run(str(q), "--method", "rtn", "--out", str(tmp_path / "qq"))
+    assert out.returncode == 2 and "already quantized" in out.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "qq").exists()
