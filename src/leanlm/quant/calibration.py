@@ -77,13 +77,17 @@ def calibration_tokens(texts: Iterable[str], tokenizer: object, n_samples: int =
         if eos is not None:
             stream.append(eos)
         stream.extend(tokenizer.encode(t, add_special_tokens=False))
+    return sample_windows(torch.tensor(stream, dtype=torch.long), n_samples, seq_len, seed)
+
+
+def sample_windows(stream: torch.Tensor, n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """``n_samples`` windows [n, seq_len] of a token stream, at seeded random offsets."""
     if len(stream) < seq_len:
         raise LeanLMError(f"calibration data has {len(stream)} tokens, fewer than one window of "
                           f"seq_len={seq_len}")
-    ids = torch.tensor(stream, dtype=torch.long)
     rng = random.Random(seed)
     starts = [rng.randrange(0, len(stream) - seq_len + 1) for _ in range(n_samples)]
-    return torch.stack([ids[s:s + seq_len] for s in starts])
+    return torch.stack([stream[s:s + seq_len].long() for s in starts])
 
 
 class LayerInputs:
