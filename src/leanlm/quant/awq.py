@@ -42,7 +42,7 @@ from leanlm.quant.api import (
     run_module,
     set_module,
 )
-from leanlm.quant.calibration import LayerInputs
+from leanlm.quant.calibration import LayerInputs, capture_inputs
 from leanlm.quant.primitives import fake_quantize, qparams, quantize_codes
 from leanlm.quant.rtn import rtn_quantize, to_quant_linear
 
@@ -115,15 +115,11 @@ class AWQ(Method):
                                                         self.config))
 
     def _capture(self, block: nn.Module, inputs: LayerInputs, subs: list[Sublayer]) -> dict[str, list]:
+        """The input of each sub-layer, per micro-batch (kept: the scale search re-runs on them)."""
         feats: dict[str, list[torch.Tensor]] = {s.names[0]: [] for s in subs}
-        handles = [block.get_submodule(n).register_forward_pre_hook(
-            lambda _m, args, n=n: feats[n].append(args[0].detach())) for n in feats]
-        try:
-            for _ in inputs.run(lambda x, meta: block(x, meta)):
-                pass
-        finally:
-            for h in handles:
-                h.remove()
+        readers = {n: block.get_submodule(n) for n in feats}
+        capture_inputs(readers, inputs, lambda x, meta: block(x, meta),
+                       lambda name, x: feats[name].append(x), stop_after=subs[-1].names[0])
         return feats
 
     def _search_scale(self, block: nn.Module, sub: Sublayer, feats: list[torch.Tensor],

@@ -12,6 +12,7 @@ whole still quantizes, at the cost of one forward per block.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -122,17 +123,28 @@ class LayerInputs:
         self.batches = [(y, meta) for y, (_, meta) in zip(outputs, self.batches, strict=True)]
 
 
+class _Enough(Exception):
+    """Raised by the last hook of :func:`capture_inputs`: the rest of the forward is not needed."""
+
+
 def capture_inputs(modules: dict[str, nn.Module], inputs: LayerInputs,
                    fn: Callable[[torch.Tensor, SDPAMetadata], torch.Tensor],
-                   reduce: Callable[[str, torch.Tensor], None]) -> None:
+                   reduce: Callable[[str, torch.Tensor], None], stop_after: str | None = None) -> None:
     """Run ``fn`` over all micro-batches, calling ``reduce(name, x)`` with each input of each
-    module in ``modules`` (flattened to [tokens, features]); the activations are not kept."""
-    handles = [m.register_forward_pre_hook(
-        lambda _m, args, name=name: reduce(name, args[0].detach().reshape(-1, args[0].shape[-1])))
-        for name, m in modules.items()]
+    module in ``modules``; ``reduce`` decides what to keep. With ``stop_after``, each forward
+    ends as soon as that module's input has been seen."""
+    def hook(_m: nn.Module, args: tuple, name: str) -> None:
+        reduce(name, args[0].detach())
+        if name == stop_after:
+            raise _Enough
+
+    handles = [m.register_forward_pre_hook(lambda m_, a, n=name: hook(m_, a, n))
+               for name, m in modules.items()]
     try:
-        for _ in inputs.run(fn):
-            pass
+        with torch.no_grad():
+            for x, meta in inputs.batches:
+                with contextlib.suppress(_Enough):
+                    fn(x, meta)
     finally:
         for h in handles:
             h.remove()

@@ -60,7 +60,7 @@ class Hessian:
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.float()
+        x = x.reshape(-1, x.shape[-1]).float()
         m = x.shape[0]
         self.h *= self.n / (self.n + m)
         self.n += m
@@ -72,7 +72,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, config: GPTQConfig
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes [N, K], scales [N, G], zeros [N, G], g_idx [K]) for weight ``w`` and Hessian ``h``."""
     bits, gs, sym = config.bits, config.group_size, config.sym
-    w = w.detach().float().clone()
+    w = w.detach().to(torch.float32, copy=True)
     h = h.clone()
     n, k = w.shape
     dead = torch.diag(h) == 0
@@ -90,6 +90,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, config: GPTQConfig
     damp = config.damp_percent * torch.mean(torch.diag(h))
     h.diagonal().add_(damp)
     u = _inverse_cholesky(h)
+    del h
 
     codes = torch.zeros(n, k, dtype=torch.uint8, device=w.device)
     scale, zero = qparams(w, bits, sym) if gs == -1 else (None, None)
@@ -137,17 +138,18 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, config: GPTQConfig
 
 
 def _inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor of H⁻¹ (retrying with more dampening if H is not positive definite)."""
-    damp = 0.0
-    base = torch.mean(torch.diag(h))
-    for _ in range(6):
-        l_, info = torch.linalg.cholesky_ex(h + damp * torch.eye(h.shape[0], device=h.device))
+    """Upper Cholesky factor of H⁻¹, overwriting ``h`` (more dampening if H is not positive
+    definite). At most three K x K matrices are alive at once: a 1B model's down_proj has K = 8192."""
+    base = float(torch.mean(torch.diag(h)))
+    for attempt in range(6):
+        lower, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
-            hinv = torch.cholesky_inverse(l_)
+            hinv = torch.cholesky_inverse(lower)
+            del lower
             u, info = torch.linalg.cholesky_ex(hinv, upper=True)
             if int(info) == 0:
                 return u
-        damp = base * (0.01 if damp == 0 else damp / base * 10)
+        h.diagonal().add_(base * 0.01 * 10**attempt)
     raise LeanLMError("GPTQ: the calibration Hessian is not positive definite even with extra "
                       "dampening; use more (or more varied) calibration samples")
 
@@ -169,7 +171,8 @@ class GPTQ(Method):
                     hessians[name] = Hessian(x.shape[-1], x.device)
                 hessians[name].add(x)
 
-            capture_inputs(readers, inputs, lambda x, meta: block(x, meta), reduce)
+            last = stage[-1].names[0]  # sub-layers are listed in execution order
+            capture_inputs(readers, inputs, lambda x, meta: block(x, meta), reduce, stop_after=last)
             for s in stage:
                 h = hessians[s.names[0]].h
                 for name in s.names:

@@ -134,6 +134,13 @@ class QuantLinear(nn.Module):
         return bool(full.all()) and int(counts[-1]) <= self.group_size
 
     def _choose(self, m: int) -> str:
+        """The backend for an input of ``m`` rows (cached per regime with the kernel tensors)."""
+        key = f"choice:{m < DECODE_MAX_M}"
+        if key not in self._kernels:
+            self._kernels[key] = (self._decide(m),)
+        return self._kernels[key][0]
+
+    def _decide(self, m: int) -> str:
         if self.backend != "auto":
             problem = self.kernel_problem(self.backend)
             if problem:

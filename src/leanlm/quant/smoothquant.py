@@ -51,11 +51,12 @@ class SmoothQuant(Method):
         act_max: dict[str, torch.Tensor] = {}
 
         def reduce(name: str, x: torch.Tensor) -> None:
-            m = x.float().abs().amax(0)
+            m = x.reshape(-1, x.shape[-1]).float().abs().amax(0)
             act_max[name] = torch.maximum(act_max[name], m) if name in act_max else m
 
         readers = {s.names[0]: block.get_submodule(s.names[0]) for s in norm_fed}
-        capture_inputs(readers, inputs, lambda x, meta: block(x, meta), reduce)
+        capture_inputs(readers, inputs, lambda x, meta: block(x, meta), reduce,
+                       stop_after=norm_fed[-1].names[0])
         for s in norm_fed:
             fcs = [block.get_submodule(n).weight for n in s.names]
             apply_scale(block, s, smooth_scales(act_max[s.names[0]], fcs, self.config.alpha))
