@@ -222,13 +222,15 @@ def decode_tokens_per_s(model: Transformer, steps: int = 24, prompt: int = 16) -
 def speed(args: argparse.Namespace) -> None:
     print(f"# bench_quant --speed: random llama-3.2-1b shape (bf16), batch 1 decode, {machine()}")
     every_linear = lambda name, m: True
-    rows = [("bf16", None), ("int8 per-channel", RTNConfig(8, -1)), ("int4 g128", RTNConfig(4, 128))]
+    rows = [("bf16", None, None), ("int8 per-channel", RTNConfig(8, -1), every_linear),
+            ("int4 g128", RTNConfig(4, 128), every_linear),
+            ("int4 g128, LM head left in bf16", RTNConfig(4, 128), None)]
     rates = {}
     for rnd in range(args.rounds):
-        for name, cfg in rows:
+        for name, cfg, filter_fn in rows:
             model = random_1b()
             if cfg is not None:
-                quantize_(model, cfg, filter_fn=every_linear, progress=False)
+                quantize_(model, cfg, filter_fn=filter_fn, progress=False)
             rates.setdefault(name, []).append(decode_tokens_per_s(model))
             del model
         print(f"round {rnd}: " + ", ".join(f"{k} {v[-1]:.2f} tok/s" for k, v in rates.items()), flush=True)

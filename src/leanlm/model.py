@@ -185,7 +185,7 @@ class Transformer(nn.Module):
         return self
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):  # not quantized
             self.lm_head.weight = self.embed_tokens.weight
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:

@@ -139,6 +139,22 @@ def test_saved_tensors_decode_independently_and_reload_identically(tmp_path: Pat
         assert torch.equal(loaded(tokens[:, :1]), want_decode)
 
 
+def test_a_quantized_tied_head_is_saved_untied(tmp_path: Path) -> None:
+    model = random_model("qwen2").to(torch.bfloat16)  # tied embeddings; bf16 scales survive fp16
+    quantize_(model, RTNConfig(bits=8, group_size=-1), filter_fn=lambda n, m: True, progress=False)
+    assert isinstance(model.lm_head, QuantLinear) and model.embed_tokens.weight.dtype == torch.bfloat16
+    tokens = torch.randint(0, 300, (1, 5))
+    save_quantized(model, tmp_path / "q")
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is False and cfg["quantization_config"]["lm_head"] is True
+    names = load_file(str(tmp_path / "q" / "model.safetensors"))
+    assert "lm_head.qweight" in names and "lm_head.weight" not in names
+    loaded = load_model(tmp_path / "q")
+    assert isinstance(loaded.lm_head, QuantLinear)
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), model(tokens))
+
+
 @pytest.mark.parametrize("config", [SmoothQuantConfig(), LLMInt8Config(threshold=4.0)])
 def test_w8a8_round_trip(tmp_path: Path, config: object) -> None:
     model = random_model("llama")

@@ -8,6 +8,7 @@ decomposition). Checkpoints: :func:`save_quantized` / ``leanlm.load_model`` (GPT
 from leanlm.quant.api import WeightOnlyConfig, quantize_, register_method
 from leanlm.quant.awq import AWQConfig
 from leanlm.quant.calibration import calibration_tokens, default_texts, read_texts
+from leanlm.quant.formats import save_quantized
 from leanlm.quant.gptq import GPTQConfig
 from leanlm.quant.linear import QuantLinear, W8A8Linear, quantized_linears
 from leanlm.quant.llm_int8 import Int8OutlierLinear, LLMInt8Config
@@ -16,4 +17,4 @@ from leanlm.quant.smoothquant import SmoothQuantConfig
 
 __all__ = ["AWQConfig", "GPTQConfig", "Int8OutlierLinear", "LLMInt8Config", "QuantLinear", "RTNConfig",
            "SmoothQuantConfig", "W8A8Linear", "WeightOnlyConfig", "calibration_tokens", "default_texts",
-           "quantize_", "quantized_linears", "read_texts", "register_method"]
+           "quantize_", "quantized_linears", "read_texts", "register_method", "save_quantized"]

@@ -16,7 +16,6 @@ the groups that read the same input, in execution order (GPTQ's "true sequential
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -149,7 +148,6 @@ def quantize_(model: nn.Module, config: Any, calib: torch.Tensor | None = None,
     targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and keep(n, m)]
     if not targets:
         raise LeanLMError("the filter selected no nn.Linear layers to quantize")
-    start = time.perf_counter()
     with Progress(disable=not progress, transient=True) as bar:
         if not method.calibrated:
             task = bar.add_task(f"{type(config).__name__}", total=len(targets))
@@ -158,8 +156,7 @@ def quantize_(model: nn.Module, config: Any, calib: torch.Tensor | None = None,
                 bar.advance(task)
         else:
             _quantize_layerwise(model, method, config, calib, targets, batch_size, bar)
-    model.quantization = config
-    model.quantization_seconds = time.perf_counter() - start
+    model.quantization = config  # recorded in saved checkpoints' quantization_config
     return model
 
 

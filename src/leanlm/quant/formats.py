@@ -121,23 +121,28 @@ def awq_decode(t: dict[str, torch.Tensor], k: int, n: int) -> tuple:
 
 
 # ---- whole checkpoints ----------------------------------------------------------------------------
-def _quant_config(fmt: str, m: nn.Module, model: nn.Module) -> dict[str, Any]:
-    cfg = getattr(model, "quantization", None)
+def _quant_config(fmt: str, qlinears: dict[str, nn.Module], model: nn.Module) -> dict[str, Any]:
+    """quantization_config as the readers expect it; desc_act and sym are read off the layers."""
+    m = next(iter(qlinears.values()))
     if fmt == "w8a8":
         out = {"quant_method": "w8a8", "weights": "int8 per output channel",
-               "activations": "int8 per token, dynamic", "method": type(cfg).__name__}
+               "activations": "int8 per token, dynamic"}
         if isinstance(m, Int8OutlierLinear):
             out["outlier_threshold"] = m.threshold
         return out
     if fmt == "awq":
         return {"quant_method": "awq", "bits": 4, "group_size": m.group_size,
                 "zero_point": True, "version": "gemm", "modules_to_not_convert": None}
+    cfg = getattr(model, "quantization", None)
+    desc_act = any(not torch.equal(q.g_idx.cpu(), default_g_idx(q.in_features, q.group_size))
+                   for q in qlinears.values())
+    sym = all(bool((q.zeros == 2 ** (q.bits - 1)).all()) for q in qlinears.values())
     return {"quant_method": "gptq", "bits": m.bits, "group_size": m.group_size,
-            "desc_act": bool(getattr(cfg, "act_order", False)), "sym": bool(getattr(cfg, "sym", True)),
+            "desc_act": desc_act, "sym": sym,
             "static_groups": bool(getattr(cfg, "static_groups", False)),
             "true_sequential": bool(getattr(cfg, "true_sequential", True)),
             "damp_percent": float(getattr(cfg, "damp_percent", 0.01)),
-            "checkpoint_format": "gptq", "lm_head": False,
+            "checkpoint_format": "gptq", "lm_head": "lm_head" in qlinears,
             "meta": {"quantizer": ["leanlm:0.1.0"]}}
 
 
@@ -178,11 +183,13 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str], tokenizer: An
              if not _is_quant_buffer(k, qset)}
     encode = {"gptq": gptq_tensors, "awq": awq_tensors, "w8a8": w8a8_tensors}[fmt]
     for name, m in qlinears.items():
-        state.update({f"model.{name}.{k}": v for k, v in encode(m.cpu()).items()})
+        state.update({f"{_hf(name)}.{k}": v for k, v in encode(m.cpu()).items()})
     state = {k: v.contiguous() for k, v in state.items()}
     hf_config = config.to_hf()
-    qcfg = _quant_config(fmt, next(iter(qlinears.values())), model)
+    qcfg = _quant_config(fmt, qlinears, model)
     hf_config["quantization_config"] = qcfg
+    if "lm_head" in qlinears:  # a quantized head is stored on its own, no longer tied
+        hf_config["tie_word_embeddings"] = False
     extra = {"quantize_config.json": qcfg} if fmt == "gptq" else None
     return write_checkpoint(state, hf_config, path, model.embed_tokens.weight.dtype, tokenizer,
                             max_shard_bytes, extra)
@@ -230,7 +237,7 @@ def load_quantized(path: Path, config: ModelConfig, qcfg: dict[str, Any], dtype:
     files, kind = weight_files(path, allow_pickle=False)
     with ExitStack() as stack:
         entries = open_tensors(files, kind, stack, mmap)
-        names = sorted(k.removeprefix("model.").removesuffix(marker) for k in entries if k.endswith(marker))
+        names = sorted(k.removesuffix(marker).removeprefix("model.") for k in entries if k.endswith(marker))
         if not names:
             raise LeanLMError(f"{path}: config.json declares {method} quantization but no tensor "
                               f"ends in {marker}")
@@ -241,7 +248,7 @@ def load_quantized(path: Path, config: ModelConfig, qcfg: dict[str, Any], dtype:
             except AttributeError:
                 raise LeanLMError(f"{path}: quantized tensor {name}{marker} names no linear of the "
                                   "model") from None
-            prefix = f"model.{name}."
+            prefix = f"{_hf(name)}."
             t = {k.removeprefix(prefix): e.load() for k, e in entries.items() if k.startswith(prefix)}
             try:
                 set_module(model, name, _build(method, qcfg, t, linear, target))
@@ -274,3 +281,8 @@ def load_quantized(path: Path, config: ModelConfig, qcfg: dict[str, Any], dtype:
 def _is_quant_buffer(hf_name: str, names: set[str] | list[str]) -> bool:
     """Whether ``hf_name`` is a tensor of one of the quantized linears ``names``."""
     return hf_name.rpartition(".")[0].removeprefix("model.") in names
+
+
+def _hf(name: str) -> str:
+    """The Hugging Face name of a leanlm module (the LM head sits outside ``model.``)."""
+    return name if name.startswith("lm_head") else f"model.{name}"
