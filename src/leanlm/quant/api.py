@@ -54,7 +54,8 @@ class Sublayer:
     inspect: str
 
 
-def block_sublayers(block: nn.Module) -> list[Sublayer]:
+def block_sublayers(block: nn.Module, targets: set[str] | None = None) -> list[Sublayer]:
+    """The sub-layers of a block in execution order (those with a linear in ``targets``, if given)."""
     attn, mlp = block.self_attn, block.mlp
     out = [Sublayer(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm",
                     "self_attn")]
@@ -67,6 +68,8 @@ def block_sublayers(block: nn.Module) -> list[Sublayer]:
     else:
         out.append(Sublayer(("mlp.up_proj",), "post_attention_layernorm", "mlp"))
         out.append(Sublayer(("mlp.down_proj",), None, "mlp.down_proj"))  # through a GELU: no fold
+    if targets is not None:
+        out = [s for s in out if any(n in targets for n in s.names)]
     return out
 
 

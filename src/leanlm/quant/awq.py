@@ -94,7 +94,7 @@ class AWQ(Method):
     propagate_quantized = False
 
     def quantize_block(self, block: nn.Module, inputs: LayerInputs, targets: set[str]) -> None:
-        subs = [s for s in block_sublayers(block) if any(n in targets for n in s.names)]
+        subs = block_sublayers(block, targets)
         feats = self._capture(block, inputs, subs)
         plans = []
         for s in subs:

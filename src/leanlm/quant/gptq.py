@@ -160,7 +160,7 @@ class GPTQ(Method):
     propagate_quantized = True
 
     def quantize_block(self, block: nn.Module, inputs: LayerInputs, targets: set[str]) -> None:
-        subs = [s for s in block_sublayers(block) if any(n in targets for n in s.names)]
+        subs = block_sublayers(block, targets)
         stages = [subs] if not self.config.true_sequential else [[s] for s in subs]
         for stage in stages:
             hessians: dict[str, Hessian] = {}

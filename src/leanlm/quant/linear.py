@@ -163,7 +163,7 @@ class QuantLinear(nn.Module):
                 perm = torch.argsort(self.g_idx.long(), stable=True)
                 codes = codes[:, perm]
             pad = (-k) % g
-            codes = F.pad(codes.int(), (0, pad), value=8)  # padded columns dequantize to 0·s + 0
+            codes = F.pad(codes.int(), (0, pad))  # the padded columns meet zero inputs
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
             s = self.scales.float()
             sz = torch.stack([s, (8 - self.zeros.float()) * s], -1).transpose(0, 1)
