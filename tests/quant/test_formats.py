@@ -132,6 +132,12 @@ def test_saved_tensors_decode_independently_and_reload_identically(tmp_path: Pat
     if fmt == "gptq":
         assert qcfg["desc_act"] == getattr(config, "act_order", False)
         assert json.loads((out / "quantize_config.json").read_text()) == qcfg
+    # transformers parses the quantization_config (running it needs gptqmodel/autoawq kernels)
+    from transformers.utils.quantization_config import AwqConfig as HFAwq
+    from transformers.utils.quantization_config import GPTQConfig as HFGPTQ
+
+    parsed = (HFGPTQ if fmt == "gptq" else HFAwq).from_dict(qcfg)
+    assert (parsed.bits, parsed.group_size) == (config.bits, config.group_size)
     loaded = load_model(out)
     assert isinstance(loaded.get_submodule(name), QuantLinear)
     with torch.no_grad():
@@ -215,6 +221,45 @@ def test_loads_a_checkpoint_packed_by_another_tool(tmp_path: Path) -> None:
         m = loaded.get_submodule(name)
         assert isinstance(m, QuantLinear)
         torch.testing.assert_close(m.dequantize(), w, rtol=2e-3, atol=1e-5)  # fp16 scales
+
+
+def autoawq_pack(intweight: np.ndarray) -> np.ndarray:
+    """AutoAWQ's WQLinear_GEMM packing loop: intweight [K, N] -> qweight [K, N/8]."""
+    qweight = np.zeros((intweight.shape[0], intweight.shape[1] // 8), dtype=np.uint32)
+    order_map = [0, 2, 4, 6, 1, 3, 5, 7]
+    for col in range(intweight.shape[1] // 8):
+        for i in range(8):
+            qweight[:, col] |= intweight[:, col * 8 + order_map[i]].astype(np.uint32) << (i * 4)
+    return qweight.astype(np.int32)
+
+
+def test_loads_an_awq_checkpoint_packed_by_another_tool(tmp_path: Path) -> None:
+    model = random_model("llama")
+    save_model(model, tmp_path / "fp")
+    tensors = load_file(str(tmp_path / "fp" / "model.safetensors"))
+    group, expected = 32, {}
+    for name in [k for k in tensors if k.endswith("_proj.weight")]:
+        w = tensors.pop(name).numpy().astype(np.float64)
+        n, k = w.shape
+        g = w.reshape(n, k // group, group)
+        lo, hi = g.min(-1), g.max(-1)  # AutoAWQ: no widening to include 0
+        scale = np.maximum(hi - lo, 1e-5) / 15
+        zero = np.clip(-np.round(lo / scale), 0, 15)
+        q = np.clip(np.round(g / scale[..., None]) + zero[..., None], 0, 15)
+        expected[name.removeprefix("model.").removesuffix(".weight")] = torch.tensor(
+            ((q - zero[..., None]) * scale[..., None]).reshape(n, k), dtype=torch.float32)
+        base = name.removesuffix(".weight")
+        tensors[f"{base}.qweight"] = torch.from_numpy(autoawq_pack(q.reshape(n, k).T.astype(np.int64)))
+        tensors[f"{base}.qzeros"] = torch.from_numpy(autoawq_pack(zero.T.astype(np.int64)))
+        tensors[f"{base}.scales"] = torch.tensor(scale.T, dtype=torch.float16).contiguous()
+    save_file(tensors, str(tmp_path / "fp" / "model.safetensors"))
+    cfg = json.loads((tmp_path / "fp" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": group,
+                                  "zero_point": True, "version": "gemm"}
+    (tmp_path / "fp" / "config.json").write_text(json.dumps(cfg))
+    loaded = load_model(tmp_path / "fp")
+    for name, w in expected.items():
+        torch.testing.assert_close(loaded.get_submodule(name).dequantize(), w, rtol=2e-3, atol=1e-5)
 
 
 def test_format_errors(tmp_path: Path) -> None:

@@ -142,7 +142,8 @@ def _quant_config(fmt: str, qlinears: dict[str, nn.Module], model: nn.Module) ->
             "static_groups": bool(getattr(cfg, "static_groups", False)),
             "true_sequential": bool(getattr(cfg, "true_sequential", True)),
             "damp_percent": float(getattr(cfg, "damp_percent", 0.01)),
-            "checkpoint_format": "gptq", "lm_head": "lm_head" in qlinears,
+            "checkpoint_format": "gptq", "format": "gptq",  # AutoGPTQ/GPTQModel; transformers 5
+            "lm_head": "lm_head" in qlinears,
             "meta": {"quantizer": ["leanlm:0.1.0"]}}
 
 
@@ -211,7 +212,7 @@ def _build(method: str, qcfg: dict[str, Any], t: dict[str, torch.Tensor], linear
             m.bias = nn.Parameter(t["bias"].to(dtype), requires_grad=False)
         return m
     bits, group_size = int(qcfg.get("bits", 4)), int(qcfg.get("group_size", 128))
-    version = 2 if qcfg.get("checkpoint_format") == "gptq_v2" else 1
+    version = 2 if "gptq_v2" in (qcfg.get("checkpoint_format"), qcfg.get("format")) else 1
     codes, scales, zeros, g_idx = (awq_decode(t, k, n) if method == "awq"
                                    else gptq_decode(t, bits, k, n, version))
     gs = group_size if group_size > 0 else -1
