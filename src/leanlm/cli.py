@@ -75,7 +75,9 @@ def generate(
 
 @app.command()
 def info(model: ModelArg = None) -> None:
-    """Show MODEL's architecture, parameter count and weight memory at each dtype."""
+    """Show MODEL's architecture, parameter count, weight memory and quantization."""
+    import json
+
     from leanlm.config import DTYPE_BYTES, ModelConfig
 
     path = resolve_model(model)
@@ -101,6 +103,14 @@ def info(model: ModelArg = None) -> None:
         ("parameters", f"{n:,} ({n / 1e6:.1f}M; {c.num_parameters(False) / 1e6:.1f}M without embeddings)"),
     ]
     rows += [(f"weights in {d}", f"{n * b / 2**20:,.1f} MiB") for d, b in DTYPE_BYTES.items()]
+    q = json.loads((path / "config.json").read_text()).get("quantization_config")
+    if q:
+        group = q.get("group_size")
+        detail = ", act-order" if q.get("desc_act") else ""
+        kind = (f"{q.get('bits')}-bit, group {group}{detail}" if "bits" in q
+                else "int8 weights x int8 activations")
+        rows.append(("quantization", f"{q.get('quant_method')} ({kind}); files: "
+                     f"{_weights_bytes(path) / 2**20:,.1f} MiB"))
     for k, v in rows:
         table.add_row(k, v)
     Console().print(table)

@@ -49,6 +49,10 @@ def test_quantize_writes_a_loadable_checkpoint(tmp_path: Path, model_and_calib: 
     assert cfg["torch_dtype"] == "float32"  # the source checkpoint's dtype, not the calibration dtype
     with torch.no_grad():
         assert torch.isfinite(q(torch.tensor([[1, 2, 3]]))).all()
+    if method == "gptq":
+        info = subprocess.run([sys.executable, "-m", "leanlm.cli", "info", str(tmp_path / "q")],
+                              capture_output=True, text=True, timeout=120)
+        assert "gptq (4-bit, group 32, act-order)" in info.stdout
 
 
 def test_quantize_errors_are_one_line(tmp_path: Path, model_and_calib: tuple[Path, Path]) -> None:
