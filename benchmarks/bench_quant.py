@@ -206,39 +206,46 @@ def random_1b(seed: int = 0) -> Transformer:
 
 
 @torch.no_grad()
-def decode_tokens_per_s(model: Transformer, steps: int = 24, prompt: int = 16) -> float:
+def tokens_per_s(model: Transformer, steps: int = 24, prompt: int = 128) -> tuple[float, float]:
+    """(decode, prefill) tokens/s at batch 1: the median of ``steps`` decode steps after a
+    ``prompt``-token prefill, and that prefill (timed on its second run)."""
     tokens = torch.randint(0, 1000, (1, prompt))
-    cache = model.make_cache(1, prompt + steps + 4, dtype=torch.bfloat16)
-    logits = model(tokens, cache=cache, last_only=True)
-    nxt = logits.argmax(-1)
+    prefill = []
+    for _ in range(2):
+        cache = model.make_cache(1, prompt + steps + 4, dtype=torch.bfloat16)
+        t0 = time.perf_counter()
+        nxt = model(tokens, cache=cache, last_only=True).argmax(-1)
+        prefill.append(time.perf_counter() - t0)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         nxt = model(nxt, cache=cache, last_only=True).argmax(-1)
         times.append(time.perf_counter() - t0)
-    return 1.0 / float(np.median(times[2:]))
+    return 1.0 / float(np.median(times[2:])), prompt / prefill[-1]
 
 
 def speed(args: argparse.Namespace) -> None:
-    print(f"# bench_quant --speed: random llama-3.2-1b shape (bf16), batch 1 decode, {machine()}")
+    print(f"# bench_quant --speed: random llama-3.2-1b shape (bf16), batch 1, {machine()}")
     every_linear = lambda name, m: True
     rows = [("bf16", None, None), ("int8 per-channel", RTNConfig(8, -1), every_linear),
             ("int4 g128", RTNConfig(4, 128), every_linear),
             ("int4 g128, LM head left in bf16", RTNConfig(4, 128), None)]
-    rates = {}
+    rates: dict[str, list[tuple[float, float]]] = {}
     for rnd in range(args.rounds):
         for name, cfg, filter_fn in rows:
             model = random_1b()
             if cfg is not None:
                 quantize_(model, cfg, filter_fn=filter_fn, progress=False)
-            rates.setdefault(name, []).append(decode_tokens_per_s(model))
+            rates.setdefault(name, []).append(tokens_per_s(model))
             del model
-        print(f"round {rnd}: " + ", ".join(f"{k} {v[-1]:.2f} tok/s" for k, v in rates.items()), flush=True)
-    base = float(np.median(rates["bf16"]))
-    print("| weights | tokens/s (median) | vs bf16 |")
-    print("|---|---|---|")
+        print(f"round {rnd}: " + ", ".join(f"{k} {v[-1][0]:.2f} / {v[-1][1]:.1f} tok/s"
+                                           for k, v in rates.items()), flush=True)
+    base = [float(np.median([r[i] for r in rates["bf16"]])) for i in (0, 1)]
+    print("| weights | decode tokens/s | vs bf16 | prefill (128 tokens) tokens/s | vs bf16 |")
+    print("|---|---|---|---|---|")
     for name, v in rates.items():
-        print(f"| {name} | {np.median(v):.2f} | {np.median(v) / base:.2f}x |")
+        dec, pre = (float(np.median([r[i] for r in v])) for i in (0, 1))
+        print(f"| {name} | {dec:.2f} | {dec / base[0]:.2f}x | {pre:.1f} | {pre / base[1]:.2f}x |")
 
 
 # ---- memory ----------------------------------------------------------------------------------------

@@ -30,6 +30,11 @@ def test_round_trip_error_is_within_half_a_step(bits: int, group_size: int, sym:
     assert codes.dtype == torch.uint8 and int(codes.max()) < 2**bits
     assert scales.shape == zeros.shape == (48, 1 if group_size == -1 else -(-160 // group_size))
     what = dequantize_weight(codes, scales, zeros, g_idx)
+    # contiguous groups: the broadcast path (no gather) gives the same weights, in bf16 too
+    assert torch.equal(dequantize_weight(codes, scales, zeros, None, group_size=group_size), what)
+    s16 = scales.to(torch.bfloat16)
+    assert torch.equal(dequantize_weight(codes, s16, zeros, None, torch.bfloat16, group_size),
+                       dequantize_weight(codes, s16, zeros, g_idx).to(torch.bfloat16))
     step = scales[:, g_idx.long()]
     # symmetric codes lose one level at the top (z = 2^(b-1)): the max may clip by one step
     slack = 1.0 if sym else 0.5

@@ -93,10 +93,24 @@ def quantize_weight(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, 
 
 
 def dequantize_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                      g_idx: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """ŵ = s · (q - z) [N, K] from codes [N, K], scales/zeros [N, G], g_idx [K]."""
-    g = g_idx.long()
-    return ((codes.float() - zeros.float()[:, g]) * scales.float()[:, g]).to(dtype)
+                      g_idx: torch.Tensor | None, dtype: torch.dtype = torch.float32,
+                      group_size: int = -1) -> torch.Tensor:
+    """ŵ = s · (q - z) [N, K] from codes [N, K], scales/zeros [N, G] and g_idx [K]; with
+    ``g_idx=None`` the groups are contiguous runs of ``group_size`` columns (broadcast, no gather).
+
+    The math runs in the wider of ``dtype`` and the scales' dtype: (q - z) is a small integer,
+    exact in bf16/fp16, so with bf16 scales bf16 math rounds once, like fp32 math then a cast."""
+    math = torch.promote_types(dtype, scales.dtype) if dtype.is_floating_point else torch.float32
+    if g_idx is not None:
+        g = g_idx.long()
+        return ((codes.to(math) - zeros.to(math)[:, g]) * scales.to(math)[:, g]).to(dtype)
+    n, k = codes.shape
+    groups = scales.shape[1]
+    gs = k if groups == 1 else group_size
+    pad = groups * gs - k
+    c = torch.nn.functional.pad(codes, (0, pad)) if pad else codes
+    w = (c.view(n, groups, gs).to(math) - zeros.to(math)[..., None]) * scales.to(math)[..., None]
+    return w.view(n, -1)[:, :k].to(dtype)
 
 
 def fake_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:
@@ -127,13 +141,13 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: uint8 [..., K·bits/8] -> uint8 codes [..., K]."""
-    p = packed.to(torch.int64)
     mask = 2**bits - 1
-    if bits in (2, 4, 8):
-        per = 8 // bits
-        shifts = torch.arange(per, device=p.device) * bits
-        return ((p[..., None] >> shifts) & mask).reshape(*p.shape[:-1], -1)[..., :k].to(torch.uint8)
-    p = p.reshape(*p.shape[:-1], -1, bits)
+    if bits == 8:
+        return packed[..., :k]
+    if bits in (2, 4):  # byte-wise, in uint8 (30x faster than widening to int64)
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        return ((packed[..., None] >> shifts) & mask).reshape(*packed.shape[:-1], -1)[..., :k]
+    p = packed.to(torch.int64).reshape(*packed.shape[:-1], -1, bits)
     word = (p << (torch.arange(bits, device=p.device) * 8)).sum(-1)
     codes = (word[..., None] >> (torch.arange(8, device=p.device) * bits)) & mask
     return codes.reshape(*p.shape[:-2], -1)[..., :k].to(torch.uint8)
