@@ -224,7 +224,9 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype | None = N
     ``dtype``: float32/bfloat16/float16 (default: the checkpoint's). By default each tensor is
     read into process memory (CPU decode runs ~25% faster there); ``mmap=True`` keeps the
     parameters in the file mapping instead (zero-copy, quick to load, shared between
-    processes). Either way the peak is about one copy of the weights.
+    processes). Either way the peak is about one copy of the weights. A config.json with a
+    ``quantization_config`` (GPTQ, AWQ, leanlm w8a8) loads with quantized layers
+    (:mod:`leanlm.quant.formats`).
     """
     path = Path(path)
     if not path.is_dir():
@@ -288,7 +290,7 @@ def save_model(model: Transformer, path: str | os.PathLike[str], tokenizer: Any 
 
     if quantized_linears(model):
         raise LeanLMError("the model is quantized: save it with leanlm.quant.save_quantized "
-                          "(GPTQ or AWQ format)")
+                          "(GPTQ, AWQ or w8a8 format)")
     target = resolve_dtype(dtype)
     state = {k: (v.detach().to("cpu", target) if target else v.detach().cpu()).contiguous()
              for k, v in to_hf_state(model.config, model.state_dict()).items()}
