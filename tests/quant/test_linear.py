@@ -88,6 +88,27 @@ def test_state_dict_round_trip_and_device_moves_drop_kernel_caches() -> None:
     assert not m._kernels
 
 
+@pytest.mark.parametrize(("n", "k", "group", "act_order"), [(64, 128, 32, False), (128, 320, 128, True)])
+def test_int4_kernel_packing_is_the_only_copy_of_the_codes(n: int, k: int, group: int,
+                                                          act_order: bool) -> None:
+    m = make(n, k, 4, group, act_order=act_order)
+    codes, state = m.codes(), {key: v.clone() for key, v in m.state_dict().items()}
+    x1, x600 = torch.randn(1, k, dtype=torch.bfloat16), torch.randn(600, k, dtype=torch.bfloat16)
+    want1, want600 = _forced(m, "reference")(x1), _forced(m, "reference")(x600)
+    m(x1)  # prepares the int4 kernel
+    assert m.qweight.numel() == 0  # memory: only the kernel's packing holds the codes
+    assert torch.equal(m.codes(), codes)
+    assert torch.equal(m.state_dict()["qweight"], state["qweight"])
+    assert rel_err(m(x600), want600) < 0.02 and rel_err(m(x1), want1) < 0.02  # dequant path too
+    m2 = QuantLinear(k, n, 4, group, bias=True)
+    m2.load_state_dict(m.state_dict())
+    m2(x1)
+    m2.load_state_dict(state)  # loading into a layer whose codes live in the kernel
+    assert torch.equal(m2.codes(), codes)
+    m.to(torch.float32)  # a move rebuilds qweight before the kernel tensors are dropped
+    assert torch.equal(m.qweight, state["qweight"]) and torch.equal(m.codes(), codes)
+
+
 def test_w8a8_linear_is_close_to_fp() -> None:
     torch.manual_seed(0)
     lin = nn.Linear(256, 64)

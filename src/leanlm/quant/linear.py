@@ -11,6 +11,9 @@ The forward picks a backend once per (device, M-regime), automatically:
   It computes ``(q - 8)·s + m`` per group, so the zero point goes in as ``m = (8 - z)·s``.
   Its groups are contiguous, so act-order weights are stored with their columns sorted by group
   (``perm``) and the input is gathered with the same permutation; K is padded to a whole group.
+  Once that packing exists it is the only copy of the codes (``qweight`` is emptied and rebuilt
+  from it for ``state_dict``, device/dtype moves and the other backends), so an int4 layer costs
+  0.5 byte per weight in memory, not 1.
 - ``int8pack`` (CPU, 8 bits, per-channel): ``_weight_int8pack_mm`` on ``q - 128`` with bf16
   activations; an asymmetric zero point becomes a rank-1 correction ``-(Σ_k x_k)·s·(z - 128)``.
 - ``dequant``: ŵ = s·(q - z) in the activation dtype, then a dense GEMM. This is what runs for
@@ -90,7 +93,17 @@ class QuantLinear(nn.Module):
         self._kernels.clear()
 
     def codes(self) -> torch.Tensor:
+        if self.qweight.numel() == 0 and "int4pack" in self._kernels:  # held by the kernel only
+            packed, _, perm, pad = self._kernels["int4pack"]
+            codes = int4pack_codes(packed, self.out_features, self.in_features + pad)
+            codes = codes[:, :self.in_features]
+            return codes if perm is None else codes[:, torch.argsort(perm)]
         return unpack_codes(self.qweight, self.bits, self.in_features)
+
+    def _restore_codes(self) -> None:
+        """Rebuild ``qweight`` from the kernel's packing before the kernel tensors go away."""
+        if self.qweight.numel() == 0 and "int4pack" in self._kernels:
+            self.qweight = pack_codes(pad_codes(self.codes(), self.bits), self.bits)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if "contiguous" not in self._kernels:  # g_idx = k // group_size: broadcast, no gather
@@ -100,10 +113,17 @@ class QuantLinear(nn.Module):
         return dequantize_weight(self.codes(), self.scales, self.zeros, g_idx, dtype, self.group_size)
 
     def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:
+        self._restore_codes()  # so that the loaded qweight meets a buffer of its shape
         self._kernels.clear()
         super()._load_from_state_dict(*args, **kwargs)
 
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.qweight.numel() == 0:  # the canonical codes, whatever the kernel holds
+            destination[prefix + "qweight"] = pack_codes(pad_codes(self.codes(), self.bits), self.bits)
+
     def _apply(self, fn, recurse: bool = True):  # nn.Module signature
+        self._restore_codes()
         self._kernels.clear()  # derived kernel tensors follow the module via re-preparation
         return super()._apply(fn, recurse)
 
@@ -171,6 +191,10 @@ class QuantLinear(nn.Module):
             pad = (-k) % g
             codes = F.pad(codes.int(), (0, pad))  # the padded columns meet zero inputs
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+            n = self.out_features
+            if n % 64 == 0 and torch.equal(int4pack_codes(packed, n, k + pad), codes.to(torch.uint8)):
+                # the kernel's packing holds the same codes: keep one copy (0.5 byte per weight)
+                self.qweight = self.qweight.new_empty(0)
             s = self.scales.float()
             sz = torch.stack([s, (8 - self.zeros.float()) * s], -1).transpose(0, 1)
             self._kernels[backend] = (packed, sz.to(torch.bfloat16).contiguous(), perm, pad)
@@ -215,6 +239,15 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.to(out_dtype).reshape(*shape[:-1], self.out_features)
+
+
+def int4pack_codes(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Codes [n, k] from the layout of ``_convert_weight_to_int4pack_for_cpu`` (n % 64 == 0):
+    blocks of 64 output rows, each stored k-major as 32 bytes per input column whose low nibble
+    is row j and high nibble row j + 32 of the block. QuantLinear checks this inverse against
+    the packing it was given before relying on it, so a different layout only costs memory."""
+    b = packed.reshape(n // 64, k, 32)
+    return torch.cat([b & 15, b >> 4], dim=2).permute(0, 2, 1).reshape(n, k)
 
 
 def absmax_int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
