@@ -8,6 +8,7 @@ the same non-overlapping windows for every row; everything is evaluated in bf16.
     python benchmarks/bench_quant.py [--corpus DIR] [--samples 128] [--seq-len 512]
     python benchmarks/bench_quant.py --speed     # random llama-3.2-1b shape, decode tokens/s
     python benchmarks/bench_quant.py --memory    # GPTQ on the llama-3.2-1b shape, peak RSS
+    python benchmarks/bench_quant.py --resident  # RSS of the int4 model while decoding
 """
 
 from __future__ import annotations
@@ -271,6 +272,32 @@ def memory(args: argparse.Namespace) -> None:
           f"(target < 2x); {secs:.0f} s")
 
 
+def resident(args: argparse.Namespace) -> None:
+    """Resident memory of a bf16 vs an int4 (all linears, RTN g128) 1B-shaped model, decoding."""
+    import ctypes
+    import gc
+
+    import psutil
+
+    proc = psutil.Process()
+    libc = ctypes.CDLL("libc.so.6")
+
+    def rss() -> int:  # live memory: return the allocator's free heap pages to the OS first
+        gc.collect()
+        libc.malloc_trim(0)
+        return proc.memory_info().rss
+
+    model = random_1b()
+    bf16 = rss()
+    quantize_(model, RTNConfig(4, 128), filter_fn=lambda name, m: True, progress=False)
+    after = rss()
+    decode, _ = tokens_per_s(model, steps=6, prompt=16)
+    decoding = rss()
+    print(f"# bench_quant --resident: random llama-3.2-1b shape, {machine()}")
+    print(f"RSS: bf16 model {bf16 / 2**30:.2f} GiB; int4 after quantizing {after / 2**30:.2f} GiB; "
+          f"int4 after prefill + decode ({decode:.1f} tok/s) {decoding / 2**30:.2f} GiB")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", type=Path, default=None)
@@ -281,10 +308,13 @@ def main() -> None:
     ap.add_argument("--only", default="", help="run only rows whose 'tool method' contains this")
     ap.add_argument("--speed", action="store_true")
     ap.add_argument("--memory", action="store_true")
+    ap.add_argument("--resident", action="store_true", help="RSS of the int4 model while decoding")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.memory:
+    if args.resident:
+        resident(args)
+    elif args.memory:
         args.samples, args.seq_len = args.samples or 16, args.seq_len or 512
         memory(args)
     elif args.speed:
