@@ -109,6 +109,18 @@ def test_int4_kernel_packing_is_the_only_copy_of_the_codes(n: int, k: int, group
     assert torch.equal(m.qweight, state["qweight"]) and torch.equal(m.codes(), codes)
 
 
+@pytest.mark.parametrize(("n", "k"), [(64, 32), (128, 320), (192, 64)])
+def test_int4_packing_matches_torch(n: int, k: int) -> None:
+    from leanlm.quant.linear import int4pack, int4pack_codes, int4pack_layout_known
+
+    assert int4pack_layout_known()
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    packed = int4pack(codes)
+    assert packed.is_contiguous()  # the kernel refuses strided weights
+    assert torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 2))
+    assert torch.equal(int4pack_codes(packed, n, k), codes)
+
+
 def test_w8a8_linear_is_close_to_fp() -> None:
     torch.manual_seed(0)
     lin = nn.Linear(256, 64)

@@ -25,6 +25,8 @@ The forward picks a backend once per (device, M-regime), automatically:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -189,12 +191,12 @@ class QuantLinear(nn.Module):
                 perm = torch.argsort(self.g_idx.long(), stable=True)
                 codes = codes[:, perm]
             pad = (-k) % g
-            codes = F.pad(codes.int(), (0, pad))  # the padded columns meet zero inputs
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
-            n = self.out_features
-            if n % 64 == 0 and torch.equal(int4pack_codes(packed, n, k + pad), codes.to(torch.uint8)):
-                # the kernel's packing holds the same codes: keep one copy (0.5 byte per weight)
-                self.qweight = self.qweight.new_empty(0)
+            codes = F.pad(codes, (0, pad))  # the padded columns meet zero inputs
+            if self.out_features % 64 == 0 and int4pack_layout_known():
+                packed = int4pack(codes)  # in uint8: no int32 copy of the layer (4 bytes/weight)
+                self.qweight = self.qweight.new_empty(0)  # the packing is now the one copy
+            else:
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 2)
             s = self.scales.float()
             sz = torch.stack([s, (8 - self.zeros.float()) * s], -1).transpose(0, 1)
             self._kernels[backend] = (packed, sz.to(torch.bfloat16).contiguous(), perm, pad)
@@ -241,13 +243,27 @@ class QuantLinear(nn.Module):
         return y.to(out_dtype).reshape(*shape[:-1], self.out_features)
 
 
+def int4pack(codes: torch.Tensor) -> torch.Tensor:
+    """``_convert_weight_to_int4pack_for_cpu(codes, 2)`` for n % 64 == 0, computed in uint8: blocks
+    of 64 output rows, each stored k-major as 32 bytes per input column whose low nibble is row j
+    and high nibble row j + 32 of the block."""
+    n, k = codes.shape
+    c = codes.to(torch.uint8).view(n // 64, 64, k).transpose(1, 2)  # [n/64, k, 64]
+    return (c[..., :32] | (c[..., 32:] << 4)).contiguous().view(n, k // 2)
+
+
 def int4pack_codes(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """Codes [n, k] from the layout of ``_convert_weight_to_int4pack_for_cpu`` (n % 64 == 0):
-    blocks of 64 output rows, each stored k-major as 32 bytes per input column whose low nibble
-    is row j and high nibble row j + 32 of the block. QuantLinear checks this inverse against
-    the packing it was given before relying on it, so a different layout only costs memory."""
+    """Inverse of :func:`int4pack`: codes [n, k] (uint8)."""
     b = packed.reshape(n // 64, k, 32)
-    return torch.cat([b & 15, b >> 4], dim=2).permute(0, 2, 1).reshape(n, k)
+    return torch.cat([b & 15, b >> 4], dim=2).transpose(1, 2).reshape(n, k)
+
+
+@functools.cache
+def int4pack_layout_known() -> bool:
+    """Whether this torch build packs as :func:`int4pack` does (checked once on a probe); if
+    not, layers use torch's packing and keep their own copy of the codes."""
+    probe = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(0))
+    return torch.equal(torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe.int(), 2), int4pack(probe))
 
 
 def absmax_int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
