@@ -1,0 +1,207 @@
+"""Iteration-level scheduling (Yu et al., "Orca", OSDI 2022) with chunked prefill (Agrawal et al.,
+"SARATHI", 2023) and preemption by recompute (vLLM), in vLLM v1's shape.
+
+There are no prefill and decode phases. Each step has a budget of ``max_num_batched_tokens``;
+every request is owed ``num_tokens - num_computed_tokens`` tokens. Running requests are served
+first (in order), then waiting ones are admitted while the budget, ``max_num_seqs`` and the free
+KV blocks allow; a long prompt simply takes several steps (a chunked prefill), capped per step
+by ``long_prefill_token_threshold``. A waiting request starts from its longest cached prefix.
+
+When a running request needs a block and none is free, the lowest-priority running request (the
+most recently admitted under FCFS) is preempted: its blocks are freed, its computed count goes
+back to 0, and it returns to the front of the queue, to be recomputed (prompt + the tokens it has
+generated, mostly from the prefix cache) when there is room. No waiting request is admitted in a
+step that preempted.
+
+:class:`SchedulerOutput` is all the model runner sees: which requests are new (with their whole
+token list and block table), which continue (their new tokens and new blocks), how many tokens
+each gets this step, and which requests were preempted or finished since the last step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from leanlm.errors import LeanLMError
+from leanlm.serve.kv_cache import KVCacheManager
+from leanlm.serve.request import Request, RequestStatus, SamplingParams
+
+POLICIES = ("fcfs", "priority")
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    long_prefill_token_threshold: int = 0  # most tokens of one request per step (0 = budget)
+    policy: str = "fcfs"
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
+            raise LeanLMError("max_num_seqs and max_num_batched_tokens must be positive")
+        if self.long_prefill_token_threshold < 0:
+            raise LeanLMError("long_prefill_token_threshold must be >= 0")
+        if self.policy not in POLICIES:
+            raise LeanLMError(f"unknown scheduling policy {self.policy!r}: expected one of {POLICIES}")
+
+
+@dataclass
+class NewRequestData:
+    request_id: str
+    token_ids: list[int]  # prompt + tokens generated before a preemption
+    sampling_params: SamplingParams
+    lora: str | None
+    block_ids: list[int]
+    num_computed_tokens: int  # tokens whose K/V are already cached (a prefix hit)
+
+
+@dataclass
+class CachedRequestData:
+    request_id: str
+    new_token_ids: list[int]  # the tokens to compute this step
+    new_block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class SchedulerOutput:
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    cached_requests: list[CachedRequestData] = field(default_factory=list)
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    preempted_req_ids: set[str] = field(default_factory=set)
+    finished_req_ids: set[str] = field(default_factory=set)
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values())
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv_cache
+        self.requests: dict[str, Request] = {}
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self._finished_ids: set[str] = set()
+
+    # ---- requests in and out ----------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise LeanLMError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
+    def abort_requests(self, request_ids: Iterable[str]) -> None:
+        for rid in request_ids:
+            request = self.requests.get(rid)
+            if request is not None and not request.is_finished:
+                request.status = RequestStatus.FINISHED_ABORTED
+                self._retire(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _retire(self, request: Request) -> None:
+        if request in self.running:
+            self.running.remove(request)
+        if request in self.waiting:
+            self.waiting.remove(request)
+        self.kv.free(request)
+        self.requests.pop(request.request_id, None)
+        self._finished_ids.add(request.request_id)
+
+    def _key(self, request: Request) -> tuple:
+        return (request.priority, request.arrival_time) if self.config.policy == "priority" else ()
+
+    def _next_waiting(self) -> Request:
+        if self.config.policy == "priority":
+            return min(self.waiting, key=self._key)
+        return self.waiting[0]
+
+    def _victim(self) -> Request:
+        """The running request to preempt: the lowest priority, else the latest admitted."""
+        return max(self.running, key=self._key) if self.config.policy == "priority" else self.running[-1]
+
+    def _preempt(self, victim: Request) -> None:
+        self.running.remove(victim)
+        self.kv.free(victim)
+        victim.num_computed_tokens = 0
+        victim.status = RequestStatus.PREEMPTED
+        victim.num_preemptions += 1
+        self.waiting.insert(0, victim)
+
+    def _budgeted(self, owed: int, budget: int) -> int:
+        cap = self.config.long_prefill_token_threshold
+        return min(owed, budget, cap) if cap else min(owed, budget)
+
+    # ---- one step ---------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(finished_req_ids=self._finished_ids)
+        self._finished_ids = set()
+        budget = self.config.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = self._budgeted(request.num_tokens - request.num_computed_tokens, budget)
+            if n == 0:
+                i += 1
+                continue
+            new_blocks = self.kv.allocate_slots(request, n)
+            while new_blocks is None:
+                index = self.running.index(victim := self._victim())
+                self._preempt(victim)
+                out.preempted_req_ids.add(victim.request_id)
+                if victim is request:
+                    break
+                if index < i:  # (priority policy) scheduled earlier in this step: undo that
+                    budget += out.num_scheduled_tokens.pop(victim.request_id)
+                    out.cached_requests = [c for c in out.cached_requests
+                                           if c.request_id != victim.request_id]
+                    i -= 1
+                new_blocks = self.kv.allocate_slots(request, n)
+            if new_blocks is None:  # the request preempted itself; the list shrank under i
+                continue
+            start = request.num_computed_tokens
+            out.cached_requests.append(CachedRequestData(
+                request.request_id, request.all_token_ids[start:start + n],
+                [b.block_id for b in new_blocks], start))
+            out.num_scheduled_tokens[request.request_id] = n
+            budget -= n
+            i += 1
+        while (not out.preempted_req_ids and self.waiting and budget > 0
+               and len(self.running) < self.config.max_num_seqs):
+            request = self._next_waiting()
+            hits, cached = self.kv.get_computed_blocks(request)
+            n = self._budgeted(request.num_tokens - cached, budget)
+            if self.kv.allocate_slots(request, n, hits) is None:
+                break
+            self.waiting.remove(request)
+            request.num_computed_tokens = cached
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.new_requests.append(NewRequestData(
+                request.request_id, list(request.all_token_ids), request.sampling_params, request.lora,
+                self.kv.block_ids(request.request_id), cached))
+            out.num_scheduled_tokens[request.request_id] = n
+            budget -= n
+        return out
+
+    def update_from_output(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Advance the scheduled requests by the computed tokens; append each sampled token
+        (only requests that reached the end of their tokens sample one). Returns the requests
+        that got a token, finished ones included (their blocks already freed)."""
+        updated = []
+        for rid, n in output.num_scheduled_tokens.items():
+            request = self.requests.get(rid)
+            if request is None or request.status is not RequestStatus.RUNNING:
+                continue  # aborted or preempted since
+            request.num_computed_tokens += n
+            if request.num_computed_tokens < request.num_tokens or rid not in sampled:
+                continue  # a prefill chunk: nothing to sample yet
+            if request.append_output(sampled[rid]).finished:
+                self._retire(request)
+            updated.append(request)
+        return updated

@@ -1,0 +1,145 @@
+"""The scheduler with a fake runner: admission, chunked prefill, decode, finishing, preemption
+and resumption, priorities, aborts."""
+
+from __future__ import annotations
+
+import pytest
+
+from leanlm.errors import LeanLMError
+from leanlm.serve.kv_cache import KVCacheManager
+from leanlm.serve.request import Request, RequestStatus, SamplingParams
+from leanlm.serve.scheduler import Scheduler, SchedulerConfig
+
+EOS = 0
+
+
+def make(num_blocks: int = 64, block_size: int = 4, **config: object) -> Scheduler:
+    return Scheduler(SchedulerConfig(**config), KVCacheManager(num_blocks, block_size))
+
+
+def req(rid: str, n: int, max_tokens: int = 4, priority: int = 0, first: int = 1) -> Request:
+    return Request(rid, list(range(first, first + n)), SamplingParams(max_tokens=max_tokens),
+                   eos_token_ids=(EOS,), priority=priority)
+
+
+def step(s: Scheduler, token: int = 7) -> tuple:
+    """One engine step with a fake runner that samples ``token`` for every request that needs one."""
+    out = s.schedule()
+    sampled = {rid: token for rid in out.num_scheduled_tokens}
+    s.update_from_output(out, sampled)
+    return out
+
+
+def test_chunked_prefill_then_decode_until_max_tokens() -> None:
+    s = make(max_num_batched_tokens=8)
+    a, b = req("a", 13), req("b", 3, first=100)
+    s.add_request(a)
+    s.add_request(b)
+    out = step(s)
+    assert out.num_scheduled_tokens == {"a": 8}  # a's first chunk uses the whole budget
+    assert [n.request_id for n in out.new_requests] == ["a"] and a.output_token_ids == []
+    out = step(s)
+    assert out.num_scheduled_tokens == {"a": 5, "b": 3}  # a finishes its prompt, b is admitted
+    assert out.cached_requests[0].new_token_ids == list(range(9, 14))
+    assert a.output_token_ids == [7] and b.output_token_ids == [7]
+    out = step(s)
+    assert out.num_scheduled_tokens == {"a": 1, "b": 1}  # decode: one token each
+    assert out.cached_requests[0].new_token_ids == [7]
+    step(s)
+    step(s)
+    assert a.status is RequestStatus.FINISHED_LENGTH and a.output_token_ids == [7] * 4
+    assert not s.has_unfinished_requests() and s.kv.pool.num_free_blocks == 64
+    assert s.schedule().finished_req_ids == {"a", "b"}
+
+
+def test_stop_on_eos_respects_min_tokens() -> None:
+    s = make()
+    r = Request("r", [1, 2, 3], SamplingParams(max_tokens=10, min_tokens=2), eos_token_ids=(EOS,))
+    s.add_request(r)
+    step(s, token=EOS)
+    assert r.status is RequestStatus.RUNNING  # min_tokens=2: the first eos does not stop it
+    step(s, token=EOS)
+    assert r.status is RequestStatus.FINISHED_STOPPED and r.output_token_ids == [EOS, EOS]
+
+
+def test_admission_limits() -> None:
+    s = make(max_num_seqs=2)
+    for i in range(3):
+        s.add_request(req(str(i), 4, first=10 * i + 1))
+    out = s.schedule()
+    assert set(out.num_scheduled_tokens) == {"0", "1"} and len(s.waiting) == 1
+    s2 = make(num_blocks=3, block_size=4)  # room for 12 tokens
+    s2.add_request(req("a", 8))
+    s2.add_request(req("b", 8, first=50))
+    out = s2.schedule()
+    assert set(out.num_scheduled_tokens) == {"a"}  # b does not fit: it waits
+
+
+def test_preemption_frees_blocks_and_resumption_recomputes() -> None:
+    s = make(num_blocks=4, block_size=2)  # 8 token slots
+    a, b = req("a", 3, max_tokens=5), req("b", 3, max_tokens=5, first=50)
+    s.add_request(a)
+    s.add_request(b)
+    step(s)  # a: 2 blocks for 3 tokens, b: 2 -> the pool is full
+    assert s.kv.pool.num_free_blocks == 0 and a.output_token_ids == [7] and b.output_token_ids == [7]
+    assert step(s).preempted_req_ids == set()  # each 4th token fits in its 2nd block
+    out = step(s)  # a needs a 3rd block for its 5th token: b (the latest admitted) is preempted
+    assert out.preempted_req_ids == {"b"} and set(out.num_scheduled_tokens) == {"a"}
+    assert b.status is RequestStatus.PREEMPTED and b.num_computed_tokens == 0 and s.waiting == [b]
+    assert s.kv.block_ids("b") == [] and b.num_preemptions == 1
+    while a.status is RequestStatus.RUNNING:
+        step(s)
+    assert a.status is RequestStatus.FINISHED_LENGTH
+    out = step(s)  # b comes back with prompt + the 2 tokens it had generated, as a new request
+    assert [n.token_ids for n in out.new_requests] == [[50, 51, 52, 7, 7]]
+    while s.has_unfinished_requests():
+        step(s)
+    assert b.output_token_ids == [7] * 5 and s.kv.pool.num_free_blocks == 4
+
+
+def test_priority_policy_admits_and_preempts_by_priority() -> None:
+    s = make(num_blocks=4, block_size=2, policy="priority")
+    low, high = req("low", 3, priority=5), req("high", 3, priority=1, first=50)
+    s.add_request(low)
+    s.add_request(high)
+    out = s.schedule()
+    assert [n.request_id for n in out.new_requests] == ["high", "low"]
+    s.update_from_output(out, {"high": 7, "low": 7})
+    s.update_from_output(s.schedule(), {"high": 7, "low": 7})  # 4th tokens fit their blocks
+    out = s.schedule()  # both need a new block, none is free: "low" goes
+    assert out.preempted_req_ids == {"low"} and set(out.num_scheduled_tokens) == {"high"}
+    assert s.waiting == [low] and s.kv.block_ids("low") == []
+
+
+def test_abort_frees_blocks_and_is_reported() -> None:
+    s = make()
+    r = req("r", 6)
+    s.add_request(r)
+    step(s)
+    assert s.kv.block_ids("r")
+    s.abort_requests(["r", "unknown"])
+    assert r.status is RequestStatus.FINISHED_ABORTED and s.kv.pool.num_free_blocks == 64
+    assert s.schedule().finished_req_ids == {"r"}
+
+
+def test_prefix_hits_skip_computed_tokens() -> None:
+    s = make(block_size=4)
+    s.add_request(req("a", 9))
+    step(s)
+    b = req("b", 9)  # the same prompt: two full blocks cached
+    s.add_request(b)
+    out = s.schedule()
+    assert out.num_scheduled_tokens["b"] == 1 and out.new_requests[0].num_computed_tokens == 8
+
+
+def test_bad_config_and_requests() -> None:
+    with pytest.raises(LeanLMError, match="policy"):
+        SchedulerConfig(policy="lifo")
+    with pytest.raises(LeanLMError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(LeanLMError, match="prompt is empty"):
+        Request("x", [])
+    s = make()
+    s.add_request(req("x", 2))
+    with pytest.raises(LeanLMError, match="already in use"):
+        s.add_request(req("x", 2))
