@@ -4,7 +4,8 @@ The model computes q, k, v for a layer (after rotary embedding) and hands them t
 object built once per forward. The metadata owns everything that differs between backends: where
 K/V live (nothing, a contiguous :class:`KVCache`, or — in the serving engine — a paged block
 table) and which keys each query may see. This module holds the SDPA backend used for training,
-scoring, prefill and the reference generator.
+scoring, prefill and the reference generator, and the paged backend of the serving engine
+(:class:`PagedMetadata`: a flattened batch of requests whose K/V live in fixed-size blocks).
 
 Masking. Query i at absolute position p_i may attend key j at position p_j iff
 ``0 <= p_j <= p_i`` and, for sliding-window layers, ``p_i - p_j < W`` (Mistral: each token sees
@@ -152,3 +153,66 @@ def _mask(q_pos: torch.Tensor, kv_pos: torch.Tensor, start: int, window: int | N
     own = torch.arange(total, device=q_pos.device)[None, :] == (
         start + torch.arange(seq, device=q_pos.device))[:, None]
     return (allowed | own[None]).unsqueeze(1)
+
+
+@dataclass
+class PagedKVCache:
+    """Per-layer K/V slots [num_blocks * block_size, kv_heads, head_dim]; slot = block * size + offset."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    block_size: int
+
+    @classmethod
+    def allocate(cls, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> PagedKVCache:
+        shape = (num_blocks * block_size, num_kv_heads, head_dim)
+        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
+                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
+                   block_size)
+
+
+@dataclass
+class PagedMetadata:
+    """A varlen batch for the paged backend (the torch reference; the kernels issue adds Triton).
+
+    The batch is one row of T tokens: request r owns queries ``query_start[r]:query_start[r+1]``
+    at positions ``seq_lens[r] - m .. seq_lens[r] - 1`` and sees keys 0..seq_lens[r]-1 through its
+    block table; ``slot_mapping[t]`` is where token t's K/V are written.
+    """
+
+    cache: PagedKVCache
+    slot_mapping: torch.Tensor  # [T] long
+    query_start: list[int]  # R + 1 offsets into the batch
+    seq_lens: list[int]  # keys per request after this step
+    block_tables: list[torch.Tensor]  # per request, long block ids
+    sliding_window: int | None = None
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+
+    def attend(self, layer_idx: int, sliding: bool, q: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> torch.Tensor:
+        """q [1, H, T, D], k/v [1, Hkv, T, D] -> [1, H, T, D]."""
+        ck, cv = self.cache.k[layer_idx], self.cache.v[layer_idx]
+        ck[self.slot_mapping] = k[0].transpose(0, 1).to(ck.dtype)
+        cv[self.slot_mapping] = v[0].transpose(0, 1).to(cv.dtype)
+        bs = self.cache.block_size
+        out = torch.empty_like(q)
+        for r, n in enumerate(self.seq_lens):
+            qs, qe = self.query_start[r], self.query_start[r + 1]
+            table = self.block_tables[r]
+            slots = (table[:, None] * bs + torch.arange(bs, device=table.device)).flatten()[:n]
+            kr = ck[slots].transpose(0, 1)[None].to(q.dtype)
+            vr = cv[slots].transpose(0, 1)[None].to(q.dtype)
+            qp = torch.arange(n - (qe - qs), n, device=q.device)[:, None]
+            kp = torch.arange(n, device=q.device)[None, :]
+            mask = kp <= qp
+            if sliding and self.sliding_window is not None:
+                mask &= (qp - kp) < self.sliding_window
+            qr = q[:, :, qs:qe]
+            if qe - qs == 1:
+                out[:, :, qs:qe] = decode_attention(qr, kr, vr, mask[None, None])
+            else:
+                out[:, :, qs:qe] = F.scaled_dot_product_attention(
+                    qr, kr, vr, attn_mask=mask[None, None], enable_gqa=q.shape[1] != kr.shape[1])
+        return out

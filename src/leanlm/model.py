@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanlm.attention import KVCache, SDPAMetadata, compute_dtype
+from leanlm.attention import KVCache, PagedMetadata, SDPAMetadata, compute_dtype
 from leanlm.config import ModelConfig
 from leanlm.errors import LeanLMError
 from leanlm.loss import linear_cross_entropy
@@ -200,14 +200,18 @@ class Transformer(nn.Module):
                        dtype or w.dtype, w.device)
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-              cache: KVCache | None = None, documents: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, SDPAMetadata]:
+              cache: KVCache | None = None, documents: torch.Tensor | None = None,
+              attn: PagedMetadata | None = None) -> tuple[torch.Tensor, SDPAMetadata | PagedMetadata]:
         """The input of block 0 and the attention metadata every block uses (see ``forward``).
 
         Layer-by-layer calibration (``quant/``) runs the blocks one at a time on these.
         """
         b, s = tokens.shape
-        if documents is not None:
+        if attn is not None:  # the serving engine's paged batch: positions are given
+            if positions is None:
+                raise LeanLMError("a paged batch (attn=) needs positions=")
+            meta = attn
+        elif documents is not None:
             if cache is not None or positions is None:
                 raise LeanLMError("documents= (packed training) needs positions= and no cache")
             meta = SDPAMetadata.packed(documents, self.config.sliding_window, self._has_sliding)
@@ -236,7 +240,8 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None, last_only: bool = False,
-                documents: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
+                documents: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+                attn: PagedMetadata | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
         """tokens [B, S] -> logits [B, S, V] ([B, 1, V] with ``last_only``).
 
         ``positions`` [B, S] are absolute positions (-1 marks left padding); by default they
@@ -245,12 +250,16 @@ class Transformer(nn.Module):
         a token attends only to earlier tokens of its own document. With ``targets`` [B, S]
         the mean next-token cross-entropy is returned instead of logits, through the fused
         chunked head + loss of ``loss.py`` (no full-size logits are materialised).
+        ``attn`` is the serving engine's paged batch (tokens [1, T]); ``rows`` picks the positions
+        whose logits are wanted ([1, len(rows), V]).
         """
-        x, meta = self.embed(tokens, positions, cache, documents)
+        x, meta = self.embed(tokens, positions, cache, documents, attn)
         for layer in self.layers:
             x = layer(x, meta)
         if targets is not None:
             return linear_cross_entropy(self.norm(x), self.lm_head, targets)
         if last_only:
             x = x[:, -1:]
+        elif rows is not None:
+            x = x[:, rows]
         return self.lm_head(self.norm(x))

@@ -1,0 +1,87 @@
+"""``LLMEngine.step()`` = schedule -> execute -> update (vLLM v1's engine core), and ``LLM``
+for offline batches: ``LLM(model).generate(prompts, SamplingParams(...))``."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from leanlm.errors import LeanLMError
+from leanlm.model import Transformer
+from leanlm.serve.kv_cache import KVCacheManager
+from leanlm.serve.model_runner import ModelRunner, kv_bytes_per_block
+from leanlm.serve.request import Request, SamplingParams
+from leanlm.serve.scheduler import Scheduler, SchedulerConfig
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16
+    num_blocks: int = 0  # 0: from kv_cache_memory
+    kv_cache_memory: int = 256 * 2**20  # bytes of K/V when num_blocks is 0
+    enable_prefix_caching: bool = True
+    scheduler: SchedulerConfig | None = None
+
+
+class LLMEngine:
+    def __init__(self, model: Transformer, config: EngineConfig | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        self.model = model.eval()
+        dtype = model.embed_tokens.weight.dtype
+        num_blocks = config.num_blocks or config.kv_cache_memory // kv_bytes_per_block(
+            model, config.block_size, dtype)
+        if num_blocks < 1:
+            raise LeanLMError(f"kv_cache_memory={config.kv_cache_memory} bytes holds no block of "
+                              f"{config.block_size} tokens for this model")
+        self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler or SchedulerConfig(), self.kv)
+        self.runner = ModelRunner(model, num_blocks, config.block_size)
+        self._ids = itertools.count()
+
+    def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None,
+                    request_id: str | None = None, priority: int = 0) -> Request:
+        c = self.model.config
+        prompt = list(prompt_token_ids)
+        params = params or SamplingParams()
+        if any(not 0 <= t < c.vocab_size for t in prompt):
+            raise LeanLMError(f"prompt has a token id outside the vocabulary [0, {c.vocab_size})")
+        if len(prompt) + params.max_tokens > c.max_position_embeddings:
+            raise LeanLMError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) is "
+                              f"past the model's context of {c.max_position_embeddings}")
+        need = -(-(len(prompt) + params.max_tokens) // self.kv.block_size)
+        if need > len(self.kv.pool.blocks):
+            raise LeanLMError(f"the request needs {need} KV blocks; the cache has "
+                              f"{len(self.kv.pool.blocks)}")
+        request = Request(request_id or f"req-{next(self._ids)}", prompt, params,
+                          eos_token_ids=tuple(c.eos_token_ids), priority=priority)
+        self.scheduler.add_request(request)
+        return request
+
+    def abort(self, request_ids: Sequence[str]) -> None:
+        self.scheduler.abort_requests(request_ids)
+
+    def step(self) -> list[Request]:
+        out = self.scheduler.schedule()
+        sampled = self.runner.execute(out)
+        return self.scheduler.update_from_output(out, sampled)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+
+class LLM:
+    """Offline batch generation through the engine (continuous batching, paged KV cache)."""
+
+    def __init__(self, model: Transformer, config: EngineConfig | None = None) -> None:
+        self.engine = LLMEngine(model, config)
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None
+                 ) -> list[list[int]]:
+        requests = [self.engine.add_request(p, params) for p in prompts]
+        while self.engine.has_unfinished_requests():
+            self.engine.step()
+        return [r.output_token_ids for r in requests]

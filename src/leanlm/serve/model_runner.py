@@ -1,0 +1,107 @@
+"""The model runner: owns the paged K/V tensors and turns a ``SchedulerOutput`` into one forward.
+
+Each step's scheduled tokens of all requests are flattened into a single row of T tokens (no
+padding); ``PagedMetadata`` carries, per request, its query range, its total length after the
+step and its block table, plus the slot each new token's K/V are written to. Logits are computed
+only at the last scheduled token of requests that have caught up with their tokens (a prefill
+chunk that is not the last samples nothing). Sampling uses the reference generator's logits
+processing per request (greedy, temperature, top-k, top-p, min-p, repetition penalty, seeds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from leanlm.attention import PagedKVCache, PagedMetadata
+from leanlm.generate import GenerationConfig, process_logits, sample
+from leanlm.model import Transformer
+from leanlm.serve.request import SamplingParams
+from leanlm.serve.scheduler import SchedulerOutput
+
+
+@dataclass
+class _State:
+    token_ids: list[int]
+    block_ids: list[int]
+    params: SamplingParams
+    generation: GenerationConfig
+    generator: torch.Generator | None
+
+
+def kv_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) -> int:
+    c = model.config
+    return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * dtype.itemsize
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int,
+                 kv_dtype: torch.dtype | None = None) -> None:
+        c = model.config
+        self.model = model
+        device = model.embed_tokens.weight.device
+        self.device = device
+        self.cache = PagedKVCache.allocate(c.num_layers, num_blocks, block_size, c.num_kv_heads,
+                                           c.head_dim, kv_dtype or model.embed_tokens.weight.dtype, device)
+        self.requests: dict[str, _State] = {}
+
+    def _add(self, rid: str, token_ids: list[int], block_ids: list[int], params: SamplingParams) -> None:
+        gen = GenerationConfig(max_new_tokens=params.max_tokens, temperature=params.temperature,
+                               top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
+                               repetition_penalty=params.repetition_penalty)
+        generator = None
+        if params.temperature > 0:
+            generator = torch.Generator(self.device)
+            generator.manual_seed(params.seed if params.seed is not None else int(torch.seed() % 2**63))
+        self.requests[rid] = _State(list(token_ids), list(block_ids), params, gen, generator)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> dict[str, int]:
+        """Run the scheduled tokens; returns the sampled token of each request that samples."""
+        for rid in out.finished_req_ids | out.preempted_req_ids:
+            self.requests.pop(rid, None)
+        for new in out.new_requests:
+            self._add(new.request_id, new.token_ids, new.block_ids, new.sampling_params)
+        for cached in out.cached_requests:
+            state = self.requests[cached.request_id]
+            known = len(state.token_ids)
+            # the last sampled token reaches the runner here, as the first token to compute
+            state.token_ids.extend(cached.new_token_ids[known - cached.num_computed_tokens:])
+            state.block_ids.extend(cached.new_block_ids)
+        if not out.num_scheduled_tokens:
+            return {}
+        computed = {n.request_id: n.num_computed_tokens for n in out.new_requests}
+        computed.update({c.request_id: c.num_computed_tokens for c in out.cached_requests})
+        bs = self.cache.block_size
+        tokens, positions, slots, starts, seq_lens, tables, rows, samplers = [], [], [], [0], [], [], [], []
+        for rid, n in out.num_scheduled_tokens.items():
+            state, start = self.requests[rid], computed[rid]
+            pos = list(range(start, start + n))
+            tokens += state.token_ids[start:start + n]
+            positions += pos
+            slots += [state.block_ids[p // bs] * bs + p % bs for p in pos]
+            starts.append(starts[-1] + n)
+            seq_lens.append(start + n)
+            tables.append(torch.tensor(state.block_ids, dtype=torch.long, device=self.device))
+            if start + n == len(state.token_ids):
+                rows.append(starts[-1] - 1)
+                samplers.append(rid)
+        meta = PagedMetadata(self.cache, torch.tensor(slots, device=self.device), starts, seq_lens, tables,
+                             self.model.config.sliding_window)
+        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)[None]
+        if not rows:  # only prefill chunks this step: write their K/V, sample nothing
+            self.model(as_tensor(tokens), positions=as_tensor(positions), attn=meta,
+                       rows=as_tensor([0])[0])
+            return {}
+        logits = self.model(as_tensor(tokens), positions=as_tensor(positions), attn=meta,
+                            rows=as_tensor(rows)[0])[0].float()
+        sampled = {}
+        for i, rid in enumerate(samplers):
+            state = self.requests[rid]
+            seen = None
+            if state.generation.repetition_penalty != 1.0:
+                seen = torch.tensor([state.token_ids], device=self.device)
+            row = process_logits(logits[i:i + 1], seen, state.generation)
+            sampled[rid] = int(sample(row, state.generation, state.generator)[0])
+        return sampled
