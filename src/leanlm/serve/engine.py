@@ -43,6 +43,13 @@ class LLMEngine:
 
     def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None,
                     request_id: str | None = None, priority: int = 0) -> Request:
+        request = self.make_request(prompt_token_ids, params, request_id, priority)
+        self.scheduler.add_request(request)
+        return request
+
+    def make_request(self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None,
+                     request_id: str | None = None, priority: int = 0) -> Request:
+        """A validated request (bad input raises LeanLMError), not yet scheduled."""
         c = self.model.config
         prompt = list(prompt_token_ids)
         params = params or SamplingParams()
@@ -55,10 +62,10 @@ class LLMEngine:
         if need > len(self.kv.pool.blocks):
             raise LeanLMError(f"the request needs {need} KV blocks; the cache has "
                               f"{len(self.kv.pool.blocks)}")
-        request = Request(request_id or f"req-{next(self._ids)}", prompt, params,
-                          eos_token_ids=tuple(c.eos_token_ids), priority=priority)
-        self.scheduler.add_request(request)
-        return request
+        if not prompt:
+            raise LeanLMError("the prompt is empty")
+        return Request(request_id or f"req-{next(self._ids)}", prompt, params,
+                       eos_token_ids=tuple(c.eos_token_ids), priority=priority)
 
     def abort(self, request_ids: Sequence[str]) -> None:
         self.scheduler.abort_requests(request_ids)

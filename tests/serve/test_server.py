@@ -1,0 +1,111 @@
+"""The OpenAI-compatible server, driven by the official `openai` client over loopback."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx2 as httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+from conftest import build_hf_model, write_tokenizer  # noqa: E402
+from leanlm.checkpoint import load_model  # noqa: E402
+from leanlm.serve.api.server import create_app  # noqa: E402
+from leanlm.serve.async_engine import AsyncLLMEngine  # noqa: E402
+from leanlm.serve.engine import EngineConfig, LLMEngine  # noqa: E402
+from leanlm.tokenizer import load_tokenizer  # noqa: E402
+
+KEY = "sk-test"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    path = tmp_path_factory.mktemp("srv") / "m"
+    build_hf_model("llama").save_pretrained(path)
+    write_tokenizer(path)
+    engine = AsyncLLMEngine(LLMEngine(load_model(path), EngineConfig(block_size=4, num_blocks=512)),
+                            load_tokenizer(path))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(engine, "tiny", api_key=KEY), host="127.0.0.1",
+                                        port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(100):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+def client(url: str) -> object:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+
+
+def test_completions_chat_streaming_and_usage(server: str) -> None:
+    c = client(server)
+    r = c.completions.create(model="tiny", prompt="def f(x):", max_tokens=5, temperature=0)
+    assert r.choices[0].finish_reason in ("length", "stop") and r.usage.completion_tokens <= 5
+    again = c.completions.create(model="tiny", prompt="def f(x):", max_tokens=5, temperature=0)
+    assert again.choices[0].text == r.choices[0].text  # greedy is deterministic
+    chunks = list(c.completions.create(model="tiny", prompt="def f(x):", max_tokens=5,
+                                       temperature=0, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks) == r.choices[0].text
+    chat = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                     max_tokens=4, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.usage.prompt_tokens > 1
+    stream = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=4, temperature=0, stream=True)
+    text = "".join(ch.choices[0].delta.content or "" for ch in stream)
+    assert text == chat.choices[0].message.content
+    many = c.completions.create(model="tiny", prompt="x", max_tokens=3, n=3, temperature=1.0, seed=1)
+    assert sorted(ch.index for ch in many.choices) == [0, 1, 2] and many.usage.completion_tokens <= 9
+
+
+def test_bad_requests_get_openai_errors(server: str) -> None:
+    c = client(server)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="nope", prompt="x", max_tokens=2)
+    assert e.value.status_code == 400 and e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        c.completions.create(model="tiny", prompt="x", max_tokens=-1)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        c.completions.create(model="tiny", prompt="x " * 5000, max_tokens=2)
+    bad = httpx.post(f"{server}/v1/completions", content=b"{not json",
+                     headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert bad.status_code == 400 and "error" in bad.json()
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0).models.list()
+    assert client(server).models.list().data[0].id == "tiny"  # still serving
+
+
+def test_metrics_tokenize_and_health(server: str) -> None:
+    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+    ids = httpx.post(f"{server}/tokenize", json={"prompt": "hello"}).json()["tokens"]
+    assert httpx.post(f"{server}/detokenize", json={"tokens": ids}).json()["prompt"] == "hello"
+    text = httpx.get(f"{server}/metrics").text
+    assert "leanlm_time_to_first_token_seconds_bucket" in text and "leanlm_kv_cache_usage_ratio" in text
+
+
+def test_disconnected_stream_is_aborted(server: str, tmp_path: Path) -> None:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "tiny", "prompt": "a", "max_tokens": 200, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, headers=headers) as r:
+        for _ in r.iter_lines():
+            break  # read one event, then hang up
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        text = httpx.get(f"{server}/metrics").text
+        if 'leanlm_num_requests_running 0.0' in text:
+            break
+        time.sleep(0.05)
+    assert 'leanlm_num_requests_running 0.0' in text
