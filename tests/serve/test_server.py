@@ -109,3 +109,23 @@ def test_disconnected_stream_is_aborted(server: str, tmp_path: Path) -> None:
             break
         time.sleep(0.05)
     assert 'leanlm_num_requests_running 0.0' in text
+
+
+def test_stop_strings_and_logprobs(server: str) -> None:
+    c = client(server)
+    full = c.completions.create(model="tiny", prompt="abc", max_tokens=12, temperature=0,
+                                extra_body={"ignore_eos": True}).choices[0].text
+    assert len(full) >= 4
+    stop = full[2:4]
+    cut = c.completions.create(model="tiny", prompt="abc", max_tokens=12, temperature=0, stop=[stop],
+                               extra_body={"ignore_eos": True}).choices[0]
+    assert cut.text == full[:full.find(stop)] and cut.finish_reason == "stop"
+    r = c.completions.create(model="tiny", prompt="abc", max_tokens=4, temperature=0, logprobs=2)
+    lp = r.choices[0].logprobs
+    assert len(lp.token_logprobs) == len(lp.tokens) == r.usage.completion_tokens
+    for value, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert value <= 0 and len(top) == 2 and value == pytest.approx(max(top.values()))  # greedy
+    chat = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                     max_tokens=3, temperature=0, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(e.top_logprobs) == 3 for e in content)

@@ -30,6 +30,7 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
 
 
 @dataclass
@@ -136,4 +137,4 @@ class AsyncLLMEngine:
         stream.done = finished
         stream.queue.put_nowait(RequestOutput(
             request.request_id, delta, [token], finished, reason, request.num_prompt_tokens,
-            len(request.output_token_ids)))
+            len(request.output_token_ids), request.output_logprobs[-1:]))

@@ -73,7 +73,11 @@ class LLMEngine:
     def step(self) -> list[Request]:
         out = self.scheduler.schedule()
         sampled = self.runner.execute(out)
-        return self.scheduler.update_from_output(out, sampled)
+        updated = self.scheduler.update_from_output(out, sampled)
+        for request in updated:
+            if request.request_id in self.runner.logprobs:
+                request.output_logprobs.append(self.runner.logprobs[request.request_id])
+        return updated
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()

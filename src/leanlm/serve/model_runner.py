@@ -45,6 +45,8 @@ class ModelRunner:
         self.cache = PagedKVCache.allocate(c.num_layers, num_blocks, block_size, c.num_kv_heads,
                                            c.head_dim, kv_dtype or model.embed_tokens.weight.dtype, device)
         self.requests: dict[str, _State] = {}
+        # the last step's (logprob of the sampled token, [(token, logprob)] top-k) per request
+        self.logprobs: dict[str, tuple[float, list[tuple[int, float]]]] = {}
 
     def _add(self, rid: str, token_ids: list[int], block_ids: list[int], params: SamplingParams) -> None:
         gen = GenerationConfig(max_new_tokens=params.max_tokens, temperature=params.temperature,
@@ -58,7 +60,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[str, int]:
-        """Run the scheduled tokens; returns the sampled token of each request that samples."""
+        """Run the scheduled tokens; returns the sampled token of each request that samples
+        (and leaves the logprobs of requests that asked for them in ``self.logprobs``)."""
         for rid in out.finished_req_ids | out.preempted_req_ids:
             self.requests.pop(rid, None)
         for new in out.new_requests:
@@ -97,11 +100,20 @@ class ModelRunner:
         logits = self.model(as_tensor(tokens), positions=as_tensor(positions), attn=meta,
                             rows=as_tensor(rows)[0])[0].float()
         sampled = {}
+        self.logprobs = {}
+        want = [i for i, rid in enumerate(samplers) if self.requests[rid].params.logprobs is not None]
+        raw = logits[want].log_softmax(-1) if want else None  # of the model's own distribution
         for i, rid in enumerate(samplers):
             state = self.requests[rid]
             seen = None
             if state.generation.repetition_penalty != 1.0:
                 seen = torch.tensor([state.token_ids], device=self.device)
             row = process_logits(logits[i:i + 1], seen, state.generation)
-            sampled[rid] = int(sample(row, state.generation, state.generator)[0])
+            token = int(sample(row, state.generation, state.generator)[0])
+            sampled[rid] = token
+            if raw is not None and i in want:
+                lp = raw[want.index(i)]
+                top = lp.topk(state.params.logprobs) if state.params.logprobs else None
+                self.logprobs[rid] = (float(lp[token]), [] if top is None else
+                                      list(zip(top.indices.tolist(), top.values.tolist(), strict=True)))
         return sampled

@@ -91,6 +91,8 @@ class Request:
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
+    # per generated token, when sampling_params.logprobs is set: (logprob, [(token, logprob)] top-k)
+    output_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

@@ -27,6 +27,9 @@ class _Sampling(BaseModel):
     min_tokens: int = 0
     user: str | None = None
 
+    def num_logprobs(self) -> int | None:
+        return None
+
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
@@ -34,13 +37,17 @@ class _Sampling(BaseModel):
             min_tokens=self.min_tokens, temperature=self.temperature, top_p=self.top_p,
             top_k=self.top_k, min_p=self.min_p, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
-            seed=self.seed, stop=stop, ignore_eos=self.ignore_eos, n=self.n)
+            seed=self.seed, stop=stop, ignore_eos=self.ignore_eos, n=self.n,
+            logprobs=self.num_logprobs())
 
 
 class CompletionRequest(_Sampling):
     prompt: str | list[int] = Field(description="text, or token ids")
-    logprobs: int | None = None
+    logprobs: int | None = None  # top-k logprobs per token (0: only the sampled token's)
     echo: bool = False
+
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class ChatMessage(BaseModel):
@@ -51,7 +58,11 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage]
     logprobs: bool = False
+    top_logprobs: int | None = None
     max_completion_tokens: int | None = None
+
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class TokenizeRequest(BaseModel):

@@ -91,8 +91,6 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
 
     async def run(prompt_ids: list[int], body: Any, kind: str) -> tuple[list, str]:
         check_model(body.model)
-        if getattr(body, "logprobs", None):
-            raise _BadRequest("logprobs are not supported yet", "logprobs")
         max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
         body.max_tokens = max_tokens
         params = body.sampling_params(default_max_tokens)
@@ -123,11 +121,13 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
         start = time.monotonic()
 
         async def one(req: Any) -> dict:
-            text, reason, n_out = "", None, 0
+            text, reason, n_out, ids, lps = "", None, 0, [], []
             async for out in timed(engine.generate(req), start):
                 text += out.text
                 reason, n_out = out.finish_reason, out.num_output_tokens
-            return {"text": text, "finish_reason": reason, "tokens": n_out}
+                ids += out.token_ids
+                lps += out.logprobs
+            return {"text": text, "finish_reason": reason, "tokens": n_out, "ids": ids, "logprobs": lps}
 
         return await asyncio.gather(*(one(r) for r in requests))
 
@@ -164,6 +164,29 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
     def created() -> int:
         return int(time.time())
 
+    def piece(token: int) -> str:
+        return tok.decode([token], skip_special_tokens=False)
+
+    def completion_logprobs(ids: list[int], lps: list) -> dict | None:
+        if not lps:
+            return None
+        offsets, at = [], 0
+        for t in ids:
+            offsets.append(at)
+            at += len(piece(t))
+        return {"tokens": [piece(t) for t in ids], "token_logprobs": [lp for lp, _ in lps],
+                "top_logprobs": [{piece(t): v for t, v in top} for _, top in lps], "text_offset": offsets}
+
+    def chat_logprobs(ids: list[int], lps: list) -> dict | None:
+        if not lps:
+            return None
+
+        def entry(t: int, v: float) -> dict:
+            return {"token": piece(t), "logprob": v, "bytes": list(piece(t).encode())}
+
+        return {"content": [{**entry(t, lp), "top_logprobs": [entry(u, w) for u, w in top]}
+                            for t, (lp, top) in zip(ids, lps, strict=True)]}
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest) -> Any:
         prompt_ids = tok.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
@@ -171,7 +194,8 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
 
         def chunk(rid: str, i: int, out: RequestOutput, _: bool) -> dict:
             return {"id": rid, "object": "text_completion", "created": created(), "model": model_name,
-                    "choices": [{"index": i, "text": out.text, "logprobs": None,
+                    "choices": [{"index": i, "text": out.text,
+                                 "logprobs": completion_logprobs(out.token_ids, out.logprobs),
                                  "finish_reason": out.finish_reason if out.finished else None}]}
 
         if body.stream:
@@ -179,7 +203,8 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
         outs = await collect(requests)
         prefix = body.prompt if body.echo and isinstance(body.prompt, str) else ""
         return {"id": rid, "object": "text_completion", "created": created(), "model": model_name,
-                "choices": [{"index": i, "text": prefix + o["text"], "logprobs": None,
+                "choices": [{"index": i, "text": prefix + o["text"],
+                             "logprobs": completion_logprobs(o["ids"], o["logprobs"]),
                              "finish_reason": o["finish_reason"]} for i, o in enumerate(outs)],
                 "usage": usage(len(prompt_ids), outs)}
 
@@ -192,7 +217,8 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
             delta = {"role": "assistant", "content": out.text} if first else {"content": out.text}
             return {"id": rid, "object": "chat.completion.chunk", "created": created(),
                     "model": model_name, "choices": [{
-                        "index": i, "delta": delta, "logprobs": None,
+                        "index": i, "delta": delta,
+                        "logprobs": chat_logprobs(out.token_ids, out.logprobs),
                         "finish_reason": out.finish_reason if out.finished else None}]}
 
         if body.stream:
@@ -200,7 +226,8 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
         outs = await collect(requests)
         return {"id": rid, "object": "chat.completion", "created": created(), "model": model_name,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": o["text"]},
-                             "logprobs": None, "finish_reason": o["finish_reason"]}
+                             "logprobs": chat_logprobs(o["ids"], o["logprobs"]),
+                             "finish_reason": o["finish_reason"]}
                             for i, o in enumerate(outs)],
                 "usage": usage(len(prompt_ids), outs)}
 
