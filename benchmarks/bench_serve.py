@@ -1,0 +1,206 @@
+"""Serving: leanlm's engine against transformers serving the same requests one by one and with
+static batching (output throughput), TTFT with and without prefix caching, and an HTTP load test.
+
+Metric definitions follow vLLM's benchmark_serving: TTFT (arrival -> first token), TPOT (mean
+time per output token after the first), E2E latency, output throughput (generated tokens / wall
+time). All requests arrive at once (rate = inf).
+
+    python benchmarks/bench_serve.py                   # throughput + prefix-cache TTFT
+    python benchmarks/bench_serve.py --load            # 500 streaming requests, 64 clients, HTTP
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import socket
+import statistics
+import threading
+import time
+
+import numpy as np
+import psutil
+import torch
+
+from common import machine
+from leanlm import DEFAULT_MODEL, load_model, load_tokenizer
+from leanlm.quant.calibration import default_texts
+from leanlm.serve.engine import LLM, EngineConfig, LLMEngine
+from leanlm.serve.request import SamplingParams
+from leanlm.serve.scheduler import SchedulerConfig
+
+
+def prompts(n: int, length: int, seed: int = 0) -> list[list[int]]:
+    tok = load_tokenizer(DEFAULT_MODEL)
+    stream = [t for text in default_texts(60, seed) for t in tok.encode(text, add_special_tokens=False)]
+    rng = random.Random(seed)
+    return [stream[s:s + length] for s in (rng.randrange(len(stream) - length) for _ in range(n))]
+
+
+def leanlm_run(ps: list[list[int]], new: int, caching: bool = True) -> tuple[float, list[float]]:
+    """(wall seconds, TTFT per request) for all requests at once through the engine."""
+    model = load_model(DEFAULT_MODEL)
+    engine = LLMEngine(model, EngineConfig(block_size=16, kv_cache_memory=512 * 2**20,
+                                           enable_prefix_caching=caching,
+                                           scheduler=SchedulerConfig(max_num_seqs=64)))
+    params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+    start = time.perf_counter()
+    reqs = [engine.add_request(p, params) for p in ps]
+    first: dict[str, float] = {}
+    with torch.inference_mode():
+        while engine.has_unfinished_requests():
+            for r in engine.step():
+                first.setdefault(r.request_id, time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    assert all(len(r.output_token_ids) == new for r in reqs)
+    return wall, [first[r.request_id] for r in reqs]
+
+
+def transformers_run(ps: list[list[int]], new: int, batch: int) -> float:
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(DEFAULT_MODEL)).eval()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(ps), batch):
+            chunk = ps[i:i + batch]
+            longest = max(len(p) for p in chunk)
+            ids = torch.tensor([[0] * (longest - len(p)) + p for p in chunk])
+            mask = torch.tensor([[0] * (longest - len(p)) + [1] * len(p) for p in chunk])
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                 do_sample=False, pad_token_id=0)
+            assert out.shape[1] == longest + new
+    return time.perf_counter() - start
+
+
+def throughput(args: argparse.Namespace) -> None:
+    ps = prompts(args.requests, args.prompt_len)
+    new = args.max_tokens
+    total = len(ps) * new
+    print(f"# bench_serve: default model ({load_model(DEFAULT_MODEL).config.torch_dtype}), "
+          f"{len(ps)} requests x {args.prompt_len} prompt tokens x {new} new tokens, greedy, all at "
+          f"once; {machine()}")
+    rows = []
+    for rnd in range(args.rounds):
+        wall, ttft = leanlm_run(ps, new)
+        one = transformers_run(ps, new, 1)
+        static = transformers_run(ps, new, len(ps))
+        rows.append((wall, one, static))
+        print(f"round {rnd}: leanlm {total / wall:.1f} tok/s (median TTFT {np.median(ttft):.2f} s), "
+              f"transformers one-by-one {total / one:.1f} tok/s, static batch {total / static:.1f} tok/s",
+              flush=True)
+    wall, one, static = (statistics.median(r[i] for r in rows) for i in range(3))
+    print("| server | output tokens/s | leanlm speed-up |")
+    print("|---|---|---|")
+    print(f"| leanlm engine (continuous batching) | {total / wall:.1f} | — |")
+    print(f"| transformers one by one | {total / one:.1f} | {one / wall:.2f}x |")
+    print(f"| transformers static batch of {len(ps)} | {total / static:.1f} | {static / wall:.2f}x |")
+
+    # prefix caching: requests that share a 512-token prefix, served one after another
+    shared = prompts(1, 512, seed=1)[0]
+    tails = prompts(8, 16, seed=2)
+    ps2 = [shared + t for t in tails]
+    for caching in (False, True):
+        llm = LLM(load_model(DEFAULT_MODEL), EngineConfig(block_size=16, enable_prefix_caching=caching))
+        ttfts = []
+        with torch.inference_mode():
+            for p in ps2:
+                start = time.perf_counter()
+                req = llm.engine.add_request(p, SamplingParams(max_tokens=1, temperature=0))
+                while not req.is_finished:
+                    llm.engine.step()
+                ttfts.append(time.perf_counter() - start)
+        label = "on" if caching else "off"
+        print(f"prefix caching {label}: median TTFT of requests 2-8 sharing a 512-token prefix "
+              f"{statistics.median(ttfts[1:]) * 1000:.1f} ms (first request {ttfts[0] * 1000:.1f} ms)")
+
+
+async def _load(url: str, n: int, clients: int, new: int, prompt_list: list[str]) -> dict:
+    import httpx2 as httpx
+
+    sem = asyncio.Semaphore(clients)
+    stats = {"ok": 0, "failed": 0, "ttft": [], "e2e": [], "tokens": 0}
+
+    async def one(i: int, client: httpx.AsyncClient) -> None:
+        async with sem:
+            body = {"model": "leanlm-default", "prompt": prompt_list[i % len(prompt_list)],
+                    "max_tokens": new, "temperature": 0, "stream": True}
+            start = time.perf_counter()
+            first = None
+            try:
+                async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+                    if r.status_code != 200:
+                        stats["failed"] += 1
+                        return
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: ") and line != "data: [DONE]":
+                            json.loads(line[6:])
+                            first = first or time.perf_counter()
+                            stats["tokens"] += 1
+                stats["ok"] += 1
+                stats["ttft"].append((first or time.perf_counter()) - start)
+                stats["e2e"].append(time.perf_counter() - start)
+            except Exception:  # a failed request is counted, not fatal
+                stats["failed"] += 1
+
+    async with httpx.AsyncClient(timeout=600) as client:
+        await asyncio.gather(*(one(i, client) for i in range(n)))
+    return stats
+
+
+def load(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from leanlm.serve.api.server import create_app
+    from leanlm.serve.async_engine import AsyncLLMEngine
+
+    engine = AsyncLLMEngine(LLMEngine(load_model(DEFAULT_MODEL), EngineConfig(
+        block_size=16, kv_cache_memory=256 * 2**20, scheduler=SchedulerConfig(max_num_seqs=64))),
+        load_tokenizer(DEFAULT_MODEL))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, "leanlm-default"), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    tok = load_tokenizer(DEFAULT_MODEL)
+    texts = [tok.decode(p) for p in prompts(64, args.prompt_len)]
+    rss0 = psutil.Process().memory_info().rss
+    start = time.perf_counter()
+    stats = asyncio.run(_load(f"http://127.0.0.1:{port}", args.load_requests, args.clients,
+                              args.max_tokens, texts))
+    wall = time.perf_counter() - start
+    rss1 = psutil.Process().memory_info().rss
+    kv = engine.engine.kv
+    print(f"# bench_serve --load: {args.load_requests} streaming requests from {args.clients} clients, "
+          f"{args.prompt_len}-token prompts, max_tokens {args.max_tokens}; {machine()}")
+    print(f"ok {stats['ok']}, failed {stats['failed']}; {wall:.1f} s; output {stats['tokens'] / wall:.1f} "
+          f"tok/s; TTFT median {np.median(stats['ttft']):.2f} s "
+          f"p99 {np.percentile(stats['ttft'], 99):.2f} s; "
+          f"E2E median {np.median(stats['e2e']):.2f} s; RSS {rss0 / 2**20:.0f} -> {rss1 / 2**20:.0f} MiB; "
+          f"KV blocks free at the end {kv.pool.num_free_blocks}/{len(kv.pool.blocks)}")
+    server.should_exit = True
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--load", action="store_true")
+    ap.add_argument("--load-requests", type=int, default=500)
+    ap.add_argument("--clients", type=int, default=64)
+    args = ap.parse_args()
+    if args.load:
+        load(args)
+    else:
+        throughput(args)
+
+
+if __name__ == "__main__":
+    main()
