@@ -65,3 +65,16 @@ def test_sampling_is_seeded() -> None:
     b = LLM(model, EngineConfig(block_size=4, num_blocks=64)).generate(prompts(4), p)
     assert a == b and all(len(x) == 6 for x in a)
     assert torch.tensor([t for x in a for t in x]).unique().numel() > 3
+
+
+def test_serves_a_quantized_model() -> None:
+    from leanlm.quant import GPTQConfig, QuantLinear, quantize_
+
+    model = random_model("llama").to(torch.bfloat16)
+    quantize_(model, GPTQConfig(bits=4, group_size=32), torch.randint(0, 300, (4, 32)), progress=False)
+    assert isinstance(model.layers[0].mlp.up_proj, QuantLinear)
+    ps = prompts(8)
+    want = [generate(model, [p], GenerationConfig(max_new_tokens=6, ignore_eos=True))[0] for p in ps]
+    got = LLM(model, EngineConfig(block_size=4, num_blocks=128)).generate(
+        ps, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    assert got == want
