@@ -78,3 +78,15 @@ def test_serves_a_quantized_model() -> None:
     got = LLM(model, EngineConfig(block_size=4, num_blocks=128)).generate(
         ps, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
     assert got == want
+
+
+def test_penalties_and_logit_bias() -> None:
+    from leanlm.serve.model_runner import apply_penalties
+
+    out = apply_penalties(torch.zeros(1, 6), [3, 3, 4],
+                          SamplingParams(presence_penalty=0.5, frequency_penalty=1.0, logit_bias={1: 2.0}))
+    assert out[0].tolist() == [0.0, 2.0, 0.0, -2.5, -1.5, 0.0]
+    model = random_model("llama")
+    got = LLM(model, EngineConfig(block_size=4, num_blocks=64)).generate(
+        prompts(3), SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logit_bias={5: 100.0}))
+    assert got == [[5] * 4] * 3

@@ -55,6 +55,8 @@ class LLMEngine:
         params = params or SamplingParams()
         if any(not 0 <= t < c.vocab_size for t in prompt):
             raise LeanLMError(f"prompt has a token id outside the vocabulary [0, {c.vocab_size})")
+        if any(not 0 <= t < c.vocab_size for t in params.logit_bias):
+            raise LeanLMError(f"logit_bias names a token id outside the vocabulary [0, {c.vocab_size})")
         if len(prompt) + params.max_tokens > c.max_position_embeddings:
             raise LeanLMError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) is "
                               f"past the model's context of {c.max_position_embeddings}")

@@ -4,8 +4,9 @@ Each step's scheduled tokens of all requests are flattened into a single row of 
 padding); ``PagedMetadata`` carries, per request, its query range, its total length after the
 step and its block table, plus the slot each new token's K/V are written to. Logits are computed
 only at the last scheduled token of requests that have caught up with their tokens (a prefill
-chunk that is not the last samples nothing). Sampling uses the reference generator's logits
-processing per request (greedy, temperature, top-k, top-p, min-p, repetition penalty, seeds).
+chunk that is not the last samples nothing). Sampling applies the OpenAI presence / frequency
+penalties and logit bias, then the reference generator's logits processing per request (greedy,
+temperature, top-k, top-p, min-p, repetition penalty, seeds).
 """
 
 from __future__ import annotations
@@ -28,6 +29,21 @@ class _State:
     params: SamplingParams
     generation: GenerationConfig
     generator: torch.Generator | None
+    num_prompt_tokens: int
+
+
+def apply_penalties(logits: torch.Tensor, outputs: list[int], params: SamplingParams) -> torch.Tensor:
+    """OpenAI presence / frequency penalties over the generated tokens and ``logit_bias``:
+    logit[t] -= presence · [count_t > 0] + frequency · count_t;  logit[t] += bias[t]."""
+    if outputs and (params.presence_penalty or params.frequency_penalty):
+        ids, counts = torch.tensor(outputs, device=logits.device).unique(return_counts=True)
+        penalty = params.presence_penalty + params.frequency_penalty * counts.to(logits.dtype)
+        logits = logits.index_put((torch.zeros_like(ids), ids), -penalty, accumulate=True)
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), device=logits.device)
+        bias = torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+        logits = logits.index_put((torch.zeros_like(ids), ids), bias, accumulate=True)
+    return logits
 
 
 def kv_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) -> int:
@@ -48,7 +64,8 @@ class ModelRunner:
         # the last step's (logprob of the sampled token, [(token, logprob)] top-k) per request
         self.logprobs: dict[str, tuple[float, list[tuple[int, float]]]] = {}
 
-    def _add(self, rid: str, token_ids: list[int], block_ids: list[int], params: SamplingParams) -> None:
+    def _add(self, rid: str, token_ids: list[int], block_ids: list[int], params: SamplingParams,
+             num_prompt_tokens: int) -> None:
         gen = GenerationConfig(max_new_tokens=params.max_tokens, temperature=params.temperature,
                                top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
                                repetition_penalty=params.repetition_penalty)
@@ -56,7 +73,8 @@ class ModelRunner:
         if params.temperature > 0:
             generator = torch.Generator(self.device)
             generator.manual_seed(params.seed if params.seed is not None else int(torch.seed() % 2**63))
-        self.requests[rid] = _State(list(token_ids), list(block_ids), params, gen, generator)
+        self.requests[rid] = _State(list(token_ids), list(block_ids), params, gen, generator,
+                                    num_prompt_tokens)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[str, int]:
@@ -65,7 +83,8 @@ class ModelRunner:
         for rid in out.finished_req_ids | out.preempted_req_ids:
             self.requests.pop(rid, None)
         for new in out.new_requests:
-            self._add(new.request_id, new.token_ids, new.block_ids, new.sampling_params)
+            self._add(new.request_id, new.token_ids, new.block_ids, new.sampling_params,
+                      new.num_prompt_tokens)
         for cached in out.cached_requests:
             state = self.requests[cached.request_id]
             known = len(state.token_ids)
@@ -108,7 +127,8 @@ class ModelRunner:
             seen = None
             if state.generation.repetition_penalty != 1.0:
                 seen = torch.tensor([state.token_ids], device=self.device)
-            row = process_logits(logits[i:i + 1], seen, state.generation)
+            row = apply_penalties(logits[i:i + 1], state.token_ids[state.num_prompt_tokens:], state.params)
+            row = process_logits(row, seen, state.generation)
             token = int(sample(row, state.generation, state.generator)[0])
             sampled[rid] = token
             if raw is not None and i in want:

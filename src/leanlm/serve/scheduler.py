@@ -54,6 +54,7 @@ class NewRequestData:
     lora: str | None
     block_ids: list[int]
     num_computed_tokens: int  # tokens whose K/V are already cached (a prefix hit)
+    num_prompt_tokens: int  # the rest of token_ids are outputs (penalties count those)
 
 
 @dataclass
@@ -184,7 +185,7 @@ class Scheduler:
             self.running.append(request)
             out.new_requests.append(NewRequestData(
                 request.request_id, list(request.all_token_ids), request.sampling_params, request.lora,
-                self.kv.block_ids(request.request_id), cached))
+                self.kv.block_ids(request.request_id), cached, request.num_prompt_tokens))
             out.num_scheduled_tokens[request.request_id] = n
             budget -= n
         return out

@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from leanlm.errors import LeanLMError
 from leanlm.serve.request import SamplingParams
 
 
@@ -25,6 +26,7 @@ class _Sampling(BaseModel):
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
     min_tokens: int = 0
+    logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> bias
     user: str | None = None
 
     def num_logprobs(self) -> int | None:
@@ -38,7 +40,13 @@ class _Sampling(BaseModel):
             top_k=self.top_k, min_p=self.min_p, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
             seed=self.seed, stop=stop, ignore_eos=self.ignore_eos, n=self.n,
-            logprobs=self.num_logprobs())
+            logprobs=self.num_logprobs(), logit_bias=self.token_bias())
+
+    def token_bias(self) -> dict[int, float]:
+        try:
+            return {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+        except ValueError:
+            raise LeanLMError("logit_bias keys must be token ids") from None
 
 
 class CompletionRequest(_Sampling):
