@@ -90,3 +90,18 @@ def test_penalties_and_logit_bias() -> None:
     got = LLM(model, EngineConfig(block_size=4, num_blocks=64)).generate(
         prompts(3), SamplingParams(max_tokens=4, temperature=0, ignore_eos=True, logit_bias={5: 100.0}))
     assert got == [[5] * 4] * 3
+
+
+def test_tiny_temperatures_sample_greedily_and_bad_floats_are_refused() -> None:
+    from leanlm.errors import LeanLMError
+
+    model = random_model("llama")
+    ps = prompts(3)
+    greedy = LLM(model, EngineConfig(block_size=4, num_blocks=64)).generate(
+        ps, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    tiny = LLM(model, EngineConfig(block_size=4, num_blocks=64)).generate(
+        ps, SamplingParams(max_tokens=4, temperature=1e-300, ignore_eos=True))
+    assert tiny == greedy  # found by the fuzzer: 1/temperature overflowed into NaN probabilities
+    for bad in ({"temperature": float("inf")}, {"top_p": float("nan")}, {"logit_bias": {1: 1e9}}):
+        with pytest.raises(LeanLMError):
+            SamplingParams(**bad)

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx2 as httpx
@@ -14,37 +11,10 @@ import pytest
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
-from conftest import build_hf_model, write_tokenizer  # noqa: E402
-from leanlm.checkpoint import load_model  # noqa: E402
-from leanlm.serve.api.server import create_app  # noqa: E402
-from leanlm.serve.async_engine import AsyncLLMEngine  # noqa: E402
-from leanlm.serve.engine import EngineConfig, LLMEngine  # noqa: E402
-from leanlm.tokenizer import load_tokenizer  # noqa: E402
+import serve_fixtures  # noqa: E402
 
-KEY = "sk-test"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    path = tmp_path_factory.mktemp("srv") / "m"
-    build_hf_model("llama").save_pretrained(path)
-    write_tokenizer(path)
-    engine = AsyncLLMEngine(LLMEngine(load_model(path), EngineConfig(block_size=4, num_blocks=512)),
-                            load_tokenizer(path))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(engine, "tiny", api_key=KEY), host="127.0.0.1",
-                                        port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(100):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(timeout=10)
+KEY = serve_fixtures.KEY
+server = serve_fixtures.server  # the module-scoped live-server fixture
 
 
 def client(url: str) -> object:

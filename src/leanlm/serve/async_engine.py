@@ -11,6 +11,7 @@ before the stop string and the request is aborted in the engine). A consumer tha
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -19,6 +20,8 @@ from dataclasses import dataclass, field
 from leanlm.serve.engine import LLMEngine
 from leanlm.serve.request import Request, RequestStatus, SamplingParams
 from leanlm.tokenizer import IncrementalDecoder, Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -108,9 +111,22 @@ class AsyncLLMEngine:
             if not (self.engine.has_unfinished_requests() or self._pending or self._aborts):
                 self._wake.clear()
                 await self._wake.wait()
-            updated = await asyncio.to_thread(self._step)
+            try:
+                updated = await asyncio.to_thread(self._step)
+            except Exception:  # never let one bad step stop the server: fail what was in flight
+                log.exception("engine step failed; aborting the requests in flight")
+                self._fail_all()
+                continue
             for request in updated:
                 self._emit(request)
+
+    def _fail_all(self) -> None:
+        s = self.engine.scheduler
+        self.engine.abort([r.request_id for r in s.running + s.waiting])
+        for rid, stream in list(self.streams.items()):
+            if not stream.done:
+                stream.done = True
+                stream.queue.put_nowait(RequestOutput(rid, "", [], True, "error"))
 
     def _emit(self, request: Request) -> None:
         stream = self.streams.get(request.request_id)

@@ -66,11 +66,12 @@ class ModelRunner:
 
     def _add(self, rid: str, token_ids: list[int], block_ids: list[int], params: SamplingParams,
              num_prompt_tokens: int) -> None:
-        gen = GenerationConfig(max_new_tokens=params.max_tokens, temperature=params.temperature,
+        gen = GenerationConfig(max_new_tokens=params.max_tokens,
+                               temperature=0.0 if params.greedy else params.temperature,
                                top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
                                repetition_penalty=params.repetition_penalty)
         generator = None
-        if params.temperature > 0:
+        if not params.greedy:
             generator = torch.Generator(self.device)
             generator.manual_seed(params.seed if params.seed is not None else int(torch.seed() % 2**63))
         self.requests[rid] = _State(list(token_ids), list(block_ids), params, gen, generator,

@@ -9,6 +9,7 @@ simply has ``num_tokens - num_computed_tokens`` tokens left to compute.
 from __future__ import annotations
 
 import enum
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -50,19 +51,27 @@ class SamplingParams:
             (-2 <= self.frequency_penalty <= 2,
              f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
-            (self.n >= 1, f"n must be at least 1, got {self.n}"),
+            (1 <= self.n <= 128, f"n must be in [1, 128], got {self.n}"),
             (self.logprobs is None or 0 <= self.logprobs <= 20,
              f"logprobs must be in [0, 20], got {self.logprobs}"),
             (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
              f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}"),
         ]
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise LeanLMError(f"{name} must be a finite number, got {getattr(self, name)}")
         for ok, message in checks:
             if not ok:
                 raise LeanLMError(message)
+        bad = [v for v in self.logit_bias.values() if not (math.isfinite(v) and -100 <= v <= 100)]
+        if bad:
+            raise LeanLMError(f"logit_bias values must be in [-100, 100], got {bad[0]}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperatures below 1e-5 sample greedily (as vLLM): dividing by them overflows."""
+        return self.temperature < 1e-5
 
 
 class RequestStatus(enum.Enum):

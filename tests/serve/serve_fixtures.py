@@ -1,0 +1,49 @@
+"""A live leanlm server on loopback (uvicorn in a thread) over a tiny random model."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from conftest import build_hf_model, write_tokenizer
+from leanlm.checkpoint import load_model
+from leanlm.serve.api.server import create_app
+from leanlm.serve.async_engine import AsyncLLMEngine
+from leanlm.serve.engine import EngineConfig, LLMEngine
+from leanlm.tokenizer import load_tokenizer
+
+KEY = "sk-test"
+
+
+def start_server(path: object) -> tuple[object, threading.Thread, str]:
+    import uvicorn
+
+    engine = AsyncLLMEngine(LLMEngine(load_model(path), EngineConfig(block_size=4, num_blocks=512)),
+                            load_tokenizer(path))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(engine, "tiny", api_key=KEY), host="127.0.0.1",
+                                        port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    return srv, thread, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    path = tmp_path_factory.mktemp("srv") / "m"
+    build_hf_model("llama").save_pretrained(path)
+    write_tokenizer(path)
+    srv, thread, url = start_server(path)
+    yield url
+    srv.should_exit = True
+    thread.join(timeout=10)
