@@ -60,7 +60,6 @@ def test_no_server_errors_and_no_hangs(small_server: str) -> None:
                      suppress_health_check=list(HealthCheck))(run)()
     generated = sum(1 for path, code in statuses if path.endswith("completions") and code == 200)
     refused = sum(1 for path, code in statuses if path.endswith("completions") and code == 400)
-    print(f"completions: {generated} generated, {refused} refused")
     assert generated >= 5 and refused >= 5  # the fuzz reached generation, not only validation
 
 
