@@ -3,10 +3,10 @@ static batching (output throughput), TTFT with and without prefix caching, and a
 
 Metric definitions follow vLLM's benchmark_serving: TTFT (arrival -> first token), TPOT (mean
 time per output token after the first), E2E latency, output throughput (generated tokens / wall
-time). All requests arrive at once (rate = inf).
+time). Throughput runs send every request at once; ``--load`` takes a Poisson ``--rate``.
 
     python benchmarks/bench_serve.py                   # throughput + prefix-cache TTFT
-    python benchmarks/bench_serve.py --load            # 500 streaming requests, 64 clients, HTTP
+    python benchmarks/bench_serve.py --load [--rate R] # 500 streaming requests, 64 clients, HTTP
 """
 
 from __future__ import annotations
@@ -117,18 +117,25 @@ def throughput(args: argparse.Namespace) -> None:
               f"{statistics.median(ttfts[1:]) * 1000:.1f} ms (first request {ttfts[0] * 1000:.1f} ms)")
 
 
-async def _load(url: str, n: int, clients: int, new: int, prompt_list: list[str]) -> dict:
+async def _load(url: str, n: int, clients: int, new: int, prompt_list: list[str],
+                rate: float) -> dict:
+    """``n`` streaming requests, at most ``clients`` at a time, arriving as a Poisson process of
+    ``rate`` requests/s (inf: all at once). Per vLLM: TTFT, TPOT = (E2E - TTFT) / (tokens - 1),
+    ITL = the gaps between streamed tokens."""
     import httpx2 as httpx
 
     sem = asyncio.Semaphore(clients)
-    stats = {"ok": 0, "failed": 0, "ttft": [], "e2e": [], "tokens": 0}
+    stats: dict = {"ok": 0, "failed": 0, "ttft": [], "e2e": [], "tpot": [], "itl": [], "tokens": 0}
+    rng = np.random.default_rng(0)
+    delays = np.cumsum(rng.exponential(1 / rate, n)) if np.isfinite(rate) else np.zeros(n)
 
     async def one(i: int, client: httpx.AsyncClient) -> None:
+        await asyncio.sleep(float(delays[i]))
         async with sem:
             body = {"model": "leanlm-default", "prompt": prompt_list[i % len(prompt_list)],
                     "max_tokens": new, "temperature": 0, "stream": True}
             start = time.perf_counter()
-            first = None
+            times: list[float] = []
             try:
                 async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
                     if r.status_code != 200:
@@ -137,11 +144,15 @@ async def _load(url: str, n: int, clients: int, new: int, prompt_list: list[str]
                     async for line in r.aiter_lines():
                         if line.startswith("data: ") and line != "data: [DONE]":
                             json.loads(line[6:])
-                            first = first or time.perf_counter()
-                            stats["tokens"] += 1
+                            times.append(time.perf_counter())
+                end = time.perf_counter()
                 stats["ok"] += 1
-                stats["ttft"].append((first or time.perf_counter()) - start)
-                stats["e2e"].append(time.perf_counter() - start)
+                stats["tokens"] += len(times)
+                stats["ttft"].append((times[0] if times else end) - start)
+                stats["e2e"].append(end - start)
+                if len(times) > 1:
+                    stats["tpot"].append((times[-1] - times[0]) / (len(times) - 1))
+                    stats["itl"] += list(np.diff(times))
             except Exception:  # a failed request is counted, not fatal
                 stats["failed"] += 1
 
@@ -172,15 +183,18 @@ def load(args: argparse.Namespace) -> None:
     rss0 = psutil.Process().memory_info().rss
     start = time.perf_counter()
     stats = asyncio.run(_load(f"http://127.0.0.1:{port}", args.load_requests, args.clients,
-                              args.max_tokens, texts))
+                              args.max_tokens, texts, args.rate))
     wall = time.perf_counter() - start
     rss1 = psutil.Process().memory_info().rss
     kv = engine.engine.kv
     print(f"# bench_serve --load: {args.load_requests} streaming requests from {args.clients} clients, "
-          f"{args.prompt_len}-token prompts, max_tokens {args.max_tokens}; {machine()}")
+          f"arrival rate {args.rate} req/s, {args.prompt_len}-token prompts, max_tokens "
+          f"{args.max_tokens}; {machine()}")
     print(f"ok {stats['ok']}, failed {stats['failed']}; {wall:.1f} s; output {stats['tokens'] / wall:.1f} "
           f"tok/s; TTFT median {np.median(stats['ttft']):.2f} s "
           f"p99 {np.percentile(stats['ttft'], 99):.2f} s; "
+          f"TPOT median {np.median(stats['tpot']) * 1000:.1f} ms; ITL median "
+          f"{np.median(stats['itl']) * 1000:.1f} ms p99 {np.percentile(stats['itl'], 99) * 1000:.1f} ms; "
           f"E2E median {np.median(stats['e2e']):.2f} s; RSS {rss0 / 2**20:.0f} -> {rss1 / 2**20:.0f} MiB; "
           f"KV blocks free at the end {kv.pool.num_free_blocks}/{len(kv.pool.blocks)}")
     server.should_exit = True
@@ -195,6 +209,7 @@ def main() -> None:
     ap.add_argument("--load", action="store_true")
     ap.add_argument("--load-requests", type=int, default=500)
     ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--rate", type=float, default=float("inf"), help="Poisson arrivals, requests/s")
     args = ap.parse_args()
     if args.load:
         load(args)
