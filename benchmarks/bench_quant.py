@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from common import CACHE, machine
-from leanlm import DEFAULT_MODEL, ModelConfig, Transformer, load_model, load_tokenizer
+from common import CACHE, machine, random_model
+from leanlm import DEFAULT_MODEL, Transformer, load_model, load_tokenizer
 from leanlm.eval.perplexity import stream_loss
 from leanlm.quant import (
     AWQConfig,
@@ -197,13 +197,7 @@ def checks(r: dict, fp: float) -> None:
 
 # ---- speed ------------------------------------------------------------------------------------------
 def random_1b(seed: int = 0) -> Transformer:
-    config = ModelConfig.from_preset("llama-3.2-1b")
-    with torch.device("meta"):
-        model = Transformer(config)
-    model = model.to_empty(device="cpu").to(torch.bfloat16)
-    model.tie_weights()
-    model.init_weights(std=0.02, generator=torch.Generator().manual_seed(seed))
-    return model.eval()
+    return random_model("llama-3.2-1b", torch.bfloat16, seed)
 
 
 @torch.no_grad()

@@ -20,14 +20,18 @@ def random_checkpoint(preset: str, dtype: torch.dtype = torch.bfloat16, seed: in
     path = CACHE / f"{preset}-{str(dtype).removeprefix('torch.')}-seed{seed}"
     if (path / "config.json").is_file():
         return path
-    config = ModelConfig.from_preset(preset)
+    save_model(random_model(preset, dtype, seed), path)
+    return path
+
+
+def random_model(preset: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Transformer:
+    """A ``preset``-shaped Transformer with random weights, built on meta and filled in ``dtype``."""
     with torch.device("meta"):
-        model = Transformer(config)
+        model = Transformer(ModelConfig.from_preset(preset))
     model = model.to_empty(device="cpu").to(dtype)
     model.tie_weights()
     model.init_weights(std=0.02, generator=torch.Generator().manual_seed(seed))
-    save_model(model, path)
-    return path
+    return model.eval()
 
 
 def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:

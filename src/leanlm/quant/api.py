@@ -115,11 +115,13 @@ class Method:
 
     def quantize_linear(self, name: str, linear: nn.Linear) -> nn.Module:
         """Calibration-free methods: the module that replaces ``linear``."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} has calibrated=False: it must define "
+                                  "quantize_linear")
 
     def quantize_block(self, block: nn.Module, inputs: LayerInputs, targets: set[str]) -> None:
         """Calibrated methods: quantize (in place) the linears of ``block`` named in ``targets``."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} has calibrated=True: it must define "
+                                  "quantize_block")
 
 
 def default_filter(name: str, module: nn.Module) -> bool:

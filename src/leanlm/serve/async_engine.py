@@ -137,8 +137,7 @@ class AsyncLLMEngine:
         finished = request.is_finished
         reason = {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH: "length",
                   RequestStatus.FINISHED_ABORTED: "abort"}.get(request.status)
-        hit = min((i for i in (stream.text.find(s, max(0, stream.sent - len(s))) for s in stream.stop)
-                   if i >= 0), default=-1)
+        hit = _first_stop(stream.text, stream.stop, stream.sent)
         if hit >= 0:  # a stop string: cut the text before it and end the request
             stream.text = stream.text[:hit]
             finished, reason = True, "stop"
@@ -154,3 +153,10 @@ class AsyncLLMEngine:
         stream.queue.put_nowait(RequestOutput(
             request.request_id, delta, [token], finished, reason, request.num_prompt_tokens,
             len(request.output_token_ids), request.output_logprobs[-1:]))
+
+
+def _first_stop(text: str, stops: list[str], sent: int) -> int:
+    """Where the earliest stop string starts in ``text`` (-1 if none); only text that could
+    overlap the unsent part (from ``sent``) is searched."""
+    found = [i for i in (text.find(s, max(0, sent - len(s))) for s in stops) if i >= 0]
+    return min(found, default=-1)

@@ -64,8 +64,6 @@ class LLMEngine:
         if need > len(self.kv.pool.blocks):
             raise LeanLMError(f"the request needs {need} KV blocks; the cache has "
                               f"{len(self.kv.pool.blocks)}")
-        if not prompt:
-            raise LeanLMError("the prompt is empty")
         return Request(request_id or f"req-{next(self._ids)}", prompt, params,
                        eos_token_ids=tuple(c.eos_token_ids), priority=priority)
 

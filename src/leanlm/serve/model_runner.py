@@ -81,6 +81,7 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> dict[str, int]:
         """Run the scheduled tokens; returns the sampled token of each request that samples
         (and leaves the logprobs of requests that asked for them in ``self.logprobs``)."""
+        self.logprobs = {}
         for rid in out.finished_req_ids | out.preempted_req_ids:
             self.requests.pop(rid, None)
         for new in out.new_requests:
@@ -113,16 +114,10 @@ class ModelRunner:
         meta = PagedMetadata(self.cache, torch.tensor(slots, device=self.device), starts, seq_lens, tables,
                              self.model.config.sliding_window)
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)[None]
-        if not rows:  # only prefill chunks this step: write their K/V, sample nothing
-            self.model(as_tensor(tokens), positions=as_tensor(positions), attn=meta,
-                       rows=as_tensor([0])[0])
-            return {}
+        # logits only where a request samples (none in a step of unfinished prefill chunks)
         logits = self.model(as_tensor(tokens), positions=as_tensor(positions), attn=meta,
                             rows=as_tensor(rows)[0])[0].float()
         sampled = {}
-        self.logprobs = {}
-        want = [i for i, rid in enumerate(samplers) if self.requests[rid].params.logprobs is not None]
-        raw = logits[want].log_softmax(-1) if want else None  # of the model's own distribution
         for i, rid in enumerate(samplers):
             state = self.requests[rid]
             seen = None
@@ -132,9 +127,10 @@ class ModelRunner:
             row = process_logits(row, seen, state.generation)
             token = int(sample(row, state.generation, state.generator)[0])
             sampled[rid] = token
-            if raw is not None and i in want:
-                lp = raw[want.index(i)]
-                top = lp.topk(state.params.logprobs) if state.params.logprobs else None
+            k = state.params.logprobs
+            if k is not None:  # of the model's own distribution, before any processing
+                lp = logits[i].log_softmax(-1)
+                top = lp.topk(k) if k else None
                 self.logprobs[rid] = (float(lp[token]), [] if top is None else
                                       list(zip(top.indices.tolist(), top.values.tolist(), strict=True)))
         return sampled

@@ -32,10 +32,14 @@ class _Sampling(BaseModel):
     def num_logprobs(self) -> int | None:
         return None
 
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
-            max_tokens=self.max_tokens if self.max_tokens is not None else default_max_tokens,
+            max_tokens=(default_max_tokens if self.requested_max_tokens() is None
+                        else self.requested_max_tokens()),
             min_tokens=self.min_tokens, temperature=self.temperature, top_p=self.top_p,
             top_k=self.top_k, min_p=self.min_p, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
@@ -71,6 +75,9 @@ class ChatCompletionRequest(_Sampling):
 
     def num_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
 
 
 class TokenizeRequest(BaseModel):

@@ -91,8 +91,6 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
 
     async def run(prompt_ids: list[int], body: Any, kind: str) -> tuple[list, str]:
         check_model(body.model)
-        max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens
-        body.max_tokens = max_tokens
         params = body.sampling_params(default_max_tokens)
         rid = f"{kind}-{uuid.uuid4().hex}"
         requests = []
