@@ -12,6 +12,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Without a GPU, Triton kernels run in Triton's CPU interpreter; Triton reads this when a kernel
+# is decorated, so it is set before anything imports leanlm.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 VOCAB = 320  # tokenizer fixtures use 300 ids, all inside the model vocabulary
 
