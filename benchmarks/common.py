@@ -24,10 +24,12 @@ def random_checkpoint(preset: str, dtype: torch.dtype = torch.bfloat16, seed: in
     return path
 
 
-def random_model(preset: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Transformer:
-    """A ``preset``-shaped Transformer with random weights, built on meta and filled in ``dtype``."""
+def random_model(preset: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                 **overrides: object) -> Transformer:
+    """A ``preset``-shaped Transformer (with config ``overrides``) with random weights, built on
+    meta and filled in ``dtype``."""
     with torch.device("meta"):
-        model = Transformer(ModelConfig.from_preset(preset))
+        model = Transformer(ModelConfig.from_preset(preset, **overrides))
     model = model.to_empty(device="cpu").to(dtype)
     model.tie_weights()
     model.init_weights(std=0.02, generator=torch.Generator().manual_seed(seed))

@@ -20,10 +20,13 @@ cached key.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from leanlm import kernels
+from leanlm.kernels import kv_store, paged_attention
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -174,45 +177,47 @@ class PagedKVCache:
 
 @dataclass
 class PagedMetadata:
-    """A varlen batch for the paged backend (the torch reference; the kernels issue adds Triton).
+    """A varlen batch for the paged backend: Triton kernels on CUDA, their torch references elsewhere.
 
     The batch is one row of T tokens: request r owns queries ``query_start[r]:query_start[r+1]``
-    at positions ``seq_lens[r] - m .. seq_lens[r] - 1`` and sees keys 0..seq_lens[r]-1 through its
-    block table; ``slot_mapping[t]`` is where token t's K/V are written.
+    at positions ``seq_lens[r] - m .. seq_lens[r] - 1`` and sees keys 0..seq_lens[r]-1 through row
+    r of ``block_tables`` (padded: entries past ⌈seq_lens[r] / block_size⌉ are never read);
+    ``slot_mapping[t]`` is where token t's K/V are written (see :mod:`leanlm.kernels.paged_attention`).
     """
 
     cache: PagedKVCache
     slot_mapping: torch.Tensor  # [T] long
     query_start: list[int]  # R + 1 offsets into the batch
     seq_lens: list[int]  # keys per request after this step
-    block_tables: list[torch.Tensor]  # per request, long block ids
+    block_tables: torch.Tensor  # [R, max blocks] int32
     sliding_window: int | None = None
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
+    _lengths: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def lengths(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(seq_lens, query_start) as int32 tensors on the cache's device, built once per step."""
+        if self._lengths is None:
+            dev = self.slot_mapping.device
+            self._lengths = (torch.tensor(self.seq_lens, dtype=torch.int32, device=dev),
+                             torch.tensor(self.query_start, dtype=torch.int32, device=dev))
+        return self._lengths
 
     def attend(self, layer_idx: int, sliding: bool, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> torch.Tensor:
         """q [1, H, T, D], k/v [1, Hkv, T, D] -> [1, H, T, D]."""
         ck, cv = self.cache.k[layer_idx], self.cache.v[layer_idx]
-        ck[self.slot_mapping] = k[0].transpose(0, 1).to(ck.dtype)
-        cv[self.slot_mapping] = v[0].transpose(0, 1).to(cv.dtype)
-        bs = self.cache.block_size
-        out = torch.empty_like(q)
-        for r, n in enumerate(self.seq_lens):
-            qs, qe = self.query_start[r], self.query_start[r + 1]
-            table = self.block_tables[r]
-            slots = (table[:, None] * bs + torch.arange(bs, device=table.device)).flatten()[:n]
-            kr = ck[slots].transpose(0, 1)[None].to(q.dtype)
-            vr = cv[slots].transpose(0, 1)[None].to(q.dtype)
-            qp = torch.arange(n - (qe - qs), n, device=q.device)[:, None]
-            kp = torch.arange(n, device=q.device)[None, :]
-            mask = kp <= qp
-            if sliding and self.sliding_window is not None:
-                mask &= (qp - kp) < self.sliding_window
-            qr = q[:, :, qs:qe]
-            if qe - qs == 1:
-                out[:, :, qs:qe] = decode_attention(qr, kr, vr, mask[None, None])
-            else:
-                out[:, :, qs:qe] = F.scaled_dot_product_attention(
-                    qr, kr, vr, attn_mask=mask[None, None], enable_gqa=q.shape[1] != kr.shape[1])
-        return out
+        q_t, k_t, v_t = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)  # [T, heads, D]
+        bs, scale = self.cache.block_size, q.shape[-1] ** -0.5
+        window = self.sliding_window if sliding else None
+        if kernels.use_triton(q):
+            kv_store.kv_store(ck, cv, k_t, v_t, self.slot_mapping)
+            seq_lens, query_start = self.lengths()
+            max_query = max(b - a for a, b in zip(self.query_start, self.query_start[1:], strict=False))
+            out = paged_attention.paged_attention(q_t, ck, cv, self.block_tables, seq_lens, query_start,
+                                                  bs, scale, max_query, max(self.seq_lens), window)
+        else:
+            kv_store.reference(ck, cv, k_t, v_t, self.slot_mapping)
+            out = paged_attention.reference(q_t, ck, cv, self.block_tables, self.seq_lens,
+                                            self.query_start, bs, scale, window)
+        return out.transpose(0, 1)[None]

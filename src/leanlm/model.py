@@ -28,9 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanlm import kernels
 from leanlm.attention import KVCache, PagedMetadata, SDPAMetadata, compute_dtype
 from leanlm.config import ModelConfig
 from leanlm.errors import LeanLMError
+from leanlm.kernels import rmsnorm, rotary
 from leanlm.loss import linear_cross_entropy
 
 
@@ -40,19 +42,31 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype, out_dtype = x.dtype, compute_dtype(x)
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        # Under autocast, hand the next matmuls their input dtype once, rather than have
-        # autocast cast this output separately for each of q/k/v (or gate/up) and each backward.
-        return (self.weight * x.to(dtype)).to(out_dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """norm(x); with ``residual``, (norm(x + residual), x + residual) — fused on CUDA."""
+        out_dtype = compute_dtype(x)
+        if out_dtype == x.dtype and kernels.use_triton(x, self.weight):
+            y, s = rmsnorm.rms_norm(x, self.weight, self.eps, residual)
+        else:
+            y, s = rmsnorm.reference(x, self.weight, self.eps, residual)
+            # Under autocast, hand the next matmuls their input dtype once, rather than have
+            # autocast cast this output separately for each of q/k/v (or gate/up) and each backward.
+            y = y.to(out_dtype)
+        return y if residual is None else (y, s)
 
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
     if config.norm_type == "layernorm":
         return nn.LayerNorm(dim, eps=config.norm_eps)
     return RMSNorm(dim, config.norm_eps)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE of q or k [B, H, S, D] (kernel: :mod:`leanlm.kernels.rotary`)."""
+    if kernels.use_triton(x):
+        return rotary.rotary(x, cos, sin)
+    return rotary.reference(x, cos, sin)
 
 
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
@@ -78,11 +92,6 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -106,9 +115,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if meta.cos is not None:
-            cos, sin = meta.cos, meta.sin
-            q = q * cos + rotate_half(q) * sin
-            k = k * cos + rotate_half(k) * sin
+            q, k = apply_rotary(q, meta.cos, meta.sin), apply_rotary(k, meta.cos, meta.sin)
         out = meta.attend(self.layer_idx, self.sliding, q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
@@ -142,8 +149,13 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, meta: SDPAMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.self_attn(self.input_layernorm(x), meta)
+        if isinstance(self.post_attention_layernorm, RMSNorm):  # residual add fused into the norm
+            n, x = self.post_attention_layernorm(h, residual=x)
+        else:
+            x = x + h
+            n = self.post_attention_layernorm(x)
+        return x + self.mlp(n)
 
 
 @torch.no_grad()

@@ -46,11 +46,11 @@ def test_backends_match_reference(bits: int, group: int, sym: bool, act_order: b
     m = make(64, k, bits, group, sym, act_order)
     x = torch.randn(3, k, dtype=torch.bfloat16)
     reference = _forced(m, "reference")
-    assert m._choose(3) == backend  # the automatic choice for decode-shaped input
+    assert m._choose(torch.zeros(3, k)) == backend  # the automatic choice for decode-shaped input
     got = m(x)
     assert got.dtype == torch.bfloat16 and got.shape == (3, 64)
     assert rel_err(got, reference(x)) < 0.02
-    assert m._choose(600) == "dequant"  # a long prefill
+    assert m._choose(torch.zeros(600, k)) == "dequant"  # a long prefill
     x = torch.randn(600, k, dtype=torch.bfloat16)
     assert rel_err(m(x), reference(x)) < 0.02
 
@@ -74,6 +74,16 @@ def test_forced_kernel_that_cannot_run_is_a_clear_error() -> None:
         make(32, 64, 4, 32, backend="int8pack")
     with pytest.raises(LeanLMError, match="divisible by 16"):
         make(40, 64, 4, 32, backend="int4pack")
+    with pytest.raises(LeanLMError, match="triton runs \\(2, 4, 8\\)-bit weights, this layer has 3"):
+        make(32, 64, 3, 32, backend="triton")
+
+
+@pytest.mark.parametrize(("bits", "act_order"), [(4, False), (4, True), (8, False)])
+def test_triton_backend_matches_reference(bits: int, act_order: bool) -> None:
+    # the Triton kernel through its CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1)
+    m = make(64, 160, bits, 32, act_order=act_order, backend="triton")
+    x = torch.randn(3, 160)
+    assert rel_err(m(x), _forced(m, "reference")(x)) < 1e-5
 
 
 def test_state_dict_round_trip_and_device_moves_drop_kernel_caches() -> None:

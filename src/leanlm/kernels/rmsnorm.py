@@ -50,7 +50,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
              out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the kernel on x [..., D] (and residual of the same shape); returns (y, s).
 
-    ``out`` (optional) receives y; it must have x's shape and the dtype of ``weight * x``.
+    y has x's dtype (the product with the weight is formed in fp32 and rounded once, which is
+    what torch's ``weight * x`` followed by a cast to x's dtype gives). ``out`` (optional)
+    receives y.
     """
     check_runnable(x.device)
     d = x.shape[-1]
@@ -59,10 +61,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     x2 = x.reshape(-1, d)
     check_tensor("x", x2, 2, FLOATS, x.device)
     rows = x2.shape[0]
-    y_dtype = torch.promote_types(weight.dtype, x.dtype)
-    y = torch.empty_like(x2, dtype=y_dtype) if out is None else out.view(-1, d)
-    check(y.shape == x2.shape and y.dtype == y_dtype,
-          f"out must be {tuple(x.shape)} {y_dtype}, got {tuple(y.shape)} {y.dtype}")
+    y = torch.empty_like(x2) if out is None else out.view(-1, d)
+    check(y.shape == x2.shape and y.dtype == x.dtype,
+          f"out must be {tuple(x.shape)} {x.dtype}, got {tuple(y.shape)} {y.dtype}")
     r2 = s = x2
     if residual is not None:
         check(residual.shape == x.shape and residual.dtype == x.dtype,

@@ -65,7 +65,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         check(t.shape[0] in (1, b) and t.shape[1] == 1 and tuple(t.shape[2:]) == (s, d),
               f"{name} must be [{b} or 1, 1, {s}, {d}], got {tuple(t.shape)}")
     check(cos.stride() == sin.stride(), "cos and sin must have the same strides")
-    y = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
+    y = torch.empty_like(x) if out is None else out  # x's layout (dense views keep their strides)
     check(y.shape == x.shape and y.dtype == x.dtype and y.stride(-1) == 1,
           f"out must be {tuple(x.shape)} {x.dtype} with unit stride on D, got "
           f"{tuple(y.shape)} {y.dtype} strides {y.stride()}")

@@ -16,8 +16,10 @@ The forward picks a backend once per (device, M-regime), automatically:
   0.5 byte per weight in memory, not 1.
 - ``int8pack`` (CPU, 8 bits, per-channel): ``_weight_int8pack_mm`` on ``q - 128`` with bf16
   activations; an asymmetric zero point becomes a rank-1 correction ``-(Σ_k x_k)·s·(z - 128)``.
+- ``triton`` (CUDA; 2/4/8 bits): :mod:`leanlm.kernels.quant_gemm`, which reads ``qweight`` as it
+  is and dequantizes in registers (act-order through ``g_idx``), for M ≤ ``TRITON_MAX_M`` rows.
 - ``dequant``: ŵ = s·(q - z) in the activation dtype, then a dense GEMM. This is what runs for
-  large M (long prefills: M ≥ ``KERNEL_MAX_M`` rows), on GPU, and for shapes the kernels refuse.
+  large M (long prefills: M ≥ ``KERNEL_MAX_M`` rows), and for shapes the kernels refuse.
 - ``reference``: the same in fp32 (tests compare the others against it).
 
 ``backend=`` forces one; a forced kernel that cannot run this layer raises a clear error.
@@ -31,7 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanlm import kernels
 from leanlm.errors import LeanLMError
+from leanlm.kernels import quant_gemm
 from leanlm.quant.primitives import (
     default_g_idx,
     dequantize_weight,
@@ -42,11 +46,15 @@ from leanlm.quant.primitives import (
     unpack_codes,
 )
 
-BACKENDS = ("auto", "int4pack", "int8pack", "dequant", "reference")
+BACKENDS = ("auto", "triton", "int4pack", "int8pack", "dequant", "reference")
 # Rows below which a packed CPU kernel beats dequantize + bf16 GEMM. Measured on an 8192 x 2048
 # layer, 2 cores: the kernels cost ~0.10 (int4) / ~0.12 (int8) ms per row against 0.044 for bf16
 # GEMM, and dequantizing the layer costs ~30 ms, so they cross near 600 and 375 rows.
 KERNEL_MAX_M = {"int4pack": 512, "int8pack": 256}
+# Rows up to which the Triton kernel runs on CUDA (decode and small batches, where the layer is
+# memory-bound); past it dequantize + cuBLAS. Chosen, not measured: no GPU was available to the
+# session that wrote it. benchmarks/bench_kernels.py times both.
+TRITON_MAX_M = 64
 
 
 class QuantLinear(nn.Module):
@@ -107,12 +115,16 @@ class QuantLinear(nn.Module):
         if self.qweight.numel() == 0 and "int4pack" in self._kernels:
             self.qweight = pack_codes(pad_codes(self.codes(), self.bits), self.bits)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        if "contiguous" not in self._kernels:  # g_idx = k // group_size: broadcast, no gather
+    def _g_idx(self) -> torch.Tensor | None:
+        """``g_idx``, or None where it is the default k // group_size (broadcast, no gather)."""
+        if "contiguous" not in self._kernels:
             default = default_g_idx(self.in_features, self.group_size, self.g_idx.device)
             self._kernels["contiguous"] = (torch.equal(self.g_idx, default),)
-        g_idx = None if self._kernels["contiguous"][0] else self.g_idx
-        return dequantize_weight(self.codes(), self.scales, self.zeros, g_idx, dtype, self.group_size)
+        return None if self._kernels["contiguous"][0] else self.g_idx
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize_weight(self.codes(), self.scales, self.zeros, self._g_idx(), dtype,
+                                 self.group_size)
 
     def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:
         self._restore_codes()  # so that the loaded qweight meets a buffer of its shape
@@ -139,6 +151,10 @@ class QuantLinear(nn.Module):
         n, g = self.out_features, self.group_size
         if backend in ("dequant", "reference"):
             return None
+        if backend == "triton":
+            if self.bits not in quant_gemm.SUPPORTED_BITS:
+                return f"triton runs {quant_gemm.SUPPORTED_BITS}-bit weights, this layer has {self.bits} bits"
+            return None
         if self.qweight.device.type != "cpu":
             return f"{backend} is a CPU kernel; this layer is on {self.qweight.device}"
         if backend == "int4pack":
@@ -163,8 +179,14 @@ class QuantLinear(nn.Module):
         full = counts[:-1] == self.group_size
         return bool(full.all()) and int(counts[-1]) <= self.group_size
 
-    def _choose(self, m: int) -> str:
-        """The backend for an input of ``m`` rows."""
+    def _choose(self, x2: torch.Tensor) -> str:
+        """The backend for an input x2 [m, K]."""
+        m = x2.shape[0]
+        if self.backend == "auto" and m <= TRITON_MAX_M and kernels.use_triton(x2):
+            if "triton" not in self._kernels:
+                self._kernels["triton"] = (self.kernel_problem("triton") is None,)
+            if self._kernels["triton"][0]:
+                return "triton"
         if "kernel" not in self._kernels:  # which packed kernel can run this layer, decided once
             self._kernels["kernel"] = (self._kernel(),)
         kernel = self._kernels["kernel"][0]
@@ -174,7 +196,7 @@ class QuantLinear(nn.Module):
 
     def _kernel(self) -> str | None:
         if self.backend != "auto":
-            problem = self.kernel_problem(self.backend)
+            problem = self.kernel_problem(self.backend)  # also refuses a CPU kernel off the CPU
             if problem:
                 raise LeanLMError(f"backend {self.backend!r} cannot run this layer: {problem}")
             return None
@@ -213,9 +235,16 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        backend = self._choose(x2.shape[0])
+        backend = self._choose(x2)
         out_dtype = x.dtype
-        if backend == "int4pack":
+        bias = self.bias
+        if backend == "triton":
+            self._restore_codes()  # a layer that ran int4pack on the CPU holds its codes there
+            dtype = _activation_dtype(x2)
+            y = quant_gemm.quant_gemm(x2.to(dtype).contiguous(), self.qweight, self.scales, self.zeros,
+                                      self._g_idx(), self.bits, self.group_size, self.bias)
+            out_dtype, bias = dtype, None
+        elif backend == "int4pack":
             packed, sz, perm, pad = self._prepare(backend)
             xb = x2.to(torch.bfloat16)
             if perm is not None:
@@ -233,14 +262,19 @@ class QuantLinear(nn.Module):
             y = F.linear(x2.float(), self.dequantize(torch.float32))
             out_dtype = x.dtype
         else:
-            dtype = x2.dtype if x2.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
-            if torch.is_autocast_enabled(x2.device.type):
-                dtype = torch.get_autocast_dtype(x2.device.type)
+            dtype = _activation_dtype(x2)
             y = F.linear(x2.to(dtype), self.dequantize(dtype))
             out_dtype = dtype
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
         return y.to(out_dtype).reshape(*shape[:-1], self.out_features)
+
+
+def _activation_dtype(x2: torch.Tensor) -> torch.dtype:
+    """The dtype a dequantizing backend computes in: autocast's, else x's own float dtype."""
+    if torch.is_autocast_enabled(x2.device.type):
+        return torch.get_autocast_dtype(x2.device.type)
+    return x2.dtype if x2.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.float32
 
 
 def int4pack(codes: torch.Tensor) -> torch.Tensor:

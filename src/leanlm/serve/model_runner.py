@@ -107,12 +107,14 @@ class ModelRunner:
             slots += [state.block_ids[p // bs] * bs + p % bs for p in pos]
             starts.append(starts[-1] + n)
             seq_lens.append(start + n)
-            tables.append(torch.tensor(state.block_ids, dtype=torch.long, device=self.device))
+            tables.append(state.block_ids)
             if start + n == len(state.token_ids):
                 rows.append(starts[-1] - 1)
                 samplers.append(rid)
-        meta = PagedMetadata(self.cache, torch.tensor(slots, device=self.device), starts, seq_lens, tables,
-                             self.model.config.sliding_window)
+        width = max(len(t) for t in tables)
+        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        meta = PagedMetadata(self.cache, torch.tensor(slots, device=self.device), starts, seq_lens,
+                             table.to(self.device), self.model.config.sliding_window)
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)[None]
         # logits only where a request samples (none in a step of unfinished prefill chunks)
         logits = self.model(as_tensor(tokens), positions=as_tensor(positions), attn=meta,

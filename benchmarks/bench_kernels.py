@@ -1,0 +1,264 @@
+"""Triton kernels on a CUDA GPU against the roofline, their torch references and SDPA / cuBLAS.
+
+One run builds every kernel, checks it against its reference on the benchmark's own inputs, and
+times it (median of ``triton.testing.do_bench``). The roofline is measured in the same run:
+memory bandwidth as a device-to-device copy (bytes read + written / time) and the bf16 GEMM rate
+of an 8192³ ``torch.matmul``. Each kernel reports achieved bandwidth (bytes it must move / time)
+and its fraction of the measured copy bandwidth; decode-shaped ops are memory-bound, so that
+fraction is the figure of merit. The whole-model line times the serving engine decoding one
+request on a ``llama-3.2-1b``-shaped model (random bf16 weights, and RTN int4 g128) against the
+bandwidth roofline: tokens/s ≤ bandwidth / bytes of weights read per token.
+
+    python benchmarks/bench_kernels.py                                 # a CUDA GPU
+    TRITON_INTERPRET=1 python benchmarks/bench_kernels.py --smoke      # CPU: tiny shapes, checks only
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+import triton
+
+from common import machine, median_time, random_model
+from leanlm.kernels import kv_store, paged_attention, quant_gemm, rmsnorm, rotary
+from leanlm.quant import RTNConfig, quantize_
+from leanlm.quant.primitives import pack_codes
+from leanlm.serve.engine import LLM, EngineConfig
+from leanlm.serve.request import SamplingParams
+
+GiB = 2**30
+
+
+def bench(fn, device: torch.device) -> float:
+    """Median seconds per call."""
+    if device.type == "cuda":
+        return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") / 1e3
+    return median_time(fn, repeats=3)
+
+
+def roofline(device: torch.device, smoke: bool) -> tuple[float, float]:
+    """(copy bandwidth in bytes/s, bf16 GEMM FLOP/s), measured."""
+    n = 2**20 if smoke else GiB // 2
+    a = torch.empty(n, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    bw = 2 * n / bench(lambda: b.copy_(a), device)
+    s = 128 if smoke else 8192
+    x = torch.randn(s, s, dtype=torch.bfloat16, device=device)
+    y = torch.randn(s, s, dtype=torch.bfloat16, device=device)
+    return bw, 2 * s**3 / bench(lambda: x @ y, device)
+
+
+def paged_batch(batch: int, ctx: int, heads: int, kv_heads: int, d: int, block_size: int,
+                device: torch.device, dtype: torch.dtype, query_len: int = 1) -> dict:
+    """Every request has ``ctx`` keys in shuffled blocks and ``query_len`` new queries."""
+    per = -(-ctx // block_size)
+    g = torch.Generator().manual_seed(0)
+    tables = torch.randperm(batch * per, generator=g).view(batch, per).to(torch.int32)
+    kc = torch.randn(batch * per * block_size, kv_heads, d, generator=g).to(device, dtype)
+    vc = torch.randn_like(kc)
+    q = torch.randn(batch * query_len, heads, d, generator=g).to(device, dtype)
+    return dict(q=q, k_cache=kc, v_cache=vc, block_tables=tables.to(device),
+                seq_lens=torch.full((batch,), ctx, dtype=torch.int32, device=device),
+                query_start=torch.arange(0, batch * query_len + 1, query_len, dtype=torch.int32,
+                                         device=device),
+                block_size=block_size, scale=d**-0.5, max_query_len=query_len, max_seq_len=ctx)
+
+
+def report(rows: list[dict], name: str, shape: str, seconds: float, nbytes: float, bw: float,
+           err: float, **peers: float) -> dict:
+    row = dict(kernel=name, shape=shape, ms=seconds * 1e3, gbs=nbytes / seconds / 1e9,
+               roofline=nbytes / seconds / bw, err=err, **{k: v / seconds for k, v in peers.items()})
+    rows.append(row)
+    extra = "  ".join(f"{k} {v:.2f}x" for k, v in row.items() if k.startswith("vs_"))
+    print(f"{name:<22} {shape:<28} {row['ms']:9.4f} ms  {row['gbs']:8.1f} GB/s  "
+          f"{100 * row['roofline']:5.1f}% of copy BW  max err {err:.2e}  {extra}", flush=True)
+    return row
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+def attention_rows(rows: list[dict], dev: torch.device, bw: float, smoke: bool) -> None:
+    dtype = torch.float32 if smoke else torch.bfloat16
+    batch, ctx, heads, kv_heads, d = (2, 64, 4, 2, 16) if smoke else (64, 4096, 32, 8, 128)
+    b = paged_batch(batch, ctx, heads, kv_heads, d, 16, dev, dtype)
+    out = paged_attention.paged_attention(**b)
+    ref_args = {**b, "seq_lens": b["seq_lens"].tolist(), "query_start": b["query_start"].tolist()}
+    ref_args.pop("max_query_len"), ref_args.pop("max_seq_len")
+    ref = paged_attention.reference(**ref_args)
+    kv_bytes = 2 * batch * ctx * kv_heads * d * dtype.itemsize
+    t = bench(lambda: paged_attention.paged_attention(**b), dev)
+    t1 = bench(lambda: paged_attention.paged_attention(**b, num_splits=1), dev)
+    t_ref = bench(lambda: paged_attention.reference(**ref_args), dev)
+    qs = b["q"].view(batch, heads, 1, d)
+    ks = torch.randn(batch, kv_heads, ctx, d, device=dev, dtype=dtype)
+    t_sdpa = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
+        qs, ks, ks, enable_gqa=True), dev)
+    report(rows, "paged decode attn", f"b{batch} ctx{ctx} h{heads}/{kv_heads} d{d}", t, kv_bytes, bw,
+           max_err(out, ref), vs_reference=t_ref, vs_sdpa_contiguous=t_sdpa, vs_one_split=t1)
+    # prefill: fresh prompts, causal; FLOPs 4·H·D·Σ q·(q+1)/2
+    pb, pl = (2, 24) if smoke else (8, 1024)
+    p = paged_batch(pb, pl, heads, kv_heads, d, 16, dev, dtype, query_len=pl)
+    out = paged_attention.paged_attention(**p)
+    pref = {**p, "seq_lens": p["seq_lens"].tolist(), "query_start": p["query_start"].tolist()}
+    pref.pop("max_query_len"), pref.pop("max_seq_len")
+    err = max_err(out, paged_attention.reference(**pref))
+    t = bench(lambda: paged_attention.paged_attention(**p), dev)
+    qd = p["q"].view(pb, pl, heads, d).transpose(1, 2)
+    kd = torch.randn(pb, kv_heads, pl, d, device=dev, dtype=dtype)
+    t_sdpa = bench(lambda: torch.nn.functional.scaled_dot_product_attention(
+        qd, kd, kd, is_causal=True, enable_gqa=True), dev)
+    flops = 4 * heads * d * pb * pl * (pl + 1) / 2
+    report(rows, "paged prefill attn", f"b{pb} q{pl} h{heads}/{kv_heads} d{d}", t,
+           2 * pb * pl * kv_heads * d * dtype.itemsize + 2 * p["q"].nbytes, bw, err,
+           vs_sdpa_contiguous=t_sdpa)
+    print(f"{'':<22} prefill: {flops / t / 1e12:.1f} TFLOP/s", flush=True)
+
+
+def gemm_rows(rows: list[dict], dev: torch.device, bw: float, smoke: bool) -> None:
+    k, n, group = (256, 512, 128) if smoke else (4096, 11008, 128)
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    qweight = pack_codes(codes, 4).to(dev)
+    scales = (torch.rand(n, k // group, generator=g) * 0.01).to(dev, torch.bfloat16)
+    zeros = torch.randint(0, 16, (n, k // group), generator=g, dtype=torch.uint8).to(dev)
+    g_idx = (torch.arange(k) // group)[torch.randperm(k, generator=g)].to(dev, torch.int32)
+    w = torch.randn(n, k, device=dev, dtype=torch.bfloat16)
+    dtype = torch.float32 if smoke else torch.bfloat16
+    for m in (1, 16, 64):
+        x = torch.randn(m, k, device=dev, dtype=dtype)
+        y = quant_gemm.quant_gemm(x, qweight, scales, zeros, None, 4, group)
+        ref = quant_gemm.reference(x.float(), qweight, scales.float(), zeros,
+                                   torch.arange(k, device=dev) // group, 4)
+        nbytes = qweight.nbytes + scales.nbytes + zeros.nbytes + x.nbytes + m * n * x.element_size()
+        t = bench(lambda x=x: quant_gemm.quant_gemm(x, qweight, scales, zeros, None, 4, group), dev)
+        t_bf16 = bench(lambda x=x: torch.matmul(x.to(w.dtype), w.t()), dev)
+        report(rows, "int4 gemm g128", f"m{m} k{k} n{n}", t, nbytes, bw,
+               max_err(y, ref) / float(ref.abs().max()), vs_bf16_matmul=t_bf16)
+        if m == 1:  # GPTQ act-order: groups through g_idx
+            y = quant_gemm.quant_gemm(x, qweight, scales, zeros, g_idx, 4, group)
+            ref = quant_gemm.reference(x.float(), qweight, scales.float(), zeros, g_idx, 4)
+            t = bench(lambda x=x: quant_gemm.quant_gemm(x, qweight, scales, zeros, g_idx, 4, group), dev)
+            report(rows, "int4 gemm act-order", f"m{m} k{k} n{n}", t, nbytes + g_idx.nbytes, bw,
+                   max_err(y, ref) / float(ref.abs().max()), vs_bf16_matmul=t_bf16)
+
+
+def elementwise_rows(rows: list[dict], dev: torch.device, bw: float, smoke: bool) -> None:
+    dtype = torch.float32 if smoke else torch.bfloat16
+    t_, h = (64, 256) if smoke else (4096, 4096)
+    x, r = torch.randn(t_, h, device=dev, dtype=dtype), torch.randn(t_, h, device=dev, dtype=dtype)
+    w = torch.rand(h, device=dev, dtype=dtype) + 0.5
+    y, _ = rmsnorm.rms_norm(x, w, 1e-6, r)
+    err = max_err(y, rmsnorm.reference(x, w, 1e-6, r)[0])
+    t = bench(lambda: rmsnorm.rms_norm(x, w, 1e-6, r), dev)
+    report(rows, "add + rmsnorm", f"{t_}x{h}", t, 4 * x.nbytes, bw, err,
+           vs_reference=bench(lambda: rmsnorm.reference(x, w, 1e-6, r), dev))
+    heads, d = (4, 16) if smoke else (32, 128)
+    q = torch.randn(1, t_, heads, d, device=dev, dtype=dtype).transpose(1, 2)
+    ang = torch.arange(t_, device=dev)[:, None] * torch.rand(d // 2, device=dev)
+    cos = torch.cat([ang, ang], -1).cos().to(dtype)[None, None]
+    sin = torch.cat([ang, ang], -1).sin().to(dtype)[None, None]
+    err = max_err(rotary.rotary(q, cos, sin), rotary.reference(q, cos, sin))
+    t = bench(lambda: rotary.rotary(q, cos, sin), dev)
+    report(rows, "rotary", f"t{t_} h{heads} d{d}", t, 2 * q.nbytes + 2 * cos.nbytes, bw, err,
+           vs_reference=bench(lambda: rotary.reference(q, cos, sin), dev))
+    kv_heads = 2 if smoke else 8
+    k = torch.randn(t_, kv_heads, d, device=dev, dtype=dtype)
+    kc = torch.zeros(4 * t_, kv_heads, d, device=dev, dtype=dtype)
+    vc = torch.zeros_like(kc)
+    slots = torch.randperm(4 * t_, device=dev)[:t_]
+    kv_store.kv_store(kc, vc, k, k, slots)
+    err = max_err(kc[slots], k)
+    t = bench(lambda: kv_store.kv_store(kc, vc, k, k, slots), dev)
+    report(rows, "kv store", f"t{t_} kv{kv_heads} d{d}", t, 4 * k.nbytes, bw, err,
+           vs_reference=bench(lambda: kv_store.reference(kc, vc, k, k, slots), dev))
+
+
+def model_rows(dev: torch.device, bw: float, smoke: bool) -> dict[str, float]:
+    """Engine decode tokens/s at batch 1 against bandwidth / bytes of weights per token."""
+    preset = "llama-3.2-1b"
+    small = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                 head_dim=16, vocab_size=512) if smoke else {}
+    new = 8 if smoke else 256
+    fractions: dict[str, float] = {}
+    for quant in (None, RTNConfig(bits=4, group_size=128 if not smoke else 32)):
+        model = random_model(preset, torch.float32 if smoke else torch.bfloat16, **small)
+        if quant is not None:
+            quantize_(model, quant)
+        model.to(dev)
+        weights = sum(t.nbytes for t in list(model.parameters()) + list(model.buffers()))
+        weights -= model.embed_tokens.weight.nbytes  # the embedding is gathered, not read
+        if model.lm_head.weight is model.embed_tokens.weight:
+            weights += model.embed_tokens.weight.nbytes  # ... but a tied head reads all of it
+        tps = decode_rate(model, dev, new)
+        ceiling = bw / weights
+        name = "bf16" if quant is None else "int4 g128"
+        fractions[name] = tps / ceiling
+        shape = preset + (" (shrunk)" if smoke else "")
+        print(f"model decode {shape} {name}: {tps:.1f} tok/s, roofline {ceiling:.1f} tok/s "
+              f"({weights / GiB:.2f} GiB read per token) -> {100 * tps / ceiling:.1f}%", flush=True)
+        del model
+    return fractions
+
+
+def decode_rate(model: torch.nn.Module, dev: torch.device, new: int) -> float:
+    """Engine tokens/s decoding one request: (time for ``new`` tokens - time for 1) / (new - 1)."""
+    llm = LLM(model, EngineConfig(block_size=16, num_blocks=64))
+
+    def run(n: int) -> None:
+        llm.generate([[3, 4, 5, 6, 7, 8, 9, 10]],
+                     SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    run(new)  # compile and warm up
+    t_long = min(timed(lambda: run(new)) for _ in range(3))
+    t_short = min(timed(lambda: run(1)) for _ in range(3))
+    return (new - 1) / (t_long - t_short)
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes: check the script and kernels run")
+    args = ap.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type != "cuda":
+        if not args.smoke or os.environ.get("TRITON_INTERPRET") != "1":
+            raise SystemExit("bench_kernels needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1)")
+        os.environ["LEANLM_KERNELS"] = "triton"
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else machine()
+    print(f"device: {name}; torch {torch.__version__}, triton {triton.__version__}", flush=True)
+    bw, flops = roofline(dev, args.smoke)
+    print(f"roofline: copy bandwidth {bw / 1e9:.1f} GB/s, bf16 GEMM {flops / 1e12:.1f} TFLOP/s", flush=True)
+    print("vs_X: X's time / the kernel's time (above 1: the kernel is faster); err: max abs "
+          "difference from the reference (relative for the GEMMs)", flush=True)
+    rows: list[dict] = []
+    attention_rows(rows, dev, bw, args.smoke)
+    gemm_rows(rows, dev, bw, args.smoke)
+    elementwise_rows(rows, dev, bw, args.smoke)
+    model = model_rows(dev, bw, args.smoke)
+    by_name = {r["kernel"] + " " + r["shape"].split()[0]: r for r in rows}
+    decode, gemv = by_name["paged decode attn " + rows[0]["shape"].split()[0]], by_name["int4 gemm g128 m1"]
+    targets = [
+        ("paged decode attention >= 70% of copy bandwidth", decode["roofline"] >= 0.7),
+        ("int4 GEMV >= 60% of copy bandwidth", gemv["roofline"] >= 0.6),
+        ("int4 GEMV >= 2.5x bf16 torch.matmul", gemv["vs_bf16_matmul"] >= 2.5),
+        ("model decode (bf16) >= 50% of the bandwidth roofline", model["bf16"] >= 0.5),
+    ]
+    for what, met in targets:
+        print(f"{'met ' if met else 'MISSED'}  {what}")
+
+
+if __name__ == "__main__":
+    with torch.inference_mode():
+        main()

@@ -1,0 +1,101 @@
+"""Kernel dispatch: LEANLM_KERNELS modes, and the model, the serving engine and QuantLinear giving
+the same results with the kernels on (Triton's interpreter on CPU; the real kernels on CUDA)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from conftest import random_model
+from leanlm import kernels
+from leanlm.errors import LeanLMError
+from leanlm.quant import RTNConfig, quantize_
+from leanlm.quant.linear import quantized_linears
+from leanlm.serve.engine import LLM, EngineConfig
+from leanlm.serve.request import SamplingParams
+from leanlm.serve.scheduler import SchedulerConfig
+
+CUDA = torch.cuda.is_available()
+# where the kernels run: CPU through the interpreter (mode "triton"), CUDA by default ("auto")
+TARGETS = [pytest.param("cpu", "triton", id="cpu-interpreter"),
+           pytest.param("cuda", "auto", id="cuda", marks=[
+               pytest.mark.cuda, pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")])]
+
+
+def test_modes(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.zeros(2)
+    monkeypatch.setenv("LEANLM_KERNELS", "auto")
+    assert not kernels.use_triton(x)  # CPU tensors take the reference
+    monkeypatch.setenv("LEANLM_KERNELS", "triton")
+    assert kernels.use_triton(x)  # the tests run under TRITON_INTERPRET=1
+    w = torch.zeros(2, requires_grad=True)
+    assert not kernels.use_triton(x, w)  # no backward in the kernels
+    with torch.no_grad():
+        assert kernels.use_triton(x, w)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(LeanLMError, match="needs Triton's interpreter"):
+        kernels.use_triton(x)
+    monkeypatch.setenv("LEANLM_KERNELS", "fast")
+    with pytest.raises(LeanLMError, match="LEANLM_KERNELS='fast'"):
+        kernels.use_triton(x)
+
+
+@pytest.mark.parametrize(("device", "mode"), TARGETS)
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_model_forward_unchanged(device: str, mode: str, family: str,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    model = random_model(family).to(device)
+    tokens = torch.randint(2, 300, (2, 11), generator=torch.Generator().manual_seed(0)).to(device)
+    monkeypatch.setenv("LEANLM_KERNELS", "reference")
+    with torch.no_grad():
+        want = model(tokens)
+        monkeypatch.setenv("LEANLM_KERNELS", mode)
+        got = model(tokens)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    shared = [rng.randrange(2, 300) for _ in range(9)]
+    return [(shared if i % 2 else []) + [rng.randrange(2, 300) for _ in range(rng.randrange(1, 14))]
+            for i in range(n)]
+
+
+@pytest.mark.parametrize(("device", "mode"), TARGETS)
+@pytest.mark.parametrize("family", ["llama", "mistral"])  # mistral: a sliding window of 8
+def test_engine_greedy_outputs_unchanged(device: str, mode: str, family: str,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    model = random_model(family).to(device)
+    config = EngineConfig(block_size=4, num_blocks=128, scheduler=SchedulerConfig(
+        max_num_batched_tokens=24, long_prefill_token_threshold=7))  # chunked, mixed batches
+    ps = prompts(8)
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)  # past the window
+    monkeypatch.setenv("LEANLM_KERNELS", "reference")
+    want = LLM(model, config).generate(ps, params)
+    monkeypatch.setenv("LEANLM_KERNELS", mode)
+    got = LLM(model, config).generate(ps, params)
+    assert got == want
+
+
+@pytest.mark.parametrize(("device", "mode"), TARGETS)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_linears_use_the_kernel(device: str, mode: str, bits: int,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    model = random_model("llama")
+    quantize_(model, RTNConfig(bits=bits, group_size=32))
+    model.to(device)
+    tokens = torch.randint(2, 300, (1, 5), generator=torch.Generator().manual_seed(0)).to(device)
+    layers = quantized_linears(model).values()
+    monkeypatch.setenv("LEANLM_KERNELS", mode)
+    with torch.no_grad():
+        for layer in layers:
+            layer.backend = "reference"  # fp32 dequantize + GEMM
+        want = model(tokens)
+        for layer in layers:
+            layer.backend = "auto"
+        got = model(tokens)
+    layer = next(iter(layers))
+    assert layer._choose(torch.zeros(3, layer.in_features, device=device)) == "triton"
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
