@@ -19,7 +19,8 @@ Stages (each resumable, each parallel over tasks or bands, files under ``OUT/.wo
 1. keys: per input file, every document's band keys (and MinHash signature) as .npy;
 2. bands: per band, sort all keys; equal keys give candidate edges;
 3. clusters: union-find over (verified) edges → the document indices each task drops;
-4. filter: the pipeline streams each input again, writing the documents that stay.
+4. filter: the pipeline streams each input again, writing the documents that stay
+   (:class:`~leanlm.data.pipeline.ListedIndices`).
 
 Exact dedup is the same job with one band whose key is a 64-bit hash of the normalised text
 (lowercased, punctuation removed, whitespace collapsed), and no verification.
@@ -30,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,16 +38,7 @@ from typing import Any
 import numpy as np
 
 from leanlm.data.io import ReadConfig, ReadErrors, list_inputs, read_documents, write_json
-from leanlm.data.pipeline import (
-    Context,
-    Doc,
-    Executor,
-    LocalExecutor,
-    Pipeline,
-    Stage,
-    StageStats,
-    claim_output,
-)
+from leanlm.data.pipeline import Executor, ListedIndices, LocalExecutor, Pipeline, claim_output
 from leanlm.errors import LeanLMError
 
 MERSENNE = np.uint64((1 << 61) - 1)
@@ -280,23 +271,6 @@ def _estimated_jaccard(work: Path, offsets: np.ndarray, edges: np.ndarray) -> np
     return (rows(edges[:, 0]) == rows(edges[:, 1])).mean(axis=1)
 
 
-@dataclass
-class DropListed(Stage):
-    """Stage 4: drop the documents stage 3 listed for this task."""
-
-    work: str
-    rule: str
-    name = "dedup"
-
-    def __call__(self, docs: Iterator[Doc], stats: StageStats, ctx: Context) -> Iterator[Doc]:
-        drop = set(np.load(Path(self.work) / "drop" / f"{ctx.task:05d}.npy").tolist())
-        for i, doc in enumerate(docs):
-            if i in drop:
-                stats.removed[self.rule] += 1
-            else:
-                yield doc
-
-
 def deduplicate(inputs: str | Path, out: str | Path, config: DedupConfig | None = None,
                 read: ReadConfig | None = None, executor: Executor | None = None,
                 compression: str = "gzip") -> dict[str, Any]:
@@ -314,7 +288,9 @@ def deduplicate(inputs: str | Path, out: str | Path, config: DedupConfig | None 
     executor.map(_BandEdges(work, counts), list(range(bands)), desc="bands")
     info_path = work / "clusters.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else clusters(work, counts, bands, config)
-    pipeline = Pipeline([DropListed(str(work.resolve()), f"{config.method}:duplicate")], read, compression)
+    listed = ListedIndices(str((work / "drop").resolve()), keep=False, rule=f"{config.method}:duplicate",
+                           name="dedup")
+    pipeline = Pipeline([listed], read, compression)
     stats = pipeline.run(inputs, out, executor)
     stats["dedup"] = {**info, "bands": bands, "rows": config.band_rows()[1]}
     write_json(Path(out) / "stats.json", stats)

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from leanlm.data.io import ReadConfig, ReadErrors, ShardWriter, list_inputs, read_documents, write_json
@@ -88,6 +89,25 @@ class Filter(Stage):
                 yield doc
             else:
                 stats.removed[why] += 1
+
+
+@dataclass
+class ListedIndices(Stage):
+    """Keep (or drop) the documents whose positions in their input file a previous pass listed
+    in ``folder/NNNNN.npy`` (one file per task): how multi-pass jobs apply their decisions."""
+
+    folder: str
+    keep: bool
+    rule: str
+    name: str = "listed"
+
+    def __call__(self, docs: Iterator[Doc], stats: StageStats, ctx: Context) -> Iterator[Doc]:
+        listed = set(np.load(Path(self.folder) / f"{ctx.task:05d}.npy").tolist())
+        for i, doc in enumerate(docs):
+            if (i in listed) == self.keep:
+                yield doc
+            else:
+                stats.removed[self.rule] += 1
 
 
 # ---- executors --------------------------------------------------------------------------------
