@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from leanlm.data.cli import data_app
 from leanlm.errors import LeanLMError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -120,6 +121,7 @@ corpus_app = typer.Typer(no_args_is_help=True, help="Build training corpora.")
 tokenizer_app = typer.Typer(no_args_is_help=True, help="Train tokenizers.")
 app.add_typer(corpus_app, name="corpus")
 app.add_typer(tokenizer_app, name="tokenizer")
+app.add_typer(data_app, name="data")
 
 
 @corpus_app.command("build")

@@ -210,7 +210,9 @@ class Pipeline:
         tasks = [Task(i, f, root) for i, f in enumerate(files)]
         pending = [t for t in tasks if not marker(out_dir, t.index).exists()]
         (executor or LocalExecutor()).map(_TaskRunner(self, out_dir), pending, desc="pipeline")
-        return finish(out_dir, len(tasks), [s.name for s in self.stages])
+        names = [s.name for s in self.stages]
+        names = [n if names.count(n) == 1 else f"{n}#{names[:i + 1].count(n)}" for i, n in enumerate(names)]
+        return finish(out_dir, len(tasks), names)
 
     def documents(self, task: Task, stats: list[StageStats], errors: ReadErrors) -> Iterator[Doc]:
         """Task ``task``'s documents after every stage."""
