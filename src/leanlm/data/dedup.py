@@ -10,9 +10,10 @@ false positive and negative areas (datasketch's ``_optimal_param``). Candidates 
 verified by the signature's own Jaccard estimate (fraction of equal rows ≥ t), then merged into
 clusters with union-find; each cluster keeps its first document (lowest input position).
 
-Permutations are π_k(h) = ((a_k·h + b_k) mod (2⁶¹ − 1)) mod 2³² over 32-bit shingle hashes, with
-a_k, b_k < 2³² so that a_k·h + b_k never overflows 64 bits. Words are hashed once each (BLAKE2b,
-cached) and n-grams combined from word hashes with a polynomial hash in numpy.
+Permutations are multiply-add-shift hashes π_k(h) = ⌊((a_k·h + b_k) mod 2⁶⁴) / 2³²⌋ of 32-bit
+shingle hashes, with a_k odd (Dietzfelbinger 1996: strongly universal from 32 to 32 bits; no
+modulo, which costs twice the time of datasketch's (a·h + b) mod (2⁶¹ − 1) in numpy). Shingle hashes are computed for a
+batch of documents at once in numpy (:class:`MinHasher`): no Python work per word.
 
 Stages (each resumable, each parallel over tasks or bands, files under ``OUT/.work``):
 
@@ -41,7 +42,6 @@ from leanlm.data.io import ReadConfig, ReadErrors, list_inputs, read_documents, 
 from leanlm.data.pipeline import Executor, ListedIndices, LocalExecutor, Pipeline, claim_output
 from leanlm.errors import LeanLMError
 
-MERSENNE = np.uint64((1 << 61) - 1)
 MAX_HASH = np.uint64((1 << 32) - 1)
 WORD = re.compile(r"\w+")
 PUNCT = re.compile(r"[^\w\s]")
@@ -106,51 +106,112 @@ def normalize(text: str) -> str:
     return SPACE.sub(" ", PUNCT.sub("", text.lower())).strip()
 
 
+# bytes that belong to a word (\w on ASCII; every byte of a non-ASCII UTF-8 character)
+WORD_BYTE = np.zeros(256, dtype=bool)
+WORD_BYTE[np.frombuffer(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_", np.uint8)] = True
+WORD_BYTE[128:] = True
+BYTE_POW = np.cumprod(np.r_[np.uint64(1), np.full(63, 0x100000001B3, dtype=np.uint64)], dtype=np.uint64)
+MAX_SHINGLES = 16_384  # rows of one [shingles, num_perm] block
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    """A 64-bit finaliser (splitmix64's), so that low and high bits both depend on every input bit."""
+    with np.errstate(over="ignore"):
+        h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return h ^ (h >> np.uint64(31))
+
+
 class MinHasher:
-    """Shingle hashes and MinHash signatures of texts (one instance per process: a word cache)."""
+    """MinHash signatures of texts, computed for a batch of documents at a time in numpy.
+
+    The batch's lowercased texts are joined by newlines; word units are runs of word bytes, each
+    hashed by a polynomial over its bytes (vectorised with ``np.add.reduceat``); character units
+    are code points. n-gram shingles combine n consecutive units of the same document, and each
+    document's signature is a segmented minimum over its shingles' permuted hashes. Duplicate
+    shingles need no removal: they do not change a minimum.
+    """
 
     def __init__(self, config: DedupConfig) -> None:
         self.config = config
         rng = np.random.RandomState(config.seed)
-        self.a = rng.randint(1, 1 << 32, config.num_perm, dtype=np.uint64)
-        self.b = rng.randint(0, 1 << 32, config.num_perm, dtype=np.uint64)
-        self._words: dict[str, int] = {}
+        self.a = rng.randint(0, 1 << 63, config.num_perm, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+        self.b = rng.randint(0, 1 << 63, config.num_perm, dtype=np.uint64)
+        self._buf = np.empty((MAX_SHINGLES, config.num_perm), dtype=np.uint64)
 
-    def _word(self, w: str) -> int:
-        h = self._words.get(w)
-        if h is None:
-            if len(self._words) > 1_000_000:
-                self._words.clear()
-            h = int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little")
-            self._words[w] = h
-        return h
+    def _units(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(unit hashes uint64, document index of each unit)."""
+        lowered = [t.lower() for t in texts]
+        if self.config.shingle == "char":  # code points
+            units = np.frombuffer("".join(lowered).encode("utf-32-le"), np.uint32).astype(np.uint64)
+            return units, np.repeat(np.arange(len(texts)), [len(t) for t in lowered])
+        data = np.frombuffer("\n".join(lowered).encode("utf-8"), np.uint8)
+        is_word = WORD_BYTE[data]
+        edge = np.diff(np.r_[False, is_word, False].astype(np.int8))
+        starts = np.flatnonzero(edge == 1)
+        if len(starts) == 0:
+            return np.zeros(0, np.uint64), np.zeros(0, np.int64)
+        idx = np.flatnonzero(is_word)
+        word = np.cumsum(edge[:-1] == 1)[idx] - 1  # word index of each word byte
+        with np.errstate(over="ignore"):
+            contrib = (data[idx].astype(np.uint64) + np.uint64(1)) * BYTE_POW[(idx - starts[word]) % 64]
+        first = np.flatnonzero(np.r_[True, word[1:] != word[:-1]])
+        hashes = _mix(np.add.reduceat(contrib, first))
+        # documents are joined by newlines and contain their own: a word's line index, mapped
+        # through each document's line count, gives its document
+        line = np.cumsum(data == 10)[starts]
+        last_line = np.cumsum([t.count("\n") + 1 for t in lowered])
+        return hashes, np.searchsorted(last_line, line, side="right")
 
-    def shingles(self, text: str) -> np.ndarray:
-        """Distinct 32-bit hashes of the text's shingles (a text shorter than n is one shingle)."""
-        n = self.config.ngram
-        if self.config.shingle == "word":
-            units = np.array([self._word(w) for w in WORD.findall(text.lower())], dtype=np.uint64)
-        else:
-            units = np.frombuffer(text.lower().encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    def signatures(self, texts: list[str]) -> np.ndarray:
+        """[len(texts), num_perm] uint32 (all-ones for a document without shingles)."""
+        n, k = self.config.ngram, self.config.num_perm
+        sigs = np.full((len(texts), k), MAX_HASH, dtype=np.uint64)
+        units, doc = self._units(texts)
         if len(units) == 0:
-            return np.zeros(0, dtype=np.uint64)
-        n = min(n, len(units))
-        h = np.zeros(len(units) - n + 1, dtype=np.uint64)
-        with np.errstate(over="ignore"):  # arithmetic mod 2⁶⁴
-            for j in range(n):
-                h = h * POLY + units[j:len(units) - n + 1 + j]
-            h ^= h >> np.uint64(29)
-            h *= np.uint64(0xBF58476D1CE4E5B9)
-        return np.unique(h >> np.uint64(32))
+            return sigs.astype(np.uint32)
+        counts = np.bincount(doc, minlength=len(texts))
+        m = len(units) - n + 1
+        with np.errstate(over="ignore"):
+            if m > 0:
+                h = np.zeros(m, dtype=np.uint64)
+                for j in range(n):
+                    h = h * POLY + units[j:j + m]
+                keep = doc[:m] == doc[n - 1:]
+                h, hdoc = h[keep], doc[:m][keep]
+            else:
+                h, hdoc = np.zeros(0, np.uint64), np.zeros(0, np.int64)
+            short = np.flatnonzero((counts > 0) & (counts < n))  # fewer units than n: one shingle
+            if len(short):
+                starts = np.r_[0, np.cumsum(counts)][short]
+                extra = [_poly(units[s:s + counts[d]]) for s, d in zip(starts, short, strict=True)]
+                h = np.r_[h, np.array(extra, dtype=np.uint64)]
+                hdoc = np.r_[hdoc, short]
+                order = np.argsort(hdoc, kind="stable")
+                h, hdoc = h[order], hdoc[order]
+            h = _mix(h) >> np.uint64(32)
+        for lo in range(0, len(h), MAX_SHINGLES):
+            hi = min(len(h), lo + MAX_SHINGLES)
+            perm = self._buf[:hi - lo]
+            with np.errstate(over="ignore"):  # π(h) = (a·h + b mod 2⁶⁴) >> 32, in place
+                np.multiply(h[lo:hi, None], self.a, out=perm)
+                perm += self.b
+            perm >>= np.uint64(32)
+            seg = np.flatnonzero(np.r_[True, hdoc[lo + 1:hi] != hdoc[lo:hi - 1]])
+            d = hdoc[lo + seg]
+            sigs[d] = np.minimum(sigs[d], np.minimum.reduceat(perm.astype(np.uint32), seg, axis=0))
+        return sigs.astype(np.uint32)
 
     def signature(self, text: str) -> np.ndarray:
-        """[num_perm] uint32: min over shingles of each permutation (all-ones for an empty text)."""
-        h = self.shingles(text)
-        sig = np.full(self.config.num_perm, MAX_HASH, dtype=np.uint64)
-        for start in range(0, len(h), 4096):  # bounded memory for long documents
-            chunk = h[start:start + 4096, None]
-            sig = np.minimum(sig, (((chunk * self.a + self.b) % MERSENNE) & MAX_HASH).min(axis=0))
-        return sig.astype(np.uint32)
+        return self.signatures([text])[0]
+
+
+def _poly(units: np.ndarray) -> int:
+    h = np.uint64(0)
+    with np.errstate(over="ignore"):
+        for u in units:
+            h = h * POLY + u
+    return int(h)
 
 
 def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
@@ -186,8 +247,15 @@ class _Keys:
             keys = np.array([text_key(t) for t in texts], dtype=np.uint64).reshape(-1, 1)
         else:
             hasher = MinHasher(self.config)
-            sigs = np.array([hasher.signature(t) for t in texts], dtype=np.uint32)
-            sigs = sigs.reshape(-1, self.config.num_perm)
+            blocks, batch, size = [], [], 0
+            for t in texts:  # batches of about 1 MB of text
+                batch.append(t)
+                size += len(t)
+                if size > 1 << 20:
+                    blocks.append(hasher.signatures(batch))
+                    batch, size = [], 0
+            blocks.append(hasher.signatures(batch))
+            sigs = np.concatenate(blocks)
             _save(self.work / "keys" / f"{index:05d}.sig.npy", sigs)
             keys = band_keys(sigs, bands, rows)
         _save(done, keys)  # last: its presence marks the task done

@@ -183,7 +183,8 @@ class ShardWriter:
         self.tmp = self.path.with_name(f".{self.path.name}.tmp")
         raw = open(self.tmp, "wb")  # noqa: SIM115 - closed by close()/abort()
         if compression == "gzip":
-            self.file: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0)
+            # level 1: 3-4x faster than the default 6 for about 10% larger shards
+            self.file: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0)
         elif compression == "zstd":
             import zstandard
 
