@@ -151,8 +151,9 @@ class RayExecutor:
         self.progress = progress
 
     def map(self, fn: Callable[[T], R], items: Sequence[T], desc: str = "tasks") -> list[R]:
-        remote = self.ray.remote(_Indexed(fn).__call__)
-        pending = [remote.remote((i, item)) for i, item in enumerate(items)]
+        remote = self.ray.remote(_apply)
+        fn_ref = self.ray.put(_Indexed(fn))  # shipped to the object store once, not per task
+        pending = [remote.remote(fn_ref, (i, item)) for i, item in enumerate(items)]
         results: list[R | None] = [None] * len(items)
         with _progress(self.progress) as bar:
             job = bar.add_task(desc, total=len(items))
@@ -162,6 +163,11 @@ class RayExecutor:
                 results[i] = r
                 bar.advance(job)
         return results  # type: ignore[return-value]
+
+
+def _apply(fn: Callable[[Any], Any], item: Any) -> Any:
+    """The Ray task: one call of the mapped function."""
+    return fn(item)
 
 
 Executor = LocalExecutor | RayExecutor
