@@ -12,8 +12,9 @@ clusters with union-find; each cluster keeps its first document (lowest input po
 
 Permutations are multiply-add-shift hashes π_k(h) = ⌊((a_k·h + b_k) mod 2⁶⁴) / 2³²⌋ of 32-bit
 shingle hashes, with a_k odd (Dietzfelbinger 1996: strongly universal from 32 to 32 bits; no
-modulo, which costs twice the time of datasketch's (a·h + b) mod (2⁶¹ − 1) in numpy). Shingle hashes are computed for a
-batch of documents at once in numpy (:class:`MinHasher`): no Python work per word.
+modulo, which costs twice the time of datasketch's (a·h + b) mod (2⁶¹ − 1) in numpy). Shingle
+hashes are computed for a batch of documents at once in numpy (:class:`MinHasher`): no Python
+work per word.
 
 Stages (each resumable, each parallel over tasks or bands, files under ``OUT/.work``):
 
