@@ -1,4 +1,4 @@
-"""``leanlm data ...``: dedup, filter, dsir and stats over JSONL / Parquet / text inputs.
+"""``leanlm data ...``: dedup, filter, dsir, ppl-filter, doremi and stats over JSONL / Parquet / text.
 
 Every command streams IN (a file or a folder) through a resumable pipeline into OUT (sharded
 JSONL + manifest.json + stats.json); re-running the same command after a crash finishes the work
@@ -139,6 +139,24 @@ def dsir(inp: In, out: Out,
     read, ex = _setup(text_field, on_error, workers, executor, ray_address)
     config = DSIRConfig(num_buckets=buckets, min_example_length=min_length, top_k=top_k, seed=seed)
     _report(select(inp, target, out, num, config, read, ex, compression), out)
+
+
+@data_app.command("ppl-filter")
+def ppl_filter_cmd(inp: In, out: Out,
+                   model: Annotated[Path | None, typer.Option(
+                       help="Scoring model directory (default: the embedded model).")] = None,
+                   low: Annotated[float, typer.Option(help="Lowest kept perplexity percentile.")] = 0.0,
+                   high: Annotated[float, typer.Option(help="Highest kept perplexity percentile.")] = 90.0,
+                   max_tokens: Annotated[int, typer.Option(help="Tokens scored per document.")] = 512,
+                   text_field: TextField = "text", on_error: OnError = "fail", workers: Workers = None,
+                   executor: ExecutorOpt = "local", ray_address: RayAddress = None,
+                   compression: Compression = "gzip") -> None:
+    """Keep documents whose perplexity under a leanlm model lies in a percentile band."""
+    from leanlm.data.ppl_filter import PerplexityConfig, ppl_filter
+
+    read, ex = _setup(text_field, on_error, workers, executor, ray_address)
+    config = PerplexityConfig(str(model) if model else None, low, high, max_tokens)
+    _report(ppl_filter(inp, out, config, read, ex, compression), out)
 
 
 @data_app.command("stats")
