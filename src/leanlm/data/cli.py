@@ -159,6 +159,36 @@ def ppl_filter_cmd(inp: In, out: Out,
     _report(ppl_filter(inp, out, config, read, ex, compression), out)
 
 
+@data_app.command("doremi")
+def doremi_cmd(corpus: Annotated[Path, typer.Argument(help="Corpus folder (leanlm corpus build).")],
+               out: Annotated[Path, typer.Argument(help="Output: reference/, proxy/, weights.json.")],
+               recipe: Annotated[str, typer.Option(help="Recipe of reference and proxy.")] = "tiny",
+               steps: Annotated[int, typer.Option(help="Training steps of each model.")] = 200,
+               tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer directory.")] = None,
+               eta: Annotated[float, typer.Option(help="Step size of the weight update.")] = 1.0,
+               smoothing: Annotated[float, typer.Option(help="Mixed-in uniform weight c.")] = 1e-3,
+               set_: Annotated[list[str] | None, typer.Option(
+                   "--set", help="Recipe override key=value (as for `leanlm pretrain`).")] = None,
+               quiet: Annotated[bool, typer.Option(help="No progress bars or logs.")] = False) -> None:
+    """DoReMi: domain weights from a Group DRO proxy model (train with --set domain_weights=...)."""
+    from leanlm.data.doremi import DoReMiConfig, doremi
+    from leanlm.train import get_recipe
+    from leanlm.train.config import apply_overrides
+
+    overrides = [f"max_steps={steps}", *(set_ or [])]
+    if tokenizer is not None:
+        overrides.append(f"tokenizer={tokenizer}")
+    base = apply_overrides(get_recipe(recipe), overrides)
+    result = doremi(corpus, out, base, DoReMiConfig(eta=eta, smoothing=smoothing), quiet)
+    table = Table(title=f"DoReMi domain weights ({result['steps']} proxy steps): {out / 'weights.json'}")
+    table.add_column("domain")
+    table.add_column("reference")
+    table.add_column("DoReMi")
+    for dom, w in result["domain_weights"].items():
+        table.add_row(dom, f"{result['reference_weights'][dom]:.3f}", f"{w:.3f}")
+    Console().print(table)
+
+
 @data_app.command("stats")
 def stats(inp: In, text_field: TextField = "text", on_error: OnError = "fail") -> None:
     """Documents, characters and words of each input file."""

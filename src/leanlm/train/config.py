@@ -29,6 +29,9 @@ class TrainConfig:
     micro_batch: int = 8
     grad_accum: int = 1
     document_masking: bool = True
+    # sample each sequence's domain by these weights ({"code": 0.5, ...}, or a JSON file such as
+    # the weights.json of `leanlm data doremi`); None: the domains' natural proportions
+    domain_weights: dict[str, float] | str | None = None
     # optimisation: AdamW with linear warmup, then cosine or warmup-stable-decay (WSD)
     max_steps: int = 1000
     lr: float = 3e-3

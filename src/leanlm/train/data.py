@@ -25,6 +25,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -145,13 +146,18 @@ class PackedLoader:
             self._perm = (self.epoch, rng.permutation(self.num_windows))
         return self._perm[1]
 
+    def take(self, n: int) -> np.ndarray:
+        """The next ``n`` window ids of the seeded order (a new epoch when fewer than n are left)."""
+        if self.cursor + n > self.num_windows:
+            self.epoch, self.cursor = self.epoch + 1, 0
+        ids = self._permutation()[self.cursor:self.cursor + n]
+        self.cursor += n
+        return ids
+
     def next_step(self) -> list[Batch]:
         """The ``grad_accum`` micro-batches of this rank for the next optimizer step."""
-        if self.cursor + self.global_batch > self.num_windows:
-            self.epoch, self.cursor = self.epoch + 1, 0
-        ids = self._permutation()[self.cursor:self.cursor + self.global_batch]
-        self.cursor += self.global_batch
-        ids = ids.reshape(self.grad_accum, self.world, self.micro_batch)[:, self.rank]
+        ids = self.take(self.global_batch).reshape(self.grad_accum, self.world, self.micro_batch)
+        ids = ids[:, self.rank]
         return [make_batch(np.stack([window(self.tokens, i, self.seq_len) for i in row]),
                            self.eos_id, self.document_masking) for row in ids]
 
@@ -165,3 +171,60 @@ class PackedLoader:
                 raise LeanLMError(f"cannot resume the data loader: checkpoint has {k}={state.get(k)}, "
                                   f"this run has {getattr(self, k)} (same data, batch and seed needed)")
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+
+
+class MixtureLoader:
+    """Windows of several domains mixed by domain weights (DoReMi's sampler; Xie et al. 2023).
+
+    Each sequence of a global batch comes from domain d with probability w_d, drawn from a
+    generator seeded by (seed, step) so that every rank draws the same global batch; each
+    domain's windows are dealt in its own seeded order (a :class:`PackedLoader` of batch 1).
+    Its state is the step and each domain's (epoch, cursor).
+    """
+
+    def __init__(self, streams: dict[str, np.ndarray], weights: dict[str, float], seq_len: int,
+                 eos_id: int, micro_batch: int, grad_accum: int = 1, rank: int = 0, world: int = 1,
+                 seed: int = 0, document_masking: bool = True) -> None:
+        unknown = set(weights) - set(streams)
+        if unknown:
+            raise LeanLMError(f"domain weights name unknown domains {sorted(unknown)}; the corpus has "
+                              f"{sorted(streams)}")
+        w = np.array([float(weights.get(d, 0.0)) for d in streams])
+        if (w < 0).any() or w.sum() <= 0 or not np.isfinite(w).all():
+            raise LeanLMError(f"domain weights must be non-negative with a positive sum, got {weights}")
+        self.domains, self.p = list(streams), w / w.sum()
+        self.loaders = [PackedLoader(streams[d], seq_len, eos_id, 1, seed=seed + 1 + i,
+                                     document_masking=document_masking) for i, d in enumerate(streams)]
+        self.seq_len, self.eos_id, self.document_masking = seq_len, eos_id, document_masking
+        self.micro_batch, self.grad_accum, self.rank, self.world = micro_batch, grad_accum, rank, world
+        self.global_batch = micro_batch * grad_accum * world
+        self.seed, self.step = seed, 0
+
+    def draw(self) -> tuple[np.ndarray, np.ndarray]:
+        """The next global batch: windows [G, seq_len + 1] and each one's domain index [G]."""
+        dom = np.random.default_rng([self.seed, self.step]).choice(len(self.p), self.global_batch, p=self.p)
+        self.step += 1
+        windows = np.empty((self.global_batch, self.seq_len + 1), dtype=np.int64)
+        for d, loader in enumerate(self.loaders):
+            rows = np.flatnonzero(dom == d)
+            for r, i in zip(rows, loader.take(len(rows)), strict=True):
+                windows[r] = window(loader.tokens, int(i), self.seq_len)
+        return windows, dom
+
+    def next_step(self) -> list[Batch]:
+        windows, _ = self.draw()
+        rows = windows.reshape(self.grad_accum, self.world, self.micro_batch, -1)[:, self.rank]
+        return [make_batch(r, self.eos_id, self.document_masking) for r in rows]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "seed": self.seed, "global_batch": self.global_batch,
+                "p": self.p.tolist(), "domains": [ld.state_dict() for ld in self.loaders]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("global_batch") != self.global_batch or state.get("seed") != self.seed or \
+                not np.allclose(state.get("p", []), self.p):
+            raise LeanLMError("cannot resume the data loader: the checkpoint was made with another "
+                              "batch size, seed or domain weights")
+        self.step = int(state["step"])
+        for loader, st in zip(self.loaders, state["domains"], strict=True):
+            loader.load_state_dict(st)

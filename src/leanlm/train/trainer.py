@@ -45,7 +45,7 @@ from leanlm.model import Transformer, init_param_
 from leanlm.tokenizer import Tokenizer, load_tokenizer
 from leanlm.train import checkpointing as ckpt
 from leanlm.train.config import TrainConfig
-from leanlm.train.data import PackedLoader, load_tokens, tokenize_corpus
+from leanlm.train.data import MixtureLoader, PackedLoader, load_tokens, tokenize_corpus
 from leanlm.train.memory import check_fits
 from leanlm.train.metrics import MetricsLogger, flops_per_token, peak_flops
 from leanlm.train.parallelize import parallelize
@@ -128,6 +128,22 @@ def init_parameters(model: nn.Module, std: float, seed: int) -> None:
         p.copy_(full)
 
 
+def domain_weights(value: dict[str, float] | str) -> dict[str, float]:
+    """Weights given inline, or read from a JSON file (``{"domain_weights": {...}}`` or a plain dict)."""
+    if isinstance(value, dict):
+        return {str(k): float(v) for k, v in value.items()}
+    path = Path(value)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise LeanLMError(f"domain_weights={value!r}: not a dict of weights nor a readable JSON "
+                          f"file ({e})") from e
+    data = data.get("domain_weights", data) if isinstance(data, dict) else data
+    if not isinstance(data, dict):
+        raise LeanLMError(f"{path}: expected a JSON object of domain -> weight")
+    return {str(k): float(v) for k, v in data.items()}
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, quiet: bool = False) -> None:
         self.cfg = cfg
@@ -154,8 +170,7 @@ class Trainer:
         latest = ckpt.complete_checkpoints(self.ckpt_root)
         if latest:
             state = ckpt.load_checkpoint(latest[-1], self.model, self.optimizer)
-            self.step = int(state["step"])
-            self.loader.load_state_dict(state["data"])
+            self.restore(state)
             self.log(f"resumed from {latest[-1]} at step {self.step}")
 
     # --- setup ----------------------------------------------------------------------------
@@ -189,10 +204,15 @@ class Trainer:
         d.barrier()
         if d.rank != 0:
             self.files = tokenize_corpus(cfg.data, self.tok, cache, self.eos_id)  # cached: no work
-        train = [load_tokens(f["train"]) for f in self.files.values()]
+        train = {dom: load_tokens(f["train"]) for dom, f in self.files.items()}
         self.val = {dom: load_tokens(f["val"]) for dom, f in self.files.items()}
-        self.loader = PackedLoader(np.concatenate(train), cfg.seq_len, self.eos_id, cfg.micro_batch,
-                                   cfg.grad_accum, d.rank, d.world, cfg.seed, cfg.document_masking)
+        args = (cfg.seq_len, self.eos_id, cfg.micro_batch, cfg.grad_accum, d.rank, d.world, cfg.seed,
+                cfg.document_masking)
+        self.loader: PackedLoader | MixtureLoader
+        if cfg.domain_weights is None:
+            self.loader = PackedLoader(np.concatenate(list(train.values())), *args)
+        else:
+            self.loader = MixtureLoader(train, domain_weights(cfg.domain_weights), *args)
 
     def _build_model(self) -> nn.Module:
         cfg = self.cfg
@@ -251,8 +271,16 @@ class Trainer:
                 out[domain] = s / n
         return out
 
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What a checkpoint holds besides model and optimizer (subclasses add theirs)."""
+        return {"step": self.step, "data": self.loader.state_dict(), "config": self.cfg.to_dict()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.loader.load_state_dict(state["data"])
+
     def save(self) -> Path:
-        state = {"step": self.step, "data": self.loader.state_dict(), "config": self.cfg.to_dict()}
+        state = self.checkpoint_state()
         return ckpt.save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, state,
                                     self.cfg.keep_checkpoints, nonce=str(self.step))
 

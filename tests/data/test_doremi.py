@@ -1,0 +1,80 @@
+"""DoReMi on the tiny 3-domain corpus, and the trainer's domain-mixture sampler."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from leanlm.data.doremi import DoReMiConfig, ProxyTrainer, doremi
+from leanlm.errors import LeanLMError
+from leanlm.train.data import MixtureLoader
+from leanlm.train.trainer import Trainer
+
+
+def test_mixture_loader_follows_the_weights_and_resumes() -> None:
+    streams = {d: np.arange(i * 10_000, (i + 1) * 10_000) for i, d in enumerate("abc")}
+    loader = MixtureLoader(streams, {"a": 0.6, "b": 0.3, "c": 0.1}, seq_len=8, eos_id=0, micro_batch=50)
+    counts = np.zeros(3)
+    for _ in range(40):
+        windows, dom = loader.draw()
+        counts += np.bincount(dom, minlength=3)
+        assert all(w[0] // 10_000 == d for w, d in zip(windows, dom, strict=True))  # from its domain
+    assert np.allclose(counts / counts.sum(), [0.6, 0.3, 0.1], atol=0.03)
+    state = loader.state_dict()
+    a = loader.draw()
+    again = MixtureLoader(streams, {"a": 0.6, "b": 0.3, "c": 0.1}, seq_len=8, eos_id=0, micro_batch=50)
+    again.load_state_dict(json.loads(json.dumps(state)))
+    b = again.draw()
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    with pytest.raises(LeanLMError, match="unknown domains"):
+        MixtureLoader(streams, {"z": 1.0}, seq_len=8, eos_id=0, micro_batch=2)
+    with pytest.raises(LeanLMError, match="positive sum"):
+        MixtureLoader(streams, {"a": 0.0}, seq_len=8, eos_id=0, micro_batch=2)
+
+
+def test_trainer_samples_domains_by_weights_from_a_file(tiny_data: tuple[Path, Path], tmp_path: Path) -> None:
+    (tmp_path / "w.json").write_text(json.dumps({"domain_weights": {"mycode": 1.0}}))
+    t = Trainer(tiny_config(tiny_data, tmp_path / "run", f"domain_weights={tmp_path / 'w.json'}",
+                            "max_steps=2"), quiet=True)
+    try:
+        assert isinstance(t.loader, MixtureLoader) and t.loader.p.tolist() == [1.0, 0.0, 0.0]
+        t.run()
+    finally:
+        t.close()
+
+
+def test_doremi_produces_weights_and_resumes(tiny_data: tuple[Path, Path], tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_data, tmp_path, "max_steps=12", "eval_every=0", "ckpt_every=6")
+    result = doremi(tiny_data[0], tmp_path / "doremi", cfg, DoReMiConfig(), quiet=True)
+    w = result["domain_weights"]
+    assert set(w) == {"mycode", "mydocs", "myliterature"} and abs(sum(w.values()) - 1) < 1e-9
+    assert min(w.values()) > 0 and result["steps"] == 12
+    assert json.loads((tmp_path / "doremi" / "weights.json").read_text()) == json.loads(json.dumps(result))
+    assert (tmp_path / "doremi" / "reference" / "model" / "config.json").is_file()
+    # a second call finds both runs finished and returns the same weights from the checkpoint
+    again = doremi(tiny_data[0], tmp_path / "doremi", cfg, DoReMiConfig(), quiet=True)
+    assert again["domain_weights"] == pytest.approx(w)
+
+
+def test_proxy_weights_move_toward_the_domain_with_excess_loss(tiny_data: tuple[Path, Path],
+                                                               tmp_path: Path) -> None:
+    # a reference that has seen only code: the proxy's excess loss (hence weight) is on code
+    ref = Trainer(tiny_config(tiny_data, tmp_path / "ref", "max_steps=30", "eval_every=0",
+                              'domain_weights={"mycode": 1.0}'), quiet=True)
+    try:
+        ref.run()
+    finally:
+        ref.close()
+    proxy = ProxyTrainer(tiny_config(tiny_data, tmp_path / "proxy", "max_steps=10", "eval_every=0",
+                                     'domain_weights={"mycode": 1, "mydocs": 1, "myliterature": 1}'),
+                         tmp_path / "ref" / "model", DoReMiConfig(), quiet=True)
+    try:
+        proxy.run()
+    finally:
+        proxy.close()
+    w = proxy.domain_weights()
+    assert w["mycode"] > w["mydocs"] and w["mycode"] > w["myliterature"]
