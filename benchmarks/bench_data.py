@@ -162,6 +162,21 @@ def bench_dsir(domains: dict[str, list[str]], target_domain: str, corpus: Path, 
         print(f"  {w} worker(s): data-selection {n / t_ref:,.0f} docs/s ({t_ref:.1f} s), leanlm "
               f"{n / t:,.0f} docs/s ({t:.1f} s) -> {t_ref / t:.2f}x; {target_domain} share of the "
               f"selection: leanlm {share(ids):.3f}, data-selection {share(ref_ids):.3f}", flush=True)
+    # agreement at scale: importance weights (Spearman) and deterministic top-k selections
+    ours = np.concatenate([np.load(tmp / f"dsir_out_{workers[0]}" / ".work" / f"weights-{i:05d}.npy")
+                           for i in range(8)])
+    cache = tmp / f"ds_cache_{workers[0]}" / "log_importance_weights"
+    theirs = np.concatenate([np.load(cache / f"{i}.npy") for i in range(len(list(cache.glob("*.npy"))))])
+    rank = lambda x: np.argsort(np.argsort(x))
+    rho = float(np.corrcoef(rank(ours), rank(theirs))[0, 1])
+    ref.resample(str(tmp / "ds_topk"), num_to_sample=k, cache_dir=str(tmp / "ds_topk_c"), top_k=True)
+    ref_top = {json.loads(line)["id"] for f in (tmp / "ds_topk").glob("*.jsonl")
+               for line in f.read_text().splitlines()}
+    select(raw, target, tmp / "dsir_topk", k, DSIRConfig(min_example_length=100, top_k=True),
+           executor=LocalExecutor(workers[-1], progress=False))
+    our_top = {d["id"] for d in iter_output(tmp / "dsir_topk")}
+    print(f"  agreement: Spearman of the {len(ours):,} log importance weights {rho:.6f}; top-{k:,} "
+          f"overlap {len(our_top & ref_top) / k:.4f}", flush=True)
 
 
 def main() -> None:
