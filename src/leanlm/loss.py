@@ -74,7 +74,8 @@ def linear_cross_entropy(h: torch.Tensor, head: nn.Module, targets: torch.Tensor
     Fused and chunked for a plain bias-free ``nn.Linear`` head when gradients are wanted; any
     other head (quantized, with adapters), or no-grad scoring, takes the plain path.
     """
-    if type(head) is nn.Linear and head.bias is None and torch.is_grad_enabled():
+    hooked = bool(head._forward_hooks or head._forward_pre_hooks)  # e.g. a LoRA on lm_head
+    if type(head) is nn.Linear and head.bias is None and not hooked and torch.is_grad_enabled():
         return _LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), head.weight, targets.reshape(-1), chunk)
     logits = head(h).float()
     return F.cross_entropy(logits.flatten(0, -2), targets.reshape(-1), ignore_index=IGNORE_INDEX)

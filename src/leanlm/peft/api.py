@@ -98,7 +98,7 @@ def register(config_cls: type[PeftConfig], adapter_cls: type[Adapter]) -> None:
 # ---- hooks ----------------------------------------------------------------------------------
 def _active(module: nn.Module) -> Iterator[Adapter]:
     for name in getattr(module, "_active_adapters", ()):
-        a = module.adapters[name] if name in module.adapters else None
+        a = module.adapters[name] if name in module.adapters else None  # noqa: SIM401 - ModuleDict
         if a is not None and not a.merged:
             yield a
 

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from leanlm.errors import LeanLMError
 from leanlm.peft.api import Adapter, PeftConfig, register
 from leanlm.peft.lora import dims
 
@@ -52,17 +53,15 @@ class IA3(Adapter):
 
     def _scale(self, module: nn.Module, inverse: bool) -> None:
         if not isinstance(module, nn.Linear):
-            from leanlm.errors import LeanLMError
-
             raise LeanLMError("merging (IA)³ into a quantized base would need re-quantization")
-        l = self.ia3_l.detach().float()
-        l = 1 / l if inverse else l
+        scale = self.ia3_l.detach().float()
+        scale = 1 / scale if inverse else scale
         with torch.no_grad():
             w = module.weight.float()
-            w = w * l[None, :] if self.feedforward else w * l[:, None]
+            w = w * scale[None, :] if self.feedforward else w * scale[:, None]
             module.weight.copy_(w.to(module.weight.dtype))
             if module.bias is not None and not self.feedforward:
-                module.bias.copy_((module.bias.float() * l).to(module.bias.dtype))
+                module.bias.copy_((module.bias.float() * scale).to(module.bias.dtype))
 
     def merge(self, module: nn.Module) -> None:
         self._scale(module, inverse=False)
@@ -71,8 +70,8 @@ class IA3(Adapter):
         self._scale(module, inverse=True)
 
     def to_peft(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        l = state["ia3_l"]
-        return {"ia3_l": l[None, :] if self.feedforward else l[:, None]}
+        scale = state["ia3_l"]
+        return {"ia3_l": scale[None, :] if self.feedforward else scale[:, None]}
 
     def from_peft(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"ia3_l": state["ia3_l"].reshape(-1)}

@@ -19,7 +19,8 @@ The forward picks a backend once per (device, M-regime), automatically:
 - ``triton`` (CUDA; 2/4/8 bits): :mod:`leanlm.kernels.quant_gemm`, which reads ``qweight`` as it
   is and dequantizes in registers (act-order through ``g_idx``), for M ≤ ``TRITON_MAX_M`` rows.
 - ``dequant``: ŵ = s·(q - z) in the activation dtype, then a dense GEMM. This is what runs for
-  large M (long prefills: M ≥ ``KERNEL_MAX_M`` rows), and for shapes the kernels refuse.
+  large M (long prefills: M ≥ ``KERNEL_MAX_M`` rows), for shapes the kernels refuse, and when
+  autograd needs the gradient of the input (QLoRA: adapters on a quantized base).
 - ``reference``: the same in fp32 (tests compare the others against it).
 
 ``backend=`` forces one; a forced kernel that cannot run this layer raises a clear error.
@@ -182,6 +183,8 @@ class QuantLinear(nn.Module):
     def _choose(self, x2: torch.Tensor) -> str:
         """The backend for an input x2 [m, K]."""
         m = x2.shape[0]
+        if self.backend == "auto" and torch.is_grad_enabled() and x2.requires_grad:
+            return "dequant"  # differentiable in x (QLoRA); the packed kernels have no backward
         if self.backend == "auto" and m <= TRITON_MAX_M and kernels.use_triton(x2):
             if "triton" not in self._kernels:
                 self._kernels["triton"] = (self.kernel_problem("triton") is None,)
