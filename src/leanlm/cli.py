@@ -16,6 +16,7 @@ from rich.table import Table
 
 from leanlm.data.cli import data_app
 from leanlm.errors import LeanLMError
+from leanlm.peft.cli import finetune, merge
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="leanlm: train, fine-tune, compress and serve LLMs cheaply.")
@@ -50,6 +51,7 @@ def generate(
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
     dtype: Annotated[str | None, typer.Option(help="float32 | bfloat16 | float16.")] = None,
     stream: Annotated[bool, typer.Option(help="Print tokens as they are generated.")] = True,
+    adapter: Annotated[Path | None, typer.Option(help="A peft adapter directory to apply.")] = None,
 ) -> None:
     """Generate a completion of --prompt with MODEL and print it (streamed token by token)."""
     from leanlm.checkpoint import load_model
@@ -61,6 +63,10 @@ def generate(
                            top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                            seed=seed, stop=list(stop or []))
     lm = load_model(path, dtype=dtype)
+    if adapter is not None:
+        from leanlm.peft import load_adapter
+
+        load_adapter(lm, adapter)
     tok = load_tokenizer(path)
     messages = [{"role": "user", "content": prompt}] if chat else None
 
@@ -122,6 +128,8 @@ tokenizer_app = typer.Typer(no_args_is_help=True, help="Train tokenizers.")
 app.add_typer(corpus_app, name="corpus")
 app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(data_app, name="data")
+app.command("finetune")(finetune)
+app.command("merge")(merge)
 
 
 @corpus_app.command("build")

@@ -149,9 +149,7 @@ class Trainer:
         self.cfg = cfg
         self.quiet = quiet
         self.out = Path(cfg.out)
-        if not cfg.data:
-            raise LeanLMError("no training data: pass --data DIR (a corpus from `leanlm corpus build`)")
-        load_manifest(cfg.data)  # a missing or empty data dir fails here, before any other work
+        self.check_data()  # a missing or empty data dir fails here, before any other work
         self.d = DistInfo.setup(cfg)
         self.tok = self._tokenizer()
         self.eos_id = int(self.tok.eos_token_id)  # type: ignore[arg-type]
@@ -159,8 +157,9 @@ class Trainer:
         check_fits(cfg, self.d.world, self.d.device)
         self._prepare_data()
         self.model = self._build_model()
-        decay = [p for p in self.model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
+        trainable = [p for p in self.model.parameters() if p.requires_grad]  # (adapters: a few)
+        decay = [p for p in trainable if p.ndim >= 2]
+        no_decay = [p for p in trainable if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)  # one fused kernel per param
@@ -193,6 +192,11 @@ class Trainer:
             raise LeanLMError(f"tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
                               f"{self.cfg.model.vocab_size}: set model.vocab_size={tok.vocab_size}")
         return tok
+
+    def check_data(self) -> None:
+        if not self.cfg.data:
+            raise LeanLMError("no training data: pass --data DIR (a corpus from `leanlm corpus build`)")
+        load_manifest(self.cfg.data)
 
     def _prepare_data(self) -> None:
         cfg, d = self.cfg, self.d
