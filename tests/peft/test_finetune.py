@@ -42,7 +42,7 @@ def test_read_examples_formats_and_errors(base: Path, tmp_path: Path) -> None:
     f = tmp_path / "d.jsonl"
     f.write_text(json.dumps({"prompt": "hi", "completion": "there"}) + "\n\n" + json.dumps(
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "there"}]}) + "\n")
-    (p1, c1), (p2, c2) = read_examples(f, tok)
+    (p1, c1), (_, c2) = read_examples(f, tok)
     assert c1 == c2 and c1[-1] == tok.eos_token_id and p1[0] == tok.eos_token_id
     f.write_text(json.dumps({"prompt": "hi", "completion": "x"}) + "\n" + json.dumps({"prompt": "hi"}) + "\n")
     with pytest.raises(LeanLMError, match=r"d.jsonl:2: expected string fields 'prompt' and 'completion'"):
