@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from leanlm.errors import LeanLMError
@@ -150,3 +151,19 @@ def test_llm_int8_outlier_decomposition_beats_plain_int8_on_outlier_features() -
     err_plain, err_mixed = rel_err(plain(x), lin(x)), rel_err(mixed(x), lin(x))
     assert err_mixed < err_plain / 3
     assert err_mixed < 0.02
+
+
+def test_input_gradient_recomputes_the_dequantized_weight() -> None:
+    m = make(64, 128, 4, 32)
+    x = torch.randn(5, 128, requires_grad=True)
+    y = m(x)
+    names, todo = set(), [y.grad_fn]
+    while todo:  # the autograd graph holds the recomputing function, not a saved weight
+        fn = todo.pop()
+        names.add(type(fn).__name__)
+        todo += [f for f, _ in fn.next_functions if f is not None]
+    assert any("DequantLinear" in n for n in names)
+    y.square().sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    (F.linear(x2, m.dequantize(torch.float32)) + m.bias.float()).square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)

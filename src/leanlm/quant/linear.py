@@ -29,6 +29,7 @@ The forward picks a backend once per (device, M-regime), automatically:
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -266,11 +267,29 @@ class QuantLinear(nn.Module):
             out_dtype = x.dtype
         else:
             dtype = _activation_dtype(x2)
-            y = F.linear(x2.to(dtype), self.dequantize(dtype))
+            if torch.is_grad_enabled() and x2.requires_grad:  # QLoRA: keep no dequantized copy
+                y = _DequantLinear.apply(x2.to(dtype), self, dtype)
+            else:
+                y = F.linear(x2.to(dtype), self.dequantize(dtype))
             out_dtype = dtype
         if bias is not None:
             y = y + bias.to(y.dtype)
         return y.to(out_dtype).reshape(*shape[:-1], self.out_features)
+
+
+class _DequantLinear(torch.autograd.Function):
+    """x ŵᵀ whose backward dequantizes ŵ again instead of saving it (the weight is frozen), so
+    training adapters on a quantized base holds no full-precision weights between forward and
+    backward — the recomputation QLoRA's kernels do."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: QuantLinear, dtype: torch.dtype) -> torch.Tensor:
+        ctx.layer, ctx.dtype = layer, dtype
+        return F.linear(x, layer.dequantize(dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return grad @ ctx.layer.dequantize(ctx.dtype), None, None
 
 
 def _activation_dtype(x2: torch.Tensor) -> torch.dtype:
