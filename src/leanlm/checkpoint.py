@@ -291,6 +291,9 @@ def save_model(model: Transformer, path: str | os.PathLike[str], tokenizer: Any 
     if quantized_linears(model):
         raise LeanLMError("the model is quantized: save it with leanlm.quant.save_quantized "
                           "(GPTQ, AWQ or w8a8 format)")
+    if any(hasattr(m, "adapters") for m in model.modules()):
+        raise LeanLMError("the model has adapters attached: save them with leanlm.peft.save_adapter, "
+                          "or merge_ and remove_peft_ them first (leanlm merge)")
     target = resolve_dtype(dtype)
     state = {k: (v.detach().to("cpu", target) if target else v.detach().cpu()).contiguous()
              for k, v in to_hf_state(model.config, model.state_dict()).items()}

@@ -146,3 +146,13 @@ def test_an_adapter_on_the_head_is_used_by_the_fused_training_loss() -> None:
     want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), data[:, 1:].flatten())
     assert abs(with_lora.item() - plain.item()) > 1e-3
     torch.testing.assert_close(with_lora.detach(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_with_adapters_is_not_saved_as_a_plain_checkpoint(tmp_path) -> None:
+    from leanlm import save_model
+    from leanlm.errors import LeanLMError
+
+    model = random_model("llama")
+    apply_peft_(model, LoRAConfig(r=2))
+    with pytest.raises(LeanLMError, match="adapters attached"):
+        save_model(model, tmp_path / "m")

@@ -85,6 +85,21 @@ def test_finetuner_lowers_the_completion_loss_and_saves_a_peft_adapter(base: Pat
     assert (tmp_path / "run" / "best" / "adapter_config.json").is_file()
 
 
+def test_gradient_checkpointing_with_adapters(base: Path, tmp_path: Path) -> None:
+    def losses(*extra: str) -> list[float]:
+        cfg = apply_overrides(get_recipe("tiny"), [
+            "max_steps=3", "seq_len=64", "micro_batch=2", "eval_every=0", "precision=fp32",
+            f"out={tmp_path / str(len(extra))}", "progress=false", *extra])
+        torch.manual_seed(0)
+        t = FineTuner(cfg, base, LoRAConfig(r=4), toy_data(tmp_path / "d.jsonl", 40), quiet=True)
+        try:
+            return t.run()["losses"]
+        finally:
+            t.close()
+
+    assert losses("ac=full") == pytest.approx(losses(), rel=1e-5)  # recomputation changes nothing
+
+
 def test_cli_finetune_qlora_merge_and_generate(base: Path, tmp_path: Path) -> None:
     data = toy_data(tmp_path / "d.jsonl", 60)
     run = lambda *a: subprocess.run([sys.executable, "-m", "leanlm.cli", *a], capture_output=True, text=True)
