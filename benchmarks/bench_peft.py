@@ -126,7 +126,7 @@ def finetune(corpus: Path) -> None:
     from leanlm.generate import GenerationConfig, generate
     from leanlm.peft import load_adapter
     from leanlm.peft.cli import method_config
-    from leanlm.peft.finetune import FineTuner
+    from leanlm.peft.finetune import FineTuner, encode_prompt
     from leanlm.train import get_recipe
     from leanlm.train.config import apply_overrides
 
@@ -143,7 +143,7 @@ def finetune(corpus: Path) -> None:
         hits = 0
         cfg = GenerationConfig(max_new_tokens=3)
         for s, d in held:
-            ids = [tok.eos_token_id, *tok.encode(prompt(s), add_special_tokens=False)]
+            ids = encode_prompt(tok, [{"role": "user", "content": prompt(s)}])  # as in training
             text = tok.decode(generate(model, [ids], cfg)[0])
             hits += text.strip().split(" ")[0].strip(".,\n") == d if text.strip() else 0
         return hits / len(held)

@@ -238,6 +238,8 @@ def serve(
     kv_cache_memory: Annotated[int, typer.Option(help="MiB of K/V cache.")] = 256,
     enable_prefix_caching: Annotated[bool, typer.Option(help="Share the K/V of common prefixes.")] = True,
     dtype: Annotated[str | None, typer.Option(help="float32 | bfloat16 | float16.")] = None,
+    lora: Annotated[list[str] | None, typer.Option(
+        help="NAME=ADAPTER_DIR: a peft adapter clients select with model=NAME (repeatable).")] = None,
 ) -> None:
     """Serve MODEL behind an OpenAI-compatible HTTP API (continuous batching, paged KV cache)."""
     import uvicorn
@@ -255,7 +257,13 @@ def serve(
                           enable_prefix_caching=enable_prefix_caching,
                           scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                                     max_num_batched_tokens=max_num_batched_tokens))
-    engine = AsyncLLMEngine(LLMEngine(lm, config), load_tokenizer(path))
+    core = LLMEngine(lm, config)
+    for item in lora or []:
+        lname, sep, adapter = item.partition("=")
+        if not sep:
+            raise LeanLMError(f"--lora {item!r}: expected NAME=ADAPTER_DIR")
+        core.add_lora(lname, adapter)
+    engine = AsyncLLMEngine(core, load_tokenizer(path))
     name = served_model_name or ("leanlm-default" if model is None else path.name)
     Console(stderr=True).print(f"serving {path} as {name!r} on http://{host}:{port}/v1")
     uvicorn.run(create_app(engine, name, api_key), host=host, port=port, log_level="warning")

@@ -19,11 +19,14 @@ from leanlm.tokenizer import load_tokenizer
 KEY = "sk-test"
 
 
-def start_server(path: object) -> tuple[object, threading.Thread, str]:
+def start_server(path: object, loras: dict[str, object] | None = None
+                 ) -> tuple[object, threading.Thread, str]:
     import uvicorn
 
-    engine = AsyncLLMEngine(LLMEngine(load_model(path), EngineConfig(block_size=4, num_blocks=512)),
-                            load_tokenizer(path))
+    core = LLMEngine(load_model(path), EngineConfig(block_size=4, num_blocks=512))
+    for name, adapter in (loras or {}).items():
+        core.add_lora(name, adapter)
+    engine = AsyncLLMEngine(core, load_tokenizer(path))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -10,6 +10,9 @@ the module gets one forward pre-hook and one forward hook that run the *active* 
 
 So the base model's parameter names, checkpoint loading, quantization and FSDP are untouched;
 several adapters can be attached and switched (:func:`set_adapter`); a merged adapter is skipped.
+Every adapter acts token by token, so one batch can serve requests of different adapters:
+:func:`routed` assigns each token row its adapter (the serving engine's multi-LoRA batches;
+Punica/S-LoRA's idea, with gather/scatter in torch).
 
 A method is a config dataclass plus an adapter class, registered with :func:`register`; the
 config says which modules it targets (names or suffixes such as ``"q_proj"``, ``"mlp.down_proj"``,
@@ -28,7 +31,9 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -96,23 +101,53 @@ def register(config_cls: type[PeftConfig], adapter_cls: type[Adapter]) -> None:
 
 
 # ---- hooks ----------------------------------------------------------------------------------
-def _active(module: nn.Module) -> Iterator[Adapter]:
-    for name in getattr(module, "_active_adapters", ()):
+# Multi-adapter batches (the serving engine): adapter name -> the token rows (dim -2) it applies
+# to. Every adapter here acts token by token, so a batch can mix requests of several adapters.
+_ROUTES: ContextVar[dict[str, torch.Tensor] | None] = ContextVar("peft_routes", default=None)
+
+
+@contextmanager
+def routed(adapter_per_token: Sequence[str | None], device: torch.device | str = "cpu") -> Iterator[None]:
+    """Within the block, token t of every forward (dim -2 of each adapted module's input) runs
+    the adapter ``adapter_per_token[t]`` (None: the base model alone), whatever is active."""
+    routes: dict[str, list[int]] = {}
+    for t, name in enumerate(adapter_per_token):
+        if name is not None:
+            routes.setdefault(name, []).append(t)
+    token = _ROUTES.set({n: torch.tensor(r, device=device) for n, r in routes.items()})
+    try:
+        yield
+    finally:
+        _ROUTES.reset(token)
+
+
+def _active(module: nn.Module) -> Iterator[tuple[Adapter, torch.Tensor | None]]:
+    routes = _ROUTES.get()
+    names = getattr(module, "_active_adapters", ()) if routes is None else routes
+    for name in names:
         a = module.adapters[name] if name in module.adapters else None  # noqa: SIM401 - ModuleDict
         if a is not None and not a.merged:
-            yield a
+            yield a, None if routes is None else routes[name]
 
 
 def _pre_hook(module: nn.Module, args: tuple) -> tuple | None:
     x = args[0]
-    for a in _active(module):
-        x = a.pre(module, x)
+    for a, rows in _active(module):
+        if rows is None:
+            x = a.pre(module, x)
+        else:
+            x = x.index_copy(-2, rows, a.pre(module, x.index_select(-2, rows)))
     return (x, *args[1:]) if x is not args[0] else None
 
 
 def _post_hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-    for a in _active(module):
-        out = a.post(module, args[0], out)
+    x = args[0]
+    for a, rows in _active(module):
+        if rows is None:
+            out = a.post(module, x, out)
+        else:
+            part = a.post(module, x.index_select(-2, rows), out.index_select(-2, rows))
+            out = out.index_copy(-2, rows, part)
     return out
 
 

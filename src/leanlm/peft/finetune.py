@@ -39,6 +39,16 @@ IGNORE = -100
 Example = tuple[list[int], list[int]]  # (prompt ids, completion ids)
 
 
+def encode_prompt(tok: Any, messages: list[dict[str, str]]) -> list[int]:
+    """``<eos>`` + the prompt: the chat template (with the generation prompt) when the tokenizer
+    has one, else the messages' text. Generation with the fine-tuned model starts from this."""
+    if tok.chat_template:
+        ids = tok.encode_chat(messages, add_generation_prompt=True)
+    else:
+        ids = tok.encode("\n".join(m["content"] for m in messages), add_special_tokens=False)
+    return [tok.eos_token_id, *ids]
+
+
 def read_examples(path: str | Path, tok: Any) -> list[Example]:
     """Tokenized (prompt, completion) pairs; a malformed line is an error naming it."""
     out: list[Example] = []
@@ -68,11 +78,7 @@ def read_examples(path: str | Path, tok: Any) -> list[Example]:
             fields = sorted(ex) if isinstance(ex, dict) else type(ex).__name__
             raise LeanLMError(f"{path}:{lineno}: expected string fields 'prompt' and 'completion', or "
                               f"'messages' (a list of chat messages); got {fields}")
-        if tok.chat_template:
-            prompt = tok.encode_chat(prompt_msgs, add_generation_prompt=True)
-        else:
-            prompt = tok.encode("\n".join(m["content"] for m in prompt_msgs), add_special_tokens=False)
-        out.append(([tok.eos_token_id, *prompt],
+        out.append((encode_prompt(tok, prompt_msgs),
                     [*tok.encode(completion, add_special_tokens=False), tok.eos_token_id]))
     if not out:
         raise LeanLMError(f"{path}: no examples")

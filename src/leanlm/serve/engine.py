@@ -4,6 +4,7 @@ for offline batches: ``LLM(model).generate(prompts, SamplingParams(...))``."""
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,17 +41,28 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler or SchedulerConfig(), self.kv)
         self.runner = ModelRunner(model, num_blocks, config.block_size)
         self._ids = itertools.count()
+        self.loras: set[str] = set()
+
+    def add_lora(self, name: str, path: str | os.PathLike[str]) -> None:
+        """Load a peft LoRA (or other) adapter that requests can name (``lora=name``)."""
+        from leanlm.peft import load_adapter, set_adapter
+
+        load_adapter(self.model, path, name)
+        set_adapter(self.model, None)  # requests pick their adapter; the base runs otherwise
+        self.loras.add(name)
 
     def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, priority: int = 0) -> Request:
-        request = self.make_request(prompt_token_ids, params, request_id, priority)
+                    request_id: str | None = None, priority: int = 0, lora: str | None = None) -> Request:
+        request = self.make_request(prompt_token_ids, params, request_id, priority, lora)
         self.scheduler.add_request(request)
         return request
 
     def make_request(self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None,
-                     request_id: str | None = None, priority: int = 0) -> Request:
+                     request_id: str | None = None, priority: int = 0, lora: str | None = None) -> Request:
         """A validated request (bad input raises LeanLMError), not yet scheduled."""
         c = self.model.config
+        if lora is not None and lora not in self.loras:
+            raise LeanLMError(f"unknown LoRA adapter {lora!r}: loaded ones are {sorted(self.loras)}")
         prompt = list(prompt_token_ids)
         params = params or SamplingParams()
         if any(not 0 <= t < c.vocab_size for t in prompt):
@@ -65,7 +77,7 @@ class LLMEngine:
             raise LeanLMError(f"the request needs {need} KV blocks; the cache has "
                               f"{len(self.kv.pool.blocks)}")
         return Request(request_id or f"req-{next(self._ids)}", prompt, params,
-                       eos_token_ids=tuple(c.eos_token_ids), priority=priority)
+                       eos_token_ids=tuple(c.eos_token_ids), lora=lora, priority=priority)
 
     def abort(self, request_ids: Sequence[str]) -> None:
         self.scheduler.abort_requests(request_ids)
@@ -90,9 +102,11 @@ class LLM:
         self.engine = LLMEngine(model, config)
 
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None
-                 ) -> list[list[int]]:
-        requests = [self.engine.add_request(p, params) for p in prompts]
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None,
+                 lora: str | Sequence[str | None] | None = None) -> list[list[int]]:
+        """Greedy/sampled outputs of ``prompts``; ``lora`` names each one's adapter (or all's)."""
+        loras = [lora] * len(prompts) if lora is None or isinstance(lora, str) else list(lora)
+        requests = [self.engine.add_request(p, params, lora=a) for p, a in zip(prompts, loras, strict=True)]
         while self.engine.has_unfinished_requests():
             self.engine.step()
         return [r.output_token_ids for r in requests]

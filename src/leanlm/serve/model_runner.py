@@ -11,6 +11,7 @@ temperature, top-k, top-p, min-p, repetition penalty, seeds).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ import torch
 from leanlm.attention import PagedKVCache, PagedMetadata
 from leanlm.generate import GenerationConfig, process_logits, sample
 from leanlm.model import Transformer
+from leanlm.peft.api import routed
 from leanlm.serve.request import SamplingParams
 from leanlm.serve.scheduler import SchedulerOutput
 
@@ -30,6 +32,7 @@ class _State:
     generation: GenerationConfig
     generator: torch.Generator | None
     num_prompt_tokens: int
+    lora: str | None = None
 
 
 def apply_penalties(logits: torch.Tensor, outputs: list[int], params: SamplingParams) -> torch.Tensor:
@@ -65,7 +68,7 @@ class ModelRunner:
         self.logprobs: dict[str, tuple[float, list[tuple[int, float]]]] = {}
 
     def _add(self, rid: str, token_ids: list[int], block_ids: list[int], params: SamplingParams,
-             num_prompt_tokens: int) -> None:
+             num_prompt_tokens: int, lora: str | None) -> None:
         gen = GenerationConfig(max_new_tokens=params.max_tokens,
                                temperature=0.0 if params.greedy else params.temperature,
                                top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
@@ -75,7 +78,7 @@ class ModelRunner:
             generator = torch.Generator(self.device)
             generator.manual_seed(params.seed if params.seed is not None else int(torch.seed() % 2**63))
         self.requests[rid] = _State(list(token_ids), list(block_ids), params, gen, generator,
-                                    num_prompt_tokens)
+                                    num_prompt_tokens, lora)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[str, int]:
@@ -86,7 +89,7 @@ class ModelRunner:
             self.requests.pop(rid, None)
         for new in out.new_requests:
             self._add(new.request_id, new.token_ids, new.block_ids, new.sampling_params,
-                      new.num_prompt_tokens)
+                      new.num_prompt_tokens, new.lora)
         for cached in out.cached_requests:
             state = self.requests[cached.request_id]
             known = len(state.token_ids)
@@ -99,10 +102,12 @@ class ModelRunner:
         computed.update({c.request_id: c.num_computed_tokens for c in out.cached_requests})
         bs = self.cache.block_size
         tokens, positions, slots, starts, seq_lens, tables, rows, samplers = [], [], [], [0], [], [], [], []
+        adapters: list[str | None] = []  # per token: the request's LoRA adapter
         for rid, n in out.num_scheduled_tokens.items():
             state, start = self.requests[rid], computed[rid]
             pos = list(range(start, start + n))
             tokens += state.token_ids[start:start + n]
+            adapters += [state.lora] * n
             positions += pos
             slots += [state.block_ids[p // bs] * bs + p % bs for p in pos]
             starts.append(starts[-1] + n)
@@ -117,8 +122,11 @@ class ModelRunner:
                              table.to(self.device), self.model.config.sliding_window)
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)[None]
         # logits only where a request samples (none in a step of unfinished prefill chunks)
-        logits = self.model(as_tensor(tokens), positions=as_tensor(positions), attn=meta,
-                            rows=as_tensor(rows)[0])[0].float()
+        # a batch that uses adapters routes each token through its request's (multi-LoRA)
+        route = routed(adapters, self.device) if any(adapters) else contextlib.nullcontext()
+        with route:
+            logits = self.model(as_tensor(tokens), positions=as_tensor(positions), attn=meta,
+                                rows=as_tensor(rows)[0])[0].float()
         sampled = {}
         for i, rid in enumerate(samplers):
             state = self.requests[rid]

@@ -84,19 +84,24 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
                                            code="invalid_api_key"), status_code=401)
         return await call_next(request)
 
-    def check_model(name: str) -> None:
-        if name != model_name:
-            raise _BadRequest(f"model {name!r} does not exist; this server serves {model_name!r}",
-                              "model", "model_not_found")
+    def check_model(name: str) -> str | None:
+        """The LoRA adapter a request's ``model`` names (None: the base model)."""
+        if name == model_name:
+            return None
+        if name in engine.engine.loras:
+            return name
+        served = [model_name, *sorted(engine.engine.loras)]
+        raise _BadRequest(f"model {name!r} does not exist; this server serves {served}",
+                          "model", "model_not_found")
 
     async def run(prompt_ids: list[int], body: Any, kind: str) -> tuple[list, str]:
-        check_model(body.model)
+        lora = check_model(body.model)
         params = body.sampling_params(default_max_tokens)
         rid = f"{kind}-{uuid.uuid4().hex}"
         requests = []
         for i in range(params.n):
             p = params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
-            requests.append(engine.make_request(prompt_ids, p, f"{rid}-{i}"))
+            requests.append(engine.make_request(prompt_ids, p, f"{rid}-{i}", lora))
         metrics.prompt_tokens.inc(len(prompt_ids) * len(requests))
         return requests, rid
 
@@ -191,7 +196,7 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
         requests, rid = await run(prompt_ids, body, "cmpl")
 
         def chunk(rid: str, i: int, out: RequestOutput, _: bool) -> dict:
-            return {"id": rid, "object": "text_completion", "created": created(), "model": model_name,
+            return {"id": rid, "object": "text_completion", "created": created(), "model": body.model,
                     "choices": [{"index": i, "text": out.text,
                                  "logprobs": completion_logprobs(out.token_ids, out.logprobs),
                                  "finish_reason": out.finish_reason if out.finished else None}]}
@@ -200,7 +205,7 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
             return StreamingResponse(sse(requests, rid, chunk), media_type="text/event-stream")
         outs = await collect(requests)
         prefix = body.prompt if body.echo and isinstance(body.prompt, str) else ""
-        return {"id": rid, "object": "text_completion", "created": created(), "model": model_name,
+        return {"id": rid, "object": "text_completion", "created": created(), "model": body.model,
                 "choices": [{"index": i, "text": prefix + o["text"],
                              "logprobs": completion_logprobs(o["ids"], o["logprobs"]),
                              "finish_reason": o["finish_reason"]} for i, o in enumerate(outs)],
@@ -214,7 +219,7 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
         def chunk(rid: str, i: int, out: RequestOutput, first: bool) -> dict:
             delta = {"role": "assistant", "content": out.text} if first else {"content": out.text}
             return {"id": rid, "object": "chat.completion.chunk", "created": created(),
-                    "model": model_name, "choices": [{
+                    "model": body.model, "choices": [{
                         "index": i, "delta": delta,
                         "logprobs": chat_logprobs(out.token_ids, out.logprobs),
                         "finish_reason": out.finish_reason if out.finished else None}]}
@@ -222,7 +227,7 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
         if body.stream:
             return StreamingResponse(sse(requests, rid, chunk), media_type="text/event-stream")
         outs = await collect(requests)
-        return {"id": rid, "object": "chat.completion", "created": created(), "model": model_name,
+        return {"id": rid, "object": "chat.completion", "created": created(), "model": body.model,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": o["text"]},
                              "logprobs": chat_logprobs(o["ids"], o["logprobs"]),
                              "finish_reason": o["finish_reason"]}
@@ -231,8 +236,10 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created(),
-                                            "owned_by": "leanlm"}]}
+        base = [{"id": model_name, "object": "model", "created": created(), "owned_by": "leanlm"}]
+        return {"object": "list", "data": base + [
+            {"id": n, "object": "model", "created": created(), "owned_by": "leanlm", "parent": model_name}
+            for n in sorted(engine.engine.loras)]}
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:
