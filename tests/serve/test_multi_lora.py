@@ -56,10 +56,16 @@ def test_eight_adapters_in_one_batch_match_each_alone(tmp_path: Path) -> None:
     assert kv.pool.num_free_blocks == len(kv.pool.blocks)
 
 
-def test_unknown_adapter_is_refused(tmp_path: Path) -> None:
+def test_unknown_adapter_and_head_adapters_are_refused(tmp_path: Path) -> None:
     llm = LLM(random_model("llama"), EngineConfig(block_size=4, num_blocks=64))
     with pytest.raises(LeanLMError, match="unknown LoRA adapter 'x'"):
         llm.generate([[3, 4, 5]], SamplingParams(max_tokens=2), lora="x")
+    model = random_model("llama")
+    apply_peft_(model, LoRAConfig(r=2, targets=["lm_head"]))
+    save_adapter(model, tmp_path / "head")
+    with pytest.raises(LeanLMError, match="adapters on lm_head cannot be served"):
+        llm.engine.add_lora("head", tmp_path / "head")
+    assert not llm.engine.loras
 
 
 def test_openai_clients_select_adapters_by_model_name(tmp_path: Path) -> None:

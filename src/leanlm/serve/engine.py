@@ -46,8 +46,16 @@ class LLMEngine:
     def add_lora(self, name: str, path: str | os.PathLike[str]) -> None:
         """Load a peft LoRA (or other) adapter that requests can name (``lora=name``)."""
         from leanlm.peft import load_adapter, set_adapter
+        from leanlm.peft.api import remove_adapter_
 
+        if name in self.loras:
+            raise LeanLMError(f"an adapter named {name!r} is already loaded")
         load_adapter(self.model, path, name)
+        if name in getattr(self.model.lm_head, "adapters", {}):
+            # the runner computes the head on the sampled rows only: the token routing of a
+            # mixed batch does not apply there
+            remove_adapter_(self.model, name)
+            raise LeanLMError(f"{path}: adapters on lm_head cannot be served in mixed batches")
         set_adapter(self.model, None)  # requests pick their adapter; the base runs otherwise
         self.loras.add(name)
 
