@@ -70,8 +70,11 @@ def test_sampling_is_seeded() -> None:
 def test_serves_a_quantized_model() -> None:
     from leanlm.quant import GPTQConfig, QuantLinear, quantize_
 
-    model = random_model("llama").to(torch.bfloat16)
-    quantize_(model, GPTQConfig(bits=4, group_size=32), torch.randint(0, 300, (4, 32)), progress=False)
+    # fp32 activations: in bf16 the batched engine and the one-request generator round differently
+    # and a near-tie can flip a greedy token (the packed int4 kernels run in bf16 either way)
+    model = random_model("llama")
+    calib = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    quantize_(model, GPTQConfig(bits=4, group_size=32), calib, progress=False)
     assert isinstance(model.layers[0].mlp.up_proj, QuantLinear)
     ps = prompts(8)
     want = [generate(model, [p], GenerationConfig(max_new_tokens=6, ignore_eos=True))[0] for p in ps]

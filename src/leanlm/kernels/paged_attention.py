@@ -38,12 +38,15 @@ INDEX = (torch.int32, torch.int64)
 def reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
               block_tables: torch.Tensor, seq_lens: list[int], query_start: list[int],
               block_size: int, scale: float, window: int | None = None) -> torch.Tensor:
-    """q [T, H, D] -> [T, H, D]: each request's queries against its keys, in fp32 (fp64 for fp64)."""
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    """q [T, H, D] -> [T, H, D]: each request's queries against its keys.
+
+    Precision follows the model's own SDPA backend (the reference generator): one query is
+    scored in fp32, several in q's dtype (fp64 stays fp64)."""
     out = torch.empty_like(q)
     offsets = torch.arange(block_size, device=q.device)
     for r, n in enumerate(seq_lens):
         qs, qe = query_start[r], query_start[r + 1]
+        acc = q.dtype if q.dtype == torch.float64 or qe - qs > 1 else torch.float32
         blocks = block_tables[r, :-(-n // block_size)].long()
         slots = (blocks[:, None] * block_size + offsets).flatten()[:n]
         kr, vr = k_cache[slots].transpose(0, 1).to(acc), v_cache[slots].transpose(0, 1).to(acc)
