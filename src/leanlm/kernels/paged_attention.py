@@ -41,7 +41,10 @@ def reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     """q [T, H, D] -> [T, H, D]: each request's queries against its keys.
 
     Precision follows the model's own SDPA backend (the reference generator): one query is
-    scored in fp32, several in q's dtype (fp64 stays fp64)."""
+    scored in fp32, several in q's dtype (fp64 stays fp64). A batch of decode queries only (the
+    serving engine's steady state) is computed for all requests at once."""
+    if q.shape[0] == len(seq_lens):  # one query per request
+        return _decode_reference(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, window)
     out = torch.empty_like(q)
     offsets = torch.arange(block_size, device=q.device)
     for r, n in enumerate(seq_lens):
@@ -61,6 +64,28 @@ def reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             enable_gqa=q.shape[1] != k_cache.shape[1])
         out[qs:qe] = o[0].transpose(0, 1).to(q.dtype)
     return out
+
+
+def _decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      block_tables: torch.Tensor, seq_lens: list[int], block_size: int, scale: float,
+                      window: int | None) -> torch.Tensor:
+    """One query per request, batched: K/V gathered into [R, L, kv_heads, D] (L = longest)."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    r, h, d = q.shape
+    kv_heads = k_cache.shape[1]
+    lens = torch.tensor(seq_lens, device=q.device)
+    j = torch.arange(max(seq_lens), device=q.device)
+    valid = j[None, :] < lens[:, None]  # [R, L]
+    if window is not None:
+        valid &= j[None, :] >= lens[:, None] - window
+    slots = block_tables[:, j // block_size].long() * block_size + j % block_size
+    slots = torch.where(valid, slots, 0)  # padding reads slot 0 and is masked out
+    k, v = k_cache[slots].to(acc), v_cache[slots].to(acc)  # [R, L, kv_heads, D]
+    qg = q.to(acc).view(r, kv_heads, h // kv_heads, d)
+    scores = torch.einsum("rkgd,rlkd->rkgl", qg, k) * scale
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    out = torch.einsum("rkgl,rlkd->rkgd", scores.softmax(-1), v)
+    return out.reshape(r, h, d).to(q.dtype)
 
 
 @triton.jit
