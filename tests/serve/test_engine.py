@@ -84,10 +84,10 @@ def test_serves_a_quantized_model() -> None:
 
 
 def test_penalties_and_logit_bias() -> None:
-    from leanlm.serve.model_runner import apply_penalties
+    from leanlm.serve.sampling import Row, apply_penalties
 
-    out = apply_penalties(torch.zeros(1, 6), [3, 3, 4],
-                          SamplingParams(presence_penalty=0.5, frequency_penalty=1.0, logit_bias={1: 2.0}))
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=1.0, logit_bias={1: 2.0})
+    out = apply_penalties(torch.zeros(1, 6), [Row(params, [5, 3, 3, 4], 1, None)])  # prompt [5]
     assert out[0].tolist() == [0.0, 2.0, 0.0, -2.5, -1.5, 0.0]
     model = random_model("llama")
     got = LLM(model, EngineConfig(block_size=4, num_blocks=64)).generate(

@@ -4,9 +4,8 @@ Each step's scheduled tokens of all requests are flattened into a single row of 
 padding); ``PagedMetadata`` carries, per request, its query range, its total length after the
 step and its block table, plus the slot each new token's K/V are written to. Logits are computed
 only at the last scheduled token of requests that have caught up with their tokens (a prefill
-chunk that is not the last samples nothing). Sampling applies the OpenAI presence / frequency
-penalties and logit bias, then the reference generator's logits processing per request (greedy,
-temperature, top-k, top-p, min-p, repetition penalty, seeds).
+chunk that is not the last samples nothing). The batched sampler (``sampling.py``) then draws
+every sampling request's token in one pass.
 """
 
 from __future__ import annotations
@@ -17,10 +16,10 @@ from dataclasses import dataclass
 import torch
 
 from leanlm.attention import PagedKVCache, PagedMetadata
-from leanlm.generate import GenerationConfig, process_logits, sample
 from leanlm.model import Transformer
 from leanlm.peft.api import routed
 from leanlm.serve.request import SamplingParams
+from leanlm.serve.sampling import Row, sample
 from leanlm.serve.scheduler import SchedulerOutput
 
 
@@ -29,24 +28,9 @@ class _State:
     token_ids: list[int]
     block_ids: list[int]
     params: SamplingParams
-    generation: GenerationConfig
-    generator: torch.Generator | None
+    generator: torch.Generator | None  # seeded requests only
     num_prompt_tokens: int
     lora: str | None = None
-
-
-def apply_penalties(logits: torch.Tensor, outputs: list[int], params: SamplingParams) -> torch.Tensor:
-    """OpenAI presence / frequency penalties over the generated tokens and ``logit_bias``:
-    logit[t] -= presence · [count_t > 0] + frequency · count_t;  logit[t] += bias[t]."""
-    if outputs and (params.presence_penalty or params.frequency_penalty):
-        ids, counts = torch.tensor(outputs, device=logits.device).unique(return_counts=True)
-        penalty = params.presence_penalty + params.frequency_penalty * counts.to(logits.dtype)
-        logits = logits.index_put((torch.zeros_like(ids), ids), -penalty, accumulate=True)
-    if params.logit_bias:
-        ids = torch.tensor(list(params.logit_bias), device=logits.device)
-        bias = torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype, device=logits.device)
-        logits = logits.index_put((torch.zeros_like(ids), ids), bias, accumulate=True)
-    return logits
 
 
 def kv_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) -> int:
@@ -69,15 +53,11 @@ class ModelRunner:
 
     def _add(self, rid: str, token_ids: list[int], block_ids: list[int], params: SamplingParams,
              num_prompt_tokens: int, lora: str | None) -> None:
-        gen = GenerationConfig(max_new_tokens=params.max_tokens,
-                               temperature=0.0 if params.greedy else params.temperature,
-                               top_k=params.top_k, top_p=params.top_p, min_p=params.min_p,
-                               repetition_penalty=params.repetition_penalty)
         generator = None
-        if not params.greedy:
+        if not params.greedy and params.seed is not None:
             generator = torch.Generator(self.device)
-            generator.manual_seed(params.seed if params.seed is not None else int(torch.seed() % 2**63))
-        self.requests[rid] = _State(list(token_ids), list(block_ids), params, gen, generator,
+            generator.manual_seed(params.seed)
+        self.requests[rid] = _State(list(token_ids), list(block_ids), params, generator,
                                     num_prompt_tokens, lora)
 
     @torch.inference_mode()
@@ -127,20 +107,15 @@ class ModelRunner:
         with route:
             logits = self.model(as_tensor(tokens), positions=as_tensor(positions), attn=meta,
                                 rows=as_tensor(rows)[0])[0].float()
-        sampled = {}
-        for i, rid in enumerate(samplers):
-            state = self.requests[rid]
-            seen = None
-            if state.generation.repetition_penalty != 1.0:
-                seen = torch.tensor([state.token_ids], device=self.device)
-            row = apply_penalties(logits[i:i + 1], state.token_ids[state.num_prompt_tokens:], state.params)
-            row = process_logits(row, seen, state.generation)
-            token = int(sample(row, state.generation, state.generator)[0])
-            sampled[rid] = token
+        states = [self.requests[rid] for rid in samplers]
+        tokens = sample(logits, [Row(st.params, st.token_ids, st.num_prompt_tokens, st.generator)
+                                 for st in states]).tolist() if samplers else []
+        sampled = dict(zip(samplers, tokens, strict=True))
+        for i, (rid, state) in enumerate(zip(samplers, states, strict=True)):
             k = state.params.logprobs
             if k is not None:  # of the model's own distribution, before any processing
                 lp = logits[i].log_softmax(-1)
                 top = lp.topk(k) if k else None
-                self.logprobs[rid] = (float(lp[token]), [] if top is None else
+                self.logprobs[rid] = (float(lp[sampled[rid]]), [] if top is None else
                                       list(zip(top.indices.tolist(), top.values.tolist(), strict=True)))
         return sampled
