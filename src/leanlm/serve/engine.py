@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -25,6 +27,7 @@ class EngineConfig:
     kv_cache_memory: int = 256 * 2**20  # bytes of K/V when num_blocks is 0
     enable_prefix_caching: bool = True
     scheduler: SchedulerConfig | None = None
+    max_loras: int = 8  # adapters resident at once (least recently used ones are unloaded)
 
 
 class LLMEngine:
@@ -41,23 +44,47 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler or SchedulerConfig(), self.kv)
         self.runner = ModelRunner(model, num_blocks, config.block_size)
         self._ids = itertools.count()
-        self.loras: set[str] = set()
+        self.loras: dict[str, Path] = {}  # registered adapters
+        self.resident: OrderedDict[str, bool] = OrderedDict()  # loaded ones, least recent first
 
-    def add_lora(self, name: str, path: str | os.PathLike[str]) -> None:
-        """Load a peft LoRA (or other) adapter that requests can name (``lora=name``)."""
+    def add_lora(self, name: str, path: str | os.PathLike[str], load: bool = False) -> None:
+        """Register a peft adapter that requests can name (``lora=name``). It is loaded when a
+        request first uses it (or now, with ``load``); at most ``max_loras`` stay resident, the
+        least recently used idle one being unloaded to make room."""
+        from leanlm.peft.api import read_config
+
+        if name in self.loras:
+            raise LeanLMError(f"an adapter named {name!r} is already registered")
+        read_config(path)  # a missing or unsupported adapter fails now, not at its first request
+        self.loras[name] = Path(path)
+        if load:
+            self._ensure_loaded(name)
+
+    def _ensure_loaded(self, name: str) -> None:
         from leanlm.peft import load_adapter, set_adapter
         from leanlm.peft.api import remove_adapter_
 
-        if name in self.loras:
-            raise LeanLMError(f"an adapter named {name!r} is already loaded")
+        if name in self.resident:
+            self.resident.move_to_end(name)
+            return
+        if len(self.resident) >= self.config.max_loras:
+            busy = {r.lora for r in self.scheduler.requests.values() if not r.is_finished}
+            idle = next((n for n in self.resident if n not in busy), None)
+            if idle is None:
+                raise LeanLMError(f"all {self.config.max_loras} adapter slots serve running requests; "
+                                  f"retry when one finishes (or raise max_loras)")
+            remove_adapter_(self.model, idle)
+            del self.resident[idle]
+        path = self.loras[name]
         load_adapter(self.model, path, name)
         if name in getattr(self.model.lm_head, "adapters", {}):
             # the runner computes the head on the sampled rows only: the token routing of a
             # mixed batch does not apply there
             remove_adapter_(self.model, name)
+            del self.loras[name]
             raise LeanLMError(f"{path}: adapters on lm_head cannot be served in mixed batches")
         set_adapter(self.model, None)  # requests pick their adapter; the base runs otherwise
-        self.loras.add(name)
+        self.resident[name] = True
 
     def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None,
                     request_id: str | None = None, priority: int = 0, lora: str | None = None) -> Request:
@@ -69,8 +96,10 @@ class LLMEngine:
                      request_id: str | None = None, priority: int = 0, lora: str | None = None) -> Request:
         """A validated request (bad input raises LeanLMError), not yet scheduled."""
         c = self.model.config
-        if lora is not None and lora not in self.loras:
-            raise LeanLMError(f"unknown LoRA adapter {lora!r}: loaded ones are {sorted(self.loras)}")
+        if lora is not None:
+            if lora not in self.loras:
+                raise LeanLMError(f"unknown LoRA adapter {lora!r}: registered ones are {sorted(self.loras)}")
+            self._ensure_loaded(lora)
         prompt = list(prompt_token_ids)
         params = params or SamplingParams()
         if any(not 0 <= t < c.vocab_size for t in prompt):
@@ -92,6 +121,9 @@ class LLMEngine:
 
     def step(self) -> list[Request]:
         out = self.scheduler.schedule()
+        for new in out.new_requests:  # (re)admitted requests: their adapter must be resident
+            if new.lora is not None:
+                self._ensure_loaded(new.lora)
         sampled = self.runner.execute(out)
         updated = self.scheduler.update_from_output(out, sampled)
         for request in updated:
