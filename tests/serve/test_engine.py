@@ -108,3 +108,22 @@ def test_tiny_temperatures_sample_greedily_and_bad_floats_are_refused() -> None:
     for bad in ({"temperature": float("inf")}, {"top_p": float("nan")}, {"logit_bias": {1: 1e9}}):
         with pytest.raises(LeanLMError):
             SamplingParams(**bad)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_prompt_logprobs_equal_a_teacher_forced_forward(chunked: bool) -> None:
+    model = random_model("llama")
+    sched = SchedulerConfig(max_num_batched_tokens=8, long_prefill_token_threshold=3) if chunked else None
+    engine = LLM(model, EngineConfig(block_size=4, num_blocks=64, scheduler=sched)).engine
+    prompt = prompts(3)[1]
+    req = engine.add_request(prompt, SamplingParams(max_tokens=2, prompt_logprobs=2, ignore_eos=True))
+    engine.add_request(prompts(3)[2], SamplingParams(max_tokens=2))  # a neighbour in the batch
+    while engine.has_unfinished_requests():
+        engine.step()
+    with torch.no_grad():
+        want = model(torch.tensor([prompt]))[0].float().log_softmax(-1)
+    assert req.prompt_logprobs[0] is None and len(req.prompt_logprobs) == len(prompt)
+    for p in range(1, len(prompt)):
+        lp, top = req.prompt_logprobs[p]
+        assert lp == pytest.approx(float(want[p - 1, prompt[p]]), abs=1e-4)
+        assert [t for t, _ in top] == want[p - 1].topk(2).indices.tolist()

@@ -99,3 +99,13 @@ def test_stop_strings_and_logprobs(server: str) -> None:
                                      max_tokens=3, temperature=0, logprobs=True, top_logprobs=3)
     content = chat.choices[0].logprobs.content
     assert len(content) == chat.usage.completion_tokens and all(len(e.top_logprobs) == 3 for e in content)
+
+
+def test_echo_with_logprobs_scores_the_prompt(server: str) -> None:
+    c = client(server)
+    r = c.completions.create(model="tiny", prompt="hello there", max_tokens=3, temperature=0, logprobs=1,
+                             echo=True, extra_body={"ignore_eos": True})
+    lp, usage = r.choices[0].logprobs, r.usage
+    assert r.choices[0].text.startswith("hello there")
+    assert len(lp.tokens) == len(lp.token_logprobs) == usage.prompt_tokens + usage.completion_tokens
+    assert lp.token_logprobs[0] is None and all(v <= 0 for v in lp.token_logprobs[1:])

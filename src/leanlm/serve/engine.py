@@ -125,6 +125,13 @@ class LLMEngine:
             if new.lora is not None:
                 self._ensure_loaded(new.lora)
         sampled = self.runner.execute(out)
+        for rid, entries in self.runner.prompt_logprobs.items():
+            request = self.scheduler.requests.get(rid)
+            if request is not None:  # position p: set once (a recomputed prefill repeats them)
+                if not request.prompt_logprobs:
+                    request.prompt_logprobs = [None] * request.num_prompt_tokens
+                for p, lp, top in entries:
+                    request.prompt_logprobs[p] = (lp, top)
         updated = self.scheduler.update_from_output(out, sampled)
         for request in updated:
             if request.request_id in self.runner.logprobs:

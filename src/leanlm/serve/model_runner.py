@@ -50,6 +50,8 @@ class ModelRunner:
         self.requests: dict[str, _State] = {}
         # the last step's (logprob of the sampled token, [(token, logprob)] top-k) per request
         self.logprobs: dict[str, tuple[float, list[tuple[int, float]]]] = {}
+        # ... and of prompt tokens, for requests that asked: [(position, logprob, top-k)]
+        self.prompt_logprobs: dict[str, list[tuple[int, float, list[tuple[int, float]]]]] = {}
 
     def _add(self, rid: str, token_ids: list[int], block_ids: list[int], params: SamplingParams,
              num_prompt_tokens: int, lora: str | None) -> None:
@@ -59,6 +61,19 @@ class ModelRunner:
             generator.manual_seed(params.seed)
         self.requests[rid] = _State(list(token_ids), list(block_ids), params, generator,
                                     num_prompt_tokens, lora)
+
+    def _prompt_logprobs(self, logits: torch.Tensor, prompt_rows: list[tuple[str, int, int]]) -> None:
+        """Log-probabilities of the prompt tokens (the one at position p + 1 given the first p + 1)."""
+        self.prompt_logprobs = {}
+        if not prompt_rows:
+            return
+        lps = logits.log_softmax(-1)
+        for i, (rid, p, _) in enumerate(prompt_rows):
+            state = self.requests[rid]
+            nxt, k = state.token_ids[p + 1], state.params.prompt_logprobs or 0
+            best = lps[i].topk(k) if k else None
+            top = [] if best is None else list(zip(best.indices.tolist(), best.values.tolist(), strict=True))
+            self.prompt_logprobs.setdefault(rid, []).append((p + 1, float(lps[i, nxt]), top))
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> dict[str, int]:
@@ -83,6 +98,7 @@ class ModelRunner:
         bs = self.cache.block_size
         tokens, positions, slots, starts, seq_lens, tables, rows, samplers = [], [], [], [0], [], [], [], []
         adapters: list[str | None] = []  # per token: the request's LoRA adapter
+        prompt_rows: list[tuple[str, int, int]] = []  # (request, prompt position, batch row)
         for rid, n in out.num_scheduled_tokens.items():
             state, start = self.requests[rid], computed[rid]
             pos = list(range(start, start + n))
@@ -96,6 +112,9 @@ class ModelRunner:
             if start + n == len(state.token_ids):
                 rows.append(starts[-1] - 1)
                 samplers.append(rid)
+            if state.params.prompt_logprobs is not None:  # prompt positions that predict a prompt token
+                for p in range(start, min(start + n, state.num_prompt_tokens - 1)):
+                    prompt_rows.append((rid, p, starts[-2] + p - start))
         width = max(len(t) for t in tables)
         table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
         meta = PagedMetadata(self.cache, torch.tensor(slots, device=self.device), starts, seq_lens,
@@ -106,7 +125,9 @@ class ModelRunner:
         route = routed(adapters, self.device) if any(adapters) else contextlib.nullcontext()
         with route:
             logits = self.model(as_tensor(tokens), positions=as_tensor(positions), attn=meta,
-                                rows=as_tensor(rows)[0])[0].float()
+                                rows=as_tensor(rows + [r for _, _, r in prompt_rows])[0])[0].float()
+        self._prompt_logprobs(logits[len(rows):], prompt_rows)
+        logits = logits[:len(rows)]
         states = [self.requests[rid] for rid in samplers]
         tokens = sample(logits, [Row(st.params, st.token_ids, st.num_prompt_tokens, st.generator)
                                  for st in states]).tolist() if samplers else []

@@ -102,6 +102,8 @@ class Request:
     num_preemptions: int = 0
     # per generated token, when sampling_params.logprobs is set: (logprob, [(token, logprob)] top-k)
     output_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    # per prompt token, when sampling_params.prompt_logprobs is set (None for the first token)
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

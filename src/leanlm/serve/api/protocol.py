@@ -32,6 +32,9 @@ class _Sampling(BaseModel):
     def num_logprobs(self) -> int | None:
         return None
 
+    def num_prompt_logprobs(self) -> int | None:
+        return None
+
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
@@ -44,7 +47,8 @@ class _Sampling(BaseModel):
             top_k=self.top_k, min_p=self.min_p, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
             seed=self.seed, stop=stop, ignore_eos=self.ignore_eos, n=self.n,
-            logprobs=self.num_logprobs(), logit_bias=self.token_bias())
+            logprobs=self.num_logprobs(), prompt_logprobs=self.num_prompt_logprobs(),
+            logit_bias=self.token_bias())
 
     def token_bias(self) -> dict[int, float]:
         try:
@@ -60,6 +64,10 @@ class CompletionRequest(_Sampling):
 
     def num_logprobs(self) -> int | None:
         return self.logprobs
+
+    def num_prompt_logprobs(self) -> int | None:
+        """Legacy completions: ``echo`` with ``logprobs`` scores the prompt's tokens too."""
+        return self.logprobs if self.echo else None
 
 
 class ChatMessage(BaseModel):

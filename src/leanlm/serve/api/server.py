@@ -205,6 +205,10 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
             return StreamingResponse(sse(requests, rid, chunk), media_type="text/event-stream")
         outs = await collect(requests)
         prefix = body.prompt if body.echo and isinstance(body.prompt, str) else ""
+        if body.echo and body.logprobs is not None:  # the prompt's tokens lead the logprobs
+            for o, req in zip(outs, requests, strict=True):
+                scored = [entry or (None, []) for entry in req.prompt_logprobs]
+                o["ids"], o["logprobs"] = prompt_ids + o["ids"], scored + o["logprobs"]
         return {"id": rid, "object": "text_completion", "created": created(), "model": body.model,
                 "choices": [{"index": i, "text": prefix + o["text"],
                              "logprobs": completion_logprobs(o["ids"], o["logprobs"]),
