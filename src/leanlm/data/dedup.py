@@ -44,7 +44,6 @@ from leanlm.data.pipeline import Executor, ListedIndices, LocalExecutor, Pipelin
 from leanlm.errors import LeanLMError
 
 MAX_HASH = np.uint64((1 << 32) - 1)
-WORD = re.compile(r"\w+")
 PUNCT = re.compile(r"[^\w\s]")
 SPACE = re.compile(r"\s+")
 POLY = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit multiplier of the polynomial n-gram hash
