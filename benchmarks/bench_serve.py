@@ -7,6 +7,7 @@ time). Throughput runs send every request at once; ``--load`` takes a Poisson ``
 
     python benchmarks/bench_serve.py                   # throughput + prefix-cache TTFT
     python benchmarks/bench_serve.py --load [--rate R] # 500 streaming requests, 64 clients, HTTP
+    python benchmarks/bench_serve.py --kv-cache        # int8 K/V: capacity and perplexity
 """
 
 from __future__ import annotations
@@ -200,6 +201,34 @@ def load(args: argparse.Namespace) -> None:
     server.should_exit = True
 
 
+def kv_cache(args: argparse.Namespace) -> None:
+    """int8 vs bf16 K/V: tokens at a fixed memory budget, and perplexity through the engine
+    (prompt logprobs of held-out windows, every attention reading the cached K/V)."""
+    from leanlm.serve.model_runner import kv_bytes_per_block
+
+    model = load_model(DEFAULT_MODEL, dtype="bfloat16").eval()
+    budget = 256 * 2**20
+    windows = prompts(16, 512, seed=7)
+    print(f"# bench_serve --kv-cache: default model (bf16 weights), {len(windows)} windows x 512 tokens; "
+          f"{machine()}")
+    ppl = {}
+    for kind, dtype in (("bf16", torch.bfloat16), ("int8", torch.int8)):
+        blocks = budget // kv_bytes_per_block(model, 16, dtype)
+        engine = LLMEngine(model, EngineConfig(kv_cache_memory=budget, kv_cache_dtype=(
+            "int8" if kind == "int8" else "auto")))
+        reqs = [engine.add_request(w, SamplingParams(max_tokens=1, prompt_logprobs=0)) for w in windows]
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            while engine.has_unfinished_requests():
+                engine.step()
+        dt = time.perf_counter() - t0
+        lps = [lp for r in reqs for e in r.prompt_logprobs[1:] for lp in [e[0]]]
+        ppl[kind] = float(np.exp(-np.mean(lps)))
+        print(f"{kind}: {blocks * 16:,} tokens in {budget / 2**20:.0f} MiB; perplexity {ppl[kind]:.4f} "
+              f"({len(lps):,} tokens, {dt:.1f} s)", flush=True)
+    print(f"int8 / bf16 perplexity: {ppl['int8'] / ppl['bf16']:.5f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=32)
@@ -210,8 +239,11 @@ def main() -> None:
     ap.add_argument("--load-requests", type=int, default=500)
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--rate", type=float, default=float("inf"), help="Poisson arrivals, requests/s")
+    ap.add_argument("--kv-cache", action="store_true", help="int8 vs bf16 K/V: capacity, perplexity")
     args = ap.parse_args()
-    if args.load:
+    if args.kv_cache:
+        kv_cache(args)
+    elif args.load:
         load(args)
     else:
         throughput(args)

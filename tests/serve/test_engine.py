@@ -9,6 +9,7 @@ import torch
 
 from conftest import random_model
 from leanlm.generate import GenerationConfig, generate
+from leanlm.model import Transformer
 from leanlm.serve.engine import LLM, EngineConfig
 from leanlm.serve.request import SamplingParams
 from leanlm.serve.scheduler import SchedulerConfig
@@ -127,3 +128,29 @@ def test_prompt_logprobs_equal_a_teacher_forced_forward(chunked: bool) -> None:
         lp, top = req.prompt_logprobs[p]
         assert lp == pytest.approx(float(want[p - 1, prompt[p]]), abs=1e-4)
         assert [t for t, _ in top] == want[p - 1].topk(2).indices.tolist()
+
+
+def test_int8_kv_cache_doubles_capacity_and_stays_close() -> None:
+    from leanlm import DEFAULT_MODEL, ModelConfig
+    from leanlm.serve.model_runner import kv_bytes_per_block
+
+    c = ModelConfig.from_json_file(DEFAULT_MODEL / "config.json")
+    with torch.device("meta"):
+        shape = Transformer(c)
+    ratio = kv_bytes_per_block(shape, 16, torch.bfloat16) / kv_bytes_per_block(shape, 16, torch.int8)
+    assert ratio >= 1.9  # tokens per byte: 128 bytes per head in bf16, 64 + 2 in int8
+    model = random_model("llama")
+    prompt = prompts(3)[1] * 3
+    lps = {}
+    for dtype in ("auto", "int8"):
+        engine = LLM(model, EngineConfig(block_size=4, num_blocks=64, kv_cache_dtype=dtype,
+                                         scheduler=SchedulerConfig(max_num_batched_tokens=8,
+                                                                   long_prefill_token_threshold=5))).engine
+        if dtype == "int8":
+            assert engine.runner.cache.k[0].dtype == torch.int8
+        req = engine.add_request(prompt, SamplingParams(max_tokens=1, prompt_logprobs=0))
+        while engine.has_unfinished_requests():
+            engine.step()
+        lps[dtype] = torch.tensor([lp for lp, _ in req.prompt_logprobs[1:]])
+    assert (lps["int8"] - lps["auto"]).abs().max() < 0.05
+    assert not torch.equal(lps["int8"], lps["auto"])  # the int8 path really ran

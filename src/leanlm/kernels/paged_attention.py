@@ -37,14 +37,17 @@ INDEX = (torch.int32, torch.int64)
 
 def reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
               block_tables: torch.Tensor, seq_lens: list[int], query_start: list[int],
-              block_size: int, scale: float, window: int | None = None) -> torch.Tensor:
-    """q [T, H, D] -> [T, H, D]: each request's queries against its keys.
+              block_size: int, scale: float, window: int | None = None,
+              kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """q [T, H, D] -> [T, H, D]: each request's queries against its keys (int8 caches are
+    dequantized with ``kv_scales`` [slots, kv_heads] as they are read).
 
     Precision follows the model's own SDPA backend (the reference generator): one query is
     scored in fp32, several in q's dtype (fp64 stays fp64). A batch of decode queries only (the
     serving engine's steady state) is computed for all requests at once."""
     if q.shape[0] == len(seq_lens):  # one query per request
-        return _decode_reference(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, window)
+        return _decode_reference(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, window,
+                                 kv_scales)
     out = torch.empty_like(q)
     offsets = torch.arange(block_size, device=q.device)
     for r, n in enumerate(seq_lens):
@@ -52,7 +55,8 @@ def reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         acc = q.dtype if q.dtype == torch.float64 or qe - qs > 1 else torch.float32
         blocks = block_tables[r, :-(-n // block_size)].long()
         slots = (blocks[:, None] * block_size + offsets).flatten()[:n]
-        kr, vr = k_cache[slots].transpose(0, 1).to(acc), v_cache[slots].transpose(0, 1).to(acc)
+        kr, vr = _gather(k_cache, v_cache, slots, acc, kv_scales)
+        kr, vr = kr.transpose(0, 1), vr.transpose(0, 1)
         qp = torch.arange(n - (qe - qs), n, device=q.device)[:, None]
         kp = torch.arange(n, device=q.device)[None, :]
         mask = kp <= qp
@@ -66,9 +70,20 @@ def reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     return out
 
 
+def _gather(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype,
+            kv_scales: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V rows of ``slots`` in ``dtype`` (dequantized when the cache is int8)."""
+    k, v = k_cache[slots].to(dtype), v_cache[slots].to(dtype)
+    if kv_scales is not None:
+        k = k * kv_scales[0][slots].to(dtype)[..., None]
+        v = v * kv_scales[1][slots].to(dtype)[..., None]
+    return k, v
+
+
 def _decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       block_tables: torch.Tensor, seq_lens: list[int], block_size: int, scale: float,
-                      window: int | None) -> torch.Tensor:
+                      window: int | None,
+                      kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """One query per request, batched: K/V gathered into [R, L, kv_heads, D] (L = longest)."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     r, h, d = q.shape
@@ -80,7 +95,7 @@ def _decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         valid &= j[None, :] >= lens[:, None] - window
     slots = block_tables[:, j // block_size].long() * block_size + j % block_size
     slots = torch.where(valid, slots, 0)  # padding reads slot 0 and is masked out
-    k, v = k_cache[slots].to(acc), v_cache[slots].to(acc)  # [R, L, kv_heads, D]
+    k, v = _gather(k_cache, v_cache, slots, acc, kv_scales)  # [R, L, kv_heads, D]
     qg = q.to(acc).view(r, kv_heads, h // kv_heads, d)
     scores = torch.einsum("rkgd,rlkd->rkgl", qg, k) * scale
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))

@@ -28,13 +28,16 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     scheduler: SchedulerConfig | None = None
     max_loras: int = 8  # adapters resident at once (least recently used ones are unloaded)
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | int8 (per-token, per-head scales)
 
 
 class LLMEngine:
     def __init__(self, model: Transformer, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
         self.model = model.eval()
-        dtype = model.embed_tokens.weight.dtype
+        if config.kv_cache_dtype not in ("auto", "int8"):
+            raise LeanLMError(f"kv_cache_dtype {config.kv_cache_dtype!r}: expected auto or int8")
+        dtype = torch.int8 if config.kv_cache_dtype == "int8" else model.embed_tokens.weight.dtype
         num_blocks = config.num_blocks or config.kv_cache_memory // kv_bytes_per_block(
             model, config.block_size, dtype)
         if num_blocks < 1:
@@ -42,7 +45,7 @@ class LLMEngine:
                               f"{config.block_size} tokens for this model")
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler or SchedulerConfig(), self.kv)
-        self.runner = ModelRunner(model, num_blocks, config.block_size)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, dtype)
         self._ids = itertools.count()
         self.loras: dict[str, Path] = {}  # registered adapters
         self.resident: OrderedDict[str, bool] = OrderedDict()  # loaded ones, least recent first

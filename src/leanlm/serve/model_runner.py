@@ -34,8 +34,10 @@ class _State:
 
 
 def kv_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) -> int:
+    """K and V bytes of one block over all layers (int8: plus an fp16 scale per token and head)."""
     c = model.config
-    return 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * dtype.itemsize
+    per_head = c.head_dim * dtype.itemsize + (2 if dtype == torch.int8 else 0)
+    return 2 * c.num_layers * block_size * c.num_kv_heads * per_head
 
 
 class ModelRunner:
