@@ -240,7 +240,7 @@ def serve(
     dtype: Annotated[str | None, typer.Option(help="float32 | bfloat16 | float16.")] = None,
     lora: Annotated[list[str] | None, typer.Option(
         help="NAME=ADAPTER_DIR: a peft adapter clients select with model=NAME (repeatable).")] = None,
-    kv_cache_dtype: Annotated[str, typer.Option(help="auto (the model's) or int8 (1.9x the tokens).")] = "auto",
+    kv_cache_dtype: Annotated[str, typer.Option(help="auto (the model's) or int8 (1.9x tokens).")] = "auto",
 ) -> None:
     """Serve MODEL behind an OpenAI-compatible HTTP API (continuous batching, paged KV cache)."""
     import uvicorn
