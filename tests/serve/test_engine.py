@@ -154,3 +154,32 @@ def test_int8_kv_cache_doubles_capacity_and_stays_close() -> None:
         lps[dtype] = torch.tensor([lp for lp, _ in req.prompt_logprobs[1:]])
     assert (lps["int8"] - lps["auto"]).abs().max() < 0.05
     assert not torch.equal(lps["int8"], lps["auto"])  # the int8 path really ran
+
+
+def steps_to_first_token(policy: str, flood: bool) -> int:
+    """Engine steps until a light client's request (sent after 3 steps) has its first token."""
+    model = random_model("llama")
+    llm = LLM(model, EngineConfig(block_size=4, num_blocks=512, scheduler=SchedulerConfig(
+        max_num_batched_tokens=48, policy=policy)))
+    engine = llm.engine
+    rng = random.Random(0)
+    if flood:
+        for _ in range(30):
+            engine.add_request([rng.randrange(2, 300) for _ in range(40)],
+                               SamplingParams(max_tokens=20, ignore_eos=True), client="flood")
+    for _ in range(3):
+        engine.step()
+    light = engine.add_request([5, 6, 7, 8, 9, 10, 11, 12], SamplingParams(max_tokens=2, ignore_eos=True),
+                               client="light")
+    steps = 0
+    while not light.output_token_ids:
+        engine.step()
+        steps += 1
+    return steps
+
+
+def test_vtc_keeps_a_light_client_responsive_under_a_flood() -> None:
+    unloaded = steps_to_first_token("vtc", flood=False)
+    assert unloaded == 1
+    assert steps_to_first_token("vtc", flood=True) <= 2 * unloaded
+    assert steps_to_first_token("fcfs", flood=True) > 2 * unloaded  # queued behind the flood

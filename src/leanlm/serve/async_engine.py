@@ -65,9 +65,9 @@ class AsyncLLMEngine:
             self._task = asyncio.create_task(self._run())
 
     def make_request(self, prompt_token_ids: Sequence[int], params: SamplingParams,
-                     request_id: str, lora: str | None = None) -> Request:
+                     request_id: str, lora: str | None = None, client: str = "") -> Request:
         """A validated request (bad input raises LeanLMError before any response starts)."""
-        return self.engine.make_request(prompt_token_ids, params, request_id, lora=lora)
+        return self.engine.make_request(prompt_token_ids, params, request_id, lora=lora, client=client)
 
     async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
         """Stream the outputs of a request made by :meth:`make_request`."""

@@ -90,13 +90,15 @@ class LLMEngine:
         self.resident[name] = True
 
     def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, priority: int = 0, lora: str | None = None) -> Request:
-        request = self.make_request(prompt_token_ids, params, request_id, priority, lora)
+                    request_id: str | None = None, priority: int = 0, lora: str | None = None,
+                    client: str = "") -> Request:
+        request = self.make_request(prompt_token_ids, params, request_id, priority, lora, client)
         self.scheduler.add_request(request)
         return request
 
     def make_request(self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None,
-                     request_id: str | None = None, priority: int = 0, lora: str | None = None) -> Request:
+                     request_id: str | None = None, priority: int = 0, lora: str | None = None,
+                     client: str = "") -> Request:
         """A validated request (bad input raises LeanLMError), not yet scheduled."""
         c = self.model.config
         if lora is not None:
@@ -117,7 +119,7 @@ class LLMEngine:
             raise LeanLMError(f"the request needs {need} KV blocks; the cache has "
                               f"{len(self.kv.pool.blocks)}")
         return Request(request_id or f"req-{next(self._ids)}", prompt, params,
-                       eos_token_ids=tuple(c.eos_token_ids), lora=lora, priority=priority)
+                       eos_token_ids=tuple(c.eos_token_ids), lora=lora, priority=priority, client=client)
 
     def abort(self, request_ids: Sequence[str]) -> None:
         self.scheduler.abort_requests(request_ids)

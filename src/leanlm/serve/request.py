@@ -95,6 +95,7 @@ class Request:
     eos_token_ids: Sequence[int] = ()
     lora: str | None = None
     priority: int = 0  # lower runs first under the priority policy
+    client: str = ""  # who sent it (API key or `user`): the fairness policy's unit
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

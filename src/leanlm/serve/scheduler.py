@@ -7,6 +7,15 @@ first (in order), then waiting ones are admitted while the budget, ``max_num_seq
 KV blocks allow; a long prompt simply takes several steps (a chunked prefill), capped per step
 by ``long_prefill_token_threshold``. A waiting request starts from its longest cached prefix.
 
+Policies decide which waiting request is admitted next and which running one is preempted:
+``fcfs`` (arrival order), ``priority`` (lowest value first), and ``vtc``, the Virtual Token
+Counter of Sheng et al. 2024 ("Fairness in Serving Large Language Models", OSDI): each client
+(API key or ``user``) has a counter of the service it received, w_p per prompt token computed and
+w_q per token generated; the waiting request of the least-served client goes first, and a client
+that becomes active again has its counter lifted to the smallest active one, so idling earns no
+credit. Under a flood from one client, a light client's requests are admitted at the next step
+instead of behind the flood.
+
 When a running request needs a block and none is free, the lowest-priority running request (the
 most recently admitted under FCFS) is preempted: its blocks are freed, its computed count goes
 back to 0, and it returns to the front of the queue, to be recomputed (prompt + the tokens it has
@@ -27,7 +36,7 @@ from leanlm.errors import LeanLMError
 from leanlm.serve.kv_cache import KVCacheManager
 from leanlm.serve.request import Request, RequestStatus, SamplingParams
 
-POLICIES = ("fcfs", "priority")
+POLICIES = ("fcfs", "priority", "vtc")
 
 
 @dataclass
@@ -36,6 +45,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     long_prefill_token_threshold: int = 0  # most tokens of one request per step (0 = budget)
     policy: str = "fcfs"
+    # vtc: the cost of one prompt / one generated token in a client's virtual token counter
+    vtc_prompt_weight: float = 1.0
+    vtc_output_weight: float = 2.0
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
@@ -86,11 +98,17 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self._finished_ids: set[str] = set()
+        self.counters: dict[str, float] = {}  # vtc: service received per client
 
     # ---- requests in and out ----------------------------------------------------------------
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise LeanLMError(f"request id {request.request_id!r} is already in use")
+        if self.config.policy == "vtc":
+            active = {r.client for r in self.requests.values()}
+            if request.client not in active:  # (re)joining: no credit for having been idle
+                floor = min((self.counters.get(c, 0.0) for c in active), default=0.0)
+                self.counters[request.client] = max(self.counters.get(request.client, 0.0), floor)
         self.requests[request.request_id] = request
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
@@ -120,11 +138,30 @@ class Scheduler:
     def _next_waiting(self) -> Request:
         if self.config.policy == "priority":
             return min(self.waiting, key=self._key)
+        if self.config.policy == "vtc":  # the least-served client's oldest request
+            busy: dict[str, int] = {}
+            for r in self.running:
+                busy[r.client] = busy.get(r.client, 0) + 1
+            # ties (a client that just joined starts at the smallest counter): fewer running first
+            return min(self.waiting, key=lambda r: (self.counters.get(r.client, 0.0), busy.get(r.client, 0)))
         return self.waiting[0]
 
     def _victim(self) -> Request:
-        """The running request to preempt: the lowest priority, else the latest admitted."""
-        return max(self.running, key=self._key) if self.config.policy == "priority" else self.running[-1]
+        """The running request to preempt: the lowest priority (vtc: the most-served client's
+        latest), else the latest admitted."""
+        if self.config.policy == "priority":
+            return max(self.running, key=self._key)
+        if self.config.policy == "vtc":
+            most = max(self.counters.get(r.client, 0.0) for r in self.running)
+            return [r for r in self.running if self.counters.get(r.client, 0.0) == most][-1]
+        return self.running[-1]
+
+    def _charge(self, request: Request, n: int, sampled: bool) -> None:
+        """vtc: add the service of n computed tokens (prompt ones) and a sampled token."""
+        prompt = max(0, min(n, request.num_prompt_tokens - request.num_computed_tokens))
+        self.counters[request.client] = (self.counters.get(request.client, 0.0)
+                                         + self.config.vtc_prompt_weight * prompt
+                                         + self.config.vtc_output_weight * sampled)
 
     def _preempt(self, victim: Request) -> None:
         self.running.remove(victim)
@@ -199,6 +236,9 @@ class Scheduler:
             request = self.requests.get(rid)
             if request is None or request.status is not RequestStatus.RUNNING:
                 continue  # aborted or preempted since
+            if self.config.policy == "vtc":
+                done = request.num_computed_tokens + n >= request.num_tokens
+                self._charge(request, n, rid in sampled and done)
             request.num_computed_tokens += n
             if request.num_computed_tokens < request.num_tokens or rid not in sampled:
                 continue  # a prefill chunk: nothing to sample yet

@@ -101,7 +101,7 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
         requests = []
         for i in range(params.n):
             p = params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
-            requests.append(engine.make_request(prompt_ids, p, f"{rid}-{i}", lora))
+            requests.append(engine.make_request(prompt_ids, p, f"{rid}-{i}", lora, body.user or ""))
         metrics.prompt_tokens.inc(len(prompt_ids) * len(requests))
         return requests, rid
 
