@@ -14,27 +14,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from leanlm.cliutil import ModelArg, resolve_model
 from leanlm.data.cli import data_app
 from leanlm.errors import LeanLMError
 from leanlm.peft.cli import finetune, merge
+from leanlm.serve.cli import serve
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="leanlm: train, fine-tune, compress and serve LLMs cheaply.")
 err = Console(stderr=True)
-
-ModelArg = Annotated[Path | None, typer.Argument(
-    help="Hugging Face model directory (config.json + safetensors + tokenizer.json); "
-         "default: the model shipped with leanlm.", show_default=False)]
-
-
-def resolve_model(model: Path | None) -> Path:
-    """The model directory to use: the one given, else the embedded default model."""
-    if model is not None:
-        return model
-    from leanlm.assets import default_model_path
-
-    return default_model_path()
-
 
 @app.command()
 def generate(
@@ -130,6 +118,7 @@ app.add_typer(tokenizer_app, name="tokenizer")
 app.add_typer(data_app, name="data")
 app.command("finetune")(finetune)
 app.command("merge")(merge)
+app.command("serve")(serve)
 
 
 @corpus_app.command("build")
@@ -222,53 +211,6 @@ def pretrain(
         trainer.close()
     if result.get("model") is not None and not quiet:
         Console().print(f"model written to {result['model']}")
-
-
-@app.command()
-def serve(
-    model: ModelArg = None,
-    host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    served_model_name: Annotated[str | None, typer.Option(help="The `model` clients send.")] = None,
-    api_key: Annotated[str | None, typer.Option(envvar="LEANLM_API_KEY",
-                                                help="Require `Authorization: Bearer KEY`.")] = None,
-    max_num_seqs: Annotated[int, typer.Option(help="Most requests in one batch.")] = 64,
-    max_num_batched_tokens: Annotated[int, typer.Option(help="Token budget of one step.")] = 2048,
-    block_size: Annotated[int, typer.Option(help="Tokens per KV-cache block.")] = 16,
-    kv_cache_memory: Annotated[int, typer.Option(help="MiB of K/V cache.")] = 256,
-    enable_prefix_caching: Annotated[bool, typer.Option(help="Share the K/V of common prefixes.")] = True,
-    dtype: Annotated[str | None, typer.Option(help="float32 | bfloat16 | float16.")] = None,
-    lora: Annotated[list[str] | None, typer.Option(
-        help="NAME=ADAPTER_DIR: a peft adapter clients select with model=NAME (repeatable).")] = None,
-    kv_cache_dtype: Annotated[str, typer.Option(help="auto (the model's) or int8 (1.9x tokens).")] = "auto",
-    policy: Annotated[str, typer.Option(help="fcfs, priority, or vtc (fair across `user`s).")] = "fcfs",
-) -> None:
-    """Serve MODEL behind an OpenAI-compatible HTTP API (continuous batching, paged KV cache)."""
-    import uvicorn
-
-    from leanlm.checkpoint import load_model
-    from leanlm.serve.api.server import create_app
-    from leanlm.serve.async_engine import AsyncLLMEngine
-    from leanlm.serve.engine import EngineConfig, LLMEngine
-    from leanlm.serve.scheduler import SchedulerConfig
-    from leanlm.tokenizer import load_tokenizer
-
-    path = resolve_model(model)
-    lm = load_model(path, dtype=dtype)
-    config = EngineConfig(block_size=block_size, kv_cache_memory=kv_cache_memory * 2**20,
-                          enable_prefix_caching=enable_prefix_caching, kv_cache_dtype=kv_cache_dtype,
-                          scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, policy=policy,
-                                                    max_num_batched_tokens=max_num_batched_tokens))
-    core = LLMEngine(lm, config)
-    for item in lora or []:
-        lname, sep, adapter = item.partition("=")
-        if not sep:
-            raise LeanLMError(f"--lora {item!r}: expected NAME=ADAPTER_DIR")
-        core.add_lora(lname, adapter)
-    engine = AsyncLLMEngine(core, load_tokenizer(path))
-    name = served_model_name or ("leanlm-default" if model is None else path.name)
-    Console(stderr=True).print(f"serving {path} as {name!r} on http://{host}:{port}/v1")
-    uvicorn.run(create_app(engine, name, api_key), host=host, port=port, log_level="warning")
 
 
 METHODS = ("gptq", "awq", "rtn", "smoothquant", "llm-int8")

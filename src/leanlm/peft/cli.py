@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from leanlm.cliutil import resolve_model
 from leanlm.errors import LeanLMError
 
 METHODS = ("lora", "dora", "adapter", "pfeiffer", "parallel-adapter", "ia3", "compacter")
@@ -55,7 +56,6 @@ def finetune(
     quiet: Annotated[bool, typer.Option(help="No progress bar or log lines.")] = False,
 ) -> None:
     """Fine-tune MODEL on instruction data with an adapter; writes OUT/adapter and OUT/best (peft format)."""
-    from leanlm.cli import resolve_model
     from leanlm.peft.finetune import FineTuner
     from leanlm.train import get_recipe
     from leanlm.train.config import apply_overrides
@@ -84,7 +84,6 @@ def merge(
 ) -> None:
     """Fold a LoRA / DoRA / IA3 adapter into its base model and save a plain checkpoint."""
     from leanlm import load_model, load_tokenizer, save_model
-    from leanlm.cli import resolve_model
     from leanlm.peft import load_adapter, merge_, remove_peft_
 
     path = resolve_model(model)

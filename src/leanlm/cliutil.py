@@ -1,0 +1,21 @@
+"""What the command modules share: the MODEL argument and its default (the embedded model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+ModelArg = Annotated[Path | None, typer.Argument(
+    help="Hugging Face model directory (config.json + safetensors + tokenizer.json); "
+         "default: the model shipped with leanlm.", show_default=False)]
+
+
+def resolve_model(model: Path | None) -> Path:
+    """The model directory to use: the one given, else the embedded default model."""
+    if model is not None:
+        return model
+    from leanlm.assets import default_model_path
+
+    return default_model_path()
