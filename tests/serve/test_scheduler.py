@@ -25,7 +25,7 @@ def req(rid: str, n: int, max_tokens: int = 4, priority: int = 0, first: int = 1
 def step(s: Scheduler, token: int = 7) -> tuple:
     """One engine step with a fake runner that samples ``token`` for every request that needs one."""
     out = s.schedule()
-    sampled = {rid: token for rid in out.num_scheduled_tokens}
+    sampled = {rid: [token] for rid in out.num_scheduled_tokens}
     s.update_from_output(out, sampled)
     return out
 
@@ -104,8 +104,8 @@ def test_priority_policy_admits_and_preempts_by_priority() -> None:
     s.add_request(high)
     out = s.schedule()
     assert [n.request_id for n in out.new_requests] == ["high", "low"]
-    s.update_from_output(out, {"high": 7, "low": 7})
-    s.update_from_output(s.schedule(), {"high": 7, "low": 7})  # 4th tokens fit their blocks
+    s.update_from_output(out, {"high": [7], "low": [7]})
+    s.update_from_output(s.schedule(), {"high": [7], "low": [7]})  # 4th tokens fit their blocks
     out = s.schedule()  # both need a new block, none is free: "low" goes
     assert out.preempted_req_ids == {"low"} and set(out.num_scheduled_tokens) == {"high"}
     assert s.waiting == [low] and s.kv.block_ids("low") == []

@@ -43,6 +43,7 @@ class _Stream:
     stop: list[str]
     text: str = ""
     sent: int = 0  # characters of ``text`` already emitted
+    tokens: int = 0  # output tokens already decoded (a speculative step may add several)
     done: bool = False
     arrival: float = field(default_factory=time.monotonic)
 
@@ -132,8 +133,11 @@ class AsyncLLMEngine:
         stream = self.streams.get(request.request_id)
         if stream is None or stream.done:
             return
-        token = request.output_token_ids[-1]
-        stream.text += stream.decoder.push(token)
+        new = request.output_token_ids[stream.tokens:]
+        logprobs = request.output_logprobs[stream.tokens:]
+        stream.tokens = len(request.output_token_ids)
+        for token in new:
+            stream.text += stream.decoder.push(token)
         finished = request.is_finished
         reason = {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH: "length",
                   RequestStatus.FINISHED_ABORTED: "abort"}.get(request.status)
@@ -151,8 +155,8 @@ class AsyncLLMEngine:
         stream.sent = upto
         stream.done = finished
         stream.queue.put_nowait(RequestOutput(
-            request.request_id, delta, [token], finished, reason, request.num_prompt_tokens,
-            len(request.output_token_ids), request.output_logprobs[-1:]))
+            request.request_id, delta, list(new), finished, reason, request.num_prompt_tokens,
+            len(request.output_token_ids), logprobs))
 
 
 def _first_stop(text: str, stops: list[str], sent: int) -> int:

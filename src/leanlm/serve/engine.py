@@ -29,6 +29,8 @@ class EngineConfig:
     scheduler: SchedulerConfig | None = None
     max_loras: int = 8  # adapters resident at once (least recently used ones are unloaded)
     kv_cache_dtype: str = "auto"  # auto (the model's dtype) | int8 (per-token, per-head scales)
+    speculative: str | None = None  # "ngram": prompt-lookup drafts verified by the model
+    num_spec_tokens: int = 4  # draft tokens per step and request
 
 
 class LLMEngine:
@@ -47,6 +49,9 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler or SchedulerConfig(), self.kv)
         self.runner = ModelRunner(model, num_blocks, config.block_size, dtype)
         self._ids = itertools.count()
+        if config.speculative not in (None, "ngram"):
+            raise LeanLMError(f"speculative {config.speculative!r}: expected None or 'ngram'")
+        self.spec_proposed = self.spec_accepted = 0  # draft tokens, for the acceptance rate
         self.loras: dict[str, Path] = {}  # registered adapters
         self.resident: OrderedDict[str, bool] = OrderedDict()  # loaded ones, least recent first
 
@@ -137,14 +142,45 @@ class LLMEngine:
                     request.prompt_logprobs = [None] * request.num_prompt_tokens
                 for p, lp, top in entries:
                     request.prompt_logprobs[p] = (lp, top)
+        for rid, drafts in out.spec_token_ids.items():
+            self.spec_proposed += len(drafts)
+            self.spec_accepted += max(0, len(sampled.get(rid, ())) - 1)
         updated = self.scheduler.update_from_output(out, sampled)
+        if self.config.speculative == "ngram":
+            self._propose()
         for request in updated:
             if request.request_id in self.runner.logprobs:
                 request.output_logprobs.append(self.runner.logprobs[request.request_id])
         return updated
 
+    def _propose(self) -> None:
+        """Prompt-lookup drafts (Saxena 2023) for every decoding request that allows them."""
+        context = self.model.config.max_position_embeddings
+        for r in self.scheduler.running:
+            p = r.sampling_params
+            if (r.num_computed_tokens != r.num_tokens - 1 or p.logprobs is not None or p.logit_bias
+                    or p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0):
+                continue  # speculation needs sequential penalties and logprobs: not these
+            k = min(self.config.num_spec_tokens, p.max_tokens - len(r.output_token_ids) - 1,
+                    context - r.num_tokens - 1)
+            if k > 0:
+                r.spec_token_ids = ngram_drafts(r.all_token_ids, k)
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
+
+
+def ngram_drafts(tokens: Sequence[int], k: int, max_n: int = 3, min_n: int = 1) -> list[int]:
+    """Prompt lookup: the k tokens that followed the latest earlier occurrence of the last n
+    tokens (the longest n in [min_n, max_n] that occurs), or none."""
+    for n in range(max_n, min_n - 1, -1):
+        if len(tokens) <= n:
+            continue
+        tail = list(tokens[-n:])
+        for i in range(len(tokens) - n - 1, -1, -1):
+            if list(tokens[i:i + n]) == tail:
+                return list(tokens[i + n:i + n + k])
+    return []
 
 
 class LLM:

@@ -19,7 +19,7 @@ from leanlm.attention import PagedKVCache, PagedMetadata
 from leanlm.model import Transformer
 from leanlm.peft.api import routed
 from leanlm.serve.request import SamplingParams
-from leanlm.serve.sampling import Row, sample
+from leanlm.serve.sampling import Row, sample, verify_drafts
 from leanlm.serve.scheduler import SchedulerOutput
 
 
@@ -78,9 +78,10 @@ class ModelRunner:
             self.prompt_logprobs.setdefault(rid, []).append((p + 1, float(lps[i, nxt]), top))
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> dict[str, int]:
-        """Run the scheduled tokens; returns the sampled token of each request that samples
-        (and leaves the logprobs of requests that asked for them in ``self.logprobs``)."""
+    def execute(self, out: SchedulerOutput) -> dict[str, list[int]]:
+        """Run the scheduled tokens; returns the tokens of each request that samples — one, or
+        after draft tokens the accepted ones and one more — and leaves the logprobs of requests
+        that asked for them in ``self.logprobs``."""
         self.logprobs = {}
         for rid in out.finished_req_ids | out.preempted_req_ids:
             self.requests.pop(rid, None)
@@ -101,17 +102,23 @@ class ModelRunner:
         tokens, positions, slots, starts, seq_lens, tables, rows, samplers = [], [], [], [0], [], [], [], []
         adapters: list[str | None] = []  # per token: the request's LoRA adapter
         prompt_rows: list[tuple[str, int, int]] = []  # (request, prompt position, batch row)
+        verify: dict[str, tuple[int, list[int]]] = {}  # request -> (first row, its draft tokens)
         for rid, n in out.num_scheduled_tokens.items():
             state, start = self.requests[rid], computed[rid]
+            drafts = out.spec_token_ids.get(rid, [])
+            real = n - len(drafts)
             pos = list(range(start, start + n))
-            tokens += state.token_ids[start:start + n]
+            tokens += state.token_ids[start:start + real] + drafts
             adapters += [state.lora] * n
             positions += pos
             slots += [state.block_ids[p // bs] * bs + p % bs for p in pos]
             starts.append(starts[-1] + n)
             seq_lens.append(start + n)
             tables.append(state.block_ids)
-            if start + n == len(state.token_ids):
+            if drafts:  # the last real token and every draft: k + 1 rows to verify
+                verify[rid] = (len(rows), drafts)
+                rows += list(range(starts[-2] + real - 1, starts[-1]))
+            elif start + real == len(state.token_ids):
                 rows.append(starts[-1] - 1)
                 samplers.append(rid)
             if state.params.prompt_logprobs is not None:  # prompt positions that predict a prompt token
@@ -130,15 +137,24 @@ class ModelRunner:
                                 rows=as_tensor(rows + [r for _, _, r in prompt_rows])[0])[0].float()
         self._prompt_logprobs(logits[len(rows):], prompt_rows)
         logits = logits[:len(rows)]
+        sampled: dict[str, list[int]] = {}
+        for rid, (first, drafts) in verify.items():
+            st = self.requests[rid]
+            got = verify_drafts(logits[first:first + len(drafts) + 1],
+                                Row(st.params, st.token_ids, st.num_prompt_tokens, st.generator), drafts)
+            st.token_ids.extend(got[:-1])  # accepted drafts: their K/V are already in the cache
+            sampled[rid] = got
+        verified = {f + j for f, d in verify.values() for j in range(len(d) + 1)}
+        logits = logits[[i for i in range(len(rows)) if i not in verified]]
         states = [self.requests[rid] for rid in samplers]
         tokens = sample(logits, [Row(st.params, st.token_ids, st.num_prompt_tokens, st.generator)
                                  for st in states]).tolist() if samplers else []
-        sampled = dict(zip(samplers, tokens, strict=True))
+        sampled.update({rid: [t] for rid, t in zip(samplers, tokens, strict=True)})
         for i, (rid, state) in enumerate(zip(samplers, states, strict=True)):
             k = state.params.logprobs
             if k is not None:  # of the model's own distribution, before any processing
                 lp = logits[i].log_softmax(-1)
                 top = lp.topk(k) if k else None
-                self.logprobs[rid] = (float(lp[sampled[rid]]), [] if top is None else
+                self.logprobs[rid] = (float(lp[sampled[rid][0]]), [] if top is None else
                                       list(zip(top.indices.tolist(), top.values.tolist(), strict=True)))
         return sampled

@@ -96,6 +96,7 @@ class Request:
     lora: str | None = None
     priority: int = 0  # lower runs first under the priority policy
     client: str = ""  # who sent it (API key or `user`): the fairness policy's unit
+    spec_token_ids: list[int] = field(default_factory=list)  # draft tokens proposed for the next step
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0

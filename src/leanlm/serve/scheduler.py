@@ -84,6 +84,8 @@ class SchedulerOutput:
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
     preempted_req_ids: set[str] = field(default_factory=set)
     finished_req_ids: set[str] = field(default_factory=set)
+    # draft tokens scheduled after a request's real ones (they are the last of its scheduled tokens)
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -156,15 +158,16 @@ class Scheduler:
             return [r for r in self.running if self.counters.get(r.client, 0.0) == most][-1]
         return self.running[-1]
 
-    def _charge(self, request: Request, n: int, sampled: bool) -> None:
-        """vtc: add the service of n computed tokens (prompt ones) and a sampled token."""
+    def _charge(self, request: Request, n: int, sampled: bool, count: int = 1) -> None:
+        """vtc: add the service of n computed tokens (prompt ones) and the sampled tokens."""
         prompt = max(0, min(n, request.num_prompt_tokens - request.num_computed_tokens))
         self.counters[request.client] = (self.counters.get(request.client, 0.0)
                                          + self.config.vtc_prompt_weight * prompt
-                                         + self.config.vtc_output_weight * sampled)
+                                         + self.config.vtc_output_weight * count * sampled)
 
     def _preempt(self, victim: Request) -> None:
         self.running.remove(victim)
+        victim.spec_token_ids = []
         self.kv.free(victim)
         victim.num_computed_tokens = 0
         victim.status = RequestStatus.PREEMPTED
@@ -183,7 +186,8 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            n = self._budgeted(request.num_tokens - request.num_computed_tokens, budget)
+            real = request.num_tokens - request.num_computed_tokens
+            n = self._budgeted(real + len(request.spec_token_ids), budget)
             if n == 0:
                 i += 1
                 continue
@@ -203,6 +207,8 @@ class Scheduler:
             if new_blocks is None:  # the request preempted itself; the list shrank under i
                 continue
             start = request.num_computed_tokens
+            if n > real:  # verify the draft tokens that fit in the budget
+                out.spec_token_ids[request.request_id] = request.spec_token_ids[:n - real]
             out.cached_requests.append(CachedRequestData(
                 request.request_id, request.all_token_ids[start:start + n],
                 [b.block_id for b in new_blocks], start))
@@ -227,22 +233,30 @@ class Scheduler:
             budget -= n
         return out
 
-    def update_from_output(self, output: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
-        """Advance the scheduled requests by the computed tokens; append each sampled token
-        (only requests that reached the end of their tokens sample one). Returns the requests
-        that got a token, finished ones included (their blocks already freed)."""
+    def update_from_output(self, output: SchedulerOutput, sampled: dict[str, list[int]]) -> list[Request]:
+        """Advance the scheduled requests by the computed tokens and append the tokens each one
+        sampled (only requests that reached the end of their tokens sample; a speculative step
+        gives the accepted draft tokens and one more). Returns the requests that got tokens,
+        finished ones included (their blocks already freed)."""
         updated = []
         for rid, n in output.num_scheduled_tokens.items():
             request = self.requests.get(rid)
             if request is None or request.status is not RequestStatus.RUNNING:
                 continue  # aborted or preempted since
+            drafts = len(output.spec_token_ids.get(rid, ()))
+            tokens = sampled.get(rid, [])
+            accepted = max(0, len(tokens) - 1) if drafts else 0
+            real = n - drafts  # the drafts' K/V count as computed only where they were accepted
             if self.config.policy == "vtc":
-                done = request.num_computed_tokens + n >= request.num_tokens
-                self._charge(request, n, rid in sampled and done)
-            request.num_computed_tokens += n
-            if request.num_computed_tokens < request.num_tokens or rid not in sampled:
+                done = request.num_computed_tokens + real >= request.num_tokens
+                self._charge(request, real, bool(tokens) and done, len(tokens))
+            request.num_computed_tokens += real + accepted
+            request.spec_token_ids = []
+            if request.num_computed_tokens < request.num_tokens + accepted or not tokens:
                 continue  # a prefill chunk: nothing to sample yet
-            if request.append_output(sampled[rid]).finished:
-                self._retire(request)
+            for token in tokens:
+                if request.append_output(token).finished:
+                    self._retire(request)
+                    break
             updated.append(request)
         return updated
