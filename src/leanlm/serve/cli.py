@@ -28,6 +28,9 @@ def serve(
         help="NAME=ADAPTER_DIR: a peft adapter clients select with model=NAME (repeatable).")] = None,
     kv_cache_dtype: Annotated[str, typer.Option(help="auto (the model's) or int8 (1.9x tokens).")] = "auto",
     policy: Annotated[str, typer.Option(help="fcfs, priority, or vtc (fair across `user`s).")] = "fcfs",
+    speculative: Annotated[str | None, typer.Option(
+        help="ngram: speculative decoding with prompt-lookup drafts.")] = None,
+    num_spec_tokens: Annotated[int, typer.Option(help="Draft tokens per step (with --speculative).")] = 4,
 ) -> None:
     """Serve MODEL behind an OpenAI-compatible HTTP API (continuous batching, paged KV cache)."""
     import uvicorn
@@ -43,6 +46,7 @@ def serve(
     lm = load_model(path, dtype=dtype)
     config = EngineConfig(block_size=block_size, kv_cache_memory=kv_cache_memory * 2**20,
                           enable_prefix_caching=enable_prefix_caching, kv_cache_dtype=kv_cache_dtype,
+                          speculative=speculative, num_spec_tokens=num_spec_tokens,
                           scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, policy=policy,
                                                     max_num_batched_tokens=max_num_batched_tokens))
     core = LLMEngine(lm, config)
