@@ -6,6 +6,7 @@ message as one ``error: ...`` line on stderr and exits with status 2 (no traceba
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -211,6 +212,14 @@ def pretrain(
         trainer.close()
     if result.get("model") is not None and not quiet:
         Console().print(f"model written to {result['model']}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under torchrun, skip the interpreter's teardown once every file is written and the
+        # process group is destroyed: a background thread of the collective backend can abort
+        # it ("terminate called without an active exception", seen in ~3% of CI runs), and
+        # torchrun then kills the other rank while it finishes its own work.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 METHODS = ("gptq", "awq", "rtn", "smoothquant", "llm-int8")
