@@ -24,7 +24,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -309,9 +309,7 @@ def write_checkpoint(state: dict[str, torch.Tensor], hf_config: dict[str, Any],
     model's dtype recorded in config.json."""
     path = Path(path)
     saved_dtype = str(dtype).removeprefix("torch.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with staged_dir(path) as tmp:
         shards = list(_shard(state, max_shard_bytes))
         if len(shards) == 1:
             save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -333,6 +331,17 @@ def write_checkpoint(state: dict[str, torch.Tensor], hf_config: dict[str, Any],
             (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)
+    return path
+
+
+@contextmanager
+def staged_dir(path: Path) -> Iterator[Path]:
+    """A temporary directory next to ``path`` to fill; on success it replaces ``path`` (with
+    ordinary permissions), on any error it is removed and ``path`` is left as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; a saved model is an ordinary directory
@@ -342,7 +351,6 @@ def write_checkpoint(state: dict[str, torch.Tensor], hf_config: dict[str, Any],
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
 
 
 def _shard(state: dict[str, torch.Tensor], max_bytes: int) -> Iterator[dict[str, torch.Tensor]]:

@@ -37,7 +37,8 @@ POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "us
 
 
 def words(text: str) -> list[str]:
-    return WORD.findall(text)
+    """The words of ``text`` (punctuation runs, which the tokenizer also returns, left out)."""
+    return [w for w in WORD.findall(text) if any(c.isalnum() for c in w)]
 
 
 @dataclass
@@ -54,7 +55,7 @@ class GopherQuality(Filter):
     name = "gopher_quality"
 
     def reason(self, text: str) -> str | None:
-        ws = [w for w in words(text) if any(c.isalnum() for c in w)]  # words, not punctuation
+        ws = words(text)
         n = len(ws)
         if n < self.min_words:
             return f"{self.name}:min_words"
@@ -145,7 +146,7 @@ class GopherRepetition(Filter):
             return f"{self.name}:dup_line_frac"
         if chars / total > self.dup_line_char_frac:
             return f"{self.name}:dup_line_char_frac"
-        ws = [w for w in words(text) if any(c.isalnum() for c in w)]
+        ws = words(text)
         for n, limit in self.top_ngrams:
             if top_ngram_char_fraction(ws, n, total) > limit:
                 return f"{self.name}:top_{n}_gram"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
@@ -63,13 +64,14 @@ class Context:
     text_field: str = "text"
 
 
-class Stage:
+class Stage(ABC):
     """A step of the pipeline: ``stage(docs, stats, ctx)`` yields the documents it keeps."""
 
     name = "stage"
 
+    @abstractmethod
     def __call__(self, docs: Iterator[Doc], stats: StageStats, ctx: Context) -> Iterator[Doc]:
-        raise NotImplementedError
+        """The documents that pass, with removals counted in ``stats.removed`` by rule."""
 
     def describe(self) -> dict[str, Any]:
         """What identifies this stage's behaviour (for the re-run check)."""
@@ -79,8 +81,9 @@ class Stage:
 class Filter(Stage):
     """A stage that keeps or removes each document by its text; ``reason`` names the rule."""
 
+    @abstractmethod
     def reason(self, text: str) -> str | None:
-        raise NotImplementedError
+        """The rule that removes ``text`` (``"filter:rule"``), or None to keep it."""
 
     def __call__(self, docs: Iterator[Doc], stats: StageStats, ctx: Context) -> Iterator[Doc]:
         for doc in docs:

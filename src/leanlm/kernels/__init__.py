@@ -33,6 +33,7 @@ import torch
 from leanlm.errors import LeanLMError
 
 MODES = ("auto", "reference", "triton")
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def mode() -> str:
@@ -86,5 +87,3 @@ def check_tensor(name: str, t: torch.Tensor, ndim: int, dtypes: tuple[torch.dtyp
         check(t.stride(-1) == 1, f"{name} must have unit stride on its last dimension, "
                                  f"got strides {t.stride()}")
 
-
-FLOATS = (torch.float32, torch.float16, torch.bfloat16)

@@ -139,6 +139,27 @@ def _load_kv(kc_ptr, vc_ptr, tables_ptr, r_table, n, n_mask, kvh, d, d_mask, blo
 
 
 @triton.jit
+def _attend_keys(q, q_pos, row_mask, lo, hi, window, kc_ptr, vc_ptr, tables_ptr, r_table, kvh, d,
+                 d_mask, block_size, cs_slot, cs_h, scale, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """Online softmax of ``ROWS`` queries (at positions ``q_pos``) over one request's keys
+    lo..hi-1, causal and windowed; returns (m, ℓ, unnormalised o)."""
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        n_mask = n < hi
+        k, v = _load_kv(kc_ptr, vc_ptr, tables_ptr, r_table, n, n_mask, kvh, d, d_mask,
+                        block_size, cs_slot, cs_h, UPCAST)
+        valid = row_mask[:, None] & n_mask[None, :] & (n[None, :] <= q_pos[:, None])
+        if window > 0:
+            valid = valid & (q_pos[:, None] - n[None, :] < window)
+        m_i, l_i, acc = _softmax_step(q.to(k.dtype), k, v, valid, m_i, l_i, acc, scale, IEEE)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _decode_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, out_ptr, part_o_ptr, part_l_ptr,
                    scale, window, group, head_dim, block_size, partition, num_splits,
                    qs_t, qs_h, cs_slot, cs_h, tbl_stride, os_t, os_h,
@@ -159,16 +180,10 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, out_ptr, par
     d_mask = d < head_dim
     q = tl.load(q_ptr + r * qs_t + heads[:, None] * qs_h + d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
-        n_mask = n < hi
-        k, v = _load_kv(kc_ptr, vc_ptr, tables_ptr, r * tbl_stride, n, n_mask, kvh, d, d_mask,
-                        block_size, cs_slot, cs_h, UPCAST)
-        valid = g_mask[:, None] & n_mask[None, :]
-        m_i, l_i, acc = _softmax_step(q.to(k.dtype), k, v, valid, m_i, l_i, acc, scale, IEEE)
+    q_pos = tl.zeros([BLOCK_G], tl.int32) + seq_len - 1  # every head of the group: the last token
+    m_i, l_i, acc = _attend_keys(q, q_pos, g_mask, lo, hi, window, kc_ptr, vc_ptr, tables_ptr,
+                                 r * tbl_stride, kvh, d, d_mask, block_size, cs_slot, cs_h, scale,
+                                 BLOCK_G, BLOCK_N, BLOCK_D, IEEE, UPCAST)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o = acc / l_safe[:, None]
     if SPLIT:  # partial result and its log-sum-exp, combined by _combine_kernel
@@ -224,18 +239,9 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, query_start
         lo = 0
         if window > 0:
             lo = tl.maximum(0, seq_len - q_len + first - window + 1)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for start in range(lo, hi, BLOCK_N):
-            n = start + tl.arange(0, BLOCK_N)
-            n_mask = n < hi
-            k, v = _load_kv(kc_ptr, vc_ptr, tables_ptr, r * tbl_stride, n, n_mask, kvh, d, d_mask,
-                            block_size, cs_slot, cs_h, UPCAST)
-            valid = i_mask[:, None] & n_mask[None, :] & (n[None, :] <= q_pos[:, None])
-            if window > 0:
-                valid = valid & (q_pos[:, None] - n[None, :] < window)
-            m_i, l_i, acc = _softmax_step(q.to(k.dtype), k, v, valid, m_i, l_i, acc, scale, IEEE)
+        _, l_i, acc = _attend_keys(q, q_pos, i_mask, lo, hi, window, kc_ptr, vc_ptr, tables_ptr,
+                                   r * tbl_stride, kvh, d, d_mask, block_size, cs_slot, cs_h, scale,
+                                   BLOCK_M, BLOCK_N, BLOCK_D, IEEE, UPCAST)
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(out_ptr + q_rows[:, None] * os_t + h * os_h + d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=i_mask[:, None] & d_mask[None, :])

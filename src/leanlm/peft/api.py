@@ -29,8 +29,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -285,21 +283,15 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], name: str = "de
     """Write adapter ``name`` as a peft directory (atomically: a temp dir renamed into place)."""
     from safetensors.torch import save_file
 
+    from leanlm.checkpoint import staged_dir
+
     config = peft_configs(model).get(name)
     if config is None:
         raise LeanLMError(f"no adapter named {name!r}; the model has {sorted(peft_configs(model))}")
     out = Path(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent if out.parent.exists() else None))
-    try:
+    with staged_dir(out) as tmp:
         save_file(adapter_state_dict(model, name), str(tmp / "adapter_model.safetensors"))
         (tmp / "adapter_config.json").write_text(json.dumps(config.to_peft_json(), indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

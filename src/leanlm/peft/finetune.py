@@ -32,7 +32,7 @@ import torch
 from leanlm.errors import LeanLMError
 from leanlm.peft.api import PeftConfig, apply_peft_, mark_trainable_, save_adapter
 from leanlm.train.config import TrainConfig
-from leanlm.train.data import Batch
+from leanlm.train.data import Batch, restart_positions
 from leanlm.train.trainer import Trainer
 
 IGNORE = -100
@@ -117,9 +117,7 @@ def pack(examples: list[Example], order: np.ndarray, seq_len: int, eos_id: int) 
         d = torch.from_numpy(docs[:-1].astype(np.int64))
         targets = torch.where(torch.from_numpy(mask[1:]), t[1:], torch.full_like(t[1:], IGNORE))
         starts = torch.cat([torch.ones(1, dtype=torch.bool), d[1:] != d[:-1]])
-        idx = torch.arange(seq_len)
-        positions = idx - torch.where(starts, idx, torch.zeros_like(idx)).cummax(0).values
-        out.append(Batch(t[None, :-1], targets[None], positions[None], d[None]))
+        out.append(Batch(t[None, :-1], targets[None], restart_positions(starts[None]), d[None]))
     return out
 
 

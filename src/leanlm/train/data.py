@@ -55,10 +55,14 @@ def make_batch(windows: np.ndarray, eos_id: int, document_masking: bool) -> Batc
         return Batch(inputs, targets, None, None)
     starts = inputs == eos_id
     starts[:, 0] = True
-    documents = starts.long().cumsum(1)
-    idx = torch.arange(inputs.shape[1]).expand_as(inputs)
-    last_start = torch.where(starts, idx, torch.zeros_like(idx)).cummax(1).values
-    return Batch(inputs, targets, idx - last_start, documents)
+    return Batch(inputs, targets, restart_positions(starts), starts.long().cumsum(1))
+
+
+def restart_positions(starts: torch.Tensor) -> torch.Tensor:
+    """Positions [B, T] that restart at 0 wherever ``starts`` [B, T] (bool) marks a document's
+    first token (the first column must be a start)."""
+    idx = torch.arange(starts.shape[1]).expand_as(starts)
+    return idx - torch.where(starts, idx, torch.zeros_like(idx)).cummax(1).values
 
 
 def _tokenizer_hash(tok: Tokenizer) -> str:
