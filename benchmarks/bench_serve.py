@@ -27,7 +27,7 @@ import psutil
 import torch
 
 from common import machine
-from leanlm import DEFAULT_MODEL, load_model, load_tokenizer
+from leanlm import DEFAULT_MODEL, DRAFT_MODEL, load_model, load_tokenizer
 from leanlm.quant.calibration import default_texts
 from leanlm.serve.engine import LLM, EngineConfig, LLMEngine
 from leanlm.serve.request import SamplingParams
@@ -231,39 +231,51 @@ def kv_cache(args: argparse.Namespace) -> None:
 
 
 def speculative(args: argparse.Namespace) -> None:
-    """Batch-1 greedy decode with and without prompt-lookup speculation on an input-grounded task:
-    continuing stdlib code, whose next lines reuse the names and phrases of the prompt."""
+    """Batch-1 greedy decode without speculation, with prompt lookup and with the shipped draft
+    model, on an input-grounded task: continuing stdlib code, whose next lines reuse the names
+    and phrases of the prompt. Rounds interleave the variants; the median rate is reported."""
     model = load_model(DEFAULT_MODEL, dtype=args.dtype).eval()
+    draft = load_model(DRAFT_MODEL, dtype=args.dtype).eval()
     ps = prompts(8, 256, seed=11)
     params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
-    print(f"# bench_serve --speculative: default model ({args.dtype}), {len(ps)} prompts x 256 tokens, "
-          f"64 new tokens each, one request at a time, greedy; {machine()}")
-    rates, outs = {}, {}
-    for spec in (None, "ngram"):
-        engine = LLMEngine(model, EngineConfig(speculative=spec, num_spec_tokens=args.spec_tokens))
-        with torch.inference_mode():
-            engine.add_request(ps[0], params)  # warm-up
-            while engine.has_unfinished_requests():
-                engine.step()
-            t0 = time.perf_counter()
-            reqs = []
-            for p in ps:
-                reqs.append(engine.add_request(p, params))
+    print(f"# bench_serve --speculative: default model ({args.dtype}), draft model {DRAFT_MODEL.name}, "
+          f"{len(ps)} prompts x 256 tokens, 64 new tokens each, one request at a time, greedy, "
+          f"k <= {args.spec_tokens}; {machine()}")
+    variants = (None, "ngram", "draft")
+    rates: dict[str | None, list[float]] = {v: [] for v in variants}
+    outs, notes = {}, {}
+    for _ in range(args.rounds):
+        for spec in variants:
+            engine = LLMEngine(model, EngineConfig(speculative=spec, num_spec_tokens=args.spec_tokens),
+                               draft if spec == "draft" else None)
+            with torch.inference_mode():
+                engine.add_request(ps[0], params)  # warm-up
                 while engine.has_unfinished_requests():
                     engine.step()
-            dt = time.perf_counter() - t0
-        rates[spec] = 64 * len(ps) / dt
-        outs[spec] = [r.output_token_ids for r in reqs]
-        extra = ""
+                engine.spec_accepted = engine.spec_proposed = 0
+                t0 = time.perf_counter()
+                reqs = []
+                for p in ps:
+                    reqs.append(engine.add_request(p, params))
+                    while engine.has_unfinished_requests():
+                        engine.step()
+                dt = time.perf_counter() - t0
+            rates[spec].append(64 * len(ps) / dt)
+            outs[spec] = [r.output_token_ids for r in reqs]
+            if spec:
+                notes[spec] = (f"; drafts accepted {engine.spec_accepted:,} of {engine.spec_proposed:,} "
+                               f"({engine.spec_accepted / max(1, engine.spec_proposed):.2f})"
+                               + (f", draft step cost {engine.draft_cost:.2f} target steps"
+                                  if spec == "draft" else ""))
+    base = statistics.median(rates[None])
+    for spec in variants:
+        rate = statistics.median(rates[spec])
+        line = f"{spec or 'no speculation'}: {rate:.1f} tok/s (median of {args.rounds})"
         if spec:
-            extra = (f"; drafts accepted {engine.spec_accepted:,} of {engine.spec_proposed:,} "
-                     f"({engine.spec_accepted / max(1, engine.spec_proposed):.2f})")
-        print(f"{spec or 'no speculation'}: {rates[spec]:.1f} tok/s{extra}", flush=True)
-    pairs = list(zip(outs["ngram"], outs[None], strict=True))
-    same = sum(a == b for x, y in pairs for a, b in zip(x, y, strict=True))
-    print(f"speed-up {rates['ngram'] / rates[None]:.2f}x; identical outputs: "
-          f"{sum(x == y for x, y in pairs)} of {len(ps)} "
-          f"({same} of {64 * len(ps)} tokens at the same place)")
+            pairs = list(zip(outs[spec], outs[None], strict=True))
+            line += (f", speed-up {rate / base:.2f}x{notes[spec]}; identical outputs: "
+                     f"{sum(x == y for x, y in pairs)} of {len(ps)}")
+        print(line, flush=True)
 
 
 def main() -> None:
@@ -277,7 +289,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--rate", type=float, default=float("inf"), help="Poisson arrivals, requests/s")
     ap.add_argument("--kv-cache", action="store_true", help="int8 vs bf16 K/V: capacity, perplexity")
-    ap.add_argument("--speculative", action="store_true", help="batch-1 decode with prompt lookup")
+    ap.add_argument("--speculative", action="store_true", help="batch-1 decode: prompt lookup, draft model")
     ap.add_argument("--spec-tokens", type=int, default=4)
     ap.add_argument("--dtype", default="bfloat16", help="model dtype for --speculative")
     args = ap.parse_args()

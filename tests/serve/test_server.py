@@ -64,6 +64,7 @@ def test_metrics_tokenize_and_health(server: str) -> None:
     assert httpx.post(f"{server}/detokenize", json={"tokens": ids}).json()["prompt"] == "hello"
     text = httpx.get(f"{server}/metrics").text
     assert "leanlm_time_to_first_token_seconds_bucket" in text and "leanlm_kv_cache_usage_ratio" in text
+    assert "leanlm_spec_decode_num_accepted_tokens_total" in text
 
 
 def test_disconnected_stream_is_aborted(server: str, tmp_path: Path) -> None:

@@ -20,8 +20,8 @@ def reference(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: 
     """k/v [T, Hkv, D] -> k_cache/v_cache[slot_mapping] (rows with a negative slot skipped)."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    k_cache[slots] = k[keep].to(k_cache.dtype)
-    v_cache[slots] = v[keep].to(v_cache.dtype)
+    k_cache.index_copy_(0, slots, k[keep].to(k_cache.dtype))
+    v_cache.index_copy_(0, slots, v[keep].to(v_cache.dtype))
 
 
 @triton.jit

@@ -73,10 +73,12 @@ def reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 def _gather(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype,
             kv_scales: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V rows of ``slots`` in ``dtype`` (dequantized when the cache is int8)."""
-    k, v = k_cache[slots].to(dtype), v_cache[slots].to(dtype)
+    flat = slots.reshape(-1)
+    pick = lambda t: t.index_select(0, flat).view(*slots.shape, *t.shape[1:]).to(dtype)
+    k, v = pick(k_cache), pick(v_cache)
     if kv_scales is not None:
-        k = k * kv_scales[0][slots].to(dtype)[..., None]
-        v = v * kv_scales[1][slots].to(dtype)[..., None]
+        k = k * pick(kv_scales[0])[..., None]
+        v = v * pick(kv_scales[1])[..., None]
     return k, v
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -29,8 +30,13 @@ def serve(
     kv_cache_dtype: Annotated[str, typer.Option(help="auto (the model's) or int8 (1.9x tokens).")] = "auto",
     policy: Annotated[str, typer.Option(help="fcfs, priority, or vtc (fair across `user`s).")] = "fcfs",
     speculative: Annotated[str | None, typer.Option(
-        help="ngram: speculative decoding with prompt-lookup drafts.")] = None,
-    num_spec_tokens: Annotated[int, typer.Option(help="Draft tokens per step (with --speculative).")] = 4,
+        help="Speculative decoding: ngram (prompt-lookup drafts) or draft (a draft model's).")] = None,
+    draft_model: Annotated[Path | None, typer.Option(
+        help="With --speculative draft: a smaller model with the same tokenizer "
+             "(default: the draft model shipped with leanlm).")] = None,
+    num_spec_tokens: Annotated[int, typer.Option(help="Most drafts per step (with --speculative).")] = 4,
+    spec_disable_batch_size: Annotated[int, typer.Option(
+        help="Stop speculating while more requests than this run (0: never).")] = 0,
 ) -> None:
     """Serve MODEL behind an OpenAI-compatible HTTP API (continuous batching, paged KV cache)."""
     import uvicorn
@@ -44,12 +50,25 @@ def serve(
 
     path = resolve_model(model)
     lm = load_model(path, dtype=dtype)
+    draft = None
+    if speculative == "draft":
+        from leanlm.assets import DRAFT_MODEL
+
+        draft_path = draft_model or DRAFT_MODEL
+        ours, theirs = path / "tokenizer.json", draft_path / "tokenizer.json"
+        if ours.is_file() and theirs.is_file() and ours.read_bytes() != theirs.read_bytes():
+            raise LeanLMError(f"--draft-model {draft_path}: its tokenizer.json differs from {path}'s; "
+                              f"speculative decoding needs the same tokenizer")
+        draft = load_model(draft_path, dtype=dtype)
+    elif draft_model is not None:
+        raise LeanLMError("--draft-model needs --speculative draft")
     config = EngineConfig(block_size=block_size, kv_cache_memory=kv_cache_memory * 2**20,
                           enable_prefix_caching=enable_prefix_caching, kv_cache_dtype=kv_cache_dtype,
                           speculative=speculative, num_spec_tokens=num_spec_tokens,
+                          spec_disable_batch_size=spec_disable_batch_size,
                           scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, policy=policy,
                                                     max_num_batched_tokens=max_num_batched_tokens))
-    core = LLMEngine(lm, config)
+    core = LLMEngine(lm, config, draft)
     for item in lora or []:
         lname, sep, adapter = item.partition("=")
         if not sep:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,9 @@ from leanlm.serve.kv_cache import KVCacheManager
 from leanlm.serve.model_runner import ModelRunner, kv_bytes_per_block
 from leanlm.serve.request import Request, SamplingParams
 from leanlm.serve.scheduler import Scheduler, SchedulerConfig
+from leanlm.serve.speculative import AcceptanceTracker, DraftModelProposer, best_length, ngram_drafts
+
+SPECULATIVE = (None, "ngram", "draft")
 
 
 @dataclass
@@ -29,28 +33,46 @@ class EngineConfig:
     scheduler: SchedulerConfig | None = None
     max_loras: int = 8  # adapters resident at once (least recently used ones are unloaded)
     kv_cache_dtype: str = "auto"  # auto (the model's dtype) | int8 (per-token, per-head scales)
-    speculative: str | None = None  # "ngram": prompt-lookup drafts verified by the model
-    num_spec_tokens: int = 4  # draft tokens per step and request
+    speculative: str | None = None  # "ngram": prompt lookup | "draft": a draft model's guesses
+    num_spec_tokens: int = 4  # most draft tokens per step and request
+    spec_adaptive: bool = True  # per-request draft length from its acceptance rate and the draft's cost
+    spec_disable_batch_size: int = 0  # no drafts while more requests than this run (0: never off)
 
 
 class LLMEngine:
-    def __init__(self, model: Transformer, config: EngineConfig | None = None) -> None:
+    def __init__(self, model: Transformer, config: EngineConfig | None = None,
+                 draft_model: Transformer | None = None) -> None:
         self.config = config = config or EngineConfig()
         self.model = model.eval()
         if config.kv_cache_dtype not in ("auto", "int8"):
             raise LeanLMError(f"kv_cache_dtype {config.kv_cache_dtype!r}: expected auto or int8")
+        if config.speculative not in SPECULATIVE:
+            raise LeanLMError(f"speculative {config.speculative!r}: expected one of {SPECULATIVE}")
+        if (config.speculative == "draft") != (draft_model is not None):
+            raise LeanLMError("speculative='draft' needs a draft model, and a draft model needs "
+                              "speculative='draft'")
+        if config.speculative and config.num_spec_tokens < 1:
+            raise LeanLMError(f"num_spec_tokens must be >= 1, got {config.num_spec_tokens}")
         dtype = torch.int8 if config.kv_cache_dtype == "int8" else model.embed_tokens.weight.dtype
-        num_blocks = config.num_blocks or config.kv_cache_memory // kv_bytes_per_block(
-            model, config.block_size, dtype)
+        per_block = kv_bytes_per_block(model, config.block_size, dtype)
+        if draft_model is not None:  # the draft's K/V take a share of the same budget
+            per_block += kv_bytes_per_block(draft_model, config.block_size,
+                                            draft_model.embed_tokens.weight.dtype)
+        num_blocks = config.num_blocks or config.kv_cache_memory // per_block
         if num_blocks < 1:
             raise LeanLMError(f"kv_cache_memory={config.kv_cache_memory} bytes holds no block of "
                               f"{config.block_size} tokens for this model")
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler or SchedulerConfig(), self.kv)
+        # a draft model writes its k - 1 fed-back guesses past the request's tokens: k slots ahead
+        lookahead = config.num_spec_tokens if draft_model is not None else 0
+        self.scheduler = Scheduler(config.scheduler or SchedulerConfig(), self.kv, lookahead)
         self.runner = ModelRunner(model, num_blocks, config.block_size, dtype)
         self._ids = itertools.count()
-        if config.speculative not in (None, "ngram"):
-            raise LeanLMError(f"speculative {config.speculative!r}: expected None or 'ngram'")
+        self.proposer = (DraftModelProposer(draft_model, model, num_blocks, config.block_size)
+                         if draft_model is not None else None)
+        self.acceptance = AcceptanceTracker()
+        # a draft step's cost in target steps (measured; prompt lookup is free)
+        self.draft_cost = 0.0 if draft_model is None else 0.1
         self.spec_proposed = self.spec_accepted = 0  # draft tokens, for the acceptance rate
         self.loras: dict[str, Path] = {}  # registered adapters
         self.resident: OrderedDict[str, bool] = OrderedDict()  # loaded ones, least recent first
@@ -119,7 +141,7 @@ class LLMEngine:
         if len(prompt) + params.max_tokens > c.max_position_embeddings:
             raise LeanLMError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) is "
                               f"past the model's context of {c.max_position_embeddings}")
-        need = -(-(len(prompt) + params.max_tokens) // self.kv.block_size)
+        need = -(-(len(prompt) + params.max_tokens + self.scheduler.lookahead) // self.kv.block_size)
         if need > len(self.kv.pool.blocks):
             raise LeanLMError(f"the request needs {need} KV blocks; the cache has "
                               f"{len(self.kv.pool.blocks)}")
@@ -134,7 +156,9 @@ class LLMEngine:
         for new in out.new_requests:  # (re)admitted requests: their adapter must be resident
             if new.lora is not None:
                 self._ensure_loaded(new.lora)
+        t0 = time.perf_counter()
         sampled = self.runner.execute(out)
+        step_time = time.perf_counter() - t0
         for rid, entries in self.runner.prompt_logprobs.items():
             request = self.scheduler.requests.get(rid)
             if request is not None:  # position p: set once (a recomputed prefill repeats them)
@@ -143,51 +167,64 @@ class LLMEngine:
                 for p, lp, top in entries:
                     request.prompt_logprobs[p] = (lp, top)
         for rid, drafts in out.spec_token_ids.items():
+            accepted = max(0, len(sampled.get(rid, ())) - 1)
             self.spec_proposed += len(drafts)
-            self.spec_accepted += max(0, len(sampled.get(rid, ())) - 1)
+            self.spec_accepted += accepted
+            self.acceptance.record(rid, len(drafts), accepted)
         updated = self.scheduler.update_from_output(out, sampled)
-        if self.config.speculative == "ngram":
-            self._propose()
+        if self.config.speculative:
+            gone = (out.preempted_req_ids | out.finished_req_ids
+                    | {r.request_id for r in updated if r.is_finished})
+            self.acceptance.forget(gone)
+            if self.proposer is not None:
+                self.proposer.forget(gone)
+            self._propose(step_time)
         for request in updated:
             if request.request_id in self.runner.logprobs:
                 request.output_logprobs.append(self.runner.logprobs[request.request_id])
         return updated
 
-    def _propose(self) -> None:
-        """Prompt-lookup drafts (Saxena 2023) for every decoding request that allows them."""
+    def _propose(self, step_time: float) -> None:
+        """Drafts for every decoding request that allows them (see ``speculative.py``)."""
+        c = self.config
+        running = self.scheduler.running
+        if c.spec_disable_batch_size and len(running) > c.spec_disable_batch_size:
+            return  # a batch this large is compute-bound: verifying guesses costs real work
         context = self.model.config.max_position_embeddings
-        for r in self.scheduler.running:
+        requests, ks = [], []
+        for r in running:
             p = r.sampling_params
             if (r.num_computed_tokens != r.num_tokens - 1 or p.logprobs is not None or p.logit_bias
                     or p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0):
                 continue  # speculation needs sequential penalties and logprobs: not these
-            k = min(self.config.num_spec_tokens, p.max_tokens - len(r.output_token_ids) - 1,
-                    context - r.num_tokens - 1)
+            k = (best_length(self.acceptance.alpha(r.request_id), self.draft_cost, c.num_spec_tokens)
+                 if c.spec_adaptive else c.num_spec_tokens)
+            k = min(k, p.max_tokens - len(r.output_token_ids) - 1, context - r.num_tokens - 1)
             if k > 0:
+                requests.append(r)
+                ks.append(k)
+        if self.proposer is None:
+            for r, k in zip(requests, ks, strict=True):
                 r.spec_token_ids = ngram_drafts(r.all_token_ids, k)
+            return
+        t0 = time.perf_counter()
+        drafts = self.proposer.propose(requests, ks, self.kv.block_ids)
+        if requests and step_time > 0:  # running estimate of one draft step's cost in target steps
+            ratio = (time.perf_counter() - t0) / max(ks) / step_time
+            self.draft_cost = 0.8 * self.draft_cost + 0.2 * ratio
+        for r, d in zip(requests, drafts, strict=True):
+            r.spec_token_ids = d
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
 
-def ngram_drafts(tokens: Sequence[int], k: int, max_n: int = 3, min_n: int = 1) -> list[int]:
-    """Prompt lookup: the k tokens that followed the latest earlier occurrence of the last n
-    tokens (the longest n in [min_n, max_n] that occurs), or none."""
-    for n in range(max_n, min_n - 1, -1):
-        if len(tokens) <= n:
-            continue
-        tail = list(tokens[-n:])
-        for i in range(len(tokens) - n - 1, -1, -1):
-            if list(tokens[i:i + n]) == tail:
-                return list(tokens[i + n:i + n + k])
-    return []
-
-
 class LLM:
     """Offline batch generation through the engine (continuous batching, paged KV cache)."""
 
-    def __init__(self, model: Transformer, config: EngineConfig | None = None) -> None:
-        self.engine = LLMEngine(model, config)
+    def __init__(self, model: Transformer, config: EngineConfig | None = None,
+                 draft_model: Transformer | None = None) -> None:
+        self.engine = LLMEngine(model, config, draft_model)
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None,

@@ -243,13 +243,15 @@ class KVCacheManager:
         return hits, len(hits) * self.block_size
 
     def allocate_slots(self, request: CacheableRequest, num_new_tokens: int,
-                       new_computed_blocks: Sequence[KVCacheBlock] = ()) -> list[KVCacheBlock] | None:
+                       new_computed_blocks: Sequence[KVCacheBlock] = (),
+                       lookahead: int = 0) -> list[KVCacheBlock] | None:
         """Make room for ``num_new_tokens`` more tokens after the request's computed ones
-        (and after ``new_computed_blocks``, a prefix hit from :meth:`get_computed_blocks`).
-        Returns the newly allocated blocks, or None — changing nothing — if too few are free."""
+        (and after ``new_computed_blocks``, a prefix hit from :meth:`get_computed_blocks`), plus
+        ``lookahead`` slots past them (a draft model's guesses). Returns the newly allocated
+        blocks, or None — changing nothing — if too few are free."""
         blocks = self.req_blocks.setdefault(request.request_id, [])
         computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
-        needed = -(-(computed + num_new_tokens) // self.block_size)
+        needed = -(-(computed + num_new_tokens + lookahead) // self.block_size)
         num_new = max(0, needed - len(blocks) - len(new_computed_blocks))
         reclaimed = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)  # free but cached
         if num_new > self.pool.num_free_blocks - reclaimed:

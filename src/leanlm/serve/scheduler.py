@@ -93,9 +93,11 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager,
+                 num_lookahead_tokens: int = 0) -> None:
         self.config = config
         self.kv = kv_cache
+        self.lookahead = num_lookahead_tokens  # slots kept free past a request's tokens (draft model)
         self.requests: dict[str, Request] = {}
         self.waiting: list[Request] = []
         self.running: list[Request] = []
@@ -191,7 +193,7 @@ class Scheduler:
             if n == 0:
                 i += 1
                 continue
-            new_blocks = self.kv.allocate_slots(request, n)
+            new_blocks = self.kv.allocate_slots(request, n, lookahead=self.lookahead)
             while new_blocks is None:
                 index = self.running.index(victim := self._victim())
                 self._preempt(victim)
@@ -203,7 +205,7 @@ class Scheduler:
                     out.cached_requests = [c for c in out.cached_requests
                                            if c.request_id != victim.request_id]
                     i -= 1
-                new_blocks = self.kv.allocate_slots(request, n)
+                new_blocks = self.kv.allocate_slots(request, n, lookahead=self.lookahead)
             if new_blocks is None:  # the request preempted itself; the list shrank under i
                 continue
             start = request.num_computed_tokens
@@ -220,7 +222,7 @@ class Scheduler:
             request = self._next_waiting()
             hits, cached = self.kv.get_computed_blocks(request)
             n = self._budgeted(request.num_tokens - cached, budget)
-            if self.kv.allocate_slots(request, n, hits) is None:
+            if self.kv.allocate_slots(request, n, hits, self.lookahead) is None:
                 break
             self.waiting.remove(request)
             request.num_computed_tokens = cached

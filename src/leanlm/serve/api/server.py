@@ -42,6 +42,10 @@ class _Metrics:
         self.prompt_tokens = Counter("leanlm_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("leanlm_generation_tokens", "Tokens generated", registry=r)
         self.requests = Counter("leanlm_requests_finished", "Finished requests", ["reason"], registry=r)
+        self.drafts = Counter("leanlm_spec_decode_num_draft_tokens", "Draft tokens verified", registry=r)
+        self.accepted = Counter("leanlm_spec_decode_num_accepted_tokens", "Draft tokens accepted",
+                                registry=r)
+        self.spec_seen = (0, 0)  # the engine's (drafts, accepted) totals at the last scrape
         buckets = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
         self.ttft = Histogram("leanlm_time_to_first_token_seconds", "TTFT", buckets=buckets, registry=r)
         self.itl = Histogram("leanlm_inter_token_latency_seconds", "ITL", buckets=buckets, registry=r)
@@ -269,6 +273,11 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
         metrics.waiting.set(len(s.waiting))
         metrics.kv_usage.set(engine.engine.kv.pool.usage)
         metrics.hit_rate.set(engine.engine.kv.stats.hit_rate)
+        # the engine keeps totals: the counters catch up with them at each scrape
+        totals = (engine.engine.spec_proposed, engine.engine.spec_accepted)
+        metrics.drafts.inc(totals[0] - metrics.spec_seen[0])
+        metrics.accepted.inc(totals[1] - metrics.spec_seen[1])
+        metrics.spec_seen = totals
         return PlainTextResponse(generate_latest(metrics.registry).decode(),
                                  media_type="text/plain; version=0.0.4")
 
