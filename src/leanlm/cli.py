@@ -19,7 +19,7 @@ from leanlm.cliutil import ModelArg, resolve_model
 from leanlm.data.cli import data_app
 from leanlm.errors import LeanLMError
 from leanlm.peft.cli import finetune, merge
-from leanlm.serve.cli import serve
+from leanlm.serve.cli import bench_serve, serve
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="leanlm: train, fine-tune, compress and serve LLMs cheaply.")
@@ -120,6 +120,9 @@ app.add_typer(data_app, name="data")
 app.command("finetune")(finetune)
 app.command("merge")(merge)
 app.command("serve")(serve)
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that leanlm users run on their own setup.")
+bench_app.command("serve")(bench_serve)
+app.add_typer(bench_app, name="bench")
 
 
 @corpus_app.command("build")

@@ -37,6 +37,9 @@ def test_completions_chat_streaming_and_usage(server: str) -> None:
                                        max_tokens=4, temperature=0, stream=True)
     text = "".join(ch.choices[0].delta.content or "" for ch in stream)
     assert text == chat.choices[0].message.content
+    chunks = list(c.completions.create(model="tiny", prompt="def f(x):", max_tokens=5, temperature=0,
+                                       stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
     many = c.completions.create(model="tiny", prompt="x", max_tokens=3, n=3, temperature=1.0, seed=1)
     assert sorted(ch.index for ch in many.choices) == [0, 1, 2] and many.usage.completion_tokens <= 9
 

@@ -78,3 +78,82 @@ def serve(
     name = served_model_name or ("leanlm-default" if model is None else path.name)
     Console(stderr=True).print(f"serving {path} as {name!r} on http://{host}:{port}/v1")
     uvicorn.run(create_app(engine, name, api_key), host=host, port=port, log_level="warning")
+
+
+def bench_serve(
+    base_url: Annotated[str, typer.Option(help="API base of an OpenAI-compatible server.")]
+    = "http://127.0.0.1:8000/v1",
+    model: Annotated[str | None, typer.Option(help="The `model` to send (default: the server's first).")]
+    = None,
+    api_key: Annotated[str | None, typer.Option(envvar="LEANLM_API_KEY", help="Bearer key.")] = None,
+    num_prompts: Annotated[int, typer.Option(help="Requests per run.")] = 100,
+    request_rate: Annotated[float, typer.Option(help="Poisson arrivals, requests/s (inf: all at once).")]
+    = float("inf"),
+    max_concurrency: Annotated[str, typer.Option(
+        help="Most requests in flight (0: no cap); a list (1,8,32) runs one benchmark per value.")] = "0",
+    dataset: Annotated[str, typer.Option(help="random, or a prompt file (.jsonl: prompt/text; .txt).")]
+    = "random",
+    input_len: Annotated[int, typer.Option(help="Random prompts: tokens each.")] = 128,
+    output_len: Annotated[int, typer.Option(help="max_tokens of every request.")] = 128,
+    tokenizer: Annotated[Path | None, typer.Option(
+        help="Model directory whose tokenizer makes random prompts (default: leanlm's model).")] = None,
+    ignore_eos: Annotated[bool, typer.Option(help="Send ignore_eos (vLLM, leanlm): output-len tokens.")]
+    = True,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature of every request.")] = 0.0,
+    extra_body: Annotated[str | None, typer.Option(help="JSON object merged into every request.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of random prompts and arrivals.")] = 0,
+    json_out: Annotated[Path | None, typer.Option(help="Write summaries and per-request results.")] = None,
+) -> None:
+    """Benchmark a serving endpoint: TTFT, TPOT, ITL, E2E latency and throughput (vLLM's definitions)."""
+    import asyncio
+    import json
+
+    from rich.table import Table
+
+    from leanlm.serve import bench
+
+    try:
+        levels = [int(x) for x in max_concurrency.split(",")]
+    except ValueError:
+        raise LeanLMError(f"--max-concurrency {max_concurrency!r}: expected integers like 1,8,32") from None
+    try:
+        extra = json.loads(extra_body) if extra_body else {}
+    except json.JSONDecodeError as e:
+        raise LeanLMError(f"--extra-body: not JSON ({e.msg})") from None
+    if not isinstance(extra, dict):
+        raise LeanLMError("--extra-body: expected a JSON object")
+    extra = {"temperature": temperature, **({"ignore_eos": True} if ignore_eos else {}), **extra}
+    if dataset == "random":
+        from leanlm.tokenizer import load_tokenizer
+
+        prompts = bench.random_prompts(load_tokenizer(resolve_model(tokenizer)), num_prompts, input_len, seed)
+    else:
+        prompts = bench.file_prompts(Path(dataset))
+    console = Console()
+    runs = []
+    for level in levels:
+        requests = bench.schedule(prompts, num_prompts, output_len, request_rate, seed)
+        results, wall = asyncio.run(bench.run(base_url, requests, model, api_key, level or None, extra))
+        runs.append({"max_concurrency": level or None, **bench.summarize(results, wall),
+                     "requests": results})
+        console.print(f"max concurrency {level or 'none'}: {runs[-1]['completed']} done, "
+                      f"{runs[-1]['failed']} failed in {wall:.1f} s", style="dim")
+    table = Table(title=f"{base_url}: {num_prompts} requests, {dataset} prompts, {output_len} tokens out")
+    for col in ("concurrency", "ok/failed", "req/s", "out tok/s", "TTFT med ms", "TTFT p99",
+                "TPOT med ms", "TPOT p99", "ITL med ms", "E2EL med ms"):
+        table.add_column(col, justify="right")
+    for s in runs:
+        table.add_row(str(s["max_concurrency"] or "-"), f"{s['completed']}/{s['failed']}",
+                      f"{s['request_throughput']:.2f}", f"{s['output_throughput']:.1f}",
+                      *(f"{s[k]:.1f}" for k in ("median_ttft_ms", "p99_ttft_ms", "median_tpot_ms",
+                                                "p99_tpot_ms", "median_itl_ms", "median_e2el_ms")))
+    console.print(table)
+    for s in runs:
+        for e in s.get("errors", []):
+            console.print(f"[red]error[/red] (concurrency {s['max_concurrency']}): {e}")
+    if json_out is not None:
+        from dataclasses import asdict
+
+        from leanlm.data.io import write_json
+
+        write_json(json_out, [{**s, "requests": [asdict(r) for r in s["requests"]]} for s in runs])

@@ -10,6 +10,10 @@ from leanlm.errors import LeanLMError
 from leanlm.serve.request import SamplingParams
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool = False  # a last chunk with the usage and no choices
+
+
 class _Sampling(BaseModel):
     model: str
     max_tokens: int | None = None
@@ -20,6 +24,7 @@ class _Sampling(BaseModel):
     n: int = 1
     stop: str | list[str] | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0

@@ -142,7 +142,10 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
         completion = sum(o["tokens"] for o in outs)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    async def sse(requests: list, rid: str, chunk: Any) -> AsyncIterator[str]:
+    async def sse(requests: list, rid: str, chunk: Any, body: Any, obj: str,
+                  num_prompt: int) -> AsyncIterator[str]:
+        """The chunks of every choice as they come, then (``stream_options.include_usage``) one
+        chunk with the usage and no choices, then [DONE]."""
         start = time.monotonic()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -154,6 +157,7 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
         tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
         try:
             first = [True] * len(requests)
+            tokens = [0] * len(requests)
             remaining = len(requests)
             while remaining:
                 i, out = await queue.get()
@@ -162,7 +166,12 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
                     continue
                 payload = chunk(rid, i, out, first[i])
                 first[i] = False
+                tokens[i] = out.num_output_tokens
                 yield f"data: {json.dumps(payload)}\n\n"
+            if body.stream_options and body.stream_options.include_usage:
+                last = {"id": rid, "object": obj, "created": created(), "model": body.model, "choices": [],
+                        "usage": usage(num_prompt, [{"tokens": n} for n in tokens])}
+                yield f"data: {json.dumps(last)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             for t in tasks:  # a client that went away: cancelling the pumps aborts the requests
@@ -206,7 +215,8 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
                                  "finish_reason": out.finish_reason if out.finished else None}]}
 
         if body.stream:
-            return StreamingResponse(sse(requests, rid, chunk), media_type="text/event-stream")
+            events = sse(requests, rid, chunk, body, "text_completion", len(prompt_ids))
+            return StreamingResponse(events, media_type="text/event-stream")
         outs = await collect(requests)
         prefix = body.prompt if body.echo and isinstance(body.prompt, str) else ""
         if body.echo and body.logprobs is not None:  # the prompt's tokens lead the logprobs
@@ -233,7 +243,8 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
                         "finish_reason": out.finish_reason if out.finished else None}]}
 
         if body.stream:
-            return StreamingResponse(sse(requests, rid, chunk), media_type="text/event-stream")
+            events = sse(requests, rid, chunk, body, "chat.completion.chunk", len(prompt_ids))
+            return StreamingResponse(events, media_type="text/event-stream")
         outs = await collect(requests)
         return {"id": rid, "object": "chat.completion", "created": created(), "model": body.model,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": o["text"]},
