@@ -8,14 +8,15 @@ time). Throughput runs send every request at once; ``--load`` takes a Poisson ``
     python benchmarks/bench_serve.py                   # throughput + prefix-cache TTFT
     python benchmarks/bench_serve.py --load [--rate R] # 500 streaming requests, 64 clients, HTTP
     python benchmarks/bench_serve.py --kv-cache        # int8 K/V: capacity and perplexity
-    python benchmarks/bench_serve.py --speculative     # batch-1 decode with prompt-lookup drafts
+    python benchmarks/bench_serve.py --speculative     # batch-1 decode: prompt lookup, draft model
+    python benchmarks/bench_serve.py --compile         # decode with and without torch.compile
+    python benchmarks/bench_serve.py --fairness        # a light client's TTFT under a flood
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import socket
 import statistics
@@ -29,6 +30,8 @@ import torch
 from common import machine
 from leanlm import DEFAULT_MODEL, DRAFT_MODEL, load_model, load_tokenizer
 from leanlm.quant.calibration import default_texts
+from leanlm.serve import bench
+from leanlm.serve.async_engine import AsyncLLMEngine
 from leanlm.serve.engine import LLM, EngineConfig, LLMEngine
 from leanlm.serve.request import SamplingParams
 from leanlm.serve.scheduler import SchedulerConfig
@@ -119,59 +122,13 @@ def throughput(args: argparse.Namespace) -> None:
               f"{statistics.median(ttfts[1:]) * 1000:.1f} ms (first request {ttfts[0] * 1000:.1f} ms)")
 
 
-async def _load(url: str, n: int, clients: int, new: int, prompt_list: list[str],
-                rate: float) -> dict:
-    """``n`` streaming requests, at most ``clients`` at a time, arriving as a Poisson process of
-    ``rate`` requests/s (inf: all at once). Per vLLM: TTFT, TPOT = (E2E - TTFT) / (tokens - 1),
-    ITL = the gaps between streamed tokens."""
-    import httpx2 as httpx
-
-    sem = asyncio.Semaphore(clients)
-    stats: dict = {"ok": 0, "failed": 0, "ttft": [], "e2e": [], "tpot": [], "itl": [], "tokens": 0}
-    rng = np.random.default_rng(0)
-    delays = np.cumsum(rng.exponential(1 / rate, n)) if np.isfinite(rate) else np.zeros(n)
-
-    async def one(i: int, client: httpx.AsyncClient) -> None:
-        await asyncio.sleep(float(delays[i]))
-        async with sem:
-            body = {"model": "leanlm-default", "prompt": prompt_list[i % len(prompt_list)],
-                    "max_tokens": new, "temperature": 0, "stream": True}
-            start = time.perf_counter()
-            times: list[float] = []
-            try:
-                async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
-                    if r.status_code != 200:
-                        stats["failed"] += 1
-                        return
-                    async for line in r.aiter_lines():
-                        if line.startswith("data: ") and line != "data: [DONE]":
-                            json.loads(line[6:])
-                            times.append(time.perf_counter())
-                end = time.perf_counter()
-                stats["ok"] += 1
-                stats["tokens"] += len(times)
-                stats["ttft"].append((times[0] if times else end) - start)
-                stats["e2e"].append(end - start)
-                if len(times) > 1:
-                    stats["tpot"].append((times[-1] - times[0]) / (len(times) - 1))
-                    stats["itl"] += list(np.diff(times))
-            except Exception:  # a failed request is counted, not fatal
-                stats["failed"] += 1
-
-    async with httpx.AsyncClient(timeout=600) as client:
-        await asyncio.gather(*(one(i, client) for i in range(n)))
-    return stats
-
-
-def load(args: argparse.Namespace) -> None:
+def serve_in_thread(config: EngineConfig) -> tuple[object, AsyncLLMEngine, str]:
+    """A leanlm server on loopback over the default model: (uvicorn server, engine, API base)."""
     import uvicorn
 
     from leanlm.serve.api.server import create_app
-    from leanlm.serve.async_engine import AsyncLLMEngine
 
-    engine = AsyncLLMEngine(LLMEngine(load_model(DEFAULT_MODEL), EngineConfig(
-        block_size=16, kv_cache_memory=256 * 2**20, scheduler=SchedulerConfig(max_num_seqs=64))),
-        load_tokenizer(DEFAULT_MODEL))
+    engine = AsyncLLMEngine(LLMEngine(load_model(DEFAULT_MODEL), config), load_tokenizer(DEFAULT_MODEL))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -180,26 +137,71 @@ def load(args: argparse.Namespace) -> None:
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)
+    return server, engine, f"http://127.0.0.1:{port}/v1"
+
+
+def load(args: argparse.Namespace) -> None:
+    """``--load-requests`` streaming requests through HTTP (``leanlm bench serve``'s client)."""
+    server, engine, url = serve_in_thread(EngineConfig(
+        block_size=16, kv_cache_memory=256 * 2**20, scheduler=SchedulerConfig(max_num_seqs=64)))
     tok = load_tokenizer(DEFAULT_MODEL)
     texts = [tok.decode(p) for p in prompts(64, args.prompt_len)]
     rss0 = psutil.Process().memory_info().rss
-    start = time.perf_counter()
-    stats = asyncio.run(_load(f"http://127.0.0.1:{port}", args.load_requests, args.clients,
-                              args.max_tokens, texts, args.rate))
-    wall = time.perf_counter() - start
+    reqs = bench.schedule(texts, args.load_requests, args.max_tokens, args.rate)
+    results, wall = asyncio.run(bench.run(url, reqs, max_concurrency=args.clients,
+                                          extra={"temperature": 0}))
+    s = bench.summarize(results, wall)
     rss1 = psutil.Process().memory_info().rss
     kv = engine.engine.kv
     print(f"# bench_serve --load: {args.load_requests} streaming requests from {args.clients} clients, "
           f"arrival rate {args.rate} req/s, {args.prompt_len}-token prompts, max_tokens "
           f"{args.max_tokens}; {machine()}")
-    print(f"ok {stats['ok']}, failed {stats['failed']}; {wall:.1f} s; output {stats['tokens'] / wall:.1f} "
-          f"tok/s; TTFT median {np.median(stats['ttft']):.2f} s "
-          f"p99 {np.percentile(stats['ttft'], 99):.2f} s; "
-          f"TPOT median {np.median(stats['tpot']) * 1000:.1f} ms; ITL median "
-          f"{np.median(stats['itl']) * 1000:.1f} ms p99 {np.percentile(stats['itl'], 99) * 1000:.1f} ms; "
-          f"E2E median {np.median(stats['e2e']):.2f} s; RSS {rss0 / 2**20:.0f} -> {rss1 / 2**20:.0f} MiB; "
+    print(f"ok {s['completed']}, failed {s['failed']}; {wall:.1f} s; output {s['output_throughput']:.1f} "
+          f"tok/s; TTFT median {s['median_ttft_ms'] / 1000:.2f} s p99 {s['p99_ttft_ms'] / 1000:.2f} s; "
+          f"TPOT median {s['median_tpot_ms']:.1f} ms; ITL median {s['median_itl_ms']:.1f} ms "
+          f"p99 {s['p99_itl_ms']:.1f} ms; E2E median {s['median_e2el_ms'] / 1000:.2f} s; "
+          f"RSS {rss0 / 2**20:.0f} -> {rss1 / 2**20:.0f} MiB; "
           f"KV blocks free at the end {kv.pool.num_free_blocks}/{len(kv.pool.blocks)}")
     server.should_exit = True
+
+
+def fairness(args: argparse.Namespace) -> None:
+    """Wall-clock TTFT of a light client (one short request every 0.25 s) while another client
+    floods the server with long prompts, under FCFS and VTC, against its TTFT on an idle server."""
+    tok = load_tokenizer(DEFAULT_MODEL)
+    texts = [tok.decode(p) for p in prompts(64, 256, seed=3)]
+    light_texts = [tok.decode(p) for p in prompts(16, 32, seed=4)]
+    extra = {"temperature": 0, "ignore_eos": True}
+
+    def light() -> list[bench.BenchRequest]:
+        return [bench.BenchRequest(t, 8, user="light", delay=0.5 + 0.25 * i)
+                for i, t in enumerate(light_texts)]
+
+    async def both(url: str, flooded: bool) -> list[bench.RequestResult]:
+        flood = [bench.BenchRequest(texts[i % len(texts)], 16, user="flood") for i in range(args.flood)]
+        runs = [bench.run(url, light(), extra=extra)]
+        if flooded:
+            runs.append(bench.run(url, flood, extra=extra))
+        return (await asyncio.gather(*runs))[0][0]
+
+    print(f"# bench_serve --fairness: flood = {args.flood} requests of 256 tokens (16 out) at once from "
+          f"user 'flood'; light = 16 requests of 32 tokens (8 out) every 0.25 s from user 'light'; "
+          f"token budget {args.budget}/step, at most {args.max_num_seqs} running; {machine()}")
+    ttft = {}
+    for policy, flooded in (("fcfs", False), ("fcfs", True), ("vtc", True)):
+        server, _, url = serve_in_thread(EngineConfig(scheduler=SchedulerConfig(
+            policy=policy, max_num_batched_tokens=args.budget, max_num_seqs=args.max_num_seqs)))
+        asyncio.run(bench.run(url, light()[:2], extra=extra))  # warm-up
+        results = asyncio.run(both(url, flooded))
+        assert all(r.ok for r in results), [r.error for r in results if not r.ok][:3]
+        key = f"{policy} under flood" if flooded else "idle server"
+        ttft[key] = statistics.median(r.ttft for r in results) * 1000
+        print(f"{key}: light client's TTFT median {ttft[key]:.1f} ms, p90 "
+              f"{np.percentile([r.ttft * 1000 for r in results], 90):.1f} ms", flush=True)
+        server.should_exit = True
+        time.sleep(1)
+    for key in ("fcfs under flood", "vtc under flood"):
+        print(f"{key}: {ttft[key] / ttft['idle server']:.2f}x the idle TTFT")
 
 
 def kv_cache(args: argparse.Namespace) -> None:
@@ -278,6 +280,49 @@ def speculative(args: argparse.Namespace) -> None:
         print(line, flush=True)
 
 
+def compiled(args: argparse.Namespace) -> None:
+    """Decode tokens/s at batch 1 and 16 with and without the compiled decode step (the first
+    request of each engine, untimed, pays for the compilation of its buckets)."""
+    model = load_model(DEFAULT_MODEL, dtype=args.dtype).eval()
+    ps = prompts(16, 256, seed=11)
+    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    print(f"# bench_serve --compile: default model ({args.dtype}), 256-token prompts, 64 new tokens, "
+          f"greedy; batch 1 = 4 requests one at a time, batch 16 = 16 at once; decode tokens/s counts "
+          f"the steps after each prefill; {machine()}")
+    rates: dict[tuple[bool, int], list[float]] = {}
+    outs: dict[tuple[bool, int], list[list[int]]] = {}
+    for _ in range(args.rounds):
+        for comp in (False, True):
+            engine = LLMEngine(model, EngineConfig(compile=comp))
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                for batch in (1, 16):  # warm-up: compiles the buckets this benchmark uses
+                    for p in ps[:batch]:
+                        engine.add_request(p, SamplingParams(max_tokens=4, ignore_eos=True))
+                    while engine.has_unfinished_requests():
+                        engine.step()
+                warm = time.perf_counter() - t0
+                for batch, groups in ((1, [[p] for p in ps[:4]]), (16, [ps])):
+                    decode_time, tokens, reqs = 0.0, 0, []
+                    for group in groups:
+                        reqs += [engine.add_request(p, params) for p in group]
+                        engine.step()  # the prefill (and first token) of the group
+                        while engine.has_unfinished_requests():
+                            t = time.perf_counter()
+                            done = engine.step()
+                            decode_time += time.perf_counter() - t
+                            tokens += len(done)
+                    rates.setdefault((comp, batch), []).append(tokens / decode_time)
+                    outs[(comp, batch)] = [r.output_token_ids for r in reqs]
+            print(f"compile={comp}: warm-up {warm:.1f} s; " + ", ".join(
+                f"batch {b}: {rates[(comp, b)][-1]:.1f} tok/s" for b in (1, 16)), flush=True)
+    for batch in (1, 16):
+        eager, comp = (statistics.median(rates[(c, batch)]) for c in (False, True))
+        same = sum(x == y for x, y in zip(outs[(True, batch)], outs[(False, batch)], strict=True))
+        print(f"batch {batch}: eager {eager:.1f} tok/s, compiled {comp:.1f} tok/s, {comp / eager:.2f}x "
+              f"(median of {args.rounds}); identical outputs: {same} of {len(outs[(True, batch)])}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=32)
@@ -291,12 +336,21 @@ def main() -> None:
     ap.add_argument("--kv-cache", action="store_true", help="int8 vs bf16 K/V: capacity, perplexity")
     ap.add_argument("--speculative", action="store_true", help="batch-1 decode: prompt lookup, draft model")
     ap.add_argument("--spec-tokens", type=int, default=4)
-    ap.add_argument("--dtype", default="bfloat16", help="model dtype for --speculative")
+    ap.add_argument("--compile", action="store_true", help="decode tokens/s with torch.compile")
+    ap.add_argument("--fairness", action="store_true", help="a light client's TTFT under a flood")
+    ap.add_argument("--flood", type=int, default=200, help="--fairness: the flooding client's requests")
+    ap.add_argument("--budget", type=int, default=512, help="--fairness: tokens per engine step")
+    ap.add_argument("--max-num-seqs", type=int, default=64, help="--fairness: the running batch's cap")
+    ap.add_argument("--dtype", default="bfloat16", help="model dtype for --speculative / --compile")
     args = ap.parse_args()
     if args.kv_cache:
         kv_cache(args)
     elif args.speculative:
         speculative(args)
+    elif args.compile:
+        compiled(args)
+    elif args.fairness:
+        fairness(args)
     elif args.load:
         load(args)
     else:

@@ -248,3 +248,37 @@ class PagedMetadata:
             out = paged_attention.reference(q_t, ck, cv, self.block_tables, self.seq_lens,
                                             self.query_start, bs, scale, window)
         return out.transpose(0, 1)[None]
+
+
+@dataclass
+class DecodeMetadata:
+    """A decode-only paged batch (one new token per request) whose every shape is fixed by a
+    (batch, max_len) bucket: what the serving engine's compiled decode step traces. Padding rows
+    write their K/V to a scratch slot and read it back (lens 1), so no mask is data-dependent."""
+
+    cache: PagedKVCache
+    slot_mapping: torch.Tensor  # [B] long, every slot valid
+    block_tables: torch.Tensor  # [B, max_len // block_size]
+    lens: torch.Tensor  # [B] keys per request after this step
+    max_len: int
+    sliding_window: int | None = None
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+
+    def attend(self, layer_idx: int, sliding: bool, q: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> torch.Tensor:
+        """q [1, H, B, D], k/v [1, Hkv, B, D] -> [1, H, B, D]."""
+        ck, cv = self.cache.k[layer_idx], self.cache.v[layer_idx]
+        q_t, k_t, v_t = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)
+        scales = None
+        if self.cache.quantized:
+            (k_t, kscale), (v_t, vscale) = quantize_kv(k_t), quantize_kv(v_t)
+            scales = (self.cache.k_scale[layer_idx], self.cache.v_scale[layer_idx])
+            scales[0].index_copy_(0, self.slot_mapping, kscale)
+            scales[1].index_copy_(0, self.slot_mapping, vscale)
+        ck.index_copy_(0, self.slot_mapping, k_t.to(ck.dtype))
+        cv.index_copy_(0, self.slot_mapping, v_t.to(cv.dtype))
+        out = paged_attention.decode_reference(
+            q_t, ck, cv, self.block_tables, self.lens, self.max_len, self.cache.block_size,
+            q.shape[-1] ** -0.5, self.sliding_window if sliding else None, scales)
+        return out.transpose(0, 1)[None]

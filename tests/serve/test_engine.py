@@ -183,3 +183,33 @@ def test_vtc_keeps_a_light_client_responsive_under_a_flood() -> None:
     assert unloaded == 1
     assert steps_to_first_token("vtc", flood=True) <= 2 * unloaded
     assert steps_to_first_token("fcfs", flood=True) > 2 * unloaded  # queued behind the flood
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])  # mistral: a sliding window
+def test_compiled_decode_matches_eager(family: str) -> None:
+    """Decode-only steps through torch.compile (batch and length padded to buckets, padding rows
+    writing to the scratch block) give the eager engine's tokens; int8 K/V too."""
+    model = random_model(family)
+    ps = prompts(5, seed=4)
+    params = SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)
+    for kv in ("auto", "int8"):
+        eager = LLM(model, EngineConfig(block_size=4, num_blocks=128, kv_cache_dtype=kv)).generate(ps, params)
+        llm = LLM(model, EngineConfig(block_size=4, num_blocks=128, kv_cache_dtype=kv, compile=True))
+        assert llm.generate(ps, params) == eager
+        assert llm.engine.runner.compiled is not None  # it compiled, it did not fall back
+
+
+def test_compiled_decode_falls_back_to_eager() -> None:
+    model = random_model("llama")
+    ps = prompts(3, seed=5)
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    want = LLM(model, EngineConfig(block_size=4, num_blocks=64)).generate(ps, params)
+    llm = LLM(model, EngineConfig(block_size=4, num_blocks=64, compile=True))
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("no C++ compiler")
+
+    llm.engine.runner.compiled = broken
+    with pytest.warns(UserWarning, match="compiled decode unavailable.*no C\\+\\+ compiler"):
+        assert llm.generate(ps, params) == want
+    assert llm.engine.runner.compiled is None

@@ -143,3 +143,24 @@ def test_bad_config_and_requests() -> None:
     s.add_request(req("x", 2))
     with pytest.raises(LeanLMError, match="already in use"):
         s.add_request(req("x", 2))
+
+
+def test_vtc_gives_a_less_served_client_a_slot() -> None:
+    """Every slot is taken by one client's requests: a request of a client served less takes the
+    most-served client's latest slot at once (FCFS would leave it waiting)."""
+    for policy, preempted in (("vtc", {"flood-1"}), ("fcfs", set())):
+        s = make(policy=policy, max_num_seqs=2)
+        for i in range(2):
+            r = req(f"flood-{i}", 6, max_tokens=20, first=10 * i + 1)
+            r.client = "flood"
+            s.add_request(r)
+        for _ in range(3):
+            step(s)
+        light = req("light", 3, first=100)
+        light.client = "light"
+        s.add_request(light)
+        out = step(s)
+        assert out.preempted_req_ids == preempted
+        assert ("light" in out.num_scheduled_tokens) == (policy == "vtc")
+        if policy == "vtc":  # the preempted request waits to be recomputed, first in line
+            assert s.waiting[0].request_id == "flood-1" and s.waiting[0].num_computed_tokens == 0

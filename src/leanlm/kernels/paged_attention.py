@@ -46,8 +46,9 @@ def reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     scored in fp32, several in q's dtype (fp64 stays fp64). A batch of decode queries only (the
     serving engine's steady state) is computed for all requests at once."""
     if q.shape[0] == len(seq_lens):  # one query per request
-        return _decode_reference(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, window,
-                                 kv_scales)
+        lens = torch.tensor(seq_lens, device=q.device)
+        return decode_reference(q, k_cache, v_cache, block_tables, lens, max(seq_lens), block_size, scale,
+                                window, kv_scales)
     out = torch.empty_like(q)
     offsets = torch.arange(block_size, device=q.device)
     for r, n in enumerate(seq_lens):
@@ -82,16 +83,17 @@ def _gather(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, d
     return k, v
 
 
-def _decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                      block_tables: torch.Tensor, seq_lens: list[int], block_size: int, scale: float,
-                      window: int | None,
-                      kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """One query per request, batched: K/V gathered into [R, L, kv_heads, D] (L = longest)."""
+def decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     block_tables: torch.Tensor, lens: torch.Tensor, max_len: int, block_size: int,
+                     scale: float, window: int | None,
+                     kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """One query per request, batched: K/V gathered into [R, max_len, kv_heads, D] (``lens``
+    [R] keys each, max_len ≥ all of them). Every shape depends on R and max_len only, so
+    ``torch.compile`` traces it once per (batch, length) bucket."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     r, h, d = q.shape
     kv_heads = k_cache.shape[1]
-    lens = torch.tensor(seq_lens, device=q.device)
-    j = torch.arange(max(seq_lens), device=q.device)
+    j = torch.arange(max_len, device=q.device)
     valid = j[None, :] < lens[:, None]  # [R, L]
     if window is not None:
         valid &= j[None, :] >= lens[:, None] - window

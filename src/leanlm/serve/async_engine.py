@@ -1,11 +1,14 @@
 """The asyncio front end: ``async for out in engine.generate(...)`` streams one request's text.
 
-One background task drives ``LLMEngine.step()`` in a worker thread, so the event loop keeps
-serving HTTP while the model runs. Requests added or aborted from the event loop are queued and
-applied by the stepping thread between steps (the engine itself is single-threaded). Each step's
-new tokens are detokenized incrementally; stop strings are matched on the text (the output is cut
-before the stop string and the request is aborted in the engine). A consumer that stops iterating
-(a client that disconnected) aborts its request, whose blocks are freed by the next step.
+A dedicated engine thread runs ``LLMEngine.step()`` back to back while there is work, so the
+event loop keeps serving HTTP — and turning the last step's tokens into SSE chunks — while the
+next step computes (torch releases the GIL inside its kernels). Requests added or aborted from
+the event loop are queued and applied by the engine thread between steps (the engine itself is
+single-threaded). After each step the engine thread snapshots every updated request's new tokens
+and hands them to the event loop the request came from; there they are detokenized
+incrementally and stop strings are matched on the text (the output is cut before the stop string
+and the request is aborted in the engine). A consumer that stops iterating (a client that
+disconnected) aborts its request, whose blocks are freed by the next step.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from leanlm.tokenizer import IncrementalDecoder, Tokenizer
 
 log = logging.getLogger(__name__)
 
+_REASONS = {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH: "length",
+            RequestStatus.FINISHED_ABORTED: "abort"}
+
 
 @dataclass
 class RequestOutput:
@@ -37,13 +43,25 @@ class RequestOutput:
 
 
 @dataclass
+class _Update:
+    """What one step did to a request, copied by the engine thread for the event loop."""
+
+    request_id: str
+    tokens: list[int]
+    logprobs: list[tuple[float, list[tuple[int, float]]]]
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+@dataclass
 class _Stream:
     queue: asyncio.Queue
     decoder: IncrementalDecoder
     stop: list[str]
+    loop: asyncio.AbstractEventLoop
     text: str = ""
     sent: int = 0  # characters of ``text`` already emitted
-    tokens: int = 0  # output tokens already decoded (a speculative step may add several)
     done: bool = False
     arrival: float = field(default_factory=time.monotonic)
 
@@ -56,14 +74,9 @@ class AsyncLLMEngine:
         self._pending: list[Request] = []
         self._aborts: list[str] = []
         self._lock = threading.Lock()
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    def _ensure_running(self) -> None:
-        if self._task is None or self._task.done():
-            self._loop = asyncio.get_running_loop()
-            self._task = asyncio.create_task(self._run())
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._copied: dict[str, int] = {}  # engine thread: output tokens already handed over
 
     def make_request(self, prompt_token_ids: Sequence[int], params: SamplingParams,
                      request_id: str, lora: str | None = None, client: str = "") -> Request:
@@ -72,13 +85,15 @@ class AsyncLLMEngine:
 
     async def generate(self, request: Request) -> AsyncIterator[RequestOutput]:
         """Stream the outputs of a request made by :meth:`make_request`."""
-        self._ensure_running()
         request_id = request.request_id
         stream = _Stream(asyncio.Queue(), IncrementalDecoder(self.tokenizer),
-                         list(request.sampling_params.stop))
+                         list(request.sampling_params.stop), asyncio.get_running_loop())
         self.streams[request_id] = stream
         with self._lock:
             self._pending.append(request)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="leanlm-engine", daemon=True)
+                self._thread.start()
         self._wake.set()
         try:
             while True:
@@ -96,56 +111,63 @@ class AsyncLLMEngine:
             self._aborts.append(request_id)
         self._wake.set()
 
-    def _step(self) -> list[Request]:
-        with self._lock:
-            pending, self._pending = self._pending, []
-            aborts, self._aborts = self._aborts, []
-        for request in pending:
-            self.engine.scheduler.add_request(request)
-        self.engine.abort(aborts)
-        if not self.engine.has_unfinished_requests():
-            return []
-        return self.engine.step()
-
-    async def _run(self) -> None:
+    # ---- the engine thread --------------------------------------------------------------------
+    def _run(self) -> None:
         while True:
-            if not (self.engine.has_unfinished_requests() or self._pending or self._aborts):
-                self._wake.clear()
-                await self._wake.wait()
+            self._wake.wait()
+            with self._lock:
+                pending, self._pending = self._pending, []
+                aborts, self._aborts = self._aborts, []
+                if not (pending or aborts or self.engine.has_unfinished_requests()):
+                    self._wake.clear()  # nothing to do until generate() or abort() sets it
+                    continue
             try:
-                updated = await asyncio.to_thread(self._step)
+                for request in pending:
+                    self.engine.scheduler.add_request(request)
+                self.engine.abort(aborts)
+                for rid in aborts:
+                    self._copied.pop(rid, None)
+                updated = self.engine.step() if self.engine.has_unfinished_requests() else []
+                updates = [self._copy(r) for r in updated]
             except Exception:  # never let one bad step stop the server: fail what was in flight
                 log.exception("engine step failed; aborting the requests in flight")
                 self._fail_all()
                 continue
-            for request in updated:
-                self._emit(request)
+            for update in updates:
+                stream = self.streams.get(update.request_id)
+                if stream is not None:
+                    stream.loop.call_soon_threadsafe(self._emit, update)
+
+    def _copy(self, request: Request) -> _Update:
+        rid = request.request_id
+        start = self._copied.get(rid, 0)
+        self._copied[rid] = len(request.output_token_ids)
+        if request.is_finished:
+            del self._copied[rid]
+        return _Update(rid, request.output_token_ids[start:], request.output_logprobs[start:],
+                       _REASONS.get(request.status), request.num_prompt_tokens,
+                       len(request.output_token_ids))
 
     def _fail_all(self) -> None:
         s = self.engine.scheduler
         self.engine.abort([r.request_id for r in s.running + s.waiting])
+        self._copied.clear()
         for rid, stream in list(self.streams.items()):
-            if not stream.done:
-                stream.done = True
-                stream.queue.put_nowait(RequestOutput(rid, "", [], True, "error"))
+            stream.loop.call_soon_threadsafe(self._emit, _Update(rid, [], [], "error", 0, 0))
 
-    def _emit(self, request: Request) -> None:
-        stream = self.streams.get(request.request_id)
+    # ---- the event loop -------------------------------------------------------------------------
+    def _emit(self, update: _Update) -> None:
+        stream = self.streams.get(update.request_id)
         if stream is None or stream.done:
             return
-        new = request.output_token_ids[stream.tokens:]
-        logprobs = request.output_logprobs[stream.tokens:]
-        stream.tokens = len(request.output_token_ids)
-        for token in new:
+        for token in update.tokens:
             stream.text += stream.decoder.push(token)
-        finished = request.is_finished
-        reason = {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH: "length",
-                  RequestStatus.FINISHED_ABORTED: "abort"}.get(request.status)
+        finished, reason = update.finish_reason is not None, update.finish_reason
         hit = _first_stop(stream.text, stream.stop, stream.sent)
         if hit >= 0:  # a stop string: cut the text before it and end the request
             stream.text = stream.text[:hit]
             finished, reason = True, "stop"
-            self.abort(request.request_id)
+            self.abort(update.request_id)
         elif finished:
             stream.text += stream.decoder.flush()
         # hold back a tail that could still grow into a stop string
@@ -155,8 +177,8 @@ class AsyncLLMEngine:
         stream.sent = upto
         stream.done = finished
         stream.queue.put_nowait(RequestOutput(
-            request.request_id, delta, list(new), finished, reason, request.num_prompt_tokens,
-            len(request.output_token_ids), logprobs))
+            update.request_id, delta, update.tokens, finished, reason, update.num_prompt_tokens,
+            update.num_output_tokens, update.logprobs))
 
 
 def _first_stop(text: str, stops: list[str], sent: int) -> int:

@@ -11,12 +11,13 @@ the OpenAI API. Metric definitions are those of vLLM's ``benchmark_serving.py``:
   (request throughput and total token throughput likewise).
 
 Output tokens are the server's ``usage.completion_tokens`` when it honours
-``stream_options.include_usage``, else the number of non-empty chunks (one token each on
-servers that stream token by token). Arrivals are all at once (``rate = inf``) or a Poisson
-process of ``rate`` requests/s (exponential gaps, seeded); ``max_concurrency`` caps the requests
-in flight. Prompts are random token ids of a tokenizer decoded to text (vLLM's "random"
-dataset) or come from a file: JSONL with a "prompt" (or "text") field per line, or plain text
-with one prompt per non-empty line.
+``stream_options.include_usage``, else ``max_tokens`` for a request that finished by length,
+else the number of non-empty chunks (one token each on servers that stream token by token).
+
+Arrivals are all at once (``rate = inf``) or a Poisson process of ``rate`` requests/s
+(exponential gaps, seeded); ``max_concurrency`` caps the requests in flight. Prompts are random
+token ids of a tokenizer decoded to text (vLLM's "random" dataset) or come from a file: JSONL
+with a "prompt" (or "text") field per line, or plain text with one prompt per non-empty line.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ async def _one(client: object, url: str, model: str, req: BenchRequest, headers:
     result = RequestResult(ok=False, user=req.user)
     sent = time.perf_counter()
     chunks: list[float] = []
-    usage = None
+    usage, reason = None, None
     try:
         async with client.stream("POST", f"{url}/completions", json=body, headers=headers) as r:  # type: ignore[attr-defined]
             if r.status_code != 200:
@@ -126,8 +127,10 @@ async def _one(client: object, url: str, model: str, req: BenchRequest, headers:
                 data = json.loads(line[5:])
                 if data.get("usage"):
                     usage = data["usage"]
-                if any(c.get("text") for c in data.get("choices") or ()):
+                choices = data.get("choices") or ()
+                if any(c.get("text") for c in choices):
                     chunks.append(time.perf_counter())
+                reason = next((c["finish_reason"] for c in choices if c.get("finish_reason")), reason)
         end = time.perf_counter()
     except Exception as e:  # a failed request is reported, not fatal to the run
         result.error = f"{type(e).__name__}: {e}"
@@ -141,7 +144,10 @@ async def _one(client: object, url: str, model: str, req: BenchRequest, headers:
     result.ok = True
     result.ttft, result.latency = chunks[0] - sent, end - sent
     result.itl = list(np.diff(chunks))
-    result.output_tokens = usage["completion_tokens"] if usage else len(chunks)
+    # without a usage chunk: a request that ran to its length made max_tokens tokens; else one
+    # token per non-empty chunk (a partial UTF-8 character can stream as an empty one)
+    result.output_tokens = (usage["completion_tokens"] if usage
+                            else req.max_tokens if reason == "length" else len(chunks))
     result.prompt_tokens = usage["prompt_tokens"] if usage else 0
     return result
 

@@ -37,8 +37,12 @@ def serve(
     num_spec_tokens: Annotated[int, typer.Option(help="Most drafts per step (with --speculative).")] = 4,
     spec_disable_batch_size: Annotated[int, typer.Option(
         help="Stop speculating while more requests than this run (0: never).")] = 0,
+    compile: Annotated[bool, typer.Option(
+        help="torch.compile the decode step (batch/length buckets; compiles on first use).")] = False,
+    threads: Annotated[int, typer.Option(help="torch threads for the model (0: torch's default).")] = 0,
 ) -> None:
     """Serve MODEL behind an OpenAI-compatible HTTP API (continuous batching, paged KV cache)."""
+    import torch
     import uvicorn
 
     from leanlm.checkpoint import load_model
@@ -48,6 +52,8 @@ def serve(
     from leanlm.serve.scheduler import SchedulerConfig
     from leanlm.tokenizer import load_tokenizer
 
+    if threads:
+        torch.set_num_threads(threads)
     path = resolve_model(model)
     lm = load_model(path, dtype=dtype)
     draft = None
@@ -65,7 +71,7 @@ def serve(
     config = EngineConfig(block_size=block_size, kv_cache_memory=kv_cache_memory * 2**20,
                           enable_prefix_caching=enable_prefix_caching, kv_cache_dtype=kv_cache_dtype,
                           speculative=speculative, num_spec_tokens=num_spec_tokens,
-                          spec_disable_batch_size=spec_disable_batch_size,
+                          spec_disable_batch_size=spec_disable_batch_size, compile=compile,
                           scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, policy=policy,
                                                     max_num_batched_tokens=max_num_batched_tokens))
     core = LLMEngine(lm, config, draft)

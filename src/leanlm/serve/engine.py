@@ -37,6 +37,7 @@ class EngineConfig:
     num_spec_tokens: int = 4  # most draft tokens per step and request
     spec_adaptive: bool = True  # per-request draft length from its acceptance rate and the draft's cost
     spec_disable_batch_size: int = 0  # no drafts while more requests than this run (0: never off)
+    compile: bool = False  # decode-only steps through torch.compile (static batch/length buckets)
 
 
 class LLMEngine:
@@ -66,7 +67,7 @@ class LLMEngine:
         # a draft model writes its k - 1 fed-back guesses past the request's tokens: k slots ahead
         lookahead = config.num_spec_tokens if draft_model is not None else 0
         self.scheduler = Scheduler(config.scheduler or SchedulerConfig(), self.kv, lookahead)
-        self.runner = ModelRunner(model, num_blocks, config.block_size, dtype)
+        self.runner = ModelRunner(model, num_blocks, config.block_size, dtype, config.compile)
         self._ids = itertools.count()
         self.proposer = (DraftModelProposer(draft_model, model, num_blocks, config.block_size)
                          if draft_model is not None else None)

@@ -11,11 +11,12 @@ every sampling request's token in one pass.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 
 import torch
 
-from leanlm.attention import PagedKVCache, PagedMetadata
+from leanlm.attention import DecodeMetadata, PagedKVCache, PagedMetadata
 from leanlm.model import Transformer
 from leanlm.peft.api import routed
 from leanlm.serve.request import SamplingParams
@@ -40,15 +41,27 @@ def kv_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) 
     return 2 * c.num_layers * block_size * c.num_kv_heads * per_head
 
 
+def bucket(n: int) -> int:
+    """The padded size of a compiled decode step's dimension: the next power of two."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int,
-                 kv_dtype: torch.dtype | None = None) -> None:
+                 kv_dtype: torch.dtype | None = None, compile: bool = False) -> None:
         c = model.config
         self.model = model
         device = model.embed_tokens.weight.device
         self.device = device
-        self.cache = PagedKVCache.allocate(c.num_layers, num_blocks, block_size, c.num_kv_heads,
+        # compiled decode: padding rows write to one scratch block past the engine's blocks
+        self.scratch = num_blocks
+        self.cache = PagedKVCache.allocate(c.num_layers, num_blocks + compile, block_size, c.num_kv_heads,
                                            c.head_dim, kv_dtype or model.embed_tokens.weight.dtype, device)
+        # decode-only steps through torch.compile, one graph per (batch, length) bucket (CUDA:
+        # the same static shapes are what CUDA graphs need); fused kernels round bf16/fp16
+        # intermediates where eager does, so outputs stay those of the eager engine
+        self.compiled = torch.compile(self._decode_forward, dynamic=False,
+                                      options={"emulate_precision_casts": True}) if compile else None
         self.requests: dict[str, _State] = {}
         # the last step's (logprob of the sampled token, [(token, logprob)] top-k) per request
         self.logprobs: dict[str, tuple[float, list[tuple[int, float]]]] = {}
@@ -63,6 +76,33 @@ class ModelRunner:
             generator.manual_seed(params.seed)
         self.requests[rid] = _State(list(token_ids), list(block_ids), params, generator,
                                     num_prompt_tokens, lora)
+
+    def _decode_forward(self, tokens: torch.Tensor, positions: torch.Tensor, meta: DecodeMetadata
+                        ) -> torch.Tensor:
+        return self.model(tokens, positions=positions, attn=meta)[0]
+
+    def _decode(self, tokens: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
+                seq_lens: list[int]) -> torch.Tensor | None:
+        """Logits [B, V] of a decode-only step through the compiled graph of its bucket (None,
+        and eager from then on, if compiling fails)."""
+        b, bs = len(tokens), self.cache.block_size
+        pb, width = bucket(b), bucket(-(-max(seq_lens) // bs))
+        pad = pb - b
+        table = [t[:width] + [self.scratch] * (width - len(t)) for t in tables]
+        table += [[self.scratch] * width] * pad
+        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)
+        meta = DecodeMetadata(self.cache, as_long(slots + [self.scratch * bs] * pad),
+                              torch.tensor(table, dtype=torch.int32, device=self.device),
+                              as_long(seq_lens + [1] * pad), width * bs, self.model.config.sliding_window)
+        try:
+            logits = self.compiled(as_long(tokens + [0] * pad)[None], as_long(positions + [0] * pad)[None],
+                                   meta)
+        except Exception as e:  # no compiler, an unsupported op ...: the eager path serves
+            warnings.warn(f"compiled decode unavailable, running eagerly: {type(e).__name__}: {e}",
+                          stacklevel=2)
+            self.compiled = None
+            return None
+        return logits[:b]
 
     def _prompt_logprobs(self, logits: torch.Tensor, prompt_rows: list[tuple[str, int, int]]) -> None:
         """Log-probabilities of the prompt tokens (the one at position p + 1 given the first p + 1)."""
@@ -132,9 +172,15 @@ class ModelRunner:
         # logits only where a request samples (none in a step of unfinished prefill chunks)
         # a batch that uses adapters routes each token through its request's (multi-LoRA)
         route = routed(adapters, self.device) if any(adapters) else contextlib.nullcontext()
-        with route:
-            logits = self.model(as_tensor(tokens), positions=as_tensor(positions), attn=meta,
-                                rows=as_tensor(rows + [r for _, _, r in prompt_rows])[0])[0].float()
+        logits = None
+        if (self.compiled is not None and len(tokens) == len(samplers) and not prompt_rows
+                and not any(adapters)):  # one token per request, each sampling: a decode step
+            logits = self._decode(tokens, positions, slots, tables, seq_lens)
+        if logits is None:
+            with route:
+                logits = self.model(as_tensor(tokens), positions=as_tensor(positions), attn=meta,
+                                    rows=as_tensor(rows + [r for _, _, r in prompt_rows])[0])[0]
+        logits = logits.float()
         self._prompt_logprobs(logits[len(rows):], prompt_rows)
         logits = logits[:len(rows)]
         sampled: dict[str, list[int]] = {}

@@ -20,7 +20,8 @@ When a running request needs a block and none is free, the lowest-priority runni
 most recently admitted under FCFS) is preempted: its blocks are freed, its computed count goes
 back to 0, and it returns to the front of the queue, to be recomputed (prompt + the tokens it has
 generated, mostly from the prefix cache) when there is room. No waiting request is admitted in a
-step that preempted.
+step that ran short of blocks. Under ``vtc`` a request also gives up its slot when every slot is
+taken and a less-served client waits (the most-served client's latest request goes).
 
 :class:`SchedulerOutput` is all the model runner sees: which requests are new (with their whole
 token list and block table), which continue (their new tokens and new blocks), how many tokens
@@ -143,12 +144,14 @@ class Scheduler:
         if self.config.policy == "priority":
             return min(self.waiting, key=self._key)
         if self.config.policy == "vtc":  # the least-served client's oldest request
-            busy: dict[str, int] = {}
-            for r in self.running:
-                busy[r.client] = busy.get(r.client, 0) + 1
-            # ties (a client that just joined starts at the smallest counter): fewer running first
-            return min(self.waiting, key=lambda r: (self.counters.get(r.client, 0.0), busy.get(r.client, 0)))
+            return min(self.waiting, key=self._service)
         return self.waiting[0]
+
+    def _service(self, request: Request) -> tuple[float, int]:
+        """vtc: (the client's counter, its running requests) — ties (a client that just joined
+        starts at the smallest counter) go to the client with fewer requests running."""
+        return (self.counters.get(request.client, 0.0),
+                sum(r.client == request.client for r in self.running))
 
     def _victim(self) -> Request:
         """The running request to preempt: the lowest priority (vtc: the most-served client's
@@ -181,10 +184,26 @@ class Scheduler:
         return min(owed, budget, cap) if cap else min(owed, budget)
 
     # ---- one step ---------------------------------------------------------------------------
+    def _make_room_for_fairness(self, out: SchedulerOutput) -> None:
+        """vtc: when every slot is taken and the least-served waiting client has nothing running
+        and is served less than the most-served running one (or as much), that one's latest
+        request gives up its slot (preempted, to be recomputed — mostly from the prefix cache —
+        when its client's turn comes again). No client is starved of slots by another's flood."""
+        if (self.config.policy != "vtc" or not self.waiting
+                or len(self.running) < self.config.max_num_seqs):
+            return
+        want, victim = self._next_waiting(), self._victim()
+        served = self._service(want)
+        if served[1] == 0 and served < self._service(victim):  # a client with nothing running
+            self._preempt(victim)
+            out.preempted_req_ids.add(victim.request_id)
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(finished_req_ids=self._finished_ids)
         self._finished_ids = set()
+        self._make_room_for_fairness(out)
         budget = self.config.max_num_batched_tokens
+        short_of_blocks = False
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -195,6 +214,7 @@ class Scheduler:
                 continue
             new_blocks = self.kv.allocate_slots(request, n, lookahead=self.lookahead)
             while new_blocks is None:
+                short_of_blocks = True
                 index = self.running.index(victim := self._victim())
                 self._preempt(victim)
                 out.preempted_req_ids.add(victim.request_id)
@@ -217,7 +237,7 @@ class Scheduler:
             out.num_scheduled_tokens[request.request_id] = n
             budget -= n
             i += 1
-        while (not out.preempted_req_ids and self.waiting and budget > 0
+        while (not short_of_blocks and self.waiting and budget > 0
                and len(self.running) < self.config.max_num_seqs):
             request = self._next_waiting()
             hits, cached = self.kv.get_computed_blocks(request)
