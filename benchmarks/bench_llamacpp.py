@@ -18,17 +18,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
 
-import httpx2 as httpx
-
-from common import machine
+from common import free_port, machine, start_server
 from leanlm import DEFAULT_MODEL
 from leanlm.serve import bench
 from leanlm.tokenizer import load_tokenizer
@@ -79,28 +75,6 @@ def leanlm_int4(work: Path) -> Path:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(cmd: list[str], url: str) -> subprocess.Popen:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{cmd[:4]} exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/models", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"{cmd[:4]} did not come up")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--llama-cpp-src", type=Path, required=True, help="llama-cpp-python sdist or its tree")
@@ -138,7 +112,7 @@ def main() -> None:
             else:
                 cmd += ["--port", str(port), "--max-num-seqs", "64"]
             url = f"http://127.0.0.1:{port}/v1"
-            proc = start(cmd, url)
+            proc = start_server(cmd, url)
             try:
                 warm = bench.schedule(prompts, 2, 8, float("inf"))
                 asyncio.run(bench.run(url, warm, extra=extra))

@@ -20,6 +20,7 @@ import asyncio
 import random
 import socket
 import statistics
+import sys
 import threading
 import time
 
@@ -27,7 +28,7 @@ import numpy as np
 import psutil
 import torch
 
-from common import machine
+from common import free_port, machine, start_server
 from leanlm import DEFAULT_MODEL, DRAFT_MODEL, load_model, load_tokenizer
 from leanlm.quant.calibration import default_texts
 from leanlm.serve import bench
@@ -186,20 +187,26 @@ def fairness(args: argparse.Namespace) -> None:
 
     print(f"# bench_serve --fairness: flood = {args.flood} requests of 256 tokens (16 out) at once from "
           f"user 'flood'; light = 16 requests of 32 tokens (8 out) every 0.25 s from user 'light'; "
-          f"token budget {args.budget}/step, at most {args.max_num_seqs} running; {machine()}")
+          f"token budget {args.budget}/step, at most {args.max_num_seqs} running, server threads "
+          f"{args.threads or 'default'}; {machine()}")
     ttft = {}
     for policy, flooded in (("fcfs", False), ("fcfs", True), ("vtc", True)):
-        server, _, url = serve_in_thread(EngineConfig(scheduler=SchedulerConfig(
-            policy=policy, max_num_batched_tokens=args.budget, max_num_seqs=args.max_num_seqs)))
-        asyncio.run(bench.run(url, light()[:2], extra=extra))  # warm-up
-        results = asyncio.run(both(url, flooded))
+        port = free_port()  # the server in its own process: the clients do not share its GIL
+        url = f"http://127.0.0.1:{port}/v1"
+        proc = start_server([sys.executable, "-m", "leanlm.cli", "serve", "--port", str(port), "--policy",
+                             policy, "--max-num-batched-tokens", str(args.budget), "--max-num-seqs",
+                             str(args.max_num_seqs), "--threads", str(args.threads)], url)
+        try:
+            asyncio.run(bench.run(url, light()[:2], extra=extra))  # warm-up
+            results = asyncio.run(both(url, flooded))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
         assert all(r.ok for r in results), [r.error for r in results if not r.ok][:3]
         key = f"{policy} under flood" if flooded else "idle server"
         ttft[key] = statistics.median(r.ttft for r in results) * 1000
         print(f"{key}: light client's TTFT median {ttft[key]:.1f} ms, p90 "
               f"{np.percentile([r.ttft * 1000 for r in results], 90):.1f} ms", flush=True)
-        server.should_exit = True
-        time.sleep(1)
     for key in ("fcfs under flood", "vtc under flood"):
         print(f"{key}: {ttft[key] / ttft['idle server']:.2f}x the idle TTFT")
 
@@ -341,6 +348,7 @@ def main() -> None:
     ap.add_argument("--flood", type=int, default=200, help="--fairness: the flooding client's requests")
     ap.add_argument("--budget", type=int, default=512, help="--fairness: tokens per engine step")
     ap.add_argument("--max-num-seqs", type=int, default=64, help="--fairness: the running batch's cap")
+    ap.add_argument("--threads", type=int, default=0, help="--fairness: the server's torch threads")
     ap.add_argument("--dtype", default="bfloat16", help="model dtype for --speculative / --compile")
     args = ap.parse_args()
     if args.kv_cache:

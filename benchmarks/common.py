@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import platform
+import socket
 import statistics
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx2 as httpx
 import torch
 
 from leanlm import ModelConfig, Transformer, save_model
@@ -57,3 +61,28 @@ def machine() -> str:
     except OSError:
         pass
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(cmd: list[str], url: str) -> subprocess.Popen:
+    """Run an OpenAI-compatible server command; returns once ``url``/models answers."""
+    log = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the server; not a pipe, which could fill and block it)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"{cmd[:4]} exited: {log.read().decode(errors='replace')[-2000:]}")
+        try:
+            if httpx.get(f"{url}/models", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"{cmd[:4]} did not come up")
