@@ -1,23 +1,35 @@
-"""Held-out loss and perplexity of a packed token stream: the number the trainer and the model
-card report, and what ``leanlm eval`` recomputes from a saved checkpoint.
+"""Perplexity: of a packed training stream (what the trainer and the model card report), and of
+text under the protocol compressed models are compared with.
 
-The stream (documents as ``<eos> text``, see ``train/data.py``) is cut into non-overlapping
-windows of ``seq_len + 1`` tokens; each window is scored as one training sequence would be
-(document masking included), and the loss is the mean next-token negative log-likelihood over
-every scored token: ``L = -(1/N) Σ log p(x_{t+1} | x_{≤t} of the same document)``, ``ppl = e^L``.
+Training stream (:func:`stream_loss`): documents as ``<eos> text`` (``train/data.py``) cut into
+non-overlapping windows of ``seq_len + 1`` tokens, each scored as a training sequence (document
+masking included): ``L = -(1/N) Σ log p(x_{t+1} | x_{≤t} of the same document)``, ``ppl = e^L``.
 Windows can be split over ranks; the (sum, count) pairs are summed by the caller.
+
+Text (:func:`text_perplexity`), the GPTQ protocol (Frantar et al. 2023, after Dettmers et al.):
+the texts are joined with "\\n\\n" and tokenized as one stream (no special tokens); the stream is
+cut into ``N // seq_len`` non-overlapping windows (the remainder is dropped); every window is
+scored from its first token, so each predicts its ``seq_len - 1`` later tokens, and the
+perplexity is token-level: ``exp(Σ NLL / Σ predicted tokens)``. With a ``stride`` it is the
+sliding-window variant of Hugging Face's "Perplexity of fixed-length models": windows of up to
+``seq_len`` tokens start every ``stride`` tokens and score only the tokens not scored before (a
+window's first token never: it has no context there), so with ``stride < seq_len`` every token
+after the first is predicted once, with at least ``seq_len - stride`` tokens of context.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanlm.errors import LeanLMError
 from leanlm.train.data import make_batch, window, windows_of
 
 
@@ -63,3 +75,68 @@ def stream_loss(model: nn.Module, tokens: np.ndarray, seq_len: int, eos_id: int,
 
 def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
+
+
+@dataclass
+class Perplexity:
+    nll: float  # summed over the scored tokens
+    tokens: int  # scored (predicted) tokens
+    windows: int
+
+    @property
+    def loss(self) -> float:
+        return self.nll / self.tokens
+
+    @property
+    def ppl(self) -> float:
+        return perplexity(self.loss)
+
+
+def text_stream(texts: Iterable[str], tokenizer: object) -> torch.Tensor:
+    """The GPTQ protocol's token stream: the texts joined with "\\n\\n", no special tokens."""
+    ids = tokenizer.encode("\n\n".join(texts), add_special_tokens=False)  # type: ignore[attr-defined]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def windows(num_tokens: int, seq_len: int, stride: int | None = None) -> list[tuple[int, int, int]]:
+    """(start, end, scored) per window: tokens [start, end) go in, the last ``scored`` of them
+    are predicted (the first token of the stream never is)."""
+    if seq_len < 2:
+        raise LeanLMError(f"seq_len must be at least 2, got {seq_len}")
+    if num_tokens < seq_len:
+        raise LeanLMError(f"the text has {num_tokens} tokens, fewer than one window of {seq_len} "
+                          f"(use a shorter --seq-len or more text)")
+    if stride is None:
+        return [(i * seq_len, (i + 1) * seq_len, seq_len - 1) for i in range(num_tokens // seq_len)]
+    if not 0 < stride <= seq_len:
+        raise LeanLMError(f"stride must be in [1, seq_len={seq_len}], got {stride}")
+    out, prev_end = [], 0
+    for begin in range(0, num_tokens, stride):
+        end = min(begin + seq_len, num_tokens)
+        out.append((begin, end, end - max(prev_end, begin + 1)))
+        prev_end = end
+        if end == num_tokens:
+            break
+    return out
+
+
+@torch.no_grad()
+def text_perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int, stride: int | None = None,
+                    batch_size: int = 8, max_windows: int = 0) -> Perplexity:
+    """Token-level perplexity of the stream ``ids`` [N] (see the module docstring)."""
+    spans = windows(len(ids), seq_len, stride)[:max_windows or None]
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    by_len: dict[int, list[tuple[int, int, int]]] = {}
+    for span in spans:  # windows of one length batch together (only a sliding last one differs)
+        by_len.setdefault(span[1] - span[0], []).append(span)
+    for group in by_len.values():
+        for i in range(0, len(group), batch_size):
+            chunk = group[i:i + batch_size]
+            rows = torch.stack([ids[a:b] for a, b, _ in chunk]).to(device)
+            logits = model(rows[:, :-1]).float()
+            nll = F.cross_entropy(logits.transpose(1, 2), rows[:, 1:], reduction="none")  # [B, L-1]
+            for row, (_, _, scored) in zip(nll, chunk, strict=True):
+                total += float(row[-scored:].sum()) if scored else 0.0
+                count += scored
+    return Perplexity(total, count, len(spans))

@@ -26,16 +26,18 @@ from leanlm.attention import SDPAMetadata
 from leanlm.errors import LeanLMError
 
 
-def read_texts(path: str | os.PathLike[str]) -> list[str]:
-    """Texts from a .jsonl file (the "text" field), a text file, or a corpus directory (train split)."""
+def read_texts(path: str | os.PathLike[str], split: str = "train", what: str = "calibration data",
+               domains: Iterable[str] | None = None) -> list[str]:
+    """Texts from a .jsonl file (the "text" field), a text file, or a corpus directory (its
+    ``split`` of every domain, or of ``domains``); ``what`` names the data in errors."""
     path = Path(path)
     if path.is_dir():
         from leanlm.data.corpus import load_manifest, read_split
 
         manifest = load_manifest(path)
-        texts = [t for dom in manifest["domains"] for t in read_split(path, dom, "train")]
+        texts = [t for dom in (domains or manifest["domains"]) for t in read_split(path, dom, split)]
     elif not path.is_file():
-        raise LeanLMError(f"calibration data {path}: no such file or directory")
+        raise LeanLMError(f"{what} {path}: no such file or directory")
     elif path.suffix == ".jsonl":
         texts = []
         with open(path, encoding="utf-8") as f:
@@ -53,7 +55,7 @@ def read_texts(path: str | os.PathLike[str]) -> list[str]:
             raise LeanLMError(f"{path}: not UTF-8 text (expected .jsonl or a text file)") from None
     texts = [t for t in texts if isinstance(t, str) and t.strip()]
     if not texts:
-        raise LeanLMError(f"calibration data {path} is empty (expected text to calibrate on)")
+        raise LeanLMError(f"{what} {path} is empty (expected text)")
     return texts
 
 
