@@ -18,6 +18,7 @@ from rich.table import Table
 from leanlm.cliutil import ModelArg, resolve_model
 from leanlm.data.cli import data_app
 from leanlm.errors import LeanLMError
+from leanlm.eval.cli import eval_
 from leanlm.peft.cli import finetune, merge
 from leanlm.serve.cli import bench_serve, serve
 
@@ -120,6 +121,7 @@ app.add_typer(data_app, name="data")
 app.command("finetune")(finetune)
 app.command("merge")(merge)
 app.command("serve")(serve)
+app.command("eval")(eval_)
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that leanlm users run on their own setup.")
 bench_app.command("serve")(bench_serve)
 app.add_typer(bench_app, name="bench")
@@ -305,43 +307,6 @@ def quantize(
 
 def _weights_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
-
-
-@app.command("eval")
-def eval_(
-    model: ModelArg = None,
-    data: Annotated[Path | None, typer.Option(
-        help="Corpus directory; scores each domain's val split.")] = None,
-    seq_len: Annotated[int, typer.Option(help="Window length (the training seq_len).")] = 512,
-    batch_size: Annotated[int, typer.Option(help="Windows per forward.")] = 8,
-    max_windows: Annotated[int, typer.Option(help="Windows per domain (0 = all).")] = 0,
-    dtype: Annotated[str | None, typer.Option(help="float32 | bfloat16.")] = "float32",
-) -> None:
-    """Validation loss and perplexity of MODEL on each domain of a corpus."""
-    import tempfile
-
-    from leanlm.checkpoint import load_model
-    from leanlm.eval.perplexity import perplexity, stream_loss
-    from leanlm.tokenizer import load_tokenizer
-    from leanlm.train.data import load_tokens, tokenize_corpus
-
-    if data is None:
-        raise LeanLMError("--data DIR is required (a corpus from `leanlm corpus build`)")
-    path = resolve_model(model)
-    lm = load_model(path, dtype=dtype)
-    tok = load_tokenizer(path)
-    if tok.eos_token_id is None:
-        raise LeanLMError(f"{path}: the tokenizer has no eos_token (the document separator)")
-    table = Table(title=f"{path} on {data}")
-    for col in ("domain", "tokens", "loss", "ppl"):
-        table.add_column(col)
-    with tempfile.TemporaryDirectory() as tmp:
-        files = tokenize_corpus(data, tok, tmp, tok.eos_token_id, splits=("val",))
-        for dom, f in files.items():
-            s, n = stream_loss(lm, load_tokens(f["val"]), seq_len, tok.eos_token_id, batch_size, max_windows)
-            if n:
-                table.add_row(dom, f"{n:,}", f"{s / n:.4f}", f"{perplexity(s / n):.2f}")
-    Console().print(table)
 
 
 def main() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -31,9 +30,9 @@ def test_corpus_tokenizer_pretrain_eval(tmp_path):
     assert out.returncode == 0, out.stderr
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     out = leanlm("eval", str(tmp_path / "run" / "model"), "--data", str(tmp_path / "corpus"),
-                 "--seq-len", "64", "--max-windows", "3")
+                 "--seq-len", "64", "--max-windows", "3", "--json")
     assert out.returncode == 0, out.stderr
-    loss = float(re.search(r"notes\s*│\s*[\d,]+\s*│\s*([\d.]+)", out.stdout).group(1))
+    loss = json.loads(out.stdout)["domains"]["notes"]["loss"]
     assert abs(loss - result["eval"]["notes"]) / result["eval"]["notes"] < 0.01
 
 

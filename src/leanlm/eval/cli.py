@@ -1,0 +1,124 @@
+"""``leanlm eval``: perplexity, zero-shot tasks and agreement with a reference model, for one model."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from leanlm.cliutil import ModelArg, resolve_model
+from leanlm.errors import LeanLMError
+
+
+def evaluate(model: Any, tokenizer: Any, ppl_texts: list[str] | None = None, tasks: list[str] = (),
+             seq_len: int = 512, stride: int | None = None, max_windows: int = 0,
+             reference: Any = None, batch_size: int = 8) -> dict:
+    """Everything ``leanlm eval`` measures, as a JSON-able dict (also what ``leanlm compare``
+    records per grid cell). ``reference``: a model to measure KL and answer flips against."""
+    from leanlm.eval.agreement import flip_rate, next_token_kl
+    from leanlm.eval.perplexity import text_perplexity, text_stream
+    from leanlm.eval.tasks import load_task, score_task
+
+    out: dict = {}
+    loaded = [load_task(t) for t in tasks]  # a bad task file fails before any slow work
+    if ppl_texts is not None:
+        ids = text_stream(ppl_texts, tokenizer)
+        p = text_perplexity(model, ids, seq_len, stride, batch_size, max_windows)
+        out["perplexity"] = {"ppl": p.ppl, "loss": p.loss, "tokens": p.tokens, "windows": p.windows,
+                             "seq_len": seq_len, "stride": stride}
+        if reference is not None:
+            out["kl"] = next_token_kl(reference, model, ids, seq_len, batch_size, max_windows)
+    for task in loaded:
+        r = score_task(model, tokenizer, task, batch_size)
+        entry = {"acc": r.acc, "acc_norm": r.acc_norm, "n": r.n}
+        if reference is not None:
+            ref = score_task(reference, tokenizer, task, batch_size)
+            entry["flips"] = flip_rate(ref.predictions, r.predictions)
+            entry["flips_norm"] = flip_rate(ref.predictions_norm, r.predictions_norm)
+        out.setdefault("tasks", {})[task.name] = entry
+    return out
+
+
+def eval_(
+    model: ModelArg = None,
+    ppl: Annotated[Path | None, typer.Option(
+        help="Perplexity text: a text file, .jsonl (\"text\"), or a corpus dir (its val split).")] = None,
+    tasks: Annotated[str | None, typer.Option(
+        help="Comma list of tasks: shipped names (next_line_code, ...), JSONL files, or 'all'.")] = None,
+    data: Annotated[Path | None, typer.Option(
+        help="Corpus directory: training-stream loss per domain (the trainer's protocol).")] = None,
+    reference: Annotated[Path | None, typer.Option(
+        help="A reference model (e.g. the unquantized one): KL divergence and answer flips.")] = None,
+    seq_len: Annotated[int, typer.Option(help="Perplexity window length.")] = 512,
+    stride: Annotated[int | None, typer.Option(help="Sliding windows every STRIDE tokens.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Windows or choices per forward.")] = 8,
+    max_windows: Annotated[int, typer.Option(help="Windows scored (0 = all).")] = 0,
+    dtype: Annotated[str | None, typer.Option(help="float32 | bfloat16.")] = "float32",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+) -> None:
+    """Evaluate MODEL: perplexity (GPTQ protocol), zero-shot tasks, agreement with a reference."""
+    from leanlm.checkpoint import load_model
+    from leanlm.eval.tasks import shipped_tasks
+    from leanlm.quant.calibration import read_texts
+    from leanlm.tokenizer import load_tokenizer
+
+    if ppl is None and tasks is None and data is None:
+        raise LeanLMError("nothing to evaluate: give --ppl FILE, --tasks NAMES and/or --data CORPUS")
+    names = [] if tasks is None else list(shipped_tasks()) if tasks == "all" else \
+        [t.strip() for t in tasks.split(",") if t.strip()]
+    texts = read_texts(ppl, "val", "perplexity text") if ppl is not None else None
+    path = resolve_model(model)
+    lm = load_model(path, dtype=dtype).eval()
+    tok = load_tokenizer(path)
+    ref = load_model(reference, dtype=dtype).eval() if reference is not None else None
+    result = {"model": str(path), **evaluate(lm, tok, texts, names, seq_len, stride, max_windows, ref,
+                                             batch_size)}
+    if data is not None:
+        result["domains"] = _domain_losses(lm, tok, data, seq_len, batch_size, max_windows)
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=1) + "\n")
+        return
+    _print(result)
+
+
+def _domain_losses(lm: Any, tok: Any, data: Path, seq_len: int, batch_size: int, max_windows: int) -> dict:
+    import tempfile
+
+    from leanlm.eval.perplexity import perplexity, stream_loss
+    from leanlm.train.data import load_tokens, tokenize_corpus
+
+    if tok.eos_token_id is None:
+        raise LeanLMError("the tokenizer has no eos_token (the document separator)")
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        files = tokenize_corpus(data, tok, tmp, tok.eos_token_id, splits=("val",))
+        for dom, f in files.items():
+            s, n = stream_loss(lm, load_tokens(f["val"]), seq_len, tok.eos_token_id, batch_size, max_windows)
+            if n:
+                out[dom] = {"tokens": n, "loss": s / n, "ppl": perplexity(s / n)}
+    return out
+
+
+def _print(result: dict) -> None:
+    console = Console()
+    table = Table(title=result["model"])
+    for col in ("measure", "value"):
+        table.add_column(col)
+    if "perplexity" in result:
+        p = result["perplexity"]
+        how = f"windows of {p['seq_len']}" + (f", stride {p['stride']}" if p["stride"] else "")
+        table.add_row(f"perplexity ({p['tokens']:,} tokens, {how})", f"{p['ppl']:.4f}")
+    if "kl" in result:
+        table.add_row("KL(reference || model), mean per token", f"{result['kl']:.5f}")
+    for name, t in result.get("tasks", {}).items():
+        flips = f", flips {t['flips']:.3f}" if "flips" in t else ""
+        table.add_row(f"{name} ({t['n']} questions)",
+                      f"acc {t['acc']:.3f}, acc_norm {t['acc_norm']:.3f}{flips}")
+    for dom, d in result.get("domains", {}).items():
+        table.add_row(f"{dom} (val, {d['tokens']:,} tokens)", f"loss {d['loss']:.4f}, ppl {d['ppl']:.2f}")
+    console.print(table)

@@ -1,0 +1,58 @@
+"""`leanlm eval` end to end on a tiny model: JSON output, agreement with itself, bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import build_hf_model, write_tokenizer
+
+
+def leanlm(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "leanlm.cli", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("eval")
+    model = root / "m"
+    build_hf_model("llama").save_pretrained(model)
+    write_tokenizer(model)
+    text = root / "text.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 40)
+    task = root / "task.jsonl"
+    rows = [{"question": f"def f{i}(", "choices": ["x):", "!!"], "answer": 0} for i in range(5)]
+    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return model, text, task
+
+
+def test_json_output_and_self_agreement(setup: tuple[Path, Path, Path]) -> None:
+    model, text, task = setup
+    out = leanlm("eval", str(model), "--ppl", str(text), "--seq-len", "32", "--tasks", str(task),
+                 "--reference", str(model), "--json")
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert r["perplexity"]["ppl"] > 1 and r["perplexity"]["tokens"] == r["perplexity"]["windows"] * 31
+    assert r["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert r["tasks"]["task"]["n"] == 5 and r["tasks"]["task"]["flips"] == 0.0
+    table = leanlm("eval", str(model), "--tasks", str(task))
+    assert table.returncode == 0 and "acc_norm" in table.stdout
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--tasks", "/nonexistent.jsonl"), "not a shipped task"),
+    (("--ppl", "SHORT", "--seq-len", "4096"), "fewer than one window"),
+    ((), "nothing to evaluate"),
+    (("--ppl", "/nonexistent.txt"), "no such file"),
+])
+def test_bad_input_is_one_line(setup: tuple[Path, Path, Path], args: tuple, message: str) -> None:
+    model, text, _ = setup
+    args = tuple(str(text) if a == "SHORT" else a for a in args)
+    out = leanlm("eval", str(model), *args)
+    assert out.returncode == 2 and out.stderr.startswith("error:") and message in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
