@@ -29,6 +29,7 @@ from torch import nn
 
 from common import CACHE, machine, random_model
 from leanlm import DEFAULT_MODEL, Transformer, load_model, load_tokenizer
+from leanlm.eval.efficiency import model_bytes, tokens_per_s
 from leanlm.eval.perplexity import stream_loss
 from leanlm.quant import (
     AWQConfig,
@@ -51,16 +52,6 @@ def corpus_dir(path: Path | None) -> Path:
 
         build_corpus(out, default_sources())
     return out
-
-
-def model_bytes(model: nn.Module) -> int:
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() in seen or type(t) not in (torch.Tensor, nn.Parameter):
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    return total
 
 
 # ---- quality -----------------------------------------------------------------------------------
@@ -198,25 +189,6 @@ def checks(r: dict, fp: float) -> None:
 # ---- speed ------------------------------------------------------------------------------------------
 def random_1b(seed: int = 0) -> Transformer:
     return random_model("llama-3.2-1b", torch.bfloat16, seed)
-
-
-@torch.no_grad()
-def tokens_per_s(model: Transformer, steps: int = 24, prompt: int = 128) -> tuple[float, float]:
-    """(decode, prefill) tokens/s at batch 1: the median of ``steps`` decode steps after a
-    ``prompt``-token prefill, and that prefill (timed on its second run)."""
-    tokens = torch.randint(0, 1000, (1, prompt))
-    prefill = []
-    for _ in range(2):
-        cache = model.make_cache(1, prompt + steps + 4, dtype=torch.bfloat16)
-        t0 = time.perf_counter()
-        nxt = model(tokens, cache=cache, last_only=True).argmax(-1)
-        prefill.append(time.perf_counter() - t0)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        nxt = model(nxt, cache=cache, last_only=True).argmax(-1)
-        times.append(time.perf_counter() - t0)
-    return 1.0 / float(np.median(times[2:])), prompt / prefill[-1]
 
 
 def speed(args: argparse.Namespace) -> None:

@@ -18,7 +18,7 @@ from rich.table import Table
 from leanlm.cliutil import ModelArg, resolve_model
 from leanlm.data.cli import data_app
 from leanlm.errors import LeanLMError
-from leanlm.eval.cli import eval_
+from leanlm.eval.cli import compare, eval_
 from leanlm.peft.cli import finetune, merge
 from leanlm.serve.cli import bench_serve, serve
 
@@ -122,6 +122,7 @@ app.command("finetune")(finetune)
 app.command("merge")(merge)
 app.command("serve")(serve)
 app.command("eval")(eval_)
+app.command("compare")(compare)
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that leanlm users run on their own setup.")
 bench_app.command("serve")(bench_serve)
 app.add_typer(bench_app, name="bench")
@@ -227,9 +228,6 @@ def pretrain(
         os._exit(0)
 
 
-METHODS = ("gptq", "awq", "rtn", "smoothquant", "llm-int8")
-
-
 @app.command()
 def quantize(
     model: ModelArg = None,
@@ -260,39 +258,26 @@ def quantize(
     from leanlm.checkpoint import load_model
     from leanlm.config import ModelConfig
     from leanlm.quant import (
-        AWQConfig,
-        GPTQConfig,
-        LLMInt8Config,
-        RTNConfig,
-        SmoothQuantConfig,
+        CALIBRATED,
         calibration_tokens,
         default_texts,
+        method_config,
         quantize_,
         read_texts,
     )
     from leanlm.quant.formats import save_quantized
     from leanlm.tokenizer import load_tokenizer
 
-    if method not in METHODS:
-        raise LeanLMError(f"unknown --method {method!r}: expected one of {METHODS}")
+    config = method_config(method, bits, group_size, sym, act_order, static_groups)
     if out is None:
         raise LeanLMError("--out DIR is required (where the quantized checkpoint is written)")
-    weight_only = {"sym": True if sym is None else sym, "bits": bits, "group_size": group_size}
-    if method == "gptq":
-        config = GPTQConfig(**weight_only, act_order=act_order, static_groups=static_groups)
-    elif method == "awq":
-        config = AWQConfig(**{**weight_only, "sym": bool(sym)})
-    elif method == "rtn":
-        config = RTNConfig(**weight_only)
-    else:
-        config = SmoothQuantConfig() if method == "smoothquant" else LLMInt8Config()
     path = resolve_model(model)
     tok = load_tokenizer(path)
     texts = read_texts(calib) if calib is not None else None  # read before the slow work
     lm = load_model(path, dtype=dtype)
     saved_dtype = ModelConfig.from_json_file(path / "config.json").torch_dtype
     tokens = None
-    if method in ("gptq", "awq", "smoothquant"):
+    if method in CALIBRATED:
         tokens = calibration_tokens(texts or default_texts(), tok, samples, seq_len, seed)
     start = time.perf_counter()
     quantize_(lm, config, tokens)

@@ -59,7 +59,7 @@ def test_quantize_errors_are_one_line(tmp_path: Path, model_and_calib: tuple[Pat
     model, calib = model_and_calib
     (tmp_path / "empty.jsonl").write_text("")
     cases = [
-        (["--method", "nf4"], "unknown --method 'nf4'"),
+        (["--method", "nf4"], "unknown method 'nf4'"),
         (["--calib", str(calib)], "--out DIR is required"),
         (["--bits", "5", "--out", str(tmp_path / "x")], "unsupported bits=5"),
         (["--group-size", "100", "--out", str(tmp_path / "x")], "unsupported group_size=100"),

@@ -17,9 +17,10 @@ from leanlm.errors import LeanLMError
 
 def evaluate(model: Any, tokenizer: Any, ppl_texts: list[str] | None = None, tasks: list[str] = (),
              seq_len: int = 512, stride: int | None = None, max_windows: int = 0,
-             reference: Any = None, batch_size: int = 8) -> dict:
+             reference: Any = None, batch_size: int = 8, keep_predictions: bool = False) -> dict:
     """Everything ``leanlm eval`` measures, as a JSON-able dict (also what ``leanlm compare``
-    records per grid cell). ``reference``: a model to measure KL and answer flips against."""
+    records per grid cell). ``reference``: a model to measure KL and answer flips against;
+    ``keep_predictions``: each task's predicted answers too (to compute flips later)."""
     from leanlm.eval.agreement import flip_rate, next_token_kl
     from leanlm.eval.perplexity import text_perplexity, text_stream
     from leanlm.eval.tasks import load_task, score_task
@@ -36,6 +37,8 @@ def evaluate(model: Any, tokenizer: Any, ppl_texts: list[str] | None = None, tas
     for task in loaded:
         r = score_task(model, tokenizer, task, batch_size)
         entry = {"acc": r.acc, "acc_norm": r.acc_norm, "n": r.n}
+        if keep_predictions:
+            entry |= {"predictions": r.predictions, "predictions_norm": r.predictions_norm}
         if reference is not None:
             ref = score_task(reference, tokenizer, task, batch_size)
             entry["flips"] = flip_rate(ref.predictions, r.predictions)
@@ -122,3 +125,46 @@ def _print(result: dict) -> None:
     for dom, d in result.get("domains", {}).items():
         table.add_row(f"{dom} (val, {d['tokens']:,} tokens)", f"loss {d['loss']:.4f}, ppl {d['ppl']:.2f}")
     console.print(table)
+
+
+def compare(
+    model: ModelArg = None,
+    out: Annotated[Path | None, typer.Option(help="Output directory: cells/, report.md, plots (required).")]
+    = None,
+    ppl: Annotated[Path | None, typer.Option(
+        help="Perplexity text (required): a text file, .jsonl, or a corpus dir (its val split).")] = None,
+    methods: Annotated[str, typer.Option(help="Comma list: rtn, gptq, awq (and smoothquant, llm-int8).")]
+    = "rtn,gptq,awq",
+    bits: Annotated[str, typer.Option(help="Comma list of weight bits.")] = "8,4,3",
+    group_size: Annotated[int, typer.Option(help="Input columns per scale (-1: per channel).")] = 128,
+    tasks: Annotated[str, typer.Option(help="Comma list of tasks, 'all' (the shipped ones) or ''.")] = "all",
+    calib: Annotated[Path | None, typer.Option(
+        help="Calibration text (default: a sample of the Python standard library).")] = None,
+    calib_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
+    seq_len: Annotated[int, typer.Option(help="Perplexity window length.")] = 512,
+    max_windows: Annotated[int, typer.Option(help="Perplexity/KL windows (0 = all).")] = 0,
+    speed: Annotated[bool, typer.Option(help="Measure tokens/s and generation memory.")] = True,
+) -> None:
+    """Quantize MODEL with every method x bit width, measure each, and write a report with plots.
+    An interrupted run resumes: finished cells are kept in OUT/cells."""
+    from leanlm.eval.compare import GridConfig, run_grid
+    from leanlm.eval.report import write_report
+    from leanlm.eval.tasks import shipped_tasks
+    from leanlm.quant.calibration import read_texts
+
+    if out is None or ppl is None:
+        raise LeanLMError("--out DIR and --ppl TEXT are required")
+    try:
+        bit_list = [int(b) for b in bits.split(",")]
+    except ValueError:
+        raise LeanLMError(f"--bits {bits!r}: expected integers like 8,4,3") from None
+    names = list(shipped_tasks()) if tasks == "all" else [t.strip() for t in tasks.split(",") if t.strip()]
+    cfg = GridConfig([m.strip() for m in methods.split(",") if m.strip()], bit_list, group_size, names,
+                     seq_len, max_windows, calib_samples, speed=speed)
+    texts = read_texts(ppl, "val", "perplexity text")
+    calib_texts = read_texts(calib) if calib is not None else None
+    path = resolve_model(model)
+    console = Console(stderr=True)
+    cells = run_grid(path, out, cfg, texts, calib_texts, log=lambda m: console.print(m, highlight=False))
+    report = write_report(cells, out, f"Quantization grid: {path.name}")
+    console.print(f"report: {report} (plots beside it)")

@@ -1,0 +1,47 @@
+"""`leanlm compare` on a tiny model: the grid, its report and plots, resuming, a failing cell."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import build_hf_model, write_tokenizer
+
+
+def test_grid_report_resume_and_a_failing_cell(tmp_path: Path) -> None:
+    model = tmp_path / "m"
+    build_hf_model("llama").save_pretrained(model)
+    write_tokenizer(model)
+    text = tmp_path / "text.txt"
+    text.write_text("def f(x):\n    return x + 1\n\nclass A:\n    pass\n" * 30)
+    task = tmp_path / "t.jsonl"
+    task.write_text("".join(json.dumps({"question": f"def f{i}(", "choices": ["x):", "!!", "y"], "answer": 0})
+                            + "\n" for i in range(6)))
+    out = tmp_path / "cmp"
+    args = [sys.executable, "-m", "leanlm.cli", "compare", str(model), "--out", str(out), "--ppl", str(text),
+            "--methods", "rtn,gptq", "--bits", "8,4,5", "--group-size", "32", "--tasks", str(task),
+            "--calib", str(text), "--calib-samples", "4", "--seq-len", "32", "--no-speed"]
+    run = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    cells = {p.stem: json.loads(p.read_text()) for p in (out / "cells").glob("*.json")}
+    assert set(cells) == {"full", "rtn-w8-g32", "rtn-w4-g32", "rtn-w5-g32", "gptq-w8-g32", "gptq-w4-g32",
+                          "gptq-w5-g32"}
+    assert "error" in cells["rtn-w5-g32"] and "bits" in cells["rtn-w5-g32"]["error"]  # 5 bits: unsupported
+    ok = {k: v for k, v in cells.items() if "error" not in v}
+    assert len(ok) == 5 and cells["full"]["kl"] == 0.0
+    assert all(v["perplexity"]["ppl"] > 1 and 0 <= v["tasks"]["t"]["acc"] <= 1 for v in ok.values())
+    # fewer bits, further from the full model; memory shrinks
+    assert 0 < cells["rtn-w8-g32"]["kl"] < cells["rtn-w4-g32"]["kl"]
+    assert cells["rtn-w4-g32"]["memory_mib"] < cells["rtn-w8-g32"]["memory_mib"] < cells["full"]["memory_mib"]
+    report = (out / "report.md").read_text()
+    assert "| rtn | 4 | 32 |" in report and "failed:" in report
+    assert all((out / f).stat().st_size > 1000 for f in ("ppl_vs_bits.png", "quality_vs_size.png",
+                                                          "decode_speed.png"))
+    # an interrupted grid resumes: finished cells are kept, a missing one is measured again
+    (out / "cells" / "gptq-w4-g32.json").unlink()
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "rtn-w8-g32: done before, kept" in again.stderr and "gptq-w4-g32: quantizing" in again.stderr
+    assert (out / "cells" / "gptq-w4-g32.json").is_file()
