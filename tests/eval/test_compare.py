@@ -45,3 +45,12 @@ def test_grid_report_resume_and_a_failing_cell(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stderr
     assert "rtn-w8-g32: done before, kept" in again.stderr and "gptq-w4-g32: quantizing" in again.stderr
     assert (out / "cells" / "gptq-w4-g32.json").is_file()
+
+
+def test_peak_generation_memory_is_measured_in_a_fresh_process(tmp_path: Path) -> None:
+    from leanlm.eval.efficiency import peak_generation_bytes
+
+    model = tmp_path / "m"
+    build_hf_model("llama").save_pretrained(model)
+    peak, added = peak_generation_bytes(model, prompt=16, new_tokens=4)
+    assert peak > 50 * 2**20 and 0 <= added < peak  # a python + torch process, and the generation's share

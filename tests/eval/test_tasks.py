@@ -46,7 +46,7 @@ def test_acc_and_acc_norm_match_hand_computation(tmp_path: Path) -> None:
             with torch.no_grad():
                 logp = torch.log_softmax(model(ids[None, :-1])[0].float(), -1)
             lls.append(sum(float(logp[t - 1, ids[t]]) for t in range(len(ids) - k, len(ids))))
-            lens.append(k)
+            lens.append(len(c))  # lm-eval normalises by the choice's characters
         acc += max(range(len(lls)), key=lambda i: lls[i]) == r["answer"]
         acc_norm += max(range(len(lls)), key=lambda i: lls[i] / lens[i]) == r["answer"]
     assert got.n == 3 and got.acc == pytest.approx(acc / 3) and got.acc_norm == pytest.approx(acc_norm / 3)
@@ -63,7 +63,14 @@ def test_padding_does_not_change_loglikelihoods() -> None:
     pairs = [([5, 6, 7], [8, 9]), ([5], [6]), ([10, 11, 12, 13, 14], [15, 16, 17])]
     alone = [loglikelihoods(model, [p], 128)[0] for p in pairs]
     batched = loglikelihoods(model, pairs, 128, batch_size=3)
-    assert batched == pytest.approx(alone, abs=1e-4)
+    assert [ll for ll, _ in batched] == pytest.approx([ll for ll, _ in alone], abs=1e-4)
+    assert [g for _, g in batched] == [g for _, g in alone]
+    # greedy: the continuation is the argmax at each of its positions
+    ctx = [5, 6, 7]
+    with torch.no_grad():
+        best = int(model(torch.tensor([ctx]))[0, -1].argmax())
+    assert loglikelihoods(model, [(ctx, [best])], 128)[0][1]
+    assert not loglikelihoods(model, [(ctx, [(best + 1) % 300])], 128)[0][1]
 
 
 def test_shipped_tasks_load() -> None:

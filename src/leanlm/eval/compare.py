@@ -67,8 +67,10 @@ def _efficiency(model: torch.nn.Module, checkpoint: Path | None, speed: bool) ->
         out["disk_mib"] = disk_bytes(checkpoint) / 2**20
     if speed:
         decode, prefill = tokens_per_s(model)
-        out |= {"decode_tok_s": decode, "prefill_tok_s": prefill,
-                "peak_generation_mib": peak_generation_bytes(model) / 2**20}
+        out |= {"decode_tok_s": decode, "prefill_tok_s": prefill}
+        if checkpoint is not None:
+            peak, added = peak_generation_bytes(checkpoint)
+            out |= {"peak_rss_mib": peak / 2**20, "generation_mib": added / 2**20}
     return out
 
 

@@ -4,20 +4,21 @@ while generating, prefill and decode tokens/s at batch 1.
 - memory: the bytes of the model's tensors (each storage once: tied weights count once; packed
   codes, scales, zeros and g_idx of quantized linears included; rotary tables excluded);
 - disk: the ``*.safetensors`` files of a checkpoint;
-- peak generation memory: the process's resident set, sampled every millisecond by a thread
-  while ``generate`` runs, minus the resident set before (activations, KV cache, workspaces);
+- peak generation memory: the peak resident set of a fresh process that loads the checkpoint
+  (bf16) and generates, and how much generating added to it (activations, KV cache,
+  workspaces) — measured in its own process, so earlier allocations in this one do not hide it;
 - speed: the median of the decode steps after a ``prompt``-token prefill, and that prefill
   (timed on its second run, so one-time packing and allocation are not counted).
 """
 
 from __future__ import annotations
 
-import threading
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import torch
 from torch import nn
 
@@ -55,25 +56,23 @@ def tokens_per_s(model: nn.Module, steps: int = 24, prompt: int = 128,
     return 1.0 / float(np.median(times[2:])), prompt / prefill[-1]
 
 
-def peak_generation_bytes(model: nn.Module, prompt: int = 256, new_tokens: int = 64) -> int:
-    """Peak resident-set growth while generating ``new_tokens`` after a ``prompt``-token prompt."""
-    from leanlm.generate import GenerationConfig, generate
+_PEAK = """
+import resource, sys, torch
+from leanlm.checkpoint import load_model
+from leanlm.generate import GenerationConfig, generate
+torch.set_num_threads(1)
+model = load_model(sys.argv[1], dtype="bfloat16").eval()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+generate(model, [list(range(3, 3 + int(sys.argv[2])))],
+         GenerationConfig(max_new_tokens=int(sys.argv[3]), ignore_eos=True))
+print(before * 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
 
-    proc = psutil.Process()
-    base = proc.memory_info().rss
-    peak, done = [base], threading.Event()
 
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.001)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        cfg = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
-        generate(model, [list(range(3, 3 + prompt))], cfg)
-    finally:
-        done.set()
-        thread.join()
-    return max(0, peak[0] - base)
+def peak_generation_bytes(checkpoint: str | Path, prompt: int = 256, new_tokens: int = 64) -> tuple[int, int]:
+    """(peak resident set of a fresh process that loads ``checkpoint`` in bf16 and generates,
+    how much of it the generation added over the loaded model)."""
+    out = subprocess.run([sys.executable, "-c", _PEAK, str(checkpoint), str(prompt), str(new_tokens)],
+                         capture_output=True, text=True, check=True, timeout=600)
+    before, peak = map(int, out.stdout.split()[-2:])
+    return peak, peak - before

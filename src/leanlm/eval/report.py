@@ -31,10 +31,11 @@ def write_report(cells: list[dict], out: Path, title: str) -> Path:
     full = summary(cells[0])
     lines = [f"# {title}", "",
              "Perplexity: GPTQ protocol; KL: mean next-token KL(full ‖ quantized) on the same windows; "
-             "acc / acc_norm / flips: means over the tasks; memory: the model's tensors (bf16 "
-             "activations dtype); speed: batch 1, bf16.", "",
+             "acc / acc_norm / flips: means over the tasks; memory: the model's tensors, disk: its "
+             "checkpoint (bf16 outside the quantized linears); peak RSS: a fresh process loading it and "
+             "generating 64 tokens after 256; speed: batch 1, bf16.", "",
              "| method | bits | group | ppl | Δppl % | KL | acc | acc_norm | flips | memory MiB | "
-             "disk MiB | peak gen MiB | prefill tok/s | decode tok/s | quantize s |",
+             "disk MiB | peak RSS MiB (generating adds) | prefill tok/s | decode tok/s | quantize s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in cells:
         if "error" in c:
@@ -48,7 +49,7 @@ def write_report(cells: list[dict], out: Path, title: str) -> Path:
             f"{_fmt(delta, '+.2f')} | {_fmt(c.get('kl'), '.4f')} | {_fmt(s['acc'], '.3f')} | "
             f"{_fmt(s['acc_norm'], '.3f')} | {_fmt(s['flips'], '.3f')} | "
             f"{_fmt(c.get('memory_mib'), '.1f')} | {_fmt(c.get('disk_mib'), '.1f')} | "
-            f"{_fmt(c.get('peak_generation_mib'), '.1f')} | "
+            f"{_fmt(c.get('peak_rss_mib'), '.0f')} ({_fmt(c.get('generation_mib'), '.1f')}) | "
             f"{_fmt(c.get('prefill_tok_s'), '.0f')} | {_fmt(c.get('decode_tok_s'), '.1f')} | "
             f"{_fmt(c.get('quantize_s'), '.1f')} |")
     lines += ["", "![perplexity vs bits](ppl_vs_bits.png)", "", "![quality vs size](quality_vs_size.png)", "",

@@ -7,11 +7,11 @@ A question has a context and choices; each choice is scored as the continuation
     ll(c) = Σ_{t ∈ continuation} log p(x_t | x_{<t}),   pred = argmax_c ll(c)
 
 ``acc`` is the fraction of questions whose prediction is the answer; ``acc_norm`` divides each
-ll by the continuation's length in characters first (lm-eval's length normalisation), which
-removes the bias toward short choices. Tokenization follows lm-eval's ``_encode_pair``: trailing
-spaces of the context move to the continuation, the pair is encoded whole, and the continuation's
-tokens are those past the context's own encoding. Contexts longer than the model's window lose
-their oldest tokens.
+ll by the choice's length in characters first (lm-eval's length normalisation, the delimiter not
+counted), which removes the bias toward short choices. Tokenization follows lm-eval's
+``_encode_pair``: trailing spaces of the context move to the continuation, the pair is encoded
+whole, and the continuation's tokens are those past the context's own encoding. Contexts longer
+than the model's window lose their oldest tokens.
 
 Task files are JSONL, one question per line: ``{"question": str, "choices": [str, ...],
 "answer": int}`` ("context" may stand for "question"; an optional "delimiter" overrides " ").
@@ -105,11 +105,12 @@ def encode_pair(tokenizer: object, context: str, continuation: str) -> tuple[lis
 
 @torch.no_grad()
 def loglikelihoods(model: nn.Module, pairs: list[tuple[list[int], list[int]]], max_len: int,
-                   batch_size: int = 16) -> list[float]:
-    """Σ log p(continuation | context) per (context, continuation) token pair, batched with
-    right padding (a causal model's logits at real positions do not see the padding)."""
+                   batch_size: int = 16) -> list[tuple[float, bool]]:
+    """(Σ log p(continuation | context), whether greedy decoding yields the continuation) per
+    (context, continuation) token pair, batched with right padding (a causal model's logits at
+    real positions do not see the padding)."""
     device = next(model.parameters()).device
-    out: list[float] = []
+    out: list[tuple[float, bool]] = []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
         seqs = [(ctx + cont)[-(max_len + 1):] for ctx, cont in chunk]
@@ -122,7 +123,9 @@ def loglikelihoods(model: nn.Module, pairs: list[tuple[list[int], list[int]]], m
         for r, (s, (_, cont)) in enumerate(zip(seqs, chunk, strict=True)):
             k = len(cont)  # the continuation's tokens are the last k of the sequence
             targets = rows[r, len(s) - k:len(s)]
-            out.append(float(logp[r, len(s) - k - 1:len(s) - 1].gather(-1, targets[:, None]).sum()))
+            scores = logp[r, len(s) - k - 1:len(s) - 1]
+            out.append((float(scores.gather(-1, targets[:, None]).sum()),
+                        bool((scores.argmax(-1) == targets).all())))
     return out
 
 
@@ -138,8 +141,8 @@ def score_task(model: nn.Module, tokenizer: object, task: Task, batch_size: int 
             if not ctx:  # lm-eval: an empty context is scored after the end-of-text token
                 ctx = [tokenizer.eos_token_id or 0]  # type: ignore[attr-defined]
             pairs.append((ctx, cont))
-            lengths.append(len(continuation))
-    lls = loglikelihoods(model, pairs, max_len, batch_size)
+            lengths.append(max(1, len(choice)))
+    lls = [ll for ll, _ in loglikelihoods(model, pairs, max_len, batch_size)]
     preds, preds_norm, at = [], [], 0
     for q in task.questions:
         n = len(q.choices)
