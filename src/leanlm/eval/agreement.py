@@ -14,26 +14,16 @@ Two measures, after Dettmers et al. ("The case for 4-bit precision") and Dutta e
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from leanlm.eval.perplexity import windows
+from leanlm.eval.perplexity import text_perplexity
 
 
-@torch.no_grad()
 def next_token_kl(reference: nn.Module, model: nn.Module, ids: torch.Tensor, seq_len: int,
                   batch_size: int = 8, max_windows: int = 0) -> float:
-    """Mean KL(reference || model) of the next-token distributions over the windows of ``ids``."""
-    spans = windows(len(ids), seq_len)[:max_windows or None]
-    total, count = 0.0, 0
-    for i in range(0, len(spans), batch_size):
-        rows = torch.stack([ids[a:b - 1] for a, b, _ in spans[i:i + batch_size]])
-        logp = F.log_softmax(reference(rows.to(next(reference.parameters()).device)).float(), -1)
-        logq = F.log_softmax(model(rows.to(next(model.parameters()).device)).float(), -1).to(logp.device)
-        kl = (logp.exp() * (logp - logq)).sum(-1)  # [B, L-1]
-        total += float(kl.sum())
-        count += kl.numel()
-    return total / count
+    """Mean KL(reference || model) of the next-token distributions over the windows of ``ids``
+    (computed by :func:`~leanlm.eval.perplexity.text_perplexity`, beside the perplexity)."""
+    return text_perplexity(model, ids, seq_len, None, batch_size, max_windows, reference).kl
 
 
 def flip_rate(reference: list[int], predictions: list[int]) -> float:

@@ -78,9 +78,7 @@ def run_grid(model_path: Path, out: Path, cfg: GridConfig, ppl_texts: list[str],
              calib_texts: list[str] | None = None, log: Callable[[str], None] = print) -> list[dict]:
     """Measure every cell not already in ``out/cells``; returns all cells, the full model first."""
     from leanlm.checkpoint import load_model
-    from leanlm.eval.agreement import flip_rate, next_token_kl
     from leanlm.eval.cli import evaluate
-    from leanlm.eval.perplexity import text_stream
     from leanlm.quant import CALIBRATED, calibration_tokens, default_texts, method_config, quantize_
     from leanlm.quant.formats import save_quantized
     from leanlm.tokenizer import load_tokenizer
@@ -89,17 +87,18 @@ def run_grid(model_path: Path, out: Path, cfg: GridConfig, ppl_texts: list[str],
     cells.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(model_path)
     reference = load_model(model_path, dtype="float32").eval()
-    ids = text_stream(ppl_texts, tok)
-    measure = lambda m: evaluate(m, tok, ppl_texts, cfg.tasks, cfg.seq_len, None, cfg.max_windows,
-                                 keep_predictions=True)
+    measure = lambda m, ref=None, known=None: evaluate(
+        m, tok, ppl_texts, cfg.tasks, cfg.seq_len, None, cfg.max_windows, ref, keep_predictions=True,
+        reference_tasks=known)
     full_path = cells / "full.json"
     if full_path.is_file():
         full = json.loads(full_path.read_text())
     else:
         log("full precision: measuring")
         copy = load_model(model_path, dtype="float32").eval()  # _efficiency casts it to bf16
-        full = {"cell": "full", "method": "full", "bits": 16, "group_size": None, **measure(reference),
-                "kl": 0.0, **_efficiency(copy, model_path, cfg.speed)}
+        # against itself: the KL is measured (0 up to rounding), not assumed
+        full = {"cell": "full", "method": "full", "bits": 16, "group_size": None,
+                **measure(reference, copy), **_efficiency(copy, model_path, cfg.speed)}
         write_json(full_path, full)
     results, calib = [full], None
     for method in cfg.methods:
@@ -124,10 +123,7 @@ def run_grid(model_path: Path, out: Path, cfg: GridConfig, ppl_texts: list[str],
                 t0 = time.perf_counter()
                 quantize_(model, config, calib if method in CALIBRATED else None, progress=False)
                 cell["quantize_s"] = time.perf_counter() - t0
-                cell |= measure(model)
-                cell["kl"] = next_token_kl(reference, model, ids, cfg.seq_len, max_windows=cfg.max_windows)
-                for task, entry in cell.get("tasks", {}).items():
-                    entry["flips"] = flip_rate(full["tasks"][task]["predictions"], entry["predictions"])
+                cell |= measure(model, reference, full.get("tasks"))
                 model = model.to(torch.bfloat16)
                 with tempfile.TemporaryDirectory() as tmp:
                     save_quantized(model, tmp, tok)

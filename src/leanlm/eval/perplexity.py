@@ -82,6 +82,7 @@ class Perplexity:
     nll: float  # summed over the scored tokens
     tokens: int  # scored (predicted) tokens
     windows: int
+    kl: float | None = None  # mean next-token KL(reference || model) over the scored tokens
 
     @property
     def loss(self) -> float:
@@ -122,11 +123,14 @@ def windows(num_tokens: int, seq_len: int, stride: int | None = None) -> list[tu
 
 @torch.no_grad()
 def text_perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int, stride: int | None = None,
-                    batch_size: int = 8, max_windows: int = 0) -> Perplexity:
-    """Token-level perplexity of the stream ``ids`` [N] (see the module docstring)."""
+                    batch_size: int = 8, max_windows: int = 0,
+                    reference: nn.Module | None = None) -> Perplexity:
+    """Token-level perplexity of the stream ``ids`` [N] (see the module docstring); with a
+    ``reference`` model, the mean KL(reference || model) at the same positions too
+    (``agreement.py``), from the same forward."""
     spans = windows(len(ids), seq_len, stride)[:max_windows or None]
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    total, count, kl = 0.0, 0, 0.0
     by_len: dict[int, list[tuple[int, int, int]]] = {}
     for span in spans:  # windows of one length batch together (only a sliding last one differs)
         by_len.setdefault(span[1] - span[0], []).append(span)
@@ -136,7 +140,12 @@ def text_perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int, stride: i
             rows = torch.stack([ids[a:b] for a, b, _ in chunk]).to(device)
             logits = model(rows[:, :-1]).float()
             nll = F.cross_entropy(logits.transpose(1, 2), rows[:, 1:], reduction="none")  # [B, L-1]
-            for row, (_, _, scored) in zip(nll, chunk, strict=True):
-                total += float(row[-scored:].sum()) if scored else 0.0
+            if reference is not None:
+                logp = F.log_softmax(reference(rows[:, :-1]).float(), -1)
+                div = (logp.exp() * (logp - F.log_softmax(logits, -1))).sum(-1)  # [B, L-1]
+            for r, (_, _, scored) in enumerate(chunk):
+                if scored:
+                    total += float(nll[r, -scored:].sum())
+                    kl += float(div[r, -scored:].sum()) if reference is not None else 0.0
                 count += scored
-    return Perplexity(total, count, len(spans))
+    return Perplexity(total, count, len(spans), kl / count if reference is not None else None)
