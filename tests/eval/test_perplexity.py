@@ -82,3 +82,11 @@ def test_kl_is_zero_against_itself_and_grows_with_noise(models: tuple) -> None:
         kls.append(next_token_kl(lm, other, ids, 16))
     assert 0 < kls[0] < kls[1] < kls[2]
     assert flip_rate([0, 1, 2, 3], [0, 1, 1, 0]) == 0.5
+
+
+def test_a_window_subset_is_spread_over_the_stream() -> None:
+    from leanlm.eval.perplexity import spread
+
+    spans = windows(100, 10)
+    assert spread(spans, 0) == spans and spread(spans, 20) == spans
+    assert [s[0] for s in spread(spans, 4)] == [0, 30, 60, 90]

@@ -66,7 +66,7 @@ def eval_(
     seq_len: Annotated[int, typer.Option(help="Perplexity window length.")] = 512,
     stride: Annotated[int | None, typer.Option(help="Sliding windows every STRIDE tokens.")] = None,
     batch_size: Annotated[int, typer.Option(help="Windows or choices per forward.")] = 8,
-    max_windows: Annotated[int, typer.Option(help="Windows scored (0 = all).")] = 0,
+    max_windows: Annotated[int, typer.Option(help="Windows scored, evenly spaced (0 = all).")] = 0,
     dtype: Annotated[str | None, typer.Option(help="float32 | bfloat16.")] = "float32",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
 ) -> None:
@@ -148,7 +148,7 @@ def compare(
         help="Calibration text (default: a sample of the Python standard library).")] = None,
     calib_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
     seq_len: Annotated[int, typer.Option(help="Perplexity window length.")] = 512,
-    max_windows: Annotated[int, typer.Option(help="Perplexity/KL windows (0 = all).")] = 0,
+    max_windows: Annotated[int, typer.Option(help="Perplexity/KL windows, evenly spaced (0 = all).")] = 0,
     speed: Annotated[bool, typer.Option(help="Measure tokens/s and generation memory.")] = True,
 ) -> None:
     """Quantize MODEL with every method x bit width, measure each, and write a report with plots.

@@ -4,9 +4,10 @@ while generating, prefill and decode tokens/s at batch 1.
 - memory: the bytes of the model's tensors (each storage once: tied weights count once; packed
   codes, scales, zeros and g_idx of quantized linears included; rotary tables excluded);
 - disk: the ``*.safetensors`` files of a checkpoint;
-- peak generation memory: the peak resident set of a fresh process that loads the checkpoint
-  (bf16) and generates, and how much generating added to it (activations, KV cache,
-  workspaces) — measured in its own process, so earlier allocations in this one do not hide it;
+- peak memory: the peak resident set of a fresh process that has loaded the checkpoint (bf16)
+  while it generates, and how far generating raised it over the loaded model's
+  (activations, KV cache, workspaces) — in its own process, so earlier allocations in this one
+  do not hide it;
 - speed: the median of the decode steps after a ``prompt``-token prefill, and that prefill
   (timed on its second run, so one-time packing and allocation are not counted).
 """
@@ -41,7 +42,7 @@ def disk_bytes(path: str | Path) -> int:
 def tokens_per_s(model: nn.Module, steps: int = 24, prompt: int = 128,
                  dtype: torch.dtype = torch.bfloat16) -> tuple[float, float]:
     """(decode, prefill) tokens/s at batch 1 (see the module docstring)."""
-    tokens = torch.randint(0, 1000, (1, prompt))
+    tokens = torch.randint(0, min(1000, model.config.vocab_size), (1, prompt))  # type: ignore[union-attr]
     prefill = []
     for _ in range(2):
         cache = model.make_cache(1, prompt + steps + 4, dtype=dtype)  # type: ignore[operator]
@@ -57,22 +58,35 @@ def tokens_per_s(model: nn.Module, steps: int = 24, prompt: int = 128,
 
 
 _PEAK = """
-import resource, sys, torch
+import gc, os, sys, threading, time, torch
 from leanlm.checkpoint import load_model
 from leanlm.generate import GenerationConfig, generate
+page = os.sysconf("SC_PAGE_SIZE")
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
 torch.set_num_threads(1)
 model = load_model(sys.argv[1], dtype="bfloat16").eval()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-generate(model, [list(range(3, 3 + int(sys.argv[2])))],
+gc.collect()
+base = rss()
+peak, done = [base], threading.Event()
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.0005)
+thread = threading.Thread(target=sample)
+thread.start()
+generate(model, [[3 + i % (model.config.vocab_size - 3) for i in range(int(sys.argv[2]))]],
          GenerationConfig(max_new_tokens=int(sys.argv[3]), ignore_eos=True))
-print(before * 1024, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+done.set()
+thread.join()
+print(peak[0], peak[0] - base)
 """
 
 
 def peak_generation_bytes(checkpoint: str | Path, prompt: int = 256, new_tokens: int = 64) -> tuple[int, int]:
-    """(peak resident set of a fresh process that loads ``checkpoint`` in bf16 and generates,
-    how much of it the generation added over the loaded model)."""
+    """(peak resident set while a fresh process that loaded ``checkpoint`` in bf16 generates,
+    how far generating raised it over the loaded model's) — sampled every 0.5 ms from Linux's
+    /proc (``ru_maxrss`` would not do: a forked child inherits its parent's high-water mark)."""
     out = subprocess.run([sys.executable, "-c", _PEAK, str(checkpoint), str(prompt), str(new_tokens)],
                          capture_output=True, text=True, check=True, timeout=600)
-    before, peak = map(int, out.stdout.split()[-2:])
-    return peak, peak - before
+    peak, added = map(int, out.stdout.split()[-2:])
+    return peak, added

@@ -121,6 +121,14 @@ def windows(num_tokens: int, seq_len: int, stride: int | None = None) -> list[tu
     return out
 
 
+def spread(spans: list, k: int) -> list:
+    """``k`` of the windows, evenly spaced over the stream (all of them for k = 0), so a subset
+    still covers every part of a corpus whose domains follow one another."""
+    if not k or k >= len(spans):
+        return spans
+    return [spans[int(i)] for i in np.linspace(0, len(spans) - 1, k).round()]
+
+
 @torch.no_grad()
 def text_perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int, stride: int | None = None,
                     batch_size: int = 8, max_windows: int = 0,
@@ -128,7 +136,7 @@ def text_perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int, stride: i
     """Token-level perplexity of the stream ``ids`` [N] (see the module docstring); with a
     ``reference`` model, the mean KL(reference || model) at the same positions too
     (``agreement.py``), from the same forward."""
-    spans = windows(len(ids), seq_len, stride)[:max_windows or None]
+    spans = spread(windows(len(ids), seq_len, stride), max_windows)
     device = next(model.parameters()).device
     total, count, kl = 0.0, 0, 0.0
     by_len: dict[int, list[tuple[int, int, int]]] = {}

@@ -32,24 +32,24 @@ def write_report(cells: list[dict], out: Path, title: str) -> Path:
     lines = [f"# {title}", "",
              "Perplexity: GPTQ protocol; KL: mean next-token KL(full ‖ quantized) on the same windows; "
              "acc / acc_norm / flips: means over the tasks; memory: the model's tensors, disk: its "
-             "checkpoint (bf16 outside the quantized linears); peak RSS: a fresh process loading it and "
-             "generating 64 tokens after 256; speed: batch 1, bf16.", "",
+             "checkpoint (bf16 outside the quantized linears); peak RSS: a fresh process that loaded it, "
+             "while it generates 64 tokens after 256, and what generating adds; speed: batch 1, bf16.", "",
              "| method | bits | group | ppl | Δppl % | KL | acc | acc_norm | flips | memory MiB | "
-             "disk MiB | peak RSS MiB (generating adds) | prefill tok/s | decode tok/s | quantize s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "disk MiB | peak RSS MiB | generating adds MiB | prefill tok/s | decode tok/s | quantize s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in cells:
         if "error" in c:
             lines.append(f"| {c['method']} | {c['bits']} | {c['group_size']} | failed: {c['error']} |"
-                         + " |" * 11)
+                         + " |" * 12)
             continue
         s = summary(c)
         delta = 100 * (s["ppl"] / full["ppl"] - 1)
         lines.append(
             f"| {c['method']} | {c['bits']} | {c['group_size'] or '—'} | {_fmt(s['ppl'], '.3f')} | "
-            f"{_fmt(delta, '+.2f')} | {_fmt(c.get('kl'), '.4f')} | {_fmt(s['acc'], '.3f')} | "
+            f"{_fmt(delta, '+.2f')} | {_fmt(c.get('kl'), '.2e')} | {_fmt(s['acc'], '.3f')} | "
             f"{_fmt(s['acc_norm'], '.3f')} | {_fmt(s['flips'], '.3f')} | "
             f"{_fmt(c.get('memory_mib'), '.1f')} | {_fmt(c.get('disk_mib'), '.1f')} | "
-            f"{_fmt(c.get('peak_rss_mib'), '.0f')} ({_fmt(c.get('generation_mib'), '.1f')}) | "
+            f"{_fmt(c.get('peak_rss_mib'), '.0f')} | {_fmt(c.get('generation_mib'), '.2f')} | "
             f"{_fmt(c.get('prefill_tok_s'), '.0f')} | {_fmt(c.get('decode_tok_s'), '.1f')} | "
             f"{_fmt(c.get('quantize_s'), '.1f')} |")
     lines += ["", "![perplexity vs bits](ppl_vs_bits.png)", "", "![quality vs size](quality_vs_size.png)", "",
