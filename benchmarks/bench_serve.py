@@ -45,6 +45,12 @@ def prompts(n: int, length: int, seed: int = 0) -> list[list[int]]:
     return [stream[s:s + length] for s in (rng.randrange(len(stream) - length) for _ in range(n))]
 
 
+def drain(engine: LLMEngine) -> None:
+    """Step the engine until every request it holds has finished."""
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
 def leanlm_run(ps: list[list[int]], new: int, caching: bool = True) -> tuple[float, list[float]]:
     """(wall seconds, TTFT per request) for all requests at once through the engine."""
     model = load_model(DEFAULT_MODEL)
@@ -229,8 +235,7 @@ def kv_cache(args: argparse.Namespace) -> None:
         reqs = [engine.add_request(w, SamplingParams(max_tokens=1, prompt_logprobs=0)) for w in windows]
         t0 = time.perf_counter()
         with torch.inference_mode():
-            while engine.has_unfinished_requests():
-                engine.step()
+            drain(engine)
         dt = time.perf_counter() - t0
         lps = [lp for r in reqs for e in r.prompt_logprobs[1:] for lp in [e[0]]]
         ppl[kind] = float(np.exp(-np.mean(lps)))
@@ -259,15 +264,13 @@ def speculative(args: argparse.Namespace) -> None:
                                draft if spec == "draft" else None)
             with torch.inference_mode():
                 engine.add_request(ps[0], params)  # warm-up
-                while engine.has_unfinished_requests():
-                    engine.step()
+                drain(engine)
                 engine.spec_accepted = engine.spec_proposed = 0
                 t0 = time.perf_counter()
                 reqs = []
                 for p in ps:
                     reqs.append(engine.add_request(p, params))
-                    while engine.has_unfinished_requests():
-                        engine.step()
+                    drain(engine)
                 dt = time.perf_counter() - t0
             rates[spec].append(64 * len(ps) / dt)
             outs[spec] = [r.output_token_ids for r in reqs]
@@ -306,8 +309,7 @@ def compiled(args: argparse.Namespace) -> None:
                 for batch in (1, 16):  # warm-up: compiles the buckets this benchmark uses
                     for p in ps[:batch]:
                         engine.add_request(p, SamplingParams(max_tokens=4, ignore_eos=True))
-                    while engine.has_unfinished_requests():
-                        engine.step()
+                    drain(engine)
                 warm = time.perf_counter() - t0
                 for batch, groups in ((1, [[p] for p in ps[:4]]), (16, [ps])):
                     decode_time, tokens, reqs = 0.0, 0, []

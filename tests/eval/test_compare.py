@@ -7,18 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import build_hf_model, write_tokenizer
+from eval_fixtures import tiny_eval_files
+
+from conftest import build_hf_model
 
 
 def test_grid_report_resume_and_a_failing_cell(tmp_path: Path) -> None:
-    model = tmp_path / "m"
-    build_hf_model("llama").save_pretrained(model)
-    write_tokenizer(model)
-    text = tmp_path / "text.txt"
-    text.write_text("def f(x):\n    return x + 1\n\nclass A:\n    pass\n" * 30)
-    task = tmp_path / "t.jsonl"
-    task.write_text("".join(json.dumps({"question": f"def f{i}(", "choices": ["x):", "!!", "y"], "answer": 0})
-                            + "\n" for i in range(6)))
+    model, text, task = tiny_eval_files(tmp_path, task_name="t")
     out = tmp_path / "cmp"
     args = [sys.executable, "-m", "leanlm.cli", "compare", str(model), "--out", str(out), "--ppl", str(text),
             "--methods", "rtn,gptq", "--bits", "8,4,5", "--group-size", "32", "--tasks", str(task),

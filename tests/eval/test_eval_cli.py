@@ -8,8 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from conftest import build_hf_model, write_tokenizer
+from eval_fixtures import tiny_eval_files
 
 
 def leanlm(*args: str) -> subprocess.CompletedProcess[str]:
@@ -19,16 +18,7 @@ def leanlm(*args: str) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
-    root = tmp_path_factory.mktemp("eval")
-    model = root / "m"
-    build_hf_model("llama").save_pretrained(model)
-    write_tokenizer(model)
-    text = root / "text.txt"
-    text.write_text("def f(x):\n    return x + 1\n" * 40)
-    task = root / "task.jsonl"
-    rows = [{"question": f"def f{i}(", "choices": ["x):", "!!"], "answer": 0} for i in range(5)]
-    task.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return model, text, task
+    return tiny_eval_files(tmp_path_factory.mktemp("eval"))
 
 
 def test_json_output_and_self_agreement(setup: tuple[Path, Path, Path]) -> None:

@@ -21,7 +21,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -212,6 +212,19 @@ class ShardWriter:
         if not self._raw.closed:
             self._raw.close()
         self.tmp.unlink(missing_ok=True)
+
+
+def json_lines(lines: Iterable[str], source: object) -> Iterator[tuple[int, Any]]:
+    """(line number, value) of each non-blank line of a small JSONL text (task, prompt and
+    fine-tuning files); a malformed line raises LeanLMError naming ``source`` and the line."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LeanLMError(f"{source}:{lineno}: malformed JSON ({e.msg})") from None
+        yield lineno, value
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -77,14 +77,9 @@ def _plots(cells: list[dict], out: Path) -> None:
         pts = sorted((c["bits"], summary(c)["ppl"]) for c in ok if c["method"] == m)
         ax.plot(*zip(*pts, strict=True), marker="o", label=m.upper())
     ax.axhline(summary(full)["ppl"], color="grey", linestyle="--", label="full precision")
-    ax.set_xlabel("weight bits")
-    ax.set_ylabel("perplexity (lower is better)")
     ax.set_xticks(sorted({c["bits"] for c in ok}))
-    ax.set_title("Perplexity vs bits")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "ppl_vs_bits.png", dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, out / "ppl_vs_bits.png", "weight bits", "perplexity (lower is better)",
+            "Perplexity vs bits")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for m in methods:
@@ -95,13 +90,8 @@ def _plots(cells: list[dict], out: Path) -> None:
                         xytext=(4, 4), fontsize=8)
     ax.scatter([full["memory_mib"]], [summary(full)["ppl"]], marker="*", s=120, color="black",
                label="full precision")
-    ax.set_xlabel("model size in memory (MiB)")
-    ax.set_ylabel("perplexity (lower is better)")
-    ax.set_title("Quality vs size")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "quality_vs_size.png", dpi=120)
-    plt.close(fig)
+    _finish(fig, ax, out / "quality_vs_size.png", "model size in memory (MiB)",
+            "perplexity (lower is better)", "Quality vs size")
 
     fig, ax = plt.subplots(figsize=(7, 4))
     shown = [full, *ok]
@@ -109,8 +99,21 @@ def _plots(cells: list[dict], out: Path) -> None:
     ax.bar(range(len(shown)), speeds, color=["black"] + ["C0"] * len(ok))
     ax.set_xticks(range(len(shown)), ["full" if c is full else f"{c['method']}\nW{c['bits']}" for c in shown],
                   fontsize=8)
-    ax.set_ylabel("decode tokens/s (batch 1, bf16)")
-    ax.set_title("Decode speed")
-    fig.tight_layout()
-    fig.savefig(out / "decode_speed.png", dpi=120)
+    _finish(fig, ax, out / "decode_speed.png", None, "decode tokens/s (batch 1, bf16)", "Decode speed",
+            legend=False)
+
+
+def _finish(fig: object, ax: object, path: Path, xlabel: str | None, ylabel: str, title: str,
+            legend: bool = True) -> None:
+    """Label, lay out, save and close one figure."""
+    import matplotlib.pyplot as plt
+
+    if xlabel:
+        ax.set_xlabel(xlabel)  # type: ignore[attr-defined]
+    ax.set_ylabel(ylabel)  # type: ignore[attr-defined]
+    ax.set_title(title)  # type: ignore[attr-defined]
+    if legend:
+        ax.legend()  # type: ignore[attr-defined]
+    fig.tight_layout()  # type: ignore[attr-defined]
+    fig.savefig(path, dpi=120)  # type: ignore[attr-defined]
     plt.close(fig)

@@ -22,7 +22,6 @@ answer the line that follows, the distractors lines of other documents of the do
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanlm.data.io import json_lines
 from leanlm.errors import LeanLMError
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "assets" / "tasks"
@@ -72,13 +72,7 @@ def load_task(name_or_path: str | Path) -> Task:
         raise LeanLMError(f"task {name_or_path}: no such file, and not a shipped task "
                           f"(shipped: {', '.join(shipped) or 'none'})")
     questions = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LeanLMError(f"{path}:{n}: not JSON ({e.msg})") from None
+    for n, row in json_lines(path.read_text(encoding="utf-8").splitlines(), path):
         context = row.get("question", row.get("context")) if isinstance(row, dict) else None
         choices, answer = (row.get("choices"), row.get("answer")) if isinstance(row, dict) else (None, None)
         if not isinstance(context, str):

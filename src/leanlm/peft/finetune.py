@@ -21,7 +21,6 @@ held-out examples. The best evaluation's adapter is kept in ``OUT/best``, the la
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from leanlm.data.io import json_lines
 from leanlm.errors import LeanLMError
 from leanlm.peft.api import PeftConfig, apply_peft_, mark_trainable_, save_adapter
 from leanlm.train.config import TrainConfig
@@ -57,13 +57,7 @@ def read_examples(path: str | Path, tok: Any) -> list[Example]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise LeanLMError(f"{path}: cannot read the fine-tuning data ({e})") from e
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            ex = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LeanLMError(f"{path}:{lineno}: malformed JSON ({e.msg})") from e
+    for lineno, ex in json_lines(lines, path):
         if isinstance(ex, dict) and isinstance(ex.get("messages"), list) and ex["messages"]:
             msgs = ex["messages"]
             last = msgs[-1]

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from leanlm.data.io import json_lines
 from leanlm.errors import LeanLMError
 
 
@@ -74,16 +75,12 @@ def file_prompts(path: Path) -> list[str]:
     """Prompts of a JSONL file ("prompt" or "text" per line) or a text file (one per line)."""
     if not path.is_file():
         raise LeanLMError(f"prompt file {path} does not exist")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8").splitlines()
     if path.suffix != ".jsonl":
-        out = lines
+        out = [line for line in lines if line.strip()]
     else:
         out = []
-        for i, line in enumerate(lines, 1):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LeanLMError(f"{path}:{i}: not JSON ({e.msg})") from None
+        for i, row in json_lines(lines, path):
             text = row.get("prompt", row.get("text")) if isinstance(row, dict) else None
             if not isinstance(text, str):
                 raise LeanLMError(f'{path}:{i}: expected an object with a "prompt" or "text" string')
