@@ -196,7 +196,7 @@ def test_compiled_decode_matches_eager(family: str) -> None:
         eager = LLM(model, EngineConfig(block_size=4, num_blocks=128, kv_cache_dtype=kv)).generate(ps, params)
         llm = LLM(model, EngineConfig(block_size=4, num_blocks=128, kv_cache_dtype=kv, compile=True))
         assert llm.generate(ps, params) == eager
-        assert llm.engine.runner.compiled is not None  # it compiled, it did not fall back
+        assert llm.engine.runner.compiled.fn is not None  # it compiled, it did not fall back
 
 
 def test_compiled_decode_falls_back_to_eager() -> None:
@@ -209,7 +209,7 @@ def test_compiled_decode_falls_back_to_eager() -> None:
     def broken(*args: object) -> None:
         raise RuntimeError("no C++ compiler")
 
-    llm.engine.runner.compiled = broken
+    llm.engine.runner.compiled.fn = broken
     with pytest.warns(UserWarning, match="compiled decode unavailable.*no C\\+\\+ compiler"):
         assert llm.generate(ps, params) == want
-    assert llm.engine.runner.compiled is None
+    assert llm.engine.runner.compiled.fn is None

@@ -53,6 +53,7 @@ CONFIGS = [
                            scheduler=SchedulerConfig(max_num_batched_tokens=16,
                                                      long_prefill_token_threshold=5))),
     ("mistral", EngineConfig(block_size=4, num_blocks=256)),  # sliding window 8
+    ("llama", EngineConfig(block_size=4, num_blocks=256, compile=True)),  # compiled verify and draft steps
 ]
 
 
@@ -74,12 +75,14 @@ def test_greedy_outputs_are_unchanged(family: str, config: EngineConfig, propose
         assert not engine.proposer.last  # finished requests are forgotten
 
 
-def test_a_draft_equal_to_the_target_is_always_accepted() -> None:
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_draft_equal_to_the_target_is_always_accepted(compile: bool) -> None:
     """The draft's cache bookkeeping (accepted guesses' K/V kept, the rest recomputed) is exact:
-    the target as its own draft proposes exactly the target's greedy tokens."""
+    the target as its own draft proposes exactly the target's greedy tokens (compiled: the
+    draft's one-token steps and the verification share the compiled decode graphs)."""
     model = random_model("llama")
-    llm = LLM(model, EngineConfig(block_size=4, num_blocks=256, speculative="draft",
-                                  num_spec_tokens=4, spec_adaptive=False), model)
+    llm = LLM(model, EngineConfig(block_size=4, num_blocks=256, speculative="draft", num_spec_tokens=4,
+                                  spec_adaptive=False, compile=compile), model)
     got = llm.generate(repetitive_prompts(6), SamplingParams(max_tokens=17, temperature=0.0, ignore_eos=True))
     assert all(len(g) == 17 for g in got)
     assert llm.engine.spec_accepted == llm.engine.spec_proposed > 50

@@ -37,7 +37,7 @@ class EngineConfig:
     num_spec_tokens: int = 4  # most draft tokens per step and request
     spec_adaptive: bool = True  # per-request draft length from its acceptance rate and the draft's cost
     spec_disable_batch_size: int = 0  # no drafts while more requests than this run (0: never off)
-    compile: bool = False  # decode-only steps through torch.compile (static batch/length buckets)
+    compile: bool = False  # decode-shaped steps (decode, verify, draft) via torch.compile, static buckets
 
 
 class LLMEngine:
@@ -69,7 +69,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler or SchedulerConfig(), self.kv, lookahead)
         self.runner = ModelRunner(model, num_blocks, config.block_size, dtype, config.compile)
         self._ids = itertools.count()
-        self.proposer = (DraftModelProposer(draft_model, model, num_blocks, config.block_size)
+        self.proposer = (DraftModelProposer(draft_model, model, num_blocks, config.block_size, config.compile)
                          if draft_model is not None else None)
         self.acceptance = AcceptanceTracker()
         # a draft step's cost in target steps (measured; prompt lookup is free)

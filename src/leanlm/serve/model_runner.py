@@ -46,6 +46,46 @@ def bucket(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+class CompiledDecode:
+    """A model's decode-shaped forward (one query token per row) through ``torch.compile``, one
+    graph per (rows, length) bucket: rows and block-table width are padded to powers of two, and
+    padding rows write to a scratch block past the engine's ``num_blocks`` (the K/V cache must
+    have one more block). On CUDA the same static shapes are what CUDA graphs need. Fused
+    kernels round bf16/fp16 intermediates where eager does, so outputs stay the eager ones."""
+
+    def __init__(self, model: Transformer, cache: PagedKVCache, scratch: int) -> None:
+        self.model, self.cache, self.scratch = model, cache, scratch
+        self.device = model.embed_tokens.weight.device
+        self.fn = torch.compile(self._forward, dynamic=False, options={"emulate_precision_casts": True})
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, meta: DecodeMetadata) -> torch.Tensor:
+        return self.model(tokens, positions=positions, attn=meta)[0]
+
+    def __call__(self, tokens: list[int], positions: list[int], slots: list[int],
+                 tables: list[list[int]], seq_lens: list[int]) -> torch.Tensor | None:
+        """Logits [B, V] of B rows, row i the token at ``positions[i]`` seeing ``seq_lens[i]``
+        keys through ``tables[i]`` (None, and eager from then on, if compiling fails)."""
+        if self.fn is None:
+            return None
+        b, bs = len(tokens), self.cache.block_size
+        pb, width = bucket(b), bucket(-(-max(seq_lens) // bs))
+        pad = pb - b
+        table = [t[:width] + [self.scratch] * (width - len(t)) for t in tables]
+        table += [[self.scratch] * width] * pad
+        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)
+        meta = DecodeMetadata(self.cache, as_long(slots + [self.scratch * bs] * pad),
+                              torch.tensor(table, dtype=torch.int32, device=self.device),
+                              as_long(seq_lens + [1] * pad), width * bs, self.model.config.sliding_window)
+        try:
+            logits = self.fn(as_long(tokens + [0] * pad)[None], as_long(positions + [0] * pad)[None], meta)
+        except Exception as e:  # no compiler, an unsupported op ...: the eager path serves
+            warnings.warn(f"compiled decode unavailable, running eagerly: {type(e).__name__}: {e}",
+                          stacklevel=3)
+            self.fn = None
+            return None
+        return logits[:b]
+
+
 class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int,
                  kv_dtype: torch.dtype | None = None, compile: bool = False) -> None:
@@ -54,14 +94,10 @@ class ModelRunner:
         device = model.embed_tokens.weight.device
         self.device = device
         # compiled decode: padding rows write to one scratch block past the engine's blocks
-        self.scratch = num_blocks
         self.cache = PagedKVCache.allocate(c.num_layers, num_blocks + compile, block_size, c.num_kv_heads,
                                            c.head_dim, kv_dtype or model.embed_tokens.weight.dtype, device)
-        # decode-only steps through torch.compile, one graph per (batch, length) bucket (CUDA:
-        # the same static shapes are what CUDA graphs need); fused kernels round bf16/fp16
-        # intermediates where eager does, so outputs stay those of the eager engine
-        self.compiled = torch.compile(self._decode_forward, dynamic=False,
-                                      options={"emulate_precision_casts": True}) if compile else None
+        # decode-shaped steps (decodes and draft verification) through torch.compile
+        self.compiled = CompiledDecode(model, self.cache, num_blocks) if compile else None
         self.requests: dict[str, _State] = {}
         # the last step's (logprob of the sampled token, [(token, logprob)] top-k) per request
         self.logprobs: dict[str, tuple[float, list[tuple[int, float]]]] = {}
@@ -76,33 +112,6 @@ class ModelRunner:
             generator.manual_seed(params.seed)
         self.requests[rid] = _State(list(token_ids), list(block_ids), params, generator,
                                     num_prompt_tokens, lora)
-
-    def _decode_forward(self, tokens: torch.Tensor, positions: torch.Tensor, meta: DecodeMetadata
-                        ) -> torch.Tensor:
-        return self.model(tokens, positions=positions, attn=meta)[0]
-
-    def _decode(self, tokens: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
-                seq_lens: list[int]) -> torch.Tensor | None:
-        """Logits [B, V] of a decode-only step through the compiled graph of its bucket (None,
-        and eager from then on, if compiling fails)."""
-        b, bs = len(tokens), self.cache.block_size
-        pb, width = bucket(b), bucket(-(-max(seq_lens) // bs))
-        pad = pb - b
-        table = [t[:width] + [self.scratch] * (width - len(t)) for t in tables]
-        table += [[self.scratch] * width] * pad
-        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)
-        meta = DecodeMetadata(self.cache, as_long(slots + [self.scratch * bs] * pad),
-                              torch.tensor(table, dtype=torch.int32, device=self.device),
-                              as_long(seq_lens + [1] * pad), width * bs, self.model.config.sliding_window)
-        try:
-            logits = self.compiled(as_long(tokens + [0] * pad)[None], as_long(positions + [0] * pad)[None],
-                                   meta)
-        except Exception as e:  # no compiler, an unsupported op ...: the eager path serves
-            warnings.warn(f"compiled decode unavailable, running eagerly: {type(e).__name__}: {e}",
-                          stacklevel=2)
-            self.compiled = None
-            return None
-        return logits[:b]
 
     def _prompt_logprobs(self, logits: torch.Tensor, prompt_rows: list[tuple[str, int, int]]) -> None:
         """Log-probabilities of the prompt tokens (the one at position p + 1 given the first p + 1)."""
@@ -173,9 +182,12 @@ class ModelRunner:
         # a batch that uses adapters routes each token through its request's (multi-LoRA)
         route = routed(adapters, self.device) if any(adapters) else contextlib.nullcontext()
         logits = None
-        if (self.compiled is not None and len(tokens) == len(samplers) and not prompt_rows
-                and not any(adapters)):  # one token per request, each sampling: a decode step
-            logits = self._decode(tokens, positions, slots, tables, seq_lens)
+        if self.compiled is not None and len(rows) == len(tokens) and not prompt_rows and not any(adapters):
+            # every token is a row (decodes, and drafts to verify): row j of a request sees the
+            # keys up to its own position, whose K/V this step writes before attending
+            owner = [i for i in range(len(tables)) for _ in range(starts[i + 1] - starts[i])]
+            logits = self.compiled(tokens, positions, slots, [tables[i] for i in owner],
+                                   [p + 1 for p in positions])
         if logits is None:
             with route:
                 logits = self.model(as_tensor(tokens), positions=as_tensor(positions), attn=meta,

@@ -36,6 +36,7 @@ import torch
 from leanlm.attention import PagedKVCache, PagedMetadata
 from leanlm.errors import LeanLMError
 from leanlm.model import Transformer
+from leanlm.serve.model_runner import CompiledDecode
 from leanlm.serve.request import Request
 
 
@@ -84,7 +85,8 @@ class DraftModelProposer:
     """Greedy drafts from a small model sharing the target's tokenizer, with its own paged K/V
     cache addressed through the target's block tables."""
 
-    def __init__(self, draft: Transformer, target: Transformer, num_blocks: int, block_size: int) -> None:
+    def __init__(self, draft: Transformer, target: Transformer, num_blocks: int, block_size: int,
+                 compile: bool = False) -> None:
         d, t = draft.config, target.config
         if d.vocab_size != t.vocab_size:
             raise LeanLMError(f"the draft model's vocabulary ({d.vocab_size} tokens) differs from the "
@@ -92,8 +94,10 @@ class DraftModelProposer:
         device = target.embed_tokens.weight.device
         self.model = draft.to(device).eval()
         self.device = device
-        self.cache = PagedKVCache.allocate(d.num_layers, num_blocks, block_size, d.num_kv_heads,
+        self.cache = PagedKVCache.allocate(d.num_layers, num_blocks + compile, block_size, d.num_kv_heads,
                                            d.head_dim, draft.embed_tokens.weight.dtype, device)
+        # one-token-per-request steps through torch.compile (block num_blocks: the scratch block)
+        self.compiled = CompiledDecode(self.model, self.cache, num_blocks) if compile else None
         # per request: (tokens whose draft K/V were valid before the last proposal, its drafts)
         self.last: dict[str, tuple[int, list[int]]] = {}
 
@@ -144,10 +148,14 @@ class DraftModelProposer:
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)[None]
         while True:
             slots = [tables[i][p // bs] * bs + p % bs for i, p in zip(owners, positions, strict=True)]
-            meta = PagedMetadata(self.cache, torch.tensor(slots, device=self.device), starts, seq_lens,
-                                 table[active], self.model.config.sliding_window)
-            logits = self.model(as_tensor(tokens), positions=as_tensor(positions), attn=meta,
-                                rows=as_tensor(rows)[0])[0]
+            logits = None
+            if self.compiled is not None and len(tokens) == len(active):  # one token each
+                logits = self.compiled(tokens, positions, slots, [tables[i] for i in active], seq_lens)
+            if logits is None:
+                meta = PagedMetadata(self.cache, torch.tensor(slots, device=self.device), starts,
+                                     seq_lens, table[active], self.model.config.sliding_window)
+                logits = self.model(as_tensor(tokens), positions=as_tensor(positions), attn=meta,
+                                    rows=as_tensor(rows)[0])[0]
             best = logits.argmax(-1).tolist()
             for i, t in zip(active, best, strict=True):
                 drafts[i].append(t)
