@@ -49,12 +49,13 @@ def bucket(n: int) -> int:
 class CompiledDecode:
     """A model's decode-shaped forward (one query token per row) through ``torch.compile``, one
     graph per (rows, length) bucket: rows and block-table width are padded to powers of two, and
-    padding rows write to a scratch block past the engine's ``num_blocks`` (the K/V cache must
-    have one more block). On CUDA the same static shapes are what CUDA graphs need. Fused
+    padding rows write to the cache's last block, a scratch block past the engine's blocks (the
+    K/V cache is allocated one block larger). On CUDA the same static shapes are what CUDA graphs need. Fused
     kernels round bf16/fp16 intermediates where eager does, so outputs stay the eager ones."""
 
-    def __init__(self, model: Transformer, cache: PagedKVCache, scratch: int) -> None:
-        self.model, self.cache, self.scratch = model, cache, scratch
+    def __init__(self, model: Transformer, cache: PagedKVCache) -> None:
+        self.model, self.cache = model, cache
+        self.scratch = cache.k[0].shape[0] // cache.block_size - 1
         self.device = model.embed_tokens.weight.device
         self.fn = torch.compile(self._forward, dynamic=False, options={"emulate_precision_casts": True})
 
@@ -97,7 +98,7 @@ class ModelRunner:
         self.cache = PagedKVCache.allocate(c.num_layers, num_blocks + compile, block_size, c.num_kv_heads,
                                            c.head_dim, kv_dtype or model.embed_tokens.weight.dtype, device)
         # decode-shaped steps (decodes and draft verification) through torch.compile
-        self.compiled = CompiledDecode(model, self.cache, num_blocks) if compile else None
+        self.compiled = CompiledDecode(model, self.cache) if compile else None
         self.requests: dict[str, _State] = {}
         # the last step's (logprob of the sampled token, [(token, logprob)] top-k) per request
         self.logprobs: dict[str, tuple[float, list[tuple[int, float]]]] = {}
@@ -173,10 +174,6 @@ class ModelRunner:
             if state.params.prompt_logprobs is not None:  # prompt positions that predict a prompt token
                 for p in range(start, min(start + n, state.num_prompt_tokens - 1)):
                     prompt_rows.append((rid, p, starts[-2] + p - start))
-        width = max(len(t) for t in tables)
-        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-        meta = PagedMetadata(self.cache, torch.tensor(slots, device=self.device), starts, seq_lens,
-                             table.to(self.device), self.model.config.sliding_window)
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)[None]
         # logits only where a request samples (none in a step of unfinished prefill chunks)
         # a batch that uses adapters routes each token through its request's (multi-LoRA)
@@ -189,6 +186,10 @@ class ModelRunner:
             logits = self.compiled(tokens, positions, slots, [tables[i] for i in owner],
                                    [p + 1 for p in positions])
         if logits is None:
+            width = max(len(t) for t in tables)
+            table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+            meta = PagedMetadata(self.cache, torch.tensor(slots, device=self.device), starts, seq_lens,
+                                 table.to(self.device), self.model.config.sliding_window)
             with route:
                 logits = self.model(as_tensor(tokens), positions=as_tensor(positions), attn=meta,
                                     rows=as_tensor(rows + [r for _, _, r in prompt_rows])[0])[0]

@@ -96,8 +96,8 @@ class DraftModelProposer:
         self.device = device
         self.cache = PagedKVCache.allocate(d.num_layers, num_blocks + compile, block_size, d.num_kv_heads,
                                            d.head_dim, draft.embed_tokens.weight.dtype, device)
-        # one-token-per-request steps through torch.compile (block num_blocks: the scratch block)
-        self.compiled = CompiledDecode(self.model, self.cache, num_blocks) if compile else None
+        # one-token-per-request steps through torch.compile (its last block: the scratch block)
+        self.compiled = CompiledDecode(self.model, self.cache) if compile else None
         # per request: (tokens whose draft K/V were valid before the last proposal, its drafts)
         self.last: dict[str, tuple[int, list[int]]] = {}
 
