@@ -8,7 +8,7 @@ time). Throughput runs send every request at once; ``--load`` takes a Poisson ``
     python benchmarks/bench_serve.py                   # throughput + prefix-cache TTFT
     python benchmarks/bench_serve.py --load [--rate R] # 500 streaming requests, 64 clients, HTTP
     python benchmarks/bench_serve.py --kv-cache        # int8 K/V: capacity and perplexity
-    python benchmarks/bench_serve.py --speculative     # batch-1 decode: prompt lookup, draft model
+    python benchmarks/bench_serve.py --speculative [--compile] [--draft-model DIR]  # batch-1 speculation
     python benchmarks/bench_serve.py --compile         # decode with and without torch.compile
     python benchmarks/bench_serve.py --fairness        # a light client's TTFT under a flood
 """
@@ -23,6 +23,7 @@ import statistics
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -247,20 +248,23 @@ def kv_cache(args: argparse.Namespace) -> None:
 def speculative(args: argparse.Namespace) -> None:
     """Batch-1 greedy decode without speculation, with prompt lookup and with the shipped draft
     model, on an input-grounded task: continuing stdlib code, whose next lines reuse the names
-    and phrases of the prompt. Rounds interleave the variants; the median rate is reported."""
+    and phrases of the prompt. Rounds interleave the variants; the median rate is reported.
+    With --compile every variant (the baseline too) runs the compiled decode step."""
     model = load_model(DEFAULT_MODEL, dtype=args.dtype).eval()
-    draft = load_model(DRAFT_MODEL, dtype=args.dtype).eval()
+    draft_dir = Path(args.draft_model) if args.draft_model else DRAFT_MODEL
+    draft = load_model(draft_dir, dtype=args.dtype).eval()
     ps = prompts(8, 256, seed=11)
     params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
-    print(f"# bench_serve --speculative: default model ({args.dtype}), draft model {DRAFT_MODEL.name}, "
-          f"{len(ps)} prompts x 256 tokens, 64 new tokens each, one request at a time, greedy, "
-          f"k <= {args.spec_tokens}; {machine()}")
+    print(f"# bench_serve --speculative: default model ({args.dtype}), draft model {draft_dir}, "
+          f"compile={args.compile}, {len(ps)} prompts x 256 tokens, 64 new tokens each, one request "
+          f"at a time, greedy, k <= {args.spec_tokens}; {machine()}")
     variants = (None, "ngram", "draft")
     rates: dict[str | None, list[float]] = {v: [] for v in variants}
     outs, notes = {}, {}
     for _ in range(args.rounds):
         for spec in variants:
-            engine = LLMEngine(model, EngineConfig(speculative=spec, num_spec_tokens=args.spec_tokens),
+            engine = LLMEngine(model, EngineConfig(speculative=spec, num_spec_tokens=args.spec_tokens,
+                                                      compile=args.compile),
                                draft if spec == "draft" else None)
             with torch.inference_mode():
                 engine.add_request(ps[0], params)  # warm-up
@@ -345,7 +349,9 @@ def main() -> None:
     ap.add_argument("--kv-cache", action="store_true", help="int8 vs bf16 K/V: capacity, perplexity")
     ap.add_argument("--speculative", action="store_true", help="batch-1 decode: prompt lookup, draft model")
     ap.add_argument("--spec-tokens", type=int, default=4)
-    ap.add_argument("--compile", action="store_true", help="decode tokens/s with torch.compile")
+    ap.add_argument("--draft-model", help="--speculative: a draft model directory (default: the shipped one)")
+    ap.add_argument("--compile", action="store_true",
+                    help="decode tokens/s with torch.compile; with --speculative, every variant compiled")
     ap.add_argument("--fairness", action="store_true", help="a light client's TTFT under a flood")
     ap.add_argument("--flood", type=int, default=200, help="--fairness: the flooding client's requests")
     ap.add_argument("--budget", type=int, default=512, help="--fairness: tokens per engine step")

@@ -57,6 +57,9 @@ class CompiledDecode:
         self.model, self.cache = model, cache
         self.scratch = cache.k[0].shape[0] // cache.block_size - 1
         self.device = model.embed_tokens.weight.device
+        # one graph per bucket, and the target and a draft model share this code object: dynamo's
+        # default of 8 graphs per code object would silently send later buckets to eager
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
         self.fn = torch.compile(self._forward, dynamic=False, options={"emulate_precision_casts": True})
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, meta: DecodeMetadata) -> torch.Tensor:

@@ -30,6 +30,7 @@ switched off (vLLM's ``disable_by_batch_size``).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from itertools import pairwise
 
 import torch
 
@@ -81,6 +82,9 @@ class AcceptanceTracker:
             self.counts.pop(rid, None)
 
 
+CATCH_UP_ROWS = 8  # a draft step with at most this many tokens per request runs compiled
+
+
 class DraftModelProposer:
     """Greedy drafts from a small model sharing the target's tokenizer, with its own paged K/V
     cache addressed through the target's block tables."""
@@ -96,7 +100,8 @@ class DraftModelProposer:
         self.device = device
         self.cache = PagedKVCache.allocate(d.num_layers, num_blocks + compile, block_size, d.num_kv_heads,
                                            d.head_dim, draft.embed_tokens.weight.dtype, device)
-        # one-token-per-request steps through torch.compile (its last block: the scratch block)
+        # decode-shaped steps through torch.compile (its last block: the scratch block): the k - 1
+        # one-token steps, and the catch-up on the accepted drafts and the bonus token
         self.compiled = CompiledDecode(self.model, self.cache) if compile else None
         # per request: (tokens whose draft K/V were valid before the last proposal, its drafts)
         self.last: dict[str, tuple[int, list[int]]] = {}
@@ -149,8 +154,11 @@ class DraftModelProposer:
         while True:
             slots = [tables[i][p // bs] * bs + p % bs for i, p in zip(owners, positions, strict=True)]
             logits = None
-            if self.compiled is not None and len(tokens) == len(active):  # one token each
-                logits = self.compiled(tokens, positions, slots, [tables[i] for i in active], seq_lens)
+            if self.compiled is not None and max(b - a for a, b in pairwise(starts)) <= CATCH_UP_ROWS:
+                # not a prompt: each token a decode row seeing the keys up to its own position
+                logits = self.compiled(tokens, positions, slots, [tables[i] for i in owners],
+                                       [p + 1 for p in positions])
+                logits = None if logits is None else logits[rows]
             if logits is None:
                 meta = PagedMetadata(self.cache, torch.tensor(slots, device=self.device), starts,
                                      seq_lens, table[active], self.model.config.sliding_window)

@@ -41,8 +41,8 @@ def default() -> TrainConfig:
 def draft() -> TrainConfig:
     """The speculative-decoding draft: ~2M parameters, same tokenizer as ``default``."""
     return TrainConfig(model=_llama(8192, 128, 2, 384, 2, 2, 1024), seq_len=512, micro_batch=16,
-                       max_steps=1200, warmup_steps=50, lr=4e-3, schedule="wsd",
-                       decay_fraction=0.25, eval_every=400, eval_windows=16, ckpt_every=100,
+                       max_steps=6000, warmup_steps=100, lr=4e-3, schedule="wsd",
+                       decay_fraction=0.25, eval_every=1000, eval_windows=16, ckpt_every=250,
                        log_every=10, export_dtype="bfloat16", out="runs/draft")
 
 
