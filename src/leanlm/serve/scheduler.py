@@ -13,8 +13,10 @@ Counter of Sheng et al. 2024 ("Fairness in Serving Large Language Models", OSDI)
 (API key or ``user``) has a counter of the service it received, w_p per prompt token computed and
 w_q per token generated; the waiting request of the least-served client goes first, and a client
 that becomes active again has its counter lifted to the smallest active one, so idling earns no
-credit. Under a flood from one client, a light client's requests are admitted at the next step
-instead of behind the flood.
+credit; running requests are served in counter order too. Under a flood from one client, a light
+client's request is admitted at the next step instead of behind the flood: it is scheduled first,
+and that step runs only it and the decodes (the other prompt chunks wait one step), so the step
+that gives its first token is short.
 
 When a running request needs a block and none is free, the lowest-priority running request (the
 most recently admitted under FCFS) is preempted: its blocks are freed, its computed count goes
@@ -184,32 +186,58 @@ class Scheduler:
         return min(owed, budget, cap) if cap else min(owed, budget)
 
     # ---- one step ---------------------------------------------------------------------------
-    def _make_room_for_fairness(self, out: SchedulerOutput) -> None:
-        """vtc: when every slot is taken and the least-served waiting client has nothing running
-        and is served less than the most-served running one (or as much), that one's latest
-        request gives up its slot (preempted, to be recomputed — mostly from the prefix cache —
-        when its client's turn comes again). No client is starved of slots by another's flood."""
-        if (self.config.policy != "vtc" or not self.waiting
-                or len(self.running) < self.config.max_num_seqs):
-            return
+    def _favoured(self, out: SchedulerOutput) -> Request | None:
+        """vtc: the least-served waiting request when its client has nothing running and is served
+        no more than the most-served running client. If every slot is taken, that client's latest
+        request gives up its slot (preempted, to be recomputed — mostly from the prefix cache — when
+        its client's turn comes again): no client is starved of slots by another's flood."""
+        if self.config.policy != "vtc" or not self.waiting or not self.running:
+            return None
         want, victim = self._next_waiting(), self._victim()
         served = self._service(want)
-        if served[1] == 0 and served < self._service(victim):  # a client with nothing running
+        if served[1] or served > self._service(victim):
+            return None
+        if len(self.running) >= self.config.max_num_seqs:
             self._preempt(victim)
             out.preempted_req_ids.add(victim.request_id)
+        return want
+
+    def _admit(self, request: Request, out: SchedulerOutput, budget: int) -> int:
+        """Move a waiting request to running with up to ``budget`` tokens this step (starting from
+        its cached prefix); the tokens scheduled, or 0 if its blocks do not fit."""
+        hits, cached = self.kv.get_computed_blocks(request)
+        n = self._budgeted(request.num_tokens - cached, budget)
+        if self.kv.allocate_slots(request, n, hits, self.lookahead) is None:
+            return 0
+        self.waiting.remove(request)
+        request.num_computed_tokens = cached
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        out.new_requests.append(NewRequestData(
+            request.request_id, list(request.all_token_ids), request.sampling_params, request.lora,
+            self.kv.block_ids(request.request_id), cached, request.num_prompt_tokens))
+        out.num_scheduled_tokens[request.request_id] = n
+        return n
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(finished_req_ids=self._finished_ids)
         self._finished_ids = set()
-        self._make_room_for_fairness(out)
         budget = self.config.max_num_batched_tokens
+        # vtc: a returning light client's request goes first, and the other clients' prompt chunks
+        # wait a step, so the step that gives it its first token is short
+        if self.config.policy == "vtc":  # running requests too: the least-served client's first
+            self.running.sort(key=lambda r: self.counters.get(r.client, 0.0))
+        favoured = self._favoured(out)
+        admitted = self._admit(favoured, out, budget) if favoured is not None else 0
+        budget -= admitted
+        defer_prefill = admitted > 0
         short_of_blocks = False
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             real = request.num_tokens - request.num_computed_tokens
             n = self._budgeted(real + len(request.spec_token_ids), budget)
-            if n == 0:
+            if n == 0 or request.request_id in out.num_scheduled_tokens or (defer_prefill and real > 1):
                 i += 1
                 continue
             new_blocks = self.kv.allocate_slots(request, n, lookahead=self.lookahead)
@@ -220,11 +248,12 @@ class Scheduler:
                 out.preempted_req_ids.add(victim.request_id)
                 if victim is request:
                     break
-                if index < i:  # (priority policy) scheduled earlier in this step: undo that
+                if victim.request_id in out.num_scheduled_tokens:  # scheduled this step: undo that
                     budget += out.num_scheduled_tokens.pop(victim.request_id)
                     out.cached_requests = [c for c in out.cached_requests
                                            if c.request_id != victim.request_id]
-                    i -= 1
+                    out.new_requests = [c for c in out.new_requests if c.request_id != victim.request_id]
+                    i -= index < i
                 new_blocks = self.kv.allocate_slots(request, n, lookahead=self.lookahead)
             if new_blocks is None:  # the request preempted itself; the list shrank under i
                 continue
@@ -237,21 +266,11 @@ class Scheduler:
             out.num_scheduled_tokens[request.request_id] = n
             budget -= n
             i += 1
-        while (not short_of_blocks and self.waiting and budget > 0
+        while (not short_of_blocks and self.waiting and budget > 0 and not defer_prefill
                and len(self.running) < self.config.max_num_seqs):
-            request = self._next_waiting()
-            hits, cached = self.kv.get_computed_blocks(request)
-            n = self._budgeted(request.num_tokens - cached, budget)
-            if self.kv.allocate_slots(request, n, hits, self.lookahead) is None:
+            n = self._admit(self._next_waiting(), out, budget)
+            if n == 0:
                 break
-            self.waiting.remove(request)
-            request.num_computed_tokens = cached
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            out.new_requests.append(NewRequestData(
-                request.request_id, list(request.all_token_ids), request.sampling_params, request.lora,
-                self.kv.block_ids(request.request_id), cached, request.num_prompt_tokens))
-            out.num_scheduled_tokens[request.request_id] = n
             budget -= n
         return out
 
