@@ -14,9 +14,9 @@ Counter of Sheng et al. 2024 ("Fairness in Serving Large Language Models", OSDI)
 w_q per token generated; the waiting request of the least-served client goes first, and a client
 that becomes active again has its counter lifted to the smallest active one, so idling earns no
 credit; running requests are served in counter order too. Under a flood from one client, a light
-client's request is admitted at the next step instead of behind the flood: it is scheduled first,
-and that step runs only it and the decodes (the other prompt chunks wait one step), so the step
-that gives its first token is short.
+client's request is admitted at the next step instead of behind the flood, and that step runs
+it alone (everyone else waits one step), so the step that gives its first token is as short as
+on an idle server.
 
 When a running request needs a block and none is free, the lowest-priority running request (the
 most recently admitted under FCFS) is preempted: its blocks are freed, its computed count goes
@@ -223,21 +223,20 @@ class Scheduler:
         out = SchedulerOutput(finished_req_ids=self._finished_ids)
         self._finished_ids = set()
         budget = self.config.max_num_batched_tokens
-        # vtc: a returning light client's request goes first, and the other clients' prompt chunks
-        # wait a step, so the step that gives it its first token is short
         if self.config.policy == "vtc":  # running requests too: the least-served client's first
             self.running.sort(key=lambda r: self.counters.get(r.client, 0.0))
+        # vtc: a returning light client's request runs alone for a step (the others wait one step),
+        # so the step that gives it its first token is as short as on an idle server
         favoured = self._favoured(out)
-        admitted = self._admit(favoured, out, budget) if favoured is not None else 0
-        budget -= admitted
-        defer_prefill = admitted > 0
+        if favoured is not None and self._admit(favoured, out, budget):
+            return out
         short_of_blocks = False
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             real = request.num_tokens - request.num_computed_tokens
             n = self._budgeted(real + len(request.spec_token_ids), budget)
-            if n == 0 or request.request_id in out.num_scheduled_tokens or (defer_prefill and real > 1):
+            if n == 0:
                 i += 1
                 continue
             new_blocks = self.kv.allocate_slots(request, n, lookahead=self.lookahead)
@@ -248,12 +247,11 @@ class Scheduler:
                 out.preempted_req_ids.add(victim.request_id)
                 if victim is request:
                     break
-                if victim.request_id in out.num_scheduled_tokens:  # scheduled this step: undo that
+                if index < i:  # (priority policy) scheduled earlier in this step: undo that
                     budget += out.num_scheduled_tokens.pop(victim.request_id)
                     out.cached_requests = [c for c in out.cached_requests
                                            if c.request_id != victim.request_id]
-                    out.new_requests = [c for c in out.new_requests if c.request_id != victim.request_id]
-                    i -= index < i
+                    i -= 1
                 new_blocks = self.kv.allocate_slots(request, n, lookahead=self.lookahead)
             if new_blocks is None:  # the request preempted itself; the list shrank under i
                 continue
@@ -266,7 +264,7 @@ class Scheduler:
             out.num_scheduled_tokens[request.request_id] = n
             budget -= n
             i += 1
-        while (not short_of_blocks and self.waiting and budget > 0 and not defer_prefill
+        while (not short_of_blocks and self.waiting and budget > 0
                and len(self.running) < self.config.max_num_seqs):
             n = self._admit(self._next_waiting(), out, budget)
             if n == 0:
