@@ -1,12 +1,14 @@
-"""The fused, chunked head + cross-entropy: equal to the logits path, values and gradients."""
+"""The fused, chunked head + cross-entropy: equal to the logits path, values and gradients; the
+distillation loss."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import tiny_config
-from leanlm.loss import linear_cross_entropy
+from leanlm.loss import IGNORE_INDEX, distillation_loss, linear_cross_entropy
 from leanlm.model import Transformer
 
 
@@ -47,3 +49,19 @@ def test_model_loss_path_matches_logits(tiny_data, tmp_path):
     plain.backward()
     torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(g1, model.embed_tokens.weight.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_distillation_loss_is_the_softened_kl_and_mixes_in_cross_entropy():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 5, 11, generator=g), torch.randn(2, 5, 11, generator=g)
+    y = torch.randint(0, 11, (2, 5), generator=g)
+    y[0, 0] = IGNORE_INDEX
+    keep = y != IGNORE_INDEX
+    temp = 2.0
+    p, logq = (t[keep] / temp).softmax(-1), (s[keep] / temp).log_softmax(-1)
+    kl = (p * (p.log() - logq)).sum(-1).mean() * temp**2
+    torch.testing.assert_close(distillation_loss(s, t, y, temperature=temp), kl)
+    assert float(distillation_loss(t, t, y)) == pytest.approx(0.0, abs=1e-6)  # the teacher itself
+    ce = F.cross_entropy(s[keep], y[keep])
+    torch.testing.assert_close(distillation_loss(s, t, y, temp, weight=0.0), ce)
+    torch.testing.assert_close(distillation_loss(s, t, y, temp, weight=0.25), 0.75 * ce + 0.25 * kl)

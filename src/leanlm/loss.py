@@ -12,6 +12,14 @@ time, keeps each chunk's logits cache-resident and never stores them (the approa
 Kernel's FusedLinearCrossEntropy, Hsu et al. 2024, and of "Cut Your Losses in Large-Vocabulary
 Language Models", Wijmans et al. 2024); backward only scales the saved gradients by the
 incoming gradient (a scalar). Matmuls run in the autocast / parameter dtype, the softmax in fp32.
+
+Knowledge distillation (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network"): the
+student matches a teacher's next-token distributions, softened by a temperature T,
+
+    L = (1 − w)·CE(z_s, y) + w·T²·(1/n) Σ_i KL(softmax(z_t,i / T) ‖ softmax(z_s,i / T))
+
+(T² keeps the gradient's scale independent of T). A draft model for speculative decoding
+distilled from its target accepts more of its guesses (Zhou et al. 2024, "DistillSpec").
 """
 
 from __future__ import annotations
@@ -79,3 +87,16 @@ def linear_cross_entropy(h: torch.Tensor, head: nn.Module, targets: torch.Tensor
         return _LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), head.weight, targets.reshape(-1), chunk)
     logits = head(h).float()
     return F.cross_entropy(logits.flatten(0, -2), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, targets: torch.Tensor,
+                      temperature: float = 1.0, weight: float = 1.0) -> torch.Tensor:
+    """(1 − w)·cross-entropy + w·T²·KL(teacher ‖ student) per counted target, from logits
+    [..., V] of both models at the same positions (``targets == -100`` are not counted)."""
+    valid = targets != IGNORE_INDEX
+    s, t = student[valid].float(), teacher[valid].float()
+    kl = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
+                  log_target=True, reduction="sum") * temperature**2 / max(1, s.shape[0])
+    if weight == 1.0:
+        return kl
+    return (1 - weight) * F.cross_entropy(s, targets[valid]) + weight * kl

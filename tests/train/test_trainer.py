@@ -1,14 +1,17 @@
-"""The training loop in one process: learning, AC / grad-accum invariance, exact resume, export."""
+"""The training loop in one process: learning, AC / grad-accum invariance, exact resume, export,
+starting from a checkpoint, distillation."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import tiny_config
+from leanlm.errors import LeanLMError
 from leanlm.train.trainer import Trainer, lr_at
 
 
@@ -96,3 +99,40 @@ def test_compiled_blocks_keep_the_result(tiny_data, tmp_path):
     compiled = train(tiny_data, tmp_path / "compiled", "max_steps=3", "eval_every=0", "compile=true",
                      "ac=full")
     torch.testing.assert_close(torch.tensor(compiled.losses), torch.tensor(base.losses), rtol=1e-4, atol=1e-5)
+
+
+def test_init_from_starts_at_a_checkpoints_weights_and_rejects_other_shapes(tiny_data, tmp_path):
+    from leanlm import load_model
+
+    train(tiny_data, tmp_path / "src", "max_steps=5", "eval_every=0", "lr=1e-2")
+    src = load_model(tmp_path / "src" / "model")
+    run = Trainer(tiny_config(tiny_data, tmp_path / "run", f"init_from={tmp_path / 'src' / 'model'}"),
+                  quiet=True)
+    for name, value in src.state_dict().items():
+        torch.testing.assert_close(run.model.state_dict()[name], value)
+    run.close()
+    with pytest.raises(LeanLMError, match="init_from=.*do not fit"):
+        Trainer(tiny_config(tiny_data, tmp_path / "bad", f"init_from={tmp_path / 'src' / 'model'}",
+                            "model.hidden_size=48"), quiet=True)
+
+
+def test_distilling_from_a_teacher_brings_the_student_to_its_distribution(tiny_data, tmp_path):
+    """A fresh student trained on the teacher's distributions (the KL is the logged loss) ends up
+    much closer to the teacher than a student trained as long on the data alone."""
+    from leanlm import load_model
+    from leanlm.eval.agreement import next_token_kl
+
+    train(tiny_data, tmp_path / "teacher", "max_steps=30", "eval_every=0", "lr=1e-2")
+    teacher_dir = tmp_path / "teacher" / "model"
+    kd = train(tiny_data, tmp_path / "kd", "max_steps=30", "eval_every=0", "lr=1e-2", "seed=1",
+               f"teacher={teacher_dir}")
+    train(tiny_data, tmp_path / "data", "max_steps=30", "eval_every=0", "lr=1e-2", "seed=1")
+    assert kd.losses[-1] < kd.losses[0] / 4
+    teacher = load_model(teacher_dir)
+    ids = torch.from_numpy(np.concatenate(list(kd.val.values())).astype(np.int64))  # held-out text
+    kl = {name: next_token_kl(teacher, load_model(tmp_path / name / "model"), ids, 32)
+          for name in ("kd", "data")}
+    assert kl["kd"] < kl["data"] / 2, kl
+    with pytest.raises(LeanLMError, match="same tokenizer"):
+        Trainer(tiny_config(tiny_data, tmp_path / "bad", f"teacher={teacher_dir}", "model.vocab_size=1024"),
+                quiet=True)

@@ -32,6 +32,13 @@ class TrainConfig:
     # sample each sequence's domain by these weights ({"code": 0.5, ...}, or a JSON file such as
     # the weights.json of `leanlm data doremi`); None: the domains' natural proportions
     domain_weights: dict[str, float] | str | None = None
+    # start from a Hugging Face checkpoint's weights (same shapes) instead of a random init
+    init_from: str = ""
+    # knowledge distillation (Hinton et al. 2015): a teacher with the same vocabulary; the loss is
+    # (1 - w)·CE(data) + w·T²·KL(teacher_T ‖ student_T), w = distill_weight, T = distill_temperature
+    teacher: str = ""
+    distill_weight: float = 1.0
+    distill_temperature: float = 1.0
     # optimisation: AdamW with linear warmup, then cosine or warmup-stable-decay (WSD)
     max_steps: int = 1000
     lr: float = 3e-3
@@ -82,6 +89,8 @@ class TrainConfig:
              "eval_every, eval_windows >= 0 (0 = off / all)"),
             (self.ckpt_every >= 1 and self.log_every >= 1 and self.keep_checkpoints >= 1,
              "ckpt_every, log_every and keep_checkpoints must be >= 1"),
+            (0.0 <= self.distill_weight <= 1.0 and self.distill_temperature > 0,
+             "distill_weight must be in [0, 1] and distill_temperature > 0"),
             (self.export_dtype in ("float32", "bfloat16", "float16"),
              "export_dtype must be float32, bfloat16 or float16"),
             (self.seq_len <= self.model.max_position_embeddings,

@@ -41,6 +41,7 @@ from torch import nn
 from leanlm.data.corpus import load_manifest
 from leanlm.errors import LeanLMError
 from leanlm.eval.perplexity import autocast_context, stream_loss
+from leanlm.loss import distillation_loss
 from leanlm.model import Transformer, init_param_
 from leanlm.tokenizer import Tokenizer, load_tokenizer
 from leanlm.train import checkpointing as ckpt
@@ -157,6 +158,7 @@ class Trainer:
         check_fits(cfg, self.d.world, self.d.device)
         self._prepare_data()
         self.model = self._build_model()
+        self.teacher = self._load_teacher()
         trainable = [p for p in self.model.parameters() if p.requires_grad]  # (adapters: a few)
         decay = [p for p in trainable if p.ndim >= 2]
         no_decay = [p for p in trainable if p.ndim < 2]
@@ -223,7 +225,37 @@ class Trainer:
         with torch.device("meta"):
             model = Transformer(cfg.model)
         self.mode = parallelize(model, cfg, self.d.mesh, self.d.world, self._materialize)
+        if cfg.init_from:
+            self._init_from(model, cfg.init_from)
         return model
+
+    def _init_from(self, model: nn.Module, path: str) -> None:
+        """Overwrite the random init with a checkpoint's weights (whole or into FSDP shards)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        from leanlm import load_model
+
+        src = load_model(path, dtype="float32").state_dict()
+        want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in src.items()}
+        if want != got:
+            diff = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))[:3]
+            raise LeanLMError(f"init_from={path}: its weights do not fit the run's model (differing: "
+                              f"{', '.join(diff)}): expected a checkpoint of the same shape")
+        set_model_state_dict(model, src, options=StateDictOptions(full_state_dict=True))
+        self.log(f"initialized from {path}")
+
+    def _load_teacher(self) -> nn.Module | None:
+        if not self.cfg.teacher:
+            return None
+        from leanlm import load_model
+
+        path, vocab = self.cfg.teacher, self.cfg.model.vocab_size
+        teacher = load_model(path, dtype="float32", device=self.d.device).requires_grad_(False)
+        if teacher.config.vocab_size != vocab:
+            raise LeanLMError(f"teacher {path}: a {teacher.config.vocab_size}-token vocabulary, the model's "
+                              f"is {vocab}: distillation needs the same tokenizer")
+        return teacher
 
     def _materialize(self, model: Transformer) -> None:
         model.to_empty(device=self.d.device)
@@ -250,8 +282,11 @@ class Trainer:
                 self.model.set_requires_gradient_sync(i == len(batches) - 1)  # type: ignore[operator]
             batch = batch.to(self.d.device)
             with self._autocast():
-                loss = self.model(batch.inputs, positions=batch.positions, documents=batch.documents,
-                                  targets=batch.targets)
+                if self.teacher is None:
+                    loss = self.model(batch.inputs, positions=batch.positions, documents=batch.documents,
+                                      targets=batch.targets)
+                else:
+                    loss = self._distill_loss(batch)
             (loss / cfg.grad_accum).backward()
             total += float(loss.detach()) / cfg.grad_accum
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
@@ -262,6 +297,13 @@ class Trainer:
         self.step += 1
         (loss_avg,) = self.d.all_reduce_sum([total])
         return loss_avg / self.d.world, float(norm)
+
+    def _distill_loss(self, batch: Any) -> torch.Tensor:
+        logits = self.model(batch.inputs, positions=batch.positions, documents=batch.documents)
+        with torch.no_grad():
+            teacher = self.teacher(batch.inputs, positions=batch.positions, documents=batch.documents)
+        return distillation_loss(logits, teacher, batch.targets, self.cfg.distill_temperature,
+                                 self.cfg.distill_weight)
 
     def evaluate(self) -> dict[str, float]:
         cfg, d = self.cfg, self.d
