@@ -199,6 +199,29 @@ def test_compiled_decode_matches_eager(family: str) -> None:
         assert llm.engine.runner.compiled.fn is not None  # it compiled, it did not fall back
 
 
+def test_compiled_decode_compiles_every_bucket() -> None:
+    """One graph per (rows, table width) bucket: past dynamo's default of 8 graphs per function
+    the later buckets would silently run eagerly."""
+    from torch._dynamo.utils import counters
+
+    from leanlm.attention import PagedKVCache
+    from leanlm.serve.model_runner import CompiledDecode
+
+    model, bs = random_model(), 4
+    c = model.config
+    cache = PagedKVCache.allocate(c.num_layers, 64 + 1, bs, c.num_kv_heads, c.head_dim, torch.float32, "cpu")
+    decode = CompiledDecode(model, cache)
+    before = counters["stats"]["unique_graphs"]
+    with torch.inference_mode():
+        for rows in (1, 2, 4):
+            for blocks in (1, 2, 4):
+                n = blocks * bs
+                out = decode([5] * rows, [n - 1] * rows, [r * 16 * bs + n - 1 for r in range(rows)],
+                             [list(range(r * 16, r * 16 + blocks)) for r in range(rows)], [n] * rows)
+                assert out is not None and out.shape == (rows, c.vocab_size)
+    assert counters["stats"]["unique_graphs"] - before == 9
+
+
 def test_compiled_decode_falls_back_to_eager() -> None:
     model = random_model("llama")
     ps = prompts(3, seed=5)

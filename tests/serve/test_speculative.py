@@ -79,13 +79,16 @@ def test_greedy_outputs_are_unchanged(family: str, config: EngineConfig, propose
 def test_a_draft_equal_to_the_target_is_always_accepted(compile: bool) -> None:
     """The draft's cache bookkeeping (accepted guesses' K/V kept, the rest recomputed) is exact:
     the target as its own draft proposes exactly the target's greedy tokens (compiled: the
-    draft's one-token steps and the verification share the compiled decode graphs)."""
+    draft's one-token steps, its two-token catch-up after a full accept, and the verification
+    share the compiled decode graphs)."""
     model = random_model("llama")
     llm = LLM(model, EngineConfig(block_size=4, num_blocks=256, speculative="draft", num_spec_tokens=4,
                                   spec_adaptive=False, compile=compile), model)
     got = llm.generate(repetitive_prompts(6), SamplingParams(max_tokens=17, temperature=0.0, ignore_eos=True))
     assert all(len(g) == 17 for g in got)
     assert llm.engine.spec_accepted == llm.engine.spec_proposed > 50
+    if compile:  # nothing fell back to eager
+        assert llm.engine.proposer.compiled.fn is not None and llm.engine.runner.compiled.fn is not None
 
 
 def test_draft_model_must_share_the_vocabulary() -> None:
