@@ -57,3 +57,18 @@ def test_checkpoint_saved_by_two_processes_resumes_in_one(tiny_data, tmp_path, s
     for a, b in zip(first + rest, single, strict=True):
         assert a == pytest.approx(b, rel=1e-4)
     assert (out / "model" / "model.safetensors").is_file()
+
+
+def test_init_from_and_a_teacher_under_fsdp_match_one_process(tiny_data, tmp_path):
+    """Starting weights loaded into FSDP shards, and distillation on each rank's micro-batches,
+    give the single-process losses."""
+    pretrain(tiny_data, tmp_path / "src", "micro_batch=4")
+    src = f"init_from={tmp_path / 'src' / 'model'}"
+    teacher = f"teacher={tmp_path / 'src' / 'model'}"  # a teacher equal to the start: KL 0 at first
+    one = pretrain(tiny_data, tmp_path / "one", "micro_batch=4", src, teacher,
+                   "distill_weight=0.5")
+    two = pretrain(tiny_data, tmp_path / "two", "micro_batch=2", src, teacher, "distill_weight=0.5",
+                   "parallel=fsdp", nproc=2)
+    assert len(one) == len(two) == STEPS
+    for a, b in zip(two, one, strict=True):
+        assert a == pytest.approx(b, rel=1e-4)
