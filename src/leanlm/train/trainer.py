@@ -15,6 +15,10 @@ FSDP the mixed-precision policy does the casting instead. The model is built on 
 device, parallelized (``parallelize.py``), materialized with ``to_empty`` and initialized
 parameter by parameter from a generator seeded by (seed, parameter name): the same weights
 whether a parameter is whole or an FSDP shard, so 1 and N processes start identically.
+``init_from`` replaces that init with a checkpoint's weights (``set_model_state_dict`` loads them
+whole or into the shards). With a ``teacher`` the loss is ``loss.distillation_loss`` on both
+models' logits: the student's full logits are materialised (4 bytes × tokens × vocabulary per
+micro-batch) instead of going through the fused head + cross-entropy.
 
 Throughput: tokens/s of the global batch; MFU = achieved FLOP/s ÷ peak, with FLOPs per token
 = 6·N (matmul parameters, embeddings excluded) + 12·L·d·T (attention scores; PaLM, Chowdhery
