@@ -190,3 +190,18 @@ def test_vtc_runs_a_returning_clients_request_alone_for_a_step() -> None:
         else:
             assert "light" not in out.num_scheduled_tokens and sum(out.num_scheduled_tokens.values()) == 16
 
+
+def test_vtc_admits_a_new_client_with_the_others_when_no_client_floods() -> None:
+    """Three clients with one running request each: a fourth client's request joins an ordinary
+    step (nobody holds more than a fair share of the slots, so nobody waits for it)."""
+    s = make(policy="vtc", max_num_seqs=8, max_num_batched_tokens=64)
+    for i in range(3):
+        r = req(f"user-{i}", 8, max_tokens=20, first=20 * i + 1)
+        r.client = f"user-{i}"
+        s.add_request(r)
+    step(s)
+    new = req("new", 6, first=200)
+    new.client = "new"
+    s.add_request(new)
+    assert step(s).num_scheduled_tokens == {"user-0": 1, "user-1": 1, "user-2": 1, "new": 6}
+

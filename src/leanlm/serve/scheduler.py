@@ -16,7 +16,8 @@ that becomes active again has its counter lifted to the smallest active one, so 
 credit; running requests are served in counter order too. Under a flood from one client, a light
 client's request is admitted at the next step instead of behind the flood, and that step runs
 it alone (everyone else waits one step), so the step that gives its first token is as short as
-on an idle server.
+on an idle server. That happens only while another client holds more than its share of the
+running slots: many clients with a request each are admitted together, as usual.
 
 When a running request needs a block and none is free, the lowest-priority running request (the
 most recently admitted under FCFS) is preempted: its blocks are freed, its computed count goes
@@ -187,15 +188,17 @@ class Scheduler:
 
     # ---- one step ---------------------------------------------------------------------------
     def _favoured(self, out: SchedulerOutput) -> Request | None:
-        """vtc: the least-served waiting request when its client has nothing running and is served
-        no more than the most-served running client. If every slot is taken, that client's latest
-        request gives up its slot (preempted, to be recomputed — mostly from the prefix cache — when
-        its client's turn comes again): no client is starved of slots by another's flood."""
+        """vtc: the least-served waiting request when its client has nothing running, is served
+        no more than the most-served running client, and that client holds more than one running
+        request and more than its share of them (a flood, not many clients with a request each).
+        If every slot is taken, the flooding client's latest request gives up its slot
+        (preempted, to be recomputed — mostly from the prefix cache — when its turn comes)."""
         if self.config.policy != "vtc" or not self.waiting or not self.running:
             return None
         want, victim = self._next_waiting(), self._victim()
-        served = self._service(want)
-        if served[1] or served > self._service(victim):
+        served, hog = self._service(want), self._service(victim)
+        clients = len({r.client for r in self.running} | {want.client})
+        if served[1] or served > hog or hog[1] <= max(1.0, len(self.running) / clients):
             return None
         if len(self.running) >= self.config.max_num_seqs:
             self._preempt(victim)
