@@ -204,4 +204,3 @@ def test_vtc_admits_a_new_client_with_the_others_when_no_client_floods() -> None
     new.client = "new"
     s.add_request(new)
     assert step(s).num_scheduled_tokens == {"user-0": 1, "user-1": 1, "user-2": 1, "new": 6}
-
