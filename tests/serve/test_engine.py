@@ -217,7 +217,7 @@ def test_compiled_decode_compiles_every_bucket() -> None:
             for blocks in (1, 2, 4):
                 n = blocks * bs
                 out = decode([5] * rows, [n - 1] * rows, [r * 16 * bs + n - 1 for r in range(rows)],
-                             [list(range(r * 16, r * 16 + blocks)) for r in range(rows)], [n] * rows)
+                             [list(range(r * 16, r * 16 + blocks)) for r in range(rows)])
                 assert out is not None and out.shape == (rows, c.vocab_size)
     assert counters["stats"]["unique_graphs"] - before == 9
 

@@ -50,8 +50,9 @@ class CompiledDecode:
     """A model's decode-shaped forward (one query token per row) through ``torch.compile``, one
     graph per (rows, length) bucket: rows and block-table width are padded to powers of two, and
     padding rows write to the cache's last block, a scratch block past the engine's blocks (the
-    K/V cache is allocated one block larger). On CUDA the same static shapes are what CUDA graphs need. Fused
-    kernels round bf16/fp16 intermediates where eager does, so outputs stay the eager ones."""
+    K/V cache is allocated one block larger). On CUDA the same static shapes are what CUDA graphs
+    need. Fused kernels round bf16/fp16 intermediates where eager does, so outputs stay the eager
+    ones."""
 
     def __init__(self, model: Transformer, cache: PagedKVCache) -> None:
         self.model, self.cache = model, cache
@@ -66,12 +67,15 @@ class CompiledDecode:
         return self.model(tokens, positions=positions, attn=meta)[0]
 
     def __call__(self, tokens: list[int], positions: list[int], slots: list[int],
-                 tables: list[list[int]], seq_lens: list[int]) -> torch.Tensor | None:
-        """Logits [B, V] of B rows, row i the token at ``positions[i]`` seeing ``seq_lens[i]``
-        keys through ``tables[i]`` (None, and eager from then on, if compiling fails)."""
+                 tables: list[list[int]]) -> torch.Tensor | None:
+        """Logits [B, V] of B rows, row i the token at ``positions[i]`` (its K/V written to
+        ``slots[i]`` before attending) seeing the keys up to its own position through
+        ``tables[i]``: decodes, and the rows of several tokens of one request (drafts to verify, a
+        draft model's catch-up). None, and eager from then on, if compiling fails."""
         if self.fn is None:
             return None
         b, bs = len(tokens), self.cache.block_size
+        seq_lens = [p + 1 for p in positions]
         pb, width = bucket(b), bucket(-(-max(seq_lens) // bs))
         pad = pb - b
         table = [t[:width] + [self.scratch] * (width - len(t)) for t in tables]
@@ -183,11 +187,9 @@ class ModelRunner:
         route = routed(adapters, self.device) if any(adapters) else contextlib.nullcontext()
         logits = None
         if self.compiled is not None and len(rows) == len(tokens) and not prompt_rows and not any(adapters):
-            # every token is a row (decodes, and drafts to verify): row j of a request sees the
-            # keys up to its own position, whose K/V this step writes before attending
+            # every token is a row (decodes, and drafts to verify)
             owner = [i for i in range(len(tables)) for _ in range(starts[i + 1] - starts[i])]
-            logits = self.compiled(tokens, positions, slots, [tables[i] for i in owner],
-                                   [p + 1 for p in positions])
+            logits = self.compiled(tokens, positions, slots, [tables[i] for i in owner])
         if logits is None:
             width = max(len(t) for t in tables)
             table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)

@@ -155,9 +155,8 @@ class DraftModelProposer:
             slots = [tables[i][p // bs] * bs + p % bs for i, p in zip(owners, positions, strict=True)]
             logits = None
             if self.compiled is not None and max(b - a for a, b in pairwise(starts)) <= CATCH_UP_ROWS:
-                # not a prompt: each token a decode row seeing the keys up to its own position
-                logits = self.compiled(tokens, positions, slots, [tables[i] for i in owners],
-                                       [p + 1 for p in positions])
+                # not a prompt: each token a decode row
+                logits = self.compiled(tokens, positions, slots, [tables[i] for i in owners])
                 logits = None if logits is None else logits[rows]
             if logits is None:
                 meta = PagedMetadata(self.cache, torch.tensor(slots, device=self.device), starts,
