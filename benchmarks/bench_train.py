@@ -51,7 +51,7 @@ def worker(name: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     if name.startswith("leanlm"):
         from leanlm import ModelConfig, Transformer
-        from leanlm.train.parallelize import apply_ac
+        from leanlm.train.parallelize import apply_ac, apply_compile
 
         cfg = ModelConfig(model_type="llama", vocab_size=s["vocab"], hidden_size=s["hidden"],
                           intermediate_size=s["inter"], num_layers=s["layers"], num_heads=s["heads"],
@@ -60,7 +60,9 @@ def worker(name: str, args: argparse.Namespace) -> dict:
         model = Transformer(cfg).to(device)
         model.init_weights()
         if "+ac=" in name:
-            apply_ac(model, name.split("=")[1])
+            apply_ac(model, name.split("+ac=")[1].split("+")[0])
+        if "+compile" in name:  # per block, as the trainer's compile=true
+            apply_compile(model)
 
         def loss_fn(x: torch.Tensor) -> torch.Tensor:
             return model(x[:, :-1], targets=x[:, 1:])
@@ -120,7 +122,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--cuda", action="store_true", help="1B-shaped model on the GPU, with MFU")
-    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--configs", default=",".join(CONFIGS),
+                    help="comma-separated; also e.g. leanlm+compile (torch.compile per block)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:

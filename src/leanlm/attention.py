@@ -253,8 +253,11 @@ class PagedMetadata:
 @dataclass
 class DecodeMetadata:
     """A decode-only paged batch (one new token per request) whose every shape is fixed by a
-    (batch, max_len) bucket: what the serving engine's compiled decode step traces. Padding rows
-    write their K/V to a scratch slot and read it back (lens 1), so no mask is data-dependent."""
+    (batch, max_len) bucket: what the serving engine's compiled decode step traces, or captures
+    in a CUDA graph. Padding rows write their K/V to a scratch slot and read it back (lens 1), so
+    no mask is data-dependent. Traced by ``torch.compile`` it is torch ops (the batched
+    reference); run eagerly where the kernels run (a CUDA graph's capture), the Triton KV store
+    and split-KV decode kernel, launched with host-side shapes only."""
 
     cache: PagedKVCache
     slot_mapping: torch.Tensor  # [B] long, every slot valid
@@ -270,6 +273,15 @@ class DecodeMetadata:
         """q [1, H, B, D], k/v [1, Hkv, B, D] -> [1, H, B, D]."""
         ck, cv = self.cache.k[layer_idx], self.cache.v[layer_idx]
         q_t, k_t, v_t = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)
+        window = self.sliding_window if sliding else None
+        if not self.cache.quantized and kernels.use_triton(q):
+            kv_store.kv_store(ck, cv, k_t, v_t, self.slot_mapping)
+            rows = q_t.shape[0]
+            starts = torch.arange(rows + 1, dtype=torch.int32, device=q.device)
+            out = paged_attention.paged_attention(
+                q_t, ck, cv, self.block_tables, self.lens, starts, self.cache.block_size,
+                q.shape[-1] ** -0.5, 1, self.max_len, window)
+            return out.transpose(0, 1)[None]
         scales = None
         if self.cache.quantized:
             (k_t, kscale), (v_t, vscale) = quantize_kv(k_t), quantize_kv(v_t)
@@ -280,5 +292,5 @@ class DecodeMetadata:
         cv.index_copy_(0, self.slot_mapping, v_t.to(cv.dtype))
         out = paged_attention.decode_reference(
             q_t, ck, cv, self.block_tables, self.lens, self.max_len, self.cache.block_size,
-            q.shape[-1] ** -0.5, self.sliding_window if sliding else None, scales)
+            q.shape[-1] ** -0.5, window, scales)
         return out.transpose(0, 1)[None]

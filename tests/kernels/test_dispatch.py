@@ -99,3 +99,54 @@ def test_quantized_linears_use_the_kernel(device: str, mode: str, bits: int,
     layer = next(iter(layers))
     assert layer._choose(torch.zeros(3, layer.in_features, device=device)) == "triton"
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize(("device", "mode"), TARGETS)
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_decode_metadata_kernels_match_the_batched_reference(device: str, mode: str, family: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The static-shape decode batch (what a CUDA graph captures) run eagerly with the KV-store and
+    split-KV decode kernels gives the logits of its torch reference; padding rows included."""
+    from leanlm.attention import DecodeMetadata, PagedKVCache
+
+    model = random_model(family).to(device)
+    c, bs, width = model.config, 4, 8
+    g = torch.Generator().manual_seed(0)
+    lens = [13, 1, 30, 1]  # the last row pads: it writes and reads the scratch slot 0
+    tables = torch.stack([torch.randperm(31, generator=g)[:width] + 1 for _ in lens]).to(torch.int32)
+    tables[-1] = 0
+    slots = torch.tensor([int(t[(n - 1) // bs]) * bs + (n - 1) % bs
+                          for t, n in zip(tables, lens, strict=True)])
+    tokens = torch.randint(2, 300, (1, len(lens)), generator=g)
+    positions = torch.tensor([lens]) - 1
+
+    def logits(kernel_mode: str) -> torch.Tensor:
+        cache = PagedKVCache.allocate(c.num_layers, 32, bs, c.num_kv_heads, c.head_dim, torch.float32, device)
+        for t in (*cache.k, *cache.v):  # earlier keys, the same in both runs
+            t.copy_(torch.randn(t.shape, generator=torch.Generator().manual_seed(1)))
+        meta = DecodeMetadata(cache, slots.to(device), tables.to(device), torch.tensor(lens, device=device),
+                              width * bs, c.sliding_window)
+        monkeypatch.setenv("LEANLM_KERNELS", kernel_mode)
+        with torch.no_grad():
+            return model(tokens.to(device), positions=positions.to(device), attn=meta)[0]
+
+    torch.testing.assert_close(logits(mode), logits("reference"), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("speculative", [None, "draft"])
+def test_cuda_graph_decode_matches_eager(speculative: str | None) -> None:
+    """On CUDA, compile=True replays a captured CUDA graph per decode bucket (target, draft, verify
+    and catch-up steps): the greedy outputs are the eager engine's, and no bucket fell back."""
+    model = random_model("llama").to("cuda")
+    ps, params = prompts(8), SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    outs = []
+    for compile in (False, True):
+        config = EngineConfig(block_size=4, num_blocks=256, compile=compile, speculative=speculative,
+                              spec_adaptive=False)
+        llm = LLM(model, config, draft_model=model if speculative else None)
+        outs.append(llm.generate(ps, params))
+        if compile:
+            assert llm.engine.runner.compiled.fn is not None and llm.engine.runner.compiled.graphs
+    assert outs[1] == outs[0]

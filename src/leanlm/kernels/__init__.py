@@ -21,6 +21,7 @@ here whether to launch a kernel. ``LEANLM_KERNELS`` picks the mode:
   set before Triton is imported), which is how the tests run every kernel without a GPU.
 
 Kernels have no backward: whenever autograd is recording through an input, the reference runs.
+Under ``torch.compile`` the references are traced too: inductor fuses them into kernels of its own.
 Each launcher checks shapes, dtypes and strides and raises :class:`LeanLMError` before launching.
 """
 
@@ -51,7 +52,7 @@ def interpreting() -> bool:
 def use_triton(*tensors: torch.Tensor) -> bool:
     """Whether an op on ``tensors`` runs its Triton kernel (see the module docstring)."""
     chosen = mode()
-    if chosen == "reference":
+    if chosen == "reference" or torch.compiler.is_compiling():
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False

@@ -265,11 +265,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start: torch.Tensor,
                     block_size: int, scale: float, max_query_len: int, max_seq_len: int,
                     window: int | None = None, num_splits: int | None = None,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+                    out: torch.Tensor | None = None, config: dict[str, int] | None = None) -> torch.Tensor:
     """Launch decode (every request has one query) or prefill; q [T, H, D] -> [T, H, D].
 
     ``max_query_len``/``max_seq_len`` size the grid (host ints, so the launch needs no sync);
-    ``num_splits`` overrides the decode split count.
+    ``num_splits`` overrides the decode split count, ``config`` the tile (``block_n``, prefill's
+    ``block_m``, and the launch's ``num_warps`` / ``num_stages``) — for a benchmark's sweep.
     """
     dev = q.device
     check_runnable(dev)
@@ -308,11 +309,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     strides = (q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
                block_tables.stride(0), o.stride(0), o.stride(1))
     min_tile = 16  # tl.dot's smallest tile on a GPU
+    launch = {k: v for k, v in (config or {}).items() if k in ("num_warps", "num_stages")}
     if max_query_len == 1:
         check(t == r, f"decode has one query per request: {t} queries for {r} requests")
         splits = num_splits or decode_splits(r, kv_heads, max_seq_len, dev)
         partition = -(-max_seq_len // splits)
-        block_n = max(min_tile, min(64, triton.next_power_of_2(partition)))
+        block_n = (config or {}).get("block_n") or max(min_tile, min(64, triton.next_power_of_2(partition)))
         partition = -(-partition // block_n) * block_n
         part_o = part_l = o  # unused when not split
         if splits > 1:
@@ -321,14 +323,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         _decode_kernel[(r, kv_heads, splits)](
             q, k_cache, v_cache, block_tables, seq_lens, o, part_o, part_l, *common, partition, splits,
             *strides, BLOCK_G=max(min_tile, triton.next_power_of_2(group)), BLOCK_N=block_n,
-            BLOCK_D=block_d, SPLIT=splits > 1, IEEE=ieee, UPCAST=upcast)
+            BLOCK_D=block_d, SPLIT=splits > 1, IEEE=ieee, UPCAST=upcast, **launch)
         if splits > 1:
             _combine_kernel[(r, h)](part_o, part_l, o, h, splits, d, o.stride(0), o.stride(1),
                                     BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d)
         return o
-    block_m = max(min_tile, min(64, triton.next_power_of_2(max_query_len)))
-    block_n = 64 if d <= 64 else 32
+    block_m = (config or {}).get("block_m") or max(min_tile, min(64, triton.next_power_of_2(max_query_len)))
+    block_n = (config or {}).get("block_n") or (64 if d <= 64 else 32)
     _prefill_kernel[(r, h, triton.cdiv(max_query_len, block_m))](
         q, k_cache, v_cache, block_tables, seq_lens, query_start, o, *common, *strides,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=ieee, UPCAST=upcast)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=ieee, UPCAST=upcast, **launch)
     return o

@@ -38,7 +38,8 @@ def serve(
     spec_disable_batch_size: Annotated[int, typer.Option(
         help="Stop speculating while more requests than this run (0: never).")] = 0,
     compile: Annotated[bool, typer.Option(
-        help="torch.compile the decode step (batch/length buckets; compiles on first use).")] = False,
+        help="static-shape decode steps (batch/length buckets): CUDA graphs on CUDA, torch.compile "
+             "elsewhere; captured or compiled on first use.")] = False,
     threads: Annotated[int, typer.Option(help="torch threads for the model (0: torch's default).")] = 0,
 ) -> None:
     """Serve MODEL behind an OpenAI-compatible HTTP API (continuous batching, paged KV cache)."""

@@ -37,7 +37,8 @@ class EngineConfig:
     num_spec_tokens: int = 4  # most draft tokens per step and request
     spec_adaptive: bool = True  # per-request draft length from its acceptance rate and the draft's cost
     spec_disable_batch_size: int = 0  # no drafts while more requests than this run (0: never off)
-    compile: bool = False  # decode-shaped steps (decode, verify, draft) via torch.compile, static buckets
+    # decode-shaped steps (decode, verify, draft) in static buckets: CUDA graphs on CUDA, else torch.compile
+    compile: bool = False
 
 
 class LLMEngine:
