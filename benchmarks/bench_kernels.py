@@ -16,26 +16,32 @@ bandwidth roofline: tokens/s ≤ bandwidth / bytes of weights read per token.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
+from pathlib import Path
 
 import torch
 import triton
 
 from common import machine, median_time, random_model
+from leanlm.attention import PagedKVCache
 from leanlm.kernels import kv_store, paged_attention, quant_gemm, rmsnorm, rotary
 from leanlm.quant import RTNConfig, quantize_
 from leanlm.quant.primitives import pack_codes
 from leanlm.serve.engine import LLM, EngineConfig
+from leanlm.serve.model_runner import CompiledDecode
 from leanlm.serve.request import SamplingParams
 
 GiB = 2**30
+# tile configurations from a ``--tune`` sweep (``--tuned FILE``): "decode" (with "splits"), "gemv"
+TUNED: dict[str, dict] = {}
 
 
-def bench(fn, device: torch.device) -> float:
-    """Median seconds per call."""
+def bench(fn, device: torch.device, rep: int = 200) -> float:
+    """Median seconds per call (over ``rep`` ms of calls on CUDA)."""
     if device.type == "cuda":
-        return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") / 1e3
+        return triton.testing.do_bench(fn, warmup=10, rep=rep, return_mode="median") / 1e3
     return median_time(fn, repeats=3)
 
 
@@ -86,13 +92,15 @@ def attention_rows(rows: list[dict], dev: torch.device, bw: float, smoke: bool) 
     dtype = torch.float32 if smoke else torch.bfloat16
     batch, ctx, heads, kv_heads, d = (2, 64, 4, 2, 16) if smoke else (64, 4096, 32, 8, 128)
     b = paged_batch(batch, ctx, heads, kv_heads, d, 16, dev, dtype)
-    out = paged_attention.paged_attention(**b)
+    cfg = dict(TUNED.get("decode", {}))
+    splits = cfg.pop("splits", None)
+    out = paged_attention.paged_attention(**b, num_splits=splits, config=cfg)
     ref_args = {**b, "seq_lens": b["seq_lens"].tolist(), "query_start": b["query_start"].tolist()}
     ref_args.pop("max_query_len"), ref_args.pop("max_seq_len")
     ref = paged_attention.reference(**ref_args)
     kv_bytes = 2 * batch * ctx * kv_heads * d * dtype.itemsize
-    t = bench(lambda: paged_attention.paged_attention(**b), dev)
-    t1 = bench(lambda: paged_attention.paged_attention(**b, num_splits=1), dev)
+    t = bench(lambda: paged_attention.paged_attention(**b, num_splits=splits, config=cfg), dev)
+    t1 = bench(lambda: paged_attention.paged_attention(**b, num_splits=1, config=cfg), dev)
     t_ref = bench(lambda: paged_attention.reference(**ref_args), dev)
     qs = b["q"].view(batch, heads, 1, d)
     ks = torch.randn(batch, kv_heads, ctx, d, device=dev, dtype=dtype)
@@ -131,11 +139,13 @@ def gemm_rows(rows: list[dict], dev: torch.device, bw: float, smoke: bool) -> No
     dtype = torch.float32 if smoke else torch.bfloat16
     for m in (1, 16, 64):
         x = torch.randn(m, k, device=dev, dtype=dtype)
-        y = quant_gemm.quant_gemm(x, qweight, scales, zeros, None, 4, group)
+        cfg = TUNED.get("gemv") if m == 1 else None
+        y = quant_gemm.quant_gemm(x, qweight, scales, zeros, None, 4, group, config=cfg)
         ref = quant_gemm.reference(x.float(), qweight, scales.float(), zeros,
                                    torch.arange(k, device=dev) // group, 4)
         nbytes = qweight.nbytes + scales.nbytes + zeros.nbytes + x.nbytes + m * n * x.element_size()
-        t = bench(lambda x=x: quant_gemm.quant_gemm(x, qweight, scales, zeros, None, 4, group), dev)
+        t = bench(lambda x=x, cfg=cfg: quant_gemm.quant_gemm(x, qweight, scales, zeros, None, 4, group,
+                                                             config=cfg), dev)
         t_bf16 = bench(lambda x=x: torch.matmul(x.to(w.dtype), w.t()), dev)
         report(rows, "int4 gemm g128", f"m{m} k{k} n{n}", t, nbytes, bw,
                max_err(y, ref) / float(ref.abs().max()), vs_bf16_matmul=t_bf16)
@@ -179,35 +189,38 @@ def elementwise_rows(rows: list[dict], dev: torch.device, bw: float, smoke: bool
 
 
 def model_rows(dev: torch.device, bw: float, smoke: bool) -> dict[str, float]:
-    """Engine decode tokens/s at batch 1 against bandwidth / bytes of weights per token."""
+    """Batch-1 decode tokens/s against bandwidth / bytes of weights per token, three ways: the
+    serving engine eager (a launch per kernel), the engine with ``compile=True`` (a CUDA graph per
+    decode step on CUDA) and the same graphs in a bare greedy loop (no scheduler, no sampler)."""
     preset = "llama-3.2-1b"
     small = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                  head_dim=16, vocab_size=512) if smoke else {}
     new = 8 if smoke else 256
     fractions: dict[str, float] = {}
     for quant in (None, RTNConfig(bits=4, group_size=128 if not smoke else 32)):
-        model = random_model(preset, torch.float32 if smoke else torch.bfloat16, **small)
+        model = random_model(preset, torch.float32 if smoke else torch.bfloat16, **small).to(dev)
         if quant is not None:
             quantize_(model, quant)
-        model.to(dev)
         weights = sum(t.nbytes for t in list(model.parameters()) + list(model.buffers()))
         weights -= model.embed_tokens.weight.nbytes  # the embedding is gathered, not read
         if model.lm_head.weight is model.embed_tokens.weight:
             weights += model.embed_tokens.weight.nbytes  # ... but a tied head reads all of it
-        tps = decode_rate(model, dev, new)
         ceiling = bw / weights
         name = "bf16" if quant is None else "int4 g128"
-        fractions[name] = tps / ceiling
-        shape = preset + (" (shrunk)" if smoke else "")
-        print(f"model decode {shape} {name}: {tps:.1f} tok/s, roofline {ceiling:.1f} tok/s "
-              f"({weights / GiB:.2f} GiB read per token) -> {100 * tps / ceiling:.1f}%", flush=True)
+        for how in ("engine eager", "engine graphs", "graph loop"):
+            tps = graph_loop_rate(model, new) if how == "graph loop" else \
+                engine_rate(model, dev, new, compile=how == "engine graphs")
+            fractions[f"{name} {how}"] = tps / ceiling
+            shape = preset + (" (shrunk)" if smoke else "")
+            print(f"model decode {shape} {name}, {how}: {tps:.1f} tok/s, roofline {ceiling:.1f} tok/s "
+                  f"({weights / GiB:.2f} GiB read per token) -> {100 * tps / ceiling:.1f}%", flush=True)
         del model
     return fractions
 
 
-def decode_rate(model: torch.nn.Module, dev: torch.device, new: int) -> float:
+def engine_rate(model: torch.nn.Module, dev: torch.device, new: int, compile: bool) -> float:
     """Engine tokens/s decoding one request: (time for ``new`` tokens - time for 1) / (new - 1)."""
-    llm = LLM(model, EngineConfig(block_size=16, num_blocks=64))
+    llm = LLM(model, EngineConfig(block_size=16, num_blocks=64, compile=compile))
 
     def run(n: int) -> None:
         llm.generate([[3, 4, 5, 6, 7, 8, 9, 10]],
@@ -215,10 +228,76 @@ def decode_rate(model: torch.nn.Module, dev: torch.device, new: int) -> float:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    run(new)  # compile and warm up
+    run(new)  # compile / capture and warm up
     t_long = min(timed(lambda: run(new)) for _ in range(3))
     t_short = min(timed(lambda: run(1)) for _ in range(3))
     return (new - 1) / (t_long - t_short)
+
+
+def graph_loop_rate(model: torch.nn.Module, new: int) -> float:
+    """Greedy decode of one sequence through the engine's static-shape decode step alone
+    (:class:`CompiledDecode`: CUDA graphs on CUDA): tokens/s over ``new`` steps after a warm-up."""
+    c, bs = model.config, 16
+    cache = PagedKVCache.allocate(c.num_layers, 64 + 1, bs, c.num_kv_heads, c.head_dim,
+                                  model.embed_tokens.weight.dtype, model.embed_tokens.weight.device)
+    step = CompiledDecode(model, cache)
+    table = list(range(64))
+
+    def run(n: int) -> None:
+        tok = 3
+        for p in range(n):
+            logits = step([tok], [p], [table[p // bs] * bs + p % bs], [table])
+            tok = int(logits[0].argmax())
+
+    run(new)  # every bucket captured
+    return new / min(timed(lambda: run(new)) for _ in range(3))
+
+
+def tune(dev: torch.device, bw: float, smoke: bool) -> dict[str, dict]:
+    """Sweep the tile configurations of the two targeted kernels at their target shapes and print
+    each one's time and fraction of copy bandwidth, best first (the launchers' defaults are set
+    from such a sweep)."""
+    import itertools
+
+    b = paged_batch(*((2, 64, 4, 2, 16) if smoke else (64, 4096, 32, 8, 128)), 16, dev,
+                    torch.float32 if smoke else torch.bfloat16)
+    kv_bytes = b["k_cache"].nbytes + b["v_cache"].nbytes
+    runs = []
+    for bn, w, st, sp in itertools.product((32, 64, 128), (4, 8), (2, 3, 4), (None, 4)):
+        cfg = dict(block_n=bn, num_warps=w, num_stages=st)
+        try:
+            t = bench(lambda cfg=cfg, sp=sp: paged_attention.paged_attention(**b, num_splits=sp, config=cfg),
+                      dev, rep=50)
+        except Exception as e:  # e.g. out of shared memory
+            print(f"  decode {cfg} splits {sp}: {type(e).__name__}", flush=True)
+            continue
+        runs.append((t, "decode attn", {**cfg, "splits": sp}, kv_bytes / t / bw))
+    k, n, group = (256, 512, 128) if smoke else (4096, 11008, 128)
+    qweight = pack_codes(torch.randint(0, 16, (n, k), dtype=torch.uint8), 4).to(dev)
+    scales = (torch.rand(n, k // group) * 0.01).to(dev, torch.bfloat16)
+    zeros = torch.randint(0, 16, (n, k // group), dtype=torch.uint8).to(dev)
+    x = torch.randn(1, k, device=dev, dtype=torch.float32 if smoke else torch.bfloat16)
+    nbytes = qweight.nbytes + scales.nbytes + zeros.nbytes
+    gemv = [dict(block_n=bn, block_k=bk, num_warps=w, split_k=sk)
+            for bn, bk, w, sk in itertools.product((16, 32, 64), (256, 512, 1024), (4, 8), (1, 2))]
+    gemv += [dict(block_n=bn, block_k=512, num_warps=4, split_k=1, prefetch=False) for bn in (16, 32)]
+    for cfg in gemv:
+        try:
+            t = bench(lambda cfg=cfg: quant_gemm.quant_gemm(x, qweight, scales, zeros, None, 4, group,
+                                                            config=cfg), dev, rep=50)
+        except Exception as e:
+            print(f"  gemv {cfg}: {type(e).__name__}", flush=True)
+            continue
+        runs.append((t, "int4 gemv", cfg, nbytes / t / bw))
+    best = {}
+    for kind, key in (("decode attn", "decode"), ("int4 gemv", "gemv")):
+        mine = sorted((r for r in runs if r[1] == kind), key=lambda r: r[0])
+        print(f"tune {kind}: {len(mine)} configurations, best 12:")
+        for t, _, cfg, frac in mine[:12]:
+            print(f"  {t * 1e6:8.1f} us  {100 * frac:5.1f}% of copy BW  {cfg}", flush=True)
+        if mine:
+            best[key] = mine[0][2]
+    return best
 
 
 def timed(fn) -> float:
@@ -230,6 +309,9 @@ def timed(fn) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes: check the script and kernels run")
+    ap.add_argument("--tune", metavar="FILE", help="only sweep the decode attention and GEMV tiles; "
+                    "write the best configurations to FILE (JSON)")
+    ap.add_argument("--tuned", metavar="FILE", help="time the targets with a --tune sweep's configurations")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type != "cuda":
@@ -242,6 +324,12 @@ def main() -> None:
     print(f"roofline: copy bandwidth {bw / 1e9:.1f} GB/s, bf16 GEMM {flops / 1e12:.1f} TFLOP/s", flush=True)
     print("vs_X: X's time / the kernel's time (above 1: the kernel is faster); err: max abs "
           "difference from the reference (relative for the GEMMs)", flush=True)
+    if args.tune:
+        Path(args.tune).write_text(json.dumps(tune(dev, bw, args.smoke)))
+        return
+    if args.tuned:
+        TUNED.update(json.loads(Path(args.tuned).read_text()))
+        print(f"tuned configurations: {TUNED}")
     rows: list[dict] = []
     attention_rows(rows, dev, bw, args.smoke)
     gemm_rows(rows, dev, bw, args.smoke)
@@ -253,7 +341,8 @@ def main() -> None:
         ("paged decode attention >= 70% of copy bandwidth", decode["roofline"] >= 0.7),
         ("int4 GEMV >= 60% of copy bandwidth", gemv["roofline"] >= 0.6),
         ("int4 GEMV >= 2.5x bf16 torch.matmul", gemv["vs_bf16_matmul"] >= 2.5),
-        ("model decode (bf16) >= 50% of the bandwidth roofline", model["bf16"] >= 0.5),
+        ("model decode (bf16, engine graphs) >= 50% of the bandwidth roofline",
+         model["bf16 engine graphs"] >= 0.5),
     ]
     for what, met in targets:
         print(f"{'met ' if met else 'MISSED'}  {what}")
