@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx2 as httpx
 import torch
 
 from leanlm import ModelConfig, Transformer, save_model
@@ -71,6 +70,8 @@ def free_port() -> int:
 
 def start_server(cmd: list[str], url: str) -> subprocess.Popen:
     """Run an OpenAI-compatible server command; returns once ``url``/models answers."""
+    import httpx2 as httpx  # serving benchmarks only: the kernel and training ones run without it
+
     log = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the server; not a pipe, which could fill and block it)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.time() + 180

@@ -175,8 +175,7 @@ def _decode_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, out_ptr, par
     seq_len = tl.load(seq_lens_ptr + r)
     lo = split * partition
     hi = tl.minimum(lo + partition, seq_len)
-    if window > 0:
-        lo = tl.maximum(lo, seq_len - window)
+    lo = tl.where(window > 0, tl.maximum(lo, seq_len - window), lo)  # one type on both branches
     g = tl.arange(0, BLOCK_G)
     heads = kvh * group + g
     d = tl.arange(0, BLOCK_D)
@@ -240,9 +239,7 @@ def _prefill_kernel(q_ptr, kc_ptr, vc_ptr, tables_ptr, seq_lens_ptr, query_start
         q = tl.load(q_ptr + q_rows[:, None] * qs_t + h * qs_h + d[None, :],
                     mask=i_mask[:, None] & d_mask[None, :], other=0.0)
         hi = tl.minimum(seq_len, seq_len - q_len + first + BLOCK_M)  # past the tile's last query
-        lo = 0
-        if window > 0:
-            lo = tl.maximum(0, seq_len - q_len + first - window + 1)
+        lo = tl.where(window > 0, tl.maximum(0, seq_len - q_len + first - window + 1), 0)
         _, l_i, acc = _attend_keys(q, q_pos, i_mask, lo, hi, window, kc_ptr, vc_ptr, tables_ptr,
                                    r * tbl_stride, kvh, d, d_mask, block_size, cs_slot, cs_h, scale,
                                    BLOCK_M, BLOCK_N, BLOCK_D, IEEE, UPCAST)
