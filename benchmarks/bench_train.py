@@ -63,6 +63,11 @@ def worker(name: str, args: argparse.Namespace) -> dict:
             apply_ac(model, name.split("+ac=")[1].split("+")[0])
         if "+compile" in name:  # per block, as the trainer's compile=true
             apply_compile(model)
+        if "+chunk=" in name:  # rows per chunk of the fused head + loss
+            import leanlm.loss
+
+            chunk = int(name.split("+chunk=")[1].split("+")[0])
+            leanlm.loss.CHUNK = leanlm.loss.CUDA_CHUNK = chunk
 
         def loss_fn(x: torch.Tensor) -> torch.Tensor:
             return model(x[:, :-1], targets=x[:, 1:])
@@ -123,7 +128,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--cuda", action="store_true", help="1B-shaped model on the GPU, with MFU")
     ap.add_argument("--configs", default=",".join(CONFIGS),
-                    help="comma-separated; also e.g. leanlm+compile (torch.compile per block)")
+                    help="comma-separated; also e.g. leanlm+compile (torch.compile per block), "
+                    "leanlm+chunk=N (rows per chunk of the fused head + loss)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:

@@ -2,7 +2,8 @@
 # Every check that needs a CUDA GPU, in one run, in priority order, each step under its own time
 # limit so a slow step cannot starve the rest; logs go to $1 (default bench_out/gpu).
 #
-#   bash benchmarks/gpu_checks.sh [LOG_DIR] [STEPS]     # STEPS: any of tune,kernels,tests,train
+#   [QUICK=1] bash benchmarks/gpu_checks.sh [LOG_DIR] [STEPS]   # STEPS: any of tune,kernels,tests,train
+#                                                               # QUICK: no eager-engine model decode
 #
 # Runs from a source checkout with the machine's own torch/triton/transformers (no install):
 #   tune     bench_kernels.py --tune          tile sweeps of the decode attention and int4 GEMV
@@ -35,7 +36,8 @@ step() {  # name, seconds, command...
 } > "$out/env.log" 2>&1
 cat "$out/env.log"
 step tune 120 $py benchmarks/bench_kernels.py --tune "$out/tuned.json"
-step kernels 170 $py benchmarks/bench_kernels.py $([ -f "$out/tuned.json" ] && echo --tuned "$out/tuned.json")
+step kernels 170 $py benchmarks/bench_kernels.py ${QUICK:+--quick} \
+  $([ -f "$out/tuned.json" ] && echo --tuned "$out/tuned.json")
 step tests 90 $py -m pytest -p no:warnings -p no:cacheprovider -q -m cuda tests/kernels/test_dispatch.py
-step train 150 $py benchmarks/bench_train.py --cuda --rounds 1 --steps 5 --batch 8 --seq 1024 \
-  --configs leanlm,leanlm+compile,transformers
+step train 150 $py benchmarks/bench_train.py --cuda --rounds 1 --steps 5 --batch 8 --seq 2048 \
+  --configs leanlm+compile,leanlm+compile+chunk=256,transformers

@@ -32,6 +32,9 @@ from leanlm.attention import compute_dtype
 
 IGNORE_INDEX = -100
 CHUNK = 256  # rows per chunk: measured fastest on CPU (each fp32 chunk of logits stays in cache)
+# rows per chunk on CUDA: every chunk adds its bf16 weight gradient into the fp32 [V, d] sum, a
+# full read and write of it (1 GB for a 128k x 2048 head), so a GPU wants few, large chunks
+CUDA_CHUNK = 4096
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -76,14 +79,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(h: torch.Tensor, head: nn.Module, targets: torch.Tensor,
-                         chunk: int = CHUNK) -> torch.Tensor:
+                         chunk: int | None = None) -> torch.Tensor:
     """Mean cross-entropy of ``head(h)`` against ``targets`` (``-100`` = ignored).
 
-    Fused and chunked for a plain bias-free ``nn.Linear`` head when gradients are wanted; any
-    other head (quantized, with adapters), or no-grad scoring, takes the plain path.
+    Fused and chunked (``chunk`` rows; by default ``CHUNK``, or ``CUDA_CHUNK`` on CUDA) for a
+    plain bias-free ``nn.Linear`` head when gradients are wanted; any other head (quantized, with
+    adapters), or no-grad scoring, takes the plain path.
     """
     hooked = bool(head._forward_hooks or head._forward_pre_hooks)  # e.g. a LoRA on lm_head
     if type(head) is nn.Linear and head.bias is None and not hooked and torch.is_grad_enabled():
+        chunk = chunk or (CUDA_CHUNK if h.device.type == "cuda" else CHUNK)
         return _LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), head.weight, targets.reshape(-1), chunk)
     logits = head(h).float()
     return F.cross_entropy(logits.flatten(0, -2), targets.reshape(-1), ignore_index=IGNORE_INDEX)

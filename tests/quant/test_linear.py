@@ -167,3 +167,25 @@ def test_input_gradient_recomputes_the_dequantized_weight() -> None:
     x2 = x.detach().clone().requires_grad_(True)
     (F.linear(x2, m.dequantize(torch.float32)) + m.bias.float()).square().sum().backward()
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_triton_decode_runs_the_interleaved_gemv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode-shaped calls on a layer whose shape fits the chunk layout go through quant_gemv (its
+    interleaved copy made once); act-order layers and larger M stay on quant_gemm."""
+    from leanlm.kernels import quant_gemm, quant_gemv
+
+    calls: list[str] = []
+    for mod, name in ((quant_gemv, "quant_gemv"), (quant_gemm, "quant_gemm")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _real=real, _name=name, **k:
+                            calls.append(_name) or _real(*a, **k))
+    m = make(48, 512, 4, 128, backend="triton")
+    for rows in (1, 3, 5):
+        calls.clear()
+        x = torch.randn(rows, 512)
+        assert rel_err(m(x), _forced(m, "reference")(x)) < 1e-5
+        assert calls == ["quant_gemv" if rows <= quant_gemm.GEMV_MAX_M else "quant_gemm"]
+    assert m._kernels["gemv"][0].dtype == torch.int32
+    calls.clear()
+    make(48, 512, 4, 128, act_order=True, backend="triton")(torch.randn(1, 512))
+    assert calls == ["quant_gemm"]

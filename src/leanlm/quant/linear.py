@@ -16,8 +16,11 @@ The forward picks a backend once per (device, M-regime), automatically:
   0.5 byte per weight in memory, not 1.
 - ``int8pack`` (CPU, 8 bits, per-channel): ``_weight_int8pack_mm`` on ``q - 128`` with bf16
   activations; an asymmetric zero point becomes a rank-1 correction ``-(Σ_k x_k)·s·(z - 128)``.
-- ``triton`` (CUDA; 2/4/8 bits): :mod:`leanlm.kernels.quant_gemm`, which reads ``qweight`` as it
-  is and dequantizes in registers (act-order through ``g_idx``), for M ≤ ``TRITON_MAX_M`` rows.
+- ``triton`` (CUDA; 2/4/8 bits), for M ≤ ``TRITON_MAX_M`` rows: decode-shaped calls run
+  :mod:`leanlm.kernels.quant_gemv` on an interleaved copy of the codes made once per layer (its
+  chunk layout: contiguous groups, K a multiple of 32·32/b); otherwise
+  :mod:`leanlm.kernels.quant_gemm`, which reads ``qweight`` as it is and dequantizes in registers
+  (act-order through ``g_idx``).
 - ``dequant``: ŵ = s·(q - z) in the activation dtype, then a dense GEMM. This is what runs for
   large M (long prefills: M ≥ ``KERNEL_MAX_M`` rows), for shapes the kernels refuse, and when
   autograd needs the gradient of the input (QLoRA: adapters on a quantized base).
@@ -37,7 +40,7 @@ from torch import nn
 
 from leanlm import kernels
 from leanlm.errors import LeanLMError
-from leanlm.kernels import quant_gemm
+from leanlm.kernels import quant_gemm, quant_gemv
 from leanlm.quant.primitives import (
     default_g_idx,
     dequantize_weight,
@@ -53,10 +56,11 @@ BACKENDS = ("auto", "triton", "int4pack", "int8pack", "dequant", "reference")
 # layer, 2 cores: the kernels cost ~0.10 (int4) / ~0.12 (int8) ms per row against 0.044 for bf16
 # GEMM, and dequantizing the layer costs ~30 ms, so they cross near 600 and 375 rows.
 KERNEL_MAX_M = {"int4pack": 512, "int8pack": 256}
-# Rows up to which the Triton kernel runs on CUDA (decode and small batches, where the layer is
-# memory-bound); past it dequantize + cuBLAS. Chosen, not measured: no GPU was available to the
-# session that wrote it. benchmarks/bench_kernels.py times both.
-TRITON_MAX_M = 64
+# Rows up to which the Triton kernels run on CUDA; past it dequantize + cuBLAS. Measured on an H200
+# (benchmarks/bench_kernels.py, RESULTS.md): the in-register dequantizing dot kernel took 0.21 ms
+# at M=16 on a 4096x11008 int4 layer, 6x the bf16 matmul alone, so only decode-shaped calls (the
+# GEMV kernels' M) take Triton.
+TRITON_MAX_M = quant_gemm.GEMV_MAX_M
 
 
 class QuantLinear(nn.Module):
@@ -123,6 +127,15 @@ class QuantLinear(nn.Module):
             default = default_g_idx(self.in_features, self.group_size, self.g_idx.device)
             self._kernels["contiguous"] = (torch.equal(self.g_idx, default),)
         return None if self._kernels["contiguous"][0] else self.g_idx
+
+    def _gemv_words(self) -> torch.Tensor | None:
+        """The decode GEMV's interleaved copy of the codes (:mod:`leanlm.kernels.quant_gemv`), made
+        once, or None where that layout does not fit (act-order, K or groups off its chunks)."""
+        if "gemv" not in self._kernels:
+            fits = self._g_idx() is None and quant_gemv.supports(self.in_features, self.bits, self.group_size)
+            self._kernels["gemv"] = (quant_gemv.interleave(self.qweight, self.bits, self.in_features)
+                                     if fits else None,)
+        return self._kernels["gemv"][0]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize_weight(self.codes(), self.scales, self.zeros, self._g_idx(), dtype,
@@ -245,8 +258,13 @@ class QuantLinear(nn.Module):
         if backend == "triton":
             self._restore_codes()  # a layer that ran int4pack on the CPU holds its codes there
             dtype = _activation_dtype(x2)
-            y = quant_gemm.quant_gemm(x2.to(dtype).contiguous(), self.qweight, self.scales, self.zeros,
-                                      self._g_idx(), self.bits, self.group_size, self.bias)
+            words = self._gemv_words() if x2.shape[0] <= quant_gemm.GEMV_MAX_M else None
+            if words is not None:
+                y = quant_gemv.quant_gemv(x2.to(dtype).contiguous(), words, self.scales, self.zeros,
+                                          self.bits, self.group_size, self.bias)
+            else:
+                y = quant_gemm.quant_gemm(x2.to(dtype).contiguous(), self.qweight, self.scales, self.zeros,
+                                          self._g_idx(), self.bits, self.group_size, self.bias)
             out_dtype, bias = dtype, None
         elif backend == "int4pack":
             packed, sz, perm, pad = self._prepare(backend)

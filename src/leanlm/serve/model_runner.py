@@ -251,7 +251,8 @@ class ModelRunner:
             st.token_ids.extend(got[:-1])  # accepted drafts: their K/V are already in the cache
             sampled[rid] = got
         verified = {f + j for f, d in verify.values() for j in range(len(d) + 1)}
-        logits = logits[[i for i in range(len(rows)) if i not in verified]]
+        if verified:  # (an index list is a host-to-device copy: skipped when nothing was verified)
+            logits = logits[[i for i in range(len(rows)) if i not in verified]]
         states = [self.requests[rid] for rid in samplers]
         tokens = sample(logits, [Row(st.params, st.token_ids, st.num_prompt_tokens, st.generator)
                                  for st in states]).tolist() if samplers else []

@@ -98,9 +98,9 @@ def probabilities(logits: torch.Tensor, rows: list[Row]) -> tuple[torch.Tensor, 
 
 def sample(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
     """Token ids [R] for float32 logits [R, V] of the rows' requests."""
-    greedy = torch.tensor([row.params.greedy for row in rows], device=logits.device)
-    if bool(greedy.all()):
+    if all(row.params.greedy for row in rows):  # decided on the host: no transfer, no sync
         return apply_penalties(logits.clone(), rows).argmax(-1)
+    greedy = torch.tensor([row.params.greedy for row in rows], device=logits.device)
     tokens, probs = probabilities(logits, rows)
     noise = torch.empty_like(probs)
     shared = [i for i, row in enumerate(rows) if row.generator is None]
