@@ -57,10 +57,10 @@ BACKENDS = ("auto", "triton", "int4pack", "int8pack", "dequant", "reference")
 # GEMM, and dequantizing the layer costs ~30 ms, so they cross near 600 and 375 rows.
 KERNEL_MAX_M = {"int4pack": 512, "int8pack": 256}
 # Rows up to which the Triton kernels run on CUDA; past it dequantize + cuBLAS. Measured on an H200
-# (benchmarks/bench_kernels.py, RESULTS.md): the in-register dequantizing dot kernel took 0.21 ms
-# at M=16 on a 4096x11008 int4 layer, 6x the bf16 matmul alone, so only decode-shaped calls (the
-# GEMV kernels' M) take Triton.
-TRITON_MAX_M = quant_gemm.GEMV_MAX_M
+# (benchmarks/bench_kernels.py, RESULTS.md) on a 4096x11008 int4 g128 layer: the in-register
+# dequantizing dot kernel took 0.21 ms at M=16 (dequantize + matmul: 0.50 ms) and 0.56 ms at M=64
+# (dequantize + matmul: 0.50 ms).
+TRITON_MAX_M = 16
 
 
 class QuantLinear(nn.Module):
