@@ -10,7 +10,9 @@ memory-bound decode step gains. Bits 2, 4 and 8 (codes that never straddle a byt
 
 Two kernels; :func:`quant_gemm` picks by the number of rows (:func:`_path`):
 
-- M ≤ ``GEMV_MAX_M`` (decode) — ``_gemv_kernel``, grid (M, ⌈N/BLOCK_N⌉, SPLIT_K), no tensor cores:
+- M ≤ ``GEMV_MAX_M`` (decode; QuantLinear sends contiguous-group layers whose shapes fit to the
+  faster :mod:`leanlm.kernels.quant_gemv` instead, so this one serves act-order and the rest) —
+  ``_gemv_kernel``, grid (M, ⌈N/BLOCK_N⌉, SPLIT_K), no tensor cores:
   acc[BLOCK_N] in fp32 gathers Σ_k q_k x_k over K-tiles. Codes are loaded as 32-bit words
   (``qweight.view(int32)``, free when a row is a whole number of words; little-endian, so word w
   holds codes 32w/b … 32(w+1)/b − 1; else as bytes) and code j of each word is
@@ -41,8 +43,7 @@ from leanlm.kernels import FLOATS, check, check_runnable, check_tensor, interpre
 
 SUPPORTED_BITS = (2, 4, 8)
 GEMV_MAX_M = 4
-CONFIG_KEYS = ("kernel", "block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages", "broadcast",
-               "prefetch")
+CONFIG_KEYS = ("kernel", "block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages", "prefetch")
 
 
 def reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -123,13 +124,13 @@ def _load_words(row_ptrs, n_mask, kw, w_hi, rw, EVEN_K: tl.constexpr):
 def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, N, K, group_size, w_per_split,
                  sx_m, sq_n, ss_n, sz_n, sy_m,
                  BITS: tl.constexpr, PER_WORD: tl.constexpr, GROUPS: tl.constexpr,
-                 GROUP_TILE: tl.constexpr, BROADCAST: tl.constexpr, EVEN_K: tl.constexpr,
+                 GROUP_TILE: tl.constexpr, EVEN_K: tl.constexpr,
                  PREFETCH: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr):
     # GROUPS: 0 contiguous groups, factorised (GROUP_TILE groups per K-tile); 1 group k // group_size
     # per code; 2 group g_idx[k] per code. A word holds PER_WORD codes; code j of a word becomes an
-    # exact fp32 as bits(2^23 | q) − 2^23 (no int → float conversion). BROADCAST unpacks a tile
-    # with one [BLOCK_N, WORDS, PER_WORD] shift, else with PER_WORD shifts of [BLOCK_N, WORDS].
+    # exact fp32 as bits(2^23 | q) − 2^23 (no int → float conversion), one shift of [BLOCK_N, WORDS]
+    # per field.
     # The loop runs over word offsets (multiples of 16 words: vector loads); EVEN_K: K % BLOCK_K == 0.
     # PREFETCH loads the next tile's words before the current one is reduced (Triton's pipeliner
     # leaves loops without tl.dot alone), so two tiles per program are in flight.
@@ -156,33 +157,25 @@ def _gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, N, K, group_s
             nxt = _load_words(row_ptrs, n_mask, kw + WORDS, w_hi, rw, EVEN_K)
         else:
             words = _load_words(row_ptrs, n_mask, kw, w_hi, rw, EVEN_K)
-        if BROADCAST and GROUPS == 0:
-            rj = tl.arange(0, PER_WORD)
-            rk = k0 + rw[:, None] * PER_WORD + rj[None, :]
-            x = tl.load(x_row + rk, mask=rk < k_hi, other=0.0).to(tl.float32)
-            q = ((words[:, :, None] >> (rj * BITS)[None, None, :]) & MASK) | 0x4B000000
-            part = tl.sum((q.to(tl.float32, bitcast=True) - 8388608.0) * x[None, :, :], axis=2)
-            xs = tl.sum(x, axis=1)
-        else:
-            part = tl.zeros([BLOCK_N, WORDS], tl.float32)  # Σ_j q_j x_j (dequantized if GROUPS > 0)
-            xs = tl.zeros([WORDS], tl.float32)  # Σ_j x_j
-            for j in tl.static_range(PER_WORD):
-                rk = k0 + rw * PER_WORD + j
-                k_mask = rk < k_hi
-                x = tl.load(x_row + rk, mask=k_mask, other=0.0).to(tl.float32)
-                q = (((words >> (j * BITS)) & MASK) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                if GROUPS == 0:
-                    part += q * x[None, :]
-                    xs += x
+        part = tl.zeros([BLOCK_N, WORDS], tl.float32)  # Σ_j q_j x_j (dequantized if GROUPS > 0)
+        xs = tl.zeros([WORDS], tl.float32)  # Σ_j x_j
+        for j in tl.static_range(PER_WORD):
+            rk = k0 + rw * PER_WORD + j
+            k_mask = rk < k_hi
+            x = tl.load(x_row + rk, mask=k_mask, other=0.0).to(tl.float32)
+            q = (((words >> (j * BITS)) & MASK) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            if GROUPS == 0:
+                part += q * x[None, :]
+                xs += x
+            else:
+                if GROUPS == 2:  # act-order: any column may belong to any group
+                    grp = tl.load(g_ptr + rk, mask=k_mask, other=0)
                 else:
-                    if GROUPS == 2:  # act-order: any column may belong to any group
-                        grp = tl.load(g_ptr + rk, mask=k_mask, other=0)
-                    else:
-                        grp = rk // group_size
-                    e_mask = n_mask[:, None] & k_mask[None, :]
-                    s = tl.load(s_ptr + rn64[:, None] * ss_n + grp[None, :], mask=e_mask, other=0.0)
-                    z = tl.load(z_ptr + rn64[:, None] * sz_n + grp[None, :], mask=e_mask, other=0)
-                    part += (q - z.to(tl.float32)) * s.to(tl.float32) * x[None, :]
+                    grp = rk // group_size
+                e_mask = n_mask[:, None] & k_mask[None, :]
+                s = tl.load(s_ptr + rn64[:, None] * ss_n + grp[None, :], mask=e_mask, other=0.0)
+                z = tl.load(z_ptr + rn64[:, None] * sz_n + grp[None, :], mask=e_mask, other=0)
+                part += (q - z.to(tl.float32)) * s.to(tl.float32) * x[None, :]
         if GROUPS == 0 and GROUP_TILE == 1:  # the tile lies in one group
             grp = k0 // group_size
             s = tl.load(s_ptr + rn64 * ss_n + grp, mask=n_mask, other=0.0).to(tl.float32)
@@ -348,7 +341,7 @@ def quant_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
                 x, qw, scales, zeros, qweight if g_idx is None else g_idx, *common, n, k, gs,
                 k_per_split // per, x.stride(0), qw.stride(0), scales.stride(0), zeros.stride(0), y.stride(0),
                 BITS=bits, PER_WORD=per, GROUPS=mode, GROUP_TILE=group_tile,
-                BROADCAST=bool(cfg.get("broadcast", False)), EVEN_K=k % block_k == 0,
+                EVEN_K=k % block_k == 0,
                 PREFETCH=bool(cfg.get("prefetch", True)),
                 HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK_N=block_n, BLOCK_K=block_k, **launch)
         else:
