@@ -67,6 +67,7 @@ class CompiledDecode:
         # one graph per bucket, and the target and a draft model share this code object: dynamo's
         # default of 8 graphs per code object would silently send later buckets to eager
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
+        # the compiled step (not called where CUDA graphs run); None once anything failed: eager serves
         self.fn = torch.compile(self._forward, dynamic=False, options={"emulate_precision_casts": True})
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, meta: DecodeMetadata) -> torch.Tensor:
