@@ -18,7 +18,8 @@ The forward picks a backend once per (device, M-regime), automatically:
   activations; an asymmetric zero point becomes a rank-1 correction ``-(Σ_k x_k)·s·(z - 128)``.
 - ``triton`` (CUDA; 2/4/8 bits), for M ≤ ``TRITON_MAX_M`` rows: decode-shaped calls run
   :mod:`leanlm.kernels.quant_gemv` on an interleaved copy of the codes made once per layer (its
-  chunk layout: contiguous groups, K a multiple of 32·32/b); otherwise
+  chunk layout: contiguous groups, K a multiple of 32·32/b; the copy costs another b/8 byte per
+  weight, beside ``qweight``, which the larger-M kernel reads); otherwise
   :mod:`leanlm.kernels.quant_gemm`, which reads ``qweight`` as it is and dequantizes in registers
   (act-order through ``g_idx``).
 - ``dequant``: ŵ = s·(q - z) in the activation dtype, then a dense GEMM. This is what runs for
