@@ -294,8 +294,10 @@ def tune(dev: torch.device, bw: float, smoke: bool) -> dict[str, dict]:
     zeros = torch.randint(0, 16, (n, k // group), dtype=torch.uint8).to(dev)
     x = torch.randn(1, k, device=dev, dtype=torch.float32 if smoke else torch.bfloat16)
     nbytes = words.nbytes + scales.nbytes + zeros.nbytes
-    for bn, w, pf in itertools.product((8, 16, 32, 64, 128), (1, 2, 4, 8), (0, 1)):
-        cfg = dict(block_n=bn, num_warps=w, prefetch=pf)
+    # an H200 sweep of block_n 8-128 x warps 1-8 x prefetch (RESULTS.md) put (16, 8, no prefetch)
+    # first; chunks per step came after it
+    for bn, w, ch in itertools.product((8, 16, 32, 64), (2, 4, 8), (1, 2, 4)):
+        cfg = dict(block_n=bn, num_warps=w, prefetch=0, chunks=ch)
         try:
             t = bench(lambda cfg=cfg: quant_gemv.quant_gemv(x, words, scales, zeros, 4, group, config=cfg),
                       dev, rep=50)

@@ -16,8 +16,9 @@ from leanlm.kernels import quant_gemv as qv
 @pytest.mark.parametrize("m", [1, 3])
 @pytest.mark.parametrize("bits,group,k", [(4, 128, 512), (4, 32, 256), (4, 512, 768), (4, -1, 512),
                                           (8, 64, 256), (8, 256, 256), (2, 128, 1024)])
-@pytest.mark.parametrize("config", [None, {"block_n": 8, "num_warps": 2, "prefetch": 0},
-                                    {"block_n": 32, "num_warps": 8, "prefetch": 1}])
+@pytest.mark.parametrize("config", [None, {"block_n": 8, "num_warps": 2, "prefetch": 1},
+                                    {"block_n": 32, "num_warps": 8, "prefetch": 1, "chunks": 2},
+                                    {"block_n": 16, "chunks": 4}])
 def test_matches_fp64_reference(m: int, bits: int, group: int, k: int, config: dict | None) -> None:
     n = 37  # not a multiple of any BLOCK_N; (4, 512, 768): a partial last group
     w = quantized(n, k, bits, group, False, seed=m + bits + k)

@@ -21,8 +21,12 @@ per code. Since Σ (1 + q_k/2^b) x_k = Σ x_k + 2^-b Σ q_k x_k, and
 scales, zeros and the offset leave the inner loop: per group, acc += s · part in a [BLOCK_N, 32]
 accumulator (one FMA per row and word lane) and corr += s · (2^b + z) · Σ_{k∈g} x_k per row, and
 y = 2^b · Σ_lanes acc − corr: the row sum is the only cross-thread reduction of the weights' terms.
-The next chunk's words are loaded before the current one is reduced (the loop has no tl.dot, so
-Triton's pipeliner does not do it). Contiguous groups only
+Optionally (``prefetch``) the next chunk's words are loaded before the current one is reduced (the
+loop has no tl.dot, so Triton's pipeliner does not do it), and ``chunks`` > 1 puts several chunks
+side by side in one tile (more loads in flight per step; scales then gathered per lane).
+
+Measured on an H200 (benchmarks/RESULTS.md): 37 µs for 1 × 4096 → 11008 at 4 bits, 15% of copy
+bandwidth — still bound by instructions and latency, not by memory. Contiguous groups only
 (``g_idx = k // group_size``) with 32 | group size and a group spanning whole chunks or a whole
 number of groups per chunk; act-order layers use :func:`leanlm.kernels.quant_gemm.quant_gemm`.
 """
@@ -78,39 +82,47 @@ def reference(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros:
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, group_size, sx_m, sw_n, ss_n, sz_n, sy_m,
-                 one,
-                 BITS: tl.constexpr, SLICES: tl.constexpr, HAS_BIAS: tl.constexpr, PREFETCH: tl.constexpr,
-                 BLOCK_N: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, sx_m, sw_n, ss_n, sz_n, sy_m, one,
+                 BITS: tl.constexpr, GROUP: tl.constexpr, SLICES: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 PREFETCH: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_N: tl.constexpr):
+    # GROUP: columns per group (K for one group per row), a constant so that k // GROUP is a shift.
     # SLICES: bit-fields j per group within a chunk (all of them when a group spans whole chunks).
+    # CHUNKS: chunks per loop step, side by side in one [BLOCK_N, 32·CHUNKS] tile (lane l is word
+    # l % 32 of chunk l // 32): more loads in flight per step; scales are then gathered per lane.
     # one: the bits of 1.0f, an argument rather than a literal so that ptxas fuses (f & M) | one
     # into one LOP3 (two literals take two)
     PER: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     CODES: tl.constexpr = 32 * PER
     TOP: tl.constexpr = 23 - BITS  # where a field sits in an fp32 mantissa
+    WIDTH: tl.constexpr = 32 * CHUNKS
     pid_m = tl.program_id(0)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
     rn64 = rn.to(tl.int64)
-    ri = tl.arange(0, 32)
+    rl = tl.arange(0, WIDTH)
+    col = (rl // 32) * CODES + rl % 32  # lane l's column of field 0, from the step's first column
     x_row = x_ptr + pid_m.to(tl.int64) * sx_m
-    w_rows = w_ptr + rn64[:, None] * sw_n + ri[None, :]
-    acc = tl.zeros([BLOCK_N, 32], tl.float32)
-    corr = tl.zeros([BLOCK_N], tl.float32)
-    chunks = K // CODES
+    w_rows = w_ptr + rn64[:, None] * sw_n + rl[None, :]
+    acc = tl.zeros([BLOCK_N, WIDTH], tl.float32)
+    if CHUNKS == 1:  # Σ_g s·(2^B + z)·Σ_{k∈g} x_k per row
+        corr = tl.zeros([BLOCK_N], tl.float32)
+    else:  # the same per lane, summed at the end
+        corr = tl.zeros([BLOCK_N, WIDTH], tl.float32)
+    steps = K // (CODES * CHUNKS)
     if PREFETCH:
         words = tl.load(w_rows, mask=n_mask[:, None], other=0).to(tl.uint32, bitcast=True)
-    for c in range(0, chunks):
+    for t in range(0, steps):
         if PREFETCH:
-            nxt = tl.load(w_rows + (c + 1) * 32, mask=n_mask[:, None] & (c + 1 < chunks),
+            nxt = tl.load(w_rows + (t + 1) * WIDTH, mask=n_mask[:, None] & (t + 1 < steps),
                           other=0).to(tl.uint32, bitcast=True)
         else:
-            words = tl.load(w_rows + c * 32, mask=n_mask[:, None], other=0).to(tl.uint32, bitcast=True)
-        part = tl.zeros([BLOCK_N, 32], tl.float32)
-        xs = tl.zeros([32], tl.float32)
+            words = tl.load(w_rows + t * WIDTH, mask=n_mask[:, None], other=0).to(tl.uint32, bitcast=True)
+        first = t * CODES * CHUNKS
+        part = tl.zeros([BLOCK_N, WIDTH], tl.float32)
+        xs = tl.zeros([WIDTH], tl.float32)
         for j in tl.static_range(PER):
-            x = tl.load(x_row + c * CODES + j * 32 + ri).to(tl.float32)
+            x = tl.load(x_row + first + col + j * 32).to(tl.float32)
             # field j moved to the top of an fp32 mantissa: the float 1 + q / 2^BITS, exactly
             if j * BITS <= TOP:
                 f = words << (TOP - j * BITS)
@@ -119,34 +131,48 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, group_size, sx_
             part += ((f & (MASK << TOP)) | one).to(tl.float32, bitcast=True) * x[None, :]
             xs += x
             if (j + 1) % SLICES == 0:  # the end of a group's fields: apply its scale and zero
-                grp = (c * CODES + j * 32) // group_size
-                s = tl.load(s_ptr + rn64 * ss_n + grp, mask=n_mask, other=0.0).to(tl.float32)
-                z = tl.load(z_ptr + rn64 * sz_n + grp, mask=n_mask, other=0).to(tl.float32)
                 # part = Σ (1 + q/2^B) x: s·Σ(q − z)x = 2^B·s·part − s·(2^B + z)·Σx
-                acc += s[:, None] * part
-                corr += s * ((1 << BITS) + z) * tl.sum(xs, axis=0)
-                part = tl.zeros([BLOCK_N, 32], tl.float32)
-                xs = tl.zeros([32], tl.float32)
+                if CHUNKS == 1:  # one group per row: [BLOCK_N] scales, Σx over the lanes
+                    grp = (first + j * 32) // GROUP
+                    s = tl.load(s_ptr + rn64 * ss_n + grp, mask=n_mask, other=0.0).to(tl.float32)
+                    z = tl.load(z_ptr + rn64 * sz_n + grp, mask=n_mask, other=0).to(tl.float32)
+                    acc += s[:, None] * part
+                    corr += s * ((1 << BITS) + z) * tl.sum(xs, axis=0)
+                else:  # each chunk of the tile has its own group
+                    grp = (first + col + j * 32) // GROUP
+                    s = tl.load(s_ptr + rn64[:, None] * ss_n + grp[None, :], mask=n_mask[:, None],
+                                other=0.0).to(tl.float32)
+                    z = tl.load(z_ptr + rn64[:, None] * sz_n + grp[None, :], mask=n_mask[:, None],
+                                other=0).to(tl.float32)
+                    acc += s * part
+                    corr += s * ((1 << BITS) + z) * xs[None, :]
+                part = tl.zeros([BLOCK_N, WIDTH], tl.float32)
+                xs = tl.zeros([WIDTH], tl.float32)
         if PREFETCH:
             words = nxt
-    y = tl.sum(acc, axis=1) * (1 << BITS) - corr
+    if CHUNKS == 1:
+        y = tl.sum(acc, axis=1) * (1 << BITS) - corr
+    else:
+        y = tl.sum(acc * (1 << BITS) - corr, axis=1)
     if HAS_BIAS:
         y += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + pid_m.to(tl.int64) * sy_m + rn, y.to(y_ptr.dtype.element_ty), mask=n_mask)
 
 
 def default_config(m: int, n: int, device: torch.device) -> dict[str, int]:
-    """BLOCK_N: the largest of 32/16/8 that still gives ≥ 4 programs per SM; 4 warps."""
+    """BLOCK_N: the largest of 32/16/8 that still gives ≥ 4 programs per SM; 8 warps, no prefetch,
+    one chunk per step — the best of 40 tiles swept on an H200 at 1 × 4096 → 11008 (RESULTS.md)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     block_n = next((bn for bn in (32, 16) if m * triton.cdiv(n, bn) >= 4 * sms), 8)
-    return {"block_n": block_n, "num_warps": 4, "prefetch": 1}
+    return {"block_n": block_n, "num_warps": 8, "prefetch": 0, "chunks": 1}
 
 
 def quant_gemv(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
                group_size: int, bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
                config: dict[str, int] | None = None) -> torch.Tensor:
     """x [M, K] -> y [M, N] in x's dtype (into ``out`` if given), ``words`` from :func:`interleave`;
-    ``config`` overrides ``block_n``, ``num_warps`` and ``prefetch`` (a benchmark's sweep)."""
+    ``config`` overrides ``block_n``, ``num_warps``, ``prefetch`` and ``chunks`` (a benchmark's
+    sweep; chunks per loop step is cut to a power of 2 that divides K's chunks)."""
     dev = x.device
     check_runnable(dev)
     check_tensor("x", x, 2, FLOATS, dev)
@@ -173,13 +199,17 @@ def quant_gemv(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros
           f"config block_n must be a power of 2, got {block_n}")
     gs = group_size if group_size != -1 else k
     slices = min(gs, chunk_codes(bits)) // LANES
+    total = k // chunk_codes(bits)
+    chunks = 1 << (max(1, min(cfg["chunks"], total)).bit_length() - 1)  # a power of 2 ...
+    while total % chunks:  # ... dividing K's chunks
+        chunks //= 2
     y = torch.empty(m, n, dtype=x.dtype, device=dev) if out is None else out
     check(tuple(y.shape) == (m, n) and y.dtype == x.dtype and y.stride(-1) == 1,
           f"out must be [{m}, {n}] {x.dtype}, got {tuple(y.shape)} {y.dtype}")
     if m and n:
         _gemv_kernel[(m, triton.cdiv(n, block_n))](
-            x, words, scales, zeros, scales if bias is None else bias, y, n, k, gs, x.stride(0),
-            words.stride(0), scales.stride(0), zeros.stride(0), y.stride(0), ONE_BITS, BITS=bits,
-            SLICES=slices, HAS_BIAS=bias is not None, PREFETCH=bool(cfg["prefetch"]), BLOCK_N=block_n,
-            num_warps=cfg["num_warps"])
+            x, words, scales, zeros, scales if bias is None else bias, y, n, k, x.stride(0),
+            words.stride(0), scales.stride(0), zeros.stride(0), y.stride(0), ONE_BITS, BITS=bits, GROUP=gs,
+            SLICES=slices, HAS_BIAS=bias is not None, PREFETCH=bool(cfg["prefetch"]), CHUNKS=chunks,
+            BLOCK_N=block_n, num_warps=cfg["num_warps"])
     return y
