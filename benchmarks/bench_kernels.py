@@ -247,9 +247,9 @@ def engine_rate(model: torch.nn.Module, dev: torch.device, new: int, compile: bo
     return (new - 1) / (t_long - t_short)
 
 
-def graph_loop_rate(model: torch.nn.Module, new: int) -> float:
-    """Greedy decode of one sequence through the engine's static-shape decode step alone
-    (:class:`CompiledDecode`: CUDA graphs on CUDA): tokens/s over ``new`` steps after a warm-up."""
+def graph_loop(model: torch.nn.Module):
+    """``run(n)``: greedy decode of n tokens of one sequence through the engine's static-shape
+    decode step alone (:class:`CompiledDecode`: CUDA graphs on CUDA)."""
     c, bs = model.config, 16
     cache = PagedKVCache.allocate(c.num_layers, 64 + 1, bs, c.num_kv_heads, c.head_dim,
                                   model.embed_tokens.weight.dtype, model.embed_tokens.weight.device)
@@ -262,7 +262,13 @@ def graph_loop_rate(model: torch.nn.Module, new: int) -> float:
             logits = step([tok], [p], [table[p // bs] * bs + p % bs], [table])
             tok = int(logits[0].argmax())
 
-    run(new)  # every bucket captured
+    return run
+
+
+def graph_loop_rate(model: torch.nn.Module, new: int) -> float:
+    """Tokens/s of :func:`graph_loop` over ``new`` steps, after a warm-up that captures every bucket."""
+    run = graph_loop(model)
+    run(new)
     return new / min(timed(lambda: run(new)) for _ in range(3))
 
 
@@ -316,6 +322,25 @@ def tune(dev: torch.device, bw: float, smoke: bool) -> dict[str, dict]:
     return best
 
 
+def profile(dev: torch.device, smoke: bool) -> None:
+    """Where a batch-1 decode step of the bf16 ``llama-3.2-1b`` shape spends its GPU time: the
+    kernels of 32 steps of the bare greedy loop (CUDA graphs), by total time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    small = dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                 head_dim=16, vocab_size=512) if smoke else {}
+    model = random_model("llama-3.2-1b", torch.float32 if smoke else torch.bfloat16, **small).to(dev)
+    run = graph_loop(model)
+    run(64)  # capture every bucket first
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with torch_profile(activities=acts) as prof:
+        run(32)
+    key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+    print("32 decode steps (bf16, CUDA graphs), 1-32 tokens of context:")
+    print(prof.key_averages().table(sort_by=key, row_limit=30), flush=True)
+
+
 def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -328,6 +353,7 @@ def main() -> None:
     ap.add_argument("--tune", metavar="FILE", help="only sweep the decode attention and GEMV tiles; "
                     "write the best configurations to FILE (JSON)")
     ap.add_argument("--quick", action="store_true", help="skip the eager engine's model decode")
+    ap.add_argument("--profile", action="store_true", help="only profile a 1B model's decode step")
     ap.add_argument("--tuned", metavar="FILE", help="time the targets with a --tune sweep's configurations")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -341,6 +367,8 @@ def main() -> None:
     print(f"roofline: copy bandwidth {bw / 1e9:.1f} GB/s, bf16 GEMM {flops / 1e12:.1f} TFLOP/s", flush=True)
     print("vs_X: X's time / the kernel's time (above 1: the kernel is faster); err: max abs "
           "difference from the reference (relative for the GEMMs)", flush=True)
+    if args.profile:
+        return profile(dev, args.smoke)
     if args.tune:
         Path(args.tune).write_text(json.dumps(tune(dev, bw, args.smoke)))
         return
