@@ -39,7 +39,8 @@ cat "$out/env.log"
 step tune 120 $py benchmarks/bench_kernels.py --tune "$out/tuned.json"
 step kernels 170 $py benchmarks/bench_kernels.py ${QUICK:+--quick} \
   $([ -f "$out/tuned.json" ] && echo --tuned "$out/tuned.json")
-step tests 90 $py -m pytest -p no:warnings -p no:cacheprovider -q -m cuda tests/kernels/test_dispatch.py
+step tests 90 $py -m pytest -p no:warnings -p no:cacheprovider -q -m cuda tests/kernels/test_dispatch.py \
+  tests/quant/test_linear.py
 step profile 60 $py benchmarks/bench_kernels.py --profile
 step train 150 $py benchmarks/bench_train.py --cuda --rounds 1 --steps 5 --batch 8 --seq 2048 \
   --configs leanlm+compile,leanlm+compile+chunk=256,transformers
