@@ -173,8 +173,9 @@ def test_input_gradient_recomputes_the_dequantized_weight() -> None:
     pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
 def test_triton_decode_runs_the_interleaved_gemv(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Decode-shaped calls on a layer whose shape fits the chunk layout go through quant_gemv (its
-    interleaved copy made once); act-order layers and larger M stay on quant_gemm. On CPU through
-    Triton's interpreter (backend forced), on CUDA by the automatic choice."""
+    interleaved copy made once; act-order columns sorted by group, the input gathered to match);
+    larger M stays on quant_gemm. On CPU through Triton's interpreter (backend forced), on CUDA by
+    the automatic choice."""
     from leanlm.kernels import quant_gemm, quant_gemv
 
     calls: list[str] = []
@@ -183,13 +184,12 @@ def test_triton_decode_runs_the_interleaved_gemv(device: str, monkeypatch: pytes
         monkeypatch.setattr(mod, name, lambda *a, _real=real, _name=name, **k:
                             calls.append(_name) or _real(*a, **k))
     backend = "triton" if device == "cpu" else "auto"
-    m = make(48, 512, 4, 128, backend=backend).to(device)
-    for rows in (1, 3, 5):
-        calls.clear()
-        x = torch.randn(rows, 512, device=device)
-        assert rel_err(m(x), _forced(m, "reference")(x)) < 1e-5
-        assert calls == ["quant_gemv" if rows <= quant_gemm.GEMV_MAX_M else "quant_gemm"]
-    assert m._kernels["gemv"][0].dtype == torch.int32
-    calls.clear()
-    make(48, 512, 4, 128, act_order=True, backend=backend).to(device)(torch.randn(1, 512, device=device))
-    assert calls == ["quant_gemm"]
+    for act_order in (False, True):
+        m = make(48, 512, 4, 128, act_order=act_order, backend=backend).to(device)
+        for rows in (1, 3, 5):
+            calls.clear()
+            x = torch.randn(rows, 512, device=device)
+            assert rel_err(m(x), _forced(m, "reference")(x)) < 1e-5
+            assert calls == ["quant_gemv" if rows <= quant_gemm.GEMV_MAX_M else "quant_gemm"]
+        words, perm = m._kernels["gemv"][0]
+        assert words.dtype == torch.int32 and (perm is not None) == act_order

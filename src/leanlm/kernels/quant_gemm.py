@@ -10,8 +10,9 @@ memory-bound decode step gains. Bits 2, 4 and 8 (codes that never straddle a byt
 
 Two kernels; :func:`quant_gemm` picks by the number of rows (:func:`_path`):
 
-- M ≤ ``GEMV_MAX_M`` (decode; QuantLinear sends contiguous-group layers whose shapes fit to the
-  faster :mod:`leanlm.kernels.quant_gemv` instead, so this one serves act-order and the rest) —
+- M ≤ ``GEMV_MAX_M`` (decode; QuantLinear sends layers whose shapes fit to the faster
+  :mod:`leanlm.kernels.quant_gemv` instead, act-order ones with their columns sorted by group,
+  so this one serves the rest) —
   ``_gemv_kernel``, grid (M, ⌈N/BLOCK_N⌉, SPLIT_K), no tensor cores:
   acc[BLOCK_N] in fp32 gathers Σ_k q_k x_k over K-tiles. Codes are loaded as 32-bit words
   (``qweight.view(int32)``, free when a row is a whole number of words; little-endian, so word w

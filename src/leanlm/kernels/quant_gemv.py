@@ -28,7 +28,8 @@ side by side in one tile (more loads in flight per step; scales then gathered pe
 Measured on an H200 (benchmarks/RESULTS.md): 37 µs for 1 × 4096 → 11008 at 4 bits, 15% of copy
 bandwidth — still bound by instructions and latency, not by memory. Contiguous groups only
 (``g_idx = k // group_size``) with 32 | group size and a group spanning whole chunks or a whole
-number of groups per chunk; act-order layers use :func:`leanlm.kernels.quant_gemm.quant_gemm`.
+number of groups per chunk. Act-order layers (GPTQ desc_act) fit once their columns are sorted by
+group, the input gathered with the same permutation (:class:`~leanlm.quant.linear.QuantLinear`).
 """
 
 from __future__ import annotations

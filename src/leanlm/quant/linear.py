@@ -18,8 +18,9 @@ The forward picks a backend once per (device, M-regime), automatically:
   activations; an asymmetric zero point becomes a rank-1 correction ``-(Σ_k x_k)·s·(z - 128)``.
 - ``triton`` (CUDA; 2/4/8 bits), for M ≤ ``TRITON_MAX_M`` rows: decode-shaped calls run
   :mod:`leanlm.kernels.quant_gemv` on an interleaved copy of the codes made once per layer (its
-  chunk layout: contiguous groups, K a multiple of 32·32/b; the copy costs another b/8 byte per
-  weight, beside ``qweight``, which the larger-M kernel reads); otherwise
+  chunk layout: K a multiple of 32·32/b; act-order columns sorted by group and the input gathered
+  to match; the copy costs another b/8 byte per weight, beside ``qweight``, which the larger-M
+  kernel reads); otherwise
   :mod:`leanlm.kernels.quant_gemm`, which reads ``qweight`` as it is and dequantizes in registers
   (act-order through ``g_idx``).
 - ``dequant``: ŵ = s·(q - z) in the activation dtype, then a dense GEMM. This is what runs for
@@ -129,13 +130,21 @@ class QuantLinear(nn.Module):
             self._kernels["contiguous"] = (torch.equal(self.g_idx, default),)
         return None if self._kernels["contiguous"][0] else self.g_idx
 
-    def _gemv_words(self) -> torch.Tensor | None:
-        """The decode GEMV's interleaved copy of the codes (:mod:`leanlm.kernels.quant_gemv`), made
-        once, or None where that layout does not fit (act-order, K or groups off its chunks)."""
+    def _gemv_words(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The decode GEMV's interleaved copy of the codes (:mod:`leanlm.kernels.quant_gemv`) and
+        the column order it expects the input in, made once; None where the layout does not fit
+        (K or groups off its chunks). Act-order codes are stored with their columns sorted by
+        group, as for int4pack, and the input is gathered with the same permutation."""
         if "gemv" not in self._kernels:
-            fits = self._g_idx() is None and quant_gemv.supports(self.in_features, self.bits, self.group_size)
-            self._kernels["gemv"] = (quant_gemv.interleave(self.qweight, self.bits, self.in_features)
-                                     if fits else None,)
+            k, made = self.in_features, None
+            if quant_gemv.supports(k, self.bits, self.group_size) and (
+                    self._g_idx() is None or self._contiguous_groups()):
+                perm, qweight = None, self.qweight
+                if self._g_idx() is not None:
+                    perm = torch.argsort(self.g_idx.long(), stable=True)
+                    qweight = pack_codes(self.codes()[:, perm], self.bits)
+                made = (quant_gemv.interleave(qweight, self.bits, k), perm)
+            self._kernels["gemv"] = (made,)
         return self._kernels["gemv"][0]
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -259,9 +268,11 @@ class QuantLinear(nn.Module):
         if backend == "triton":
             self._restore_codes()  # a layer that ran int4pack on the CPU holds its codes there
             dtype = _activation_dtype(x2)
-            words = self._gemv_words() if x2.shape[0] <= quant_gemm.GEMV_MAX_M else None
-            if words is not None:
-                y = quant_gemv.quant_gemv(x2.to(dtype).contiguous(), words, self.scales, self.zeros,
+            gemv = self._gemv_words() if x2.shape[0] <= quant_gemm.GEMV_MAX_M else None
+            if gemv is not None:
+                words, perm = gemv
+                xg = x2 if perm is None else x2[:, perm]
+                y = quant_gemv.quant_gemv(xg.to(dtype).contiguous(), words, self.scales, self.zeros,
                                           self.bits, self.group_size, self.bias)
             else:
                 y = quant_gemm.quant_gemm(x2.to(dtype).contiguous(), self.qweight, self.scales, self.zeros,
