@@ -161,6 +161,13 @@ def gemm_rows(rows: list[dict], dev: torch.device, bw: float, smoke: bool) -> No
             run = lambda x=x: quant_gemm.quant_gemm(x, qweight, scales, zeros, g_idx, 4, group)
             report(rows, "int4 gemv act-order", f"m{m} k{k} n{n}", bench(run, dev),
                    nbytes(x) + g_idx.nbytes, bw, rel(run(), ref), vs_bf16_matmul=t_bf16)
+            # what QuantLinear runs for act-order: columns sorted by group, the input gathered
+            perm = torch.argsort(g_idx.long(), stable=True)
+            sorted_words = quant_gemv.interleave(pack_codes(codes[:, perm.cpu()], 4).to(dev), 4, k)
+            run = lambda x=x, p=perm, w=sorted_words, c=cfg: quant_gemv.quant_gemv(
+                x[:, p].contiguous(), w, scales, zeros, 4, group, config=c)
+            report(rows, "int4 gemv act-order sorted", f"m{m} k{k} n{n}", bench(run, dev),
+                   nbytes(x) + perm.nbytes, bw, rel(run(), ref), vs_bf16_matmul=t_bf16)
             continue
         run = lambda x=x: quant_gemm.quant_gemm(x, qweight, scales, zeros, None, 4, group)
         dequant = lambda x=x: torch.matmul(x.to(w.dtype), dequantize_weight(
