@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--corpus", type=Path, required=True)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--rounds", type=int, default=1, help="iterated DoReMi rounds")
     ap.add_argument("--out", type=Path, default=CACHE / "doremi")
     args = ap.parse_args()
     print(f"# bench_doremi: {machine()}", flush=True)
@@ -54,7 +55,9 @@ def main() -> None:
               f"eval_every={args.eval_every}", "progress=false"]
     t0 = time.perf_counter()
     base = apply_overrides(get_recipe("tiny"), common)
-    result = doremi(args.corpus, args.out / "doremi", base, DoReMiConfig(), quiet=True)
+    result = doremi(args.corpus, args.out / "doremi", base, DoReMiConfig(rounds=args.rounds), quiet=True)
+    for i, w in enumerate(result.get("rounds", [])):
+        print(f"  round {i + 1}: " + ", ".join(f"{d} {v:.3f}" for d, v in w.items()), flush=True)
     print(f"DoReMi weights ({time.perf_counter() - t0:.0f} s): "
           + ", ".join(f"{d} {w:.3f}" for d, w in result["domain_weights"].items()), flush=True)
     domains = list(load_manifest(args.corpus)["domains"])

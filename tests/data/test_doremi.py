@@ -78,3 +78,18 @@ def test_proxy_weights_move_toward_the_domain_with_excess_loss(tiny_data: tuple[
         proxy.close()
     w = proxy.domain_weights()
     assert w["mycode"] > w["mydocs"] and w["mycode"] > w["myliterature"]
+
+
+def test_iterated_doremi_trains_each_reference_on_the_last_rounds_weights(tiny_data: tuple[Path, Path],
+                                                                           tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_data, tmp_path, "max_steps=6", "eval_every=0", "ckpt_every=6")
+    result = doremi(tiny_data[0], tmp_path / "it", cfg, DoReMiConfig(rounds=2, tolerance=0.0), quiet=True)
+    first, second = result["rounds"]
+    assert result["domain_weights"] == second and first != second
+    assert result["reference_weights"] == pytest.approx({d: 1 / 3 for d in first})
+    # round 2's reference (and proxy) sampled their domains by round 1's weights
+    for run in ("reference", "proxy"):
+        saved = json.loads((tmp_path / "it" / "round2" / run / "train_config.json").read_text())
+        assert saved["domain_weights"] == pytest.approx(first)
+    with pytest.raises(LeanLMError, match="rounds >= 1"):
+        doremi(tiny_data[0], tmp_path / "bad", cfg, DoReMiConfig(rounds=0), quiet=True)

@@ -167,6 +167,8 @@ def doremi_cmd(corpus: Annotated[Path, typer.Argument(help="Corpus folder (leanl
                tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer directory.")] = None,
                eta: Annotated[float, typer.Option(help="Step size of the weight update.")] = 1.0,
                smoothing: Annotated[float, typer.Option(help="Mixed-in uniform weight c.")] = 1e-3,
+               rounds: Annotated[int, typer.Option(
+                   help="Iterated DoReMi: rounds, each reference trained on the last round's weights.")] = 1,
                set_: Annotated[list[str] | None, typer.Option(
                    "--set", help="Recipe override key=value (as for `leanlm pretrain`).")] = None,
                quiet: Annotated[bool, typer.Option(help="No progress bars or logs.")] = False) -> None:
@@ -179,7 +181,7 @@ def doremi_cmd(corpus: Annotated[Path, typer.Argument(help="Corpus folder (leanl
     if tokenizer is not None:
         overrides.append(f"tokenizer={tokenizer}")
     base = apply_overrides(get_recipe(recipe), overrides)
-    result = doremi(corpus, out, base, DoReMiConfig(eta=eta, smoothing=smoothing), quiet)
+    result = doremi(corpus, out, base, DoReMiConfig(eta=eta, smoothing=smoothing, rounds=rounds), quiet)
     table = Table(title=f"DoReMi domain weights ({result['steps']} proxy steps): {out / 'weights.json'}")
     table.add_column("domain")
     table.add_column("reference")

@@ -16,6 +16,10 @@
    trained on it with ``leanlm pretrain --set domain_weights=OUT/weights.json`` (the trainer's
    :class:`~leanlm.train.data.MixtureLoader` samples each sequence's domain by the weights).
 
+Iterated DoReMi (the paper's §3, used for its GLaM runs): with ``rounds`` > 1 the steps repeat,
+round r + 1's reference weights α_ref being round r's ᾱ, until ``rounds`` or until no weight moves
+by more than ``tolerance`` (each round in ``OUT/roundN``).
+
 Both models are trained by leanlm's :class:`~leanlm.train.trainer.Trainer` (the proxy by a
 subclass that replaces the training step), so they checkpoint, resume and log as pretraining does.
 """
@@ -44,6 +48,8 @@ class DoReMiConfig:
     eta: float = 1.0  # step size of the exponentiated-gradient update
     smoothing: float = 1e-3  # c: mixed with the uniform distribution after each update
     reference_weights: dict[str, float] | None = None  # α_ref; None: uniform
+    rounds: int = 1  # iterated DoReMi: each round's reference is trained on the last round's weights
+    tolerance: float = 1e-3  # ... stopping early once no weight moves by more than this
 
 
 class ProxyTrainer(Trainer):
@@ -113,12 +119,33 @@ class ProxyTrainer(Trainer):
 
 def doremi(corpus: str | Path, out: str | Path, base: TrainConfig, config: DoReMiConfig | None = None,
            quiet: bool = False) -> dict[str, Any]:
-    """Train the reference and the proxy on ``corpus`` with ``base``'s model and schedule; writes
-    and returns ``OUT/weights.json``."""
+    """Train the reference and the proxy on ``corpus`` with ``base``'s model and schedule (once per
+    round); writes and returns ``OUT/weights.json``."""
     config = config or DoReMiConfig()
+    if config.rounds < 1:
+        raise LeanLMError(f"DoReMi needs rounds >= 1, got {config.rounds}")
     out = Path(out)
     domains = list(load_manifest(corpus)["domains"])
     ref_weights = config.reference_weights or {d: 1.0 / len(domains) for d in domains}
+    history: list[dict[str, float]] = []
+    for r in range(config.rounds):
+        where = out if config.rounds == 1 else out / f"round{r + 1}"
+        weights, steps = _round(corpus, where, base, ref_weights if r == 0 else history[-1], config, quiet)
+        history.append(weights)
+        if r and max(abs(weights[d] - history[-2][d]) for d in domains) <= config.tolerance:
+            break
+    result = {"domain_weights": history[-1], "reference_weights": ref_weights, "steps": steps,
+              "eta": config.eta, "smoothing": config.smoothing}
+    if config.rounds > 1:
+        result["rounds"] = history
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "weights.json", result)
+    return result
+
+
+def _round(corpus: str | Path, out: Path, base: TrainConfig, ref_weights: dict[str, float],
+           config: DoReMiConfig, quiet: bool) -> tuple[dict[str, float], int]:
+    """One reference + proxy: (ᾱ, proxy steps)."""
     cfg = dataclasses.replace(base, data=str(corpus), domain_weights=ref_weights, grad_accum=1)
     reference = Trainer(dataclasses.replace(cfg, out=str(out / "reference")), quiet)
     try:
@@ -129,11 +156,6 @@ def doremi(corpus: str | Path, out: str | Path, base: TrainConfig, config: DoReM
                          config, quiet)
     try:
         proxy.run()
-        weights = proxy.domain_weights()
+        return proxy.domain_weights(), proxy.step
     finally:
         proxy.close()
-    result = {"domain_weights": weights, "reference_weights": ref_weights, "steps": proxy.step,
-              "eta": config.eta, "smoothing": config.smoothing}
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "weights.json", result)
-    return result
