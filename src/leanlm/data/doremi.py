@@ -51,6 +51,10 @@ class DoReMiConfig:
     rounds: int = 1  # iterated DoReMi: each round's reference is trained on the last round's weights
     tolerance: float = 1e-3  # ... stopping early once no weight moves by more than this
 
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise LeanLMError(f"DoReMi needs rounds >= 1, got {self.rounds}")
+
 
 class ProxyTrainer(Trainer):
     """The Group DRO proxy of DoReMi: the trainer with its step replaced (one process)."""
@@ -122,8 +126,6 @@ def doremi(corpus: str | Path, out: str | Path, base: TrainConfig, config: DoReM
     """Train the reference and the proxy on ``corpus`` with ``base``'s model and schedule (once per
     round); writes and returns ``OUT/weights.json``."""
     config = config or DoReMiConfig()
-    if config.rounds < 1:
-        raise LeanLMError(f"DoReMi needs rounds >= 1, got {config.rounds}")
     out = Path(out)
     domains = list(load_manifest(corpus)["domains"])
     ref_weights = config.reference_weights or {d: 1.0 / len(domains) for d in domains}

@@ -271,6 +271,23 @@ def _words(qweight: torch.Tensor) -> torch.Tensor:
     return qweight
 
 
+def check_params(x: torch.Tensor, n: int, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                 bias: torch.Tensor | None, out: torch.Tensor | None) -> None:
+    """The launch checks both weight-only kernels share: scales and zeros [N, G], bias [N], out [M, N]."""
+    m, k = x.shape
+    groups = 1 if group_size == -1 else -(-k // group_size)
+    check_tensor("scales", scales, 2, FLOATS, x.device)
+    check_tensor("zeros", zeros, 2, (torch.uint8,), x.device)
+    check(tuple(scales.shape) == (n, groups) and tuple(zeros.shape) == (n, groups),
+          f"scales and zeros must be [{n}, {groups}], got {tuple(scales.shape)} and {tuple(zeros.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, 1, FLOATS, x.device)
+        check(bias.shape[0] == n, f"bias has {bias.shape[0]} entries for N={n}")
+    if out is not None:
+        check(tuple(out.shape) == (m, n) and out.dtype == x.dtype and out.stride(-1) == 1,
+              f"out must be [{m}, {n}] {x.dtype}, got {tuple(out.shape)} {out.dtype}")
+
+
 def quant_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                g_idx: torch.Tensor | None, bits: int, group_size: int,
                bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
@@ -291,20 +308,10 @@ def quant_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     check(qweight.shape[1] == -(-k * bits // 8),
           f"qweight must be [N, {-(-k * bits // 8)}] bytes for K={k} at {bits} bits, got "
           f"{tuple(qweight.shape)}")
-    groups = 1 if group_size == -1 else -(-k // group_size)
-    check_tensor("scales", scales, 2, FLOATS, dev)
-    check_tensor("zeros", zeros, 2, (torch.uint8,), dev)
-    check(tuple(scales.shape) == (n, groups) and tuple(zeros.shape) == (n, groups),
-          f"scales and zeros must be [{n}, {groups}], got {tuple(scales.shape)} and {tuple(zeros.shape)}")
+    check_params(x, n, scales, zeros, group_size, bias, out)
     if g_idx is not None:
         check_tensor("g_idx", g_idx, 1, (torch.int32, torch.int64), dev)
         check(g_idx.shape[0] == k, f"g_idx has {g_idx.shape[0]} entries for K={k}")
-    if bias is not None:
-        check_tensor("bias", bias, 1, FLOATS, dev)
-        check(bias.shape[0] == n, f"bias has {bias.shape[0]} entries for N={n}")
-    if out is not None:
-        check(tuple(out.shape) == (m, n) and out.dtype == x.dtype and out.stride(-1) == 1,
-              f"out must be [{m}, {n}] {x.dtype}, got {tuple(out.shape)} {out.dtype}")
     cfg = dict(config or {})
     check(set(cfg) <= set(CONFIG_KEYS), f"config keys must be among {CONFIG_KEYS}, got {sorted(cfg)}")
     path = _path(m, cfg)

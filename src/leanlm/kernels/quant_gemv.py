@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from leanlm.kernels import FLOATS, check, check_runnable, check_tensor
+from leanlm.kernels.quant_gemm import check_params
 from leanlm.quant.primitives import unpack_codes
 
 LANES = 32  # words per chunk
@@ -186,14 +187,7 @@ def quant_gemv(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros
     n = words.shape[0]
     check(words.shape[1] == k * bits // 32,
           f"words must be [N, {k * bits // 32}] for K={k}, got {tuple(words.shape)}")
-    groups = 1 if group_size == -1 else -(-k // group_size)
-    check_tensor("scales", scales, 2, FLOATS, dev)
-    check_tensor("zeros", zeros, 2, (torch.uint8,), dev)
-    check(tuple(scales.shape) == (n, groups) and tuple(zeros.shape) == (n, groups),
-          f"scales and zeros must be [{n}, {groups}], got {tuple(scales.shape)} and {tuple(zeros.shape)}")
-    if bias is not None:
-        check_tensor("bias", bias, 1, FLOATS, dev)
-        check(bias.shape[0] == n, f"bias has {bias.shape[0]} entries for N={n}")
+    check_params(x, n, scales, zeros, group_size, bias, out)
     cfg = {**default_config(m, n, dev), **(config or {})}
     block_n = cfg["block_n"]
     check(block_n >= 1 and block_n & (block_n - 1) == 0,
@@ -205,8 +199,6 @@ def quant_gemv(x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros
     while total % chunks:  # ... dividing K's chunks
         chunks //= 2
     y = torch.empty(m, n, dtype=x.dtype, device=dev) if out is None else out
-    check(tuple(y.shape) == (m, n) and y.dtype == x.dtype and y.stride(-1) == 1,
-          f"out must be [{m}, {n}] {x.dtype}, got {tuple(y.shape)} {y.dtype}")
     if m and n:
         _gemv_kernel[(m, triton.cdiv(n, block_n))](
             x, words, scales, zeros, scales if bias is None else bias, y, n, k, x.stride(0),
