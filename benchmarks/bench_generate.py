@@ -3,9 +3,11 @@
 Batch 1, bf16, greedy, on a random-weight checkpoint of a preset shape (default llama-3.2-1b).
 Decode time per token = (time to generate P+N tokens - time to generate P+1 tokens) / (N-1), so
 prefill is excluded for both. The floor is the model's own weight matrices multiplied by one
-bf16 activation vector each, in order, with no model code: what a decode step would cost if
-all the Python and all the non-matmul ops were free. Decode on CPU is memory-bound, so the
-floor is the weights' bytes over memory bandwidth.
+bf16 activation vector each, in order, with no model code, on the same oneDNN-prepacked weights
+leanlm decodes with (``kernels/cpu_linear.py``): what a decode step would cost if all the Python
+and all the non-matmul ops were free. Decode on CPU is memory-bound, so the floor is the weights'
+bytes over memory bandwidth. "leanlm, F.linear" is leanlm with ``LEANLM_KERNELS=reference``
+(plain ``F.linear``, which re-lays-out each bf16 weight on every call): the gain from prepacking.
 
     python benchmarks/bench_generate.py [--preset llama-3.2-1b] [--new-tokens 32] [--repeats 5]
 """
@@ -18,10 +20,9 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 import leanlm
-from common import machine, random_checkpoint
+from common import machine, random_checkpoint, unpacked_linears
 from leanlm.generate import GenerationConfig, generate
 
 
@@ -66,21 +67,27 @@ def main() -> None:
         return out[0, args.prompt_len:].tolist()
 
     weights = [m.weight for m in ours.modules() if isinstance(m, torch.nn.Linear)]
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w.detach()) for w in weights]
     xs = [torch.randn(1, 1, w.shape[1], dtype=w.dtype) for w in weights]
 
     @torch.inference_mode()
     def gemvs() -> None:
-        for w, x in zip(weights, xs, strict=True):
-            F.linear(x, w)
+        for w, x in zip(packed, xs, strict=True):
+            torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+    def run_unpacked(n: int) -> list[int]:
+        with unpacked_linears():
+            return run_ours(n)
 
     # A random model's top logits are near-ties, so bf16 rounding differences (our decode
     # attention runs in fp32) can flip a token; exact parity is tested in fp32 (tests/test_model.py).
     a, b = run_ours(16), run_hf(16)
     agree = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
     # Interleave the three measurements so that machine noise hits them alike.
-    rounds = {"leanlm": [], "transformers": [], "gemv floor": []}
+    rounds = {"leanlm": [], "leanlm, F.linear": [], "transformers": [], "gemv floor": []}
     for _ in range(args.repeats):
         rounds["leanlm"].append(per_token(run_ours, args.new_tokens, 1))
+        rounds["leanlm, F.linear"].append(per_token(run_unpacked, args.new_tokens, 1))
         rounds["transformers"].append(per_token(run_hf, args.new_tokens, 1))
         gemvs()
         rounds["gemv floor"].append(statistics.median(timed(gemvs) for _ in range(3)))
@@ -90,8 +97,9 @@ def main() -> None:
           f"{args.new_tokens} new tokens, batch 1, median of {args.repeats}")
     print(f"greedy tokens equal to transformers' (bf16): first {agree} of {len(a)}")
     for k, v in med.items():
-        print(f"  {k:13s} {v:7.1f} ms/token  {1e3 / v:6.2f} tok/s")
-    print(f"leanlm speed-up over transformers: {med['transformers'] / med['leanlm']:.2f}x")
+        print(f"  {k:16s} {v:7.1f} ms/token  {1e3 / v:6.2f} tok/s")
+    print(f"leanlm speed-up over transformers: {med['transformers'] / med['leanlm']:.2f}x "
+          f"(with F.linear: {med['transformers'] / med['leanlm, F.linear']:.2f}x)")
     print(f"leanlm vs GEMV floor: {med['leanlm'] / med['gemv floor']:.3f}x "
           f"(overhead {med['leanlm'] - med['gemv floor']:.1f} ms/token)")
 

@@ -14,6 +14,7 @@ the same non-overlapping windows for every row; everything is evaluated in bf16.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import resource
 import subprocess
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common import CACHE, machine, random_model
+from common import CACHE, machine, random_model, unpacked_linears
 from leanlm import DEFAULT_MODEL, Transformer, load_model, load_tokenizer
 from leanlm.eval.efficiency import model_bytes, tokens_per_s
 from leanlm.eval.perplexity import stream_loss
@@ -194,7 +195,10 @@ def random_1b(seed: int = 0) -> Transformer:
 def speed(args: argparse.Namespace) -> None:
     print(f"# bench_quant --speed: random llama-3.2-1b shape (bf16), batch 1, {machine()}")
     every_linear = lambda name, m: True
-    rows = [("bf16", None, None), ("int8 per-channel", RTNConfig(8, -1), every_linear),
+    # "F.linear": bf16 without the prepacked CPU linears (LEANLM_KERNELS=reference), the baseline
+    # before kernels/cpu_linear.py
+    rows = [("bf16", None, None), ("bf16, F.linear", None, None),
+            ("int8 per-channel", RTNConfig(8, -1), every_linear),
             ("int4 g128", RTNConfig(4, 128), every_linear),
             ("int4 g128, LM head left in bf16", RTNConfig(4, 128), None)]
     rates: dict[str, list[tuple[float, float]]] = {}
@@ -203,7 +207,8 @@ def speed(args: argparse.Namespace) -> None:
             model = random_1b()
             if cfg is not None:
                 quantize_(model, cfg, filter_fn=filter_fn, progress=False)
-            rates.setdefault(name, []).append(tokens_per_s(model))
+            with unpacked_linears() if name.endswith("F.linear") else contextlib.nullcontext():
+                rates.setdefault(name, []).append(tokens_per_s(model))
             del model
         print(f"round {rnd}: " + ", ".join(f"{k} {v[-1][0]:.2f} / {v[-1][1]:.1f} tok/s"
                                            for k, v in rates.items()), flush=True)

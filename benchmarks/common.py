@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import platform
 import socket
 import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -37,6 +39,17 @@ def random_model(preset: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0
     model.tie_weights()
     model.init_weights(std=0.02, generator=torch.Generator().manual_seed(seed))
     return model.eval()
+
+
+@contextlib.contextmanager
+def unpacked_linears() -> Iterator[None]:
+    """CPU inference through plain ``F.linear`` instead of leanlm's oneDNN-prepacked weights
+    (``kernels/cpu_linear.py``): the baseline before prepacking, for before/after rows."""
+    os.environ["LEANLM_KERNELS"] = "reference"
+    try:
+        yield
+    finally:
+        os.environ.pop("LEANLM_KERNELS")
 
 
 def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanlm.attention import compute_dtype
+from leanlm.kernels.cpu_linear import Linear
 
 IGNORE_INDEX = -100
 CHUNK = 256  # rows per chunk: measured fastest on CPU (each fp32 chunk of logits stays in cache)
@@ -83,11 +84,11 @@ def linear_cross_entropy(h: torch.Tensor, head: nn.Module, targets: torch.Tensor
     """Mean cross-entropy of ``head(h)`` against ``targets`` (``-100`` = ignored).
 
     Fused and chunked (``chunk`` rows; by default ``CHUNK``, or ``CUDA_CHUNK`` on CUDA) for a
-    plain bias-free ``nn.Linear`` head when gradients are wanted; any other head (quantized, with
-    adapters), or no-grad scoring, takes the plain path.
+    plain bias-free ``nn.Linear`` (the model's ``Linear`` included) head when gradients are
+    wanted; any other head (quantized, with adapters), or no-grad scoring, takes the plain path.
     """
     hooked = bool(head._forward_hooks or head._forward_pre_hooks)  # e.g. a LoRA on lm_head
-    if type(head) is nn.Linear and head.bias is None and not hooked and torch.is_grad_enabled():
+    if type(head) in (nn.Linear, Linear) and head.bias is None and not hooked and torch.is_grad_enabled():
         chunk = chunk or (CUDA_CHUNK if h.device.type == "cuda" else CHUNK)
         return _LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), head.weight, targets.reshape(-1), chunk)
     logits = head(h).float()

@@ -17,7 +17,9 @@ each shared by ``num_heads / num_kv_heads`` query heads.
 
 Module names follow the Hugging Face Llama layout (``layers.N.self_attn.q_proj`` …) for every
 family, so quantization and PEFT target the same names everywhere; ``checkpoint.py`` maps GPT-2's
-fused Conv1D names onto them.
+fused Conv1D names onto them. Every projection and the head is a
+:class:`~leanlm.kernels.cpu_linear.Linear`: an ``nn.Linear`` that serves CPU inference from a
+oneDNN-prepacked copy of its weight.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from leanlm.attention import KVCache, PagedMetadata, SDPAMetadata, compute_dtype
 from leanlm.config import ModelConfig
 from leanlm.errors import LeanLMError
 from leanlm.kernels import rmsnorm, rotary
+from leanlm.kernels.cpu_linear import Linear
 from leanlm.loss import linear_cross_entropy
 
 
@@ -99,10 +102,10 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, d
         self.sliding = config.layer_types[layer_idx] == "sliding_attention"
-        self.q_proj = nn.Linear(h, config.num_heads * d, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(h, config.num_kv_heads * d, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(h, config.num_kv_heads * d, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(config.num_heads * d, h, bias=config.o_bias)
+        self.q_proj = Linear(h, config.num_heads * d, bias=config.qkv_bias)
+        self.k_proj = Linear(h, config.num_kv_heads * d, bias=config.qkv_bias)
+        self.v_proj = Linear(h, config.num_kv_heads * d, bias=config.qkv_bias)
+        self.o_proj = Linear(config.num_heads * d, h, bias=config.o_bias)
         self.q_norm = RMSNorm(d, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(d, config.norm_eps) if config.qk_norm else None
 
@@ -124,9 +127,9 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(h, i, bias=bias) if config.gated_mlp else None
-        self.up_proj = nn.Linear(h, i, bias=bias)
-        self.down_proj = nn.Linear(i, h, bias=bias)
+        self.gate_proj = Linear(h, i, bias=bias) if config.gated_mlp else None
+        self.up_proj = Linear(h, i, bias=bias)
+        self.down_proj = Linear(i, h, bias=bias)
         self.activation = config.activation
 
     def act(self, x: torch.Tensor) -> torch.Tensor:
@@ -180,7 +183,7 @@ class Transformer(nn.Module):
                                 if config.positional == "learned" else None)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = make_norm(config, config.hidden_size)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)

@@ -38,7 +38,7 @@ def disk_bytes(path: str | Path) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def tokens_per_s(model: nn.Module, steps: int = 24, prompt: int = 128,
                  dtype: torch.dtype = torch.bfloat16) -> tuple[float, float]:
     """(decode, prefill) tokens/s at batch 1 (see the module docstring)."""

@@ -129,7 +129,7 @@ def spread(spans: list, k: int) -> list:
     return [spans[int(i)] for i in np.linspace(0, len(spans) - 1, k).round()]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def text_perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int, stride: int | None = None,
                     batch_size: int = 8, max_windows: int = 0,
                     reference: nn.Module | None = None) -> Perplexity:

@@ -97,7 +97,7 @@ def encode_pair(tokenizer: object, context: str, continuation: str) -> tuple[lis
     return whole[:len(ctx)], whole[len(ctx):]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def loglikelihoods(model: nn.Module, pairs: list[tuple[list[int], list[int]]], max_len: int,
                    batch_size: int = 16) -> list[tuple[float, bool]]:
     """(Σ log p(continuation | context), whether greedy decoding yields the continuation) per

@@ -12,6 +12,9 @@ to that limit on a GPU:
 - ``rmsnorm``: fused residual-add + RMSNorm;  ``rotary``: rotary embedding of q or k;
 - ``kv_store``: writing new K/V into their cache slots.
 
+Not Triton: ``cpu_linear`` is the model's ``nn.Linear``, which runs CPU inference on oneDNN's
+prepacked weight layout (``LEANLM_KERNELS=reference`` turns it off too).
+
 Dispatch (:func:`use_triton`): the model, the paged attention backend and the quantized linear ask
 here whether to launch a kernel. ``LEANLM_KERNELS`` picks the mode:
 

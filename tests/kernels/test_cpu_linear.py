@@ -1,0 +1,106 @@
+"""The model's Linear: oneDNN-prepacked weights for CPU inference, F.linear everywhere else."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from leanlm.kernels.cpu_linear import Linear
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
+
+
+def _layer(dtype: torch.dtype, bias: bool = True) -> Linear:
+    torch.manual_seed(0)
+    return Linear(96, 160, bias=bias).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 96), (1, 1, 96), (3, 7, 96), (64, 96)])
+def test_packed_inference_matches_f_linear(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    m = _layer(dtype)
+    x = torch.randn(shape).to(dtype)
+    expected = F.linear(x, m.weight, m.bias)
+    with torch.inference_mode():
+        y = m(x)
+    assert m._packed is not None  # the packed path ran
+    assert y.shape == expected.shape and y.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(y, expected, rtol=tol, atol=tol)
+
+
+def test_a_changed_weight_is_packed_again() -> None:
+    m = _layer(torch.float32, bias=False)
+    x = torch.randn(2, 96)
+    with torch.inference_mode():
+        m(x)
+    first = m._packed
+    with torch.no_grad():
+        m.weight.mul_(2)  # in place: the version counter moves
+    with torch.inference_mode():
+        y = m(x)
+    assert m._packed is not first
+    torch.testing.assert_close(y, F.linear(x, m.weight), rtol=1e-5, atol=1e-5)
+    m.weight = torch.nn.Parameter(torch.zeros_like(m.weight))  # another tensor
+    with torch.inference_mode():
+        assert m(x).abs().max() == 0
+
+
+def test_training_fp16_and_reference_mode_take_f_linear(monkeypatch: pytest.MonkeyPatch) -> None:
+    m = _layer(torch.float32)
+    x = torch.randn(4, 96, requires_grad=True)
+    m(x).sum().backward()  # autograd: no packing, gradients flow
+    assert m._packed is None and m.weight.grad is not None and x.grad is not None
+    with torch.no_grad():  # no_grad is not inference mode (calibration, evaluation)
+        m(x)
+    assert m._packed is None
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m(x.detach()).dtype == torch.bfloat16  # autocast still casts
+    assert m._packed is None
+    half = _layer(torch.float16)
+    with torch.inference_mode():
+        half(torch.randn(2, 96).half())
+    assert half._packed is None
+    with torch.inference_mode():
+        m(x.detach())
+    assert m._packed is not None
+    m(x)  # training again after an evaluation: the packed copy is freed
+    assert m._packed is None
+    monkeypatch.setenv("LEANLM_KERNELS", "reference")
+    with torch.inference_mode():
+        m(x.detach())
+    assert m._packed is None
+
+
+def test_copies_pickles_and_state_dicts_leave_the_packed_weight_behind() -> None:
+    m = _layer(torch.bfloat16)
+    x = torch.randn(2, 96).bfloat16()
+    with torch.inference_mode():
+        y = m(x)
+    assert set(m.state_dict()) == {"weight", "bias"}
+    for other in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        assert other._packed is None
+        with torch.inference_mode():
+            torch.testing.assert_close(other(x), y, rtol=0, atol=0)
+
+
+def test_generation_runs_every_projection_and_the_head_packed() -> None:
+    from leanlm import DEFAULT_MODEL
+    from leanlm.checkpoint import load_model
+    from leanlm.generate import GenerationConfig, generate
+
+    model = load_model(DEFAULT_MODEL, dtype="bfloat16").eval()
+    out = generate(model, [[5, 6, 7, 8]], GenerationConfig(max_new_tokens=4, ignore_eos=True))
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert len(linears) == 7 * model.config.num_layers + 1
+    assert all(m._packed is not None for m in linears)
+    with torch.inference_mode():
+        packed_logits = model(torch.tensor([[5, 6, 7, 8]]))[0]
+    with torch.no_grad():  # F.linear
+        plain_logits = model(torch.tensor([[5, 6, 7, 8]]))[0]
+    torch.testing.assert_close(packed_logits, plain_logits, rtol=0.02, atol=0.02)
+    assert len(out[0]) == 4
