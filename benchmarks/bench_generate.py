@@ -3,8 +3,9 @@
 Batch 1, bf16, greedy, on a random-weight checkpoint of a preset shape (default llama-3.2-1b).
 Decode time per token = (time to generate P+N tokens - time to generate P+1 tokens) / (N-1), so
 prefill is excluded for both. The floor is the model's own weight matrices multiplied by one
-bf16 activation vector each, in order, with no model code, on the same oneDNN-prepacked weights
-leanlm decodes with (``kernels/cpu_linear.py``): what a decode step would cost if all the Python
+bf16 activation vector each, in order, with no model code, on the very oneDNN-prepacked copies
+leanlm decodes with (``kernels/cpu_linear.py``; other copies of the same weights ran up to 1.5x
+slower or faster, by where they lie in memory): what a decode step would cost if all the Python
 and all the non-matmul ops were free. Decode on CPU is memory-bound, so the floor is the weights'
 bytes over memory bandwidth. "leanlm, F.linear" is leanlm with ``LEANLM_KERNELS=reference``
 (plain ``F.linear``, which re-lays-out each bf16 weight on every call): the gain from prepacking.
@@ -66,9 +67,10 @@ def main() -> None:
         out = hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
         return out[0, args.prompt_len:].tolist()
 
-    weights = [m.weight for m in ours.modules() if isinstance(m, torch.nn.Linear)]
-    packed = [torch.ops.mkldnn._reorder_linear_weight(w.detach()) for w in weights]
-    xs = [torch.randn(1, 1, w.shape[1], dtype=w.dtype) for w in weights]
+    run_ours(2)  # packs the weights: the floor multiplies by the model's own packed copies
+    linears = [m for m in ours.modules() if isinstance(m, torch.nn.Linear)]
+    packed = [m._packed[1] for m in linears]
+    xs = [torch.randn(1, 1, m.in_features, dtype=m.weight.dtype) for m in linears]
 
     @torch.inference_mode()
     def gemvs() -> None:

@@ -29,7 +29,7 @@ import numpy as np
 import psutil
 import torch
 
-from common import free_port, machine, start_server
+from common import free_port, machine, start_server, unpacked_linears
 from leanlm import DEFAULT_MODEL, DRAFT_MODEL, load_model, load_tokenizer
 from leanlm.quant.calibration import default_texts
 from leanlm.serve import bench
@@ -98,16 +98,19 @@ def throughput(args: argparse.Namespace) -> None:
     rows = []
     for rnd in range(args.rounds):
         wall, ttft = leanlm_run(ps, new)
+        with unpacked_linears():
+            plain, _ = leanlm_run(ps, new)
         one = transformers_run(ps, new, 1)
         static = transformers_run(ps, new, len(ps))
-        rows.append((wall, one, static))
+        rows.append((wall, one, static, plain))
         print(f"round {rnd}: leanlm {total / wall:.1f} tok/s (median TTFT {np.median(ttft):.2f} s), "
-              f"transformers one-by-one {total / one:.1f} tok/s, static batch {total / static:.1f} tok/s",
-              flush=True)
-    wall, one, static = (statistics.median(r[i] for r in rows) for i in range(3))
+              f"with F.linear {total / plain:.1f} tok/s, transformers one-by-one {total / one:.1f} tok/s, "
+              f"static batch {total / static:.1f} tok/s", flush=True)
+    wall, one, static, plain = (statistics.median(r[i] for r in rows) for i in range(4))
     print("| server | output tokens/s | leanlm speed-up |")
     print("|---|---|---|")
     print(f"| leanlm engine (continuous batching) | {total / wall:.1f} | — |")
+    print(f"| leanlm engine, F.linear (no prepacked weights) | {total / plain:.1f} | {plain / wall:.2f}x |")
     print(f"| transformers one by one | {total / one:.1f} | {one / wall:.2f}x |")
     print(f"| transformers static batch of {len(ps)} | {total / static:.1f} | {static / wall:.2f}x |")
 

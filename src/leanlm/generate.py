@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from leanlm.allocator import keep_freed_memory
 from leanlm.errors import LeanLMError
 from leanlm.model import Transformer
 from leanlm.tokenizer import IncrementalDecoder, Tokenizer
@@ -107,6 +108,8 @@ def generate(model: Transformer, prompts: list[list[int]], cfg: GenerationConfig
     if cfg.ignore_eos:
         stop_ids = set()
     device = model.embed_tokens.weight.device
+    if device.type == "cpu":
+        keep_freed_memory()
     generator = None
     if cfg.temperature > 0:
         generator = torch.Generator(device)

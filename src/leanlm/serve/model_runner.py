@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from leanlm.allocator import keep_freed_memory
 from leanlm.attention import DecodeMetadata, PagedKVCache, PagedMetadata
 from leanlm.model import Transformer
 from leanlm.peft.api import routed
@@ -144,6 +145,8 @@ class ModelRunner:
         self.model = model
         device = model.embed_tokens.weight.device
         self.device = device
+        if device.type == "cpu":
+            keep_freed_memory()  # else each step may page-fault on its freed temporaries again
         # compiled decode: padding rows write to one scratch block past the engine's blocks
         self.cache = PagedKVCache.allocate(c.num_layers, num_blocks + compile, block_size, c.num_kv_heads,
                                            c.head_dim, kv_dtype or model.embed_tokens.weight.dtype, device)
