@@ -13,10 +13,12 @@ are the same oneDNN kernels', so outputs agree with ``F.linear`` to rounding.
 :class:`Linear` is ``nn.Linear`` taking that path when all of these hold, and ``F.linear``
 otherwise:
 
-- inference mode (``torch.inference_mode``: the serving engine, ``generate``): no autograd, and
-  no training or calibration step is ever slowed or made to hold a second copy;
-- a CPU weight in bf16 or fp32 that is not itself an inference tensor (its version counter is
-  how a changed weight is noticed), an input of the same dtype, no autocast;
+- inference mode (``torch.inference_mode``: the serving engine, ``generate``, the perplexity and
+  task evaluations): no autograd, and no training or calibration step is ever slowed or made to
+  hold a second copy;
+- a plain CPU tensor as weight (not a DTensor or other subclass) in bf16 or fp32, and not itself
+  an inference tensor (its version counter is how a changed weight is noticed); an input of the
+  same dtype; no autocast;
 - not traced by ``torch.compile`` (inductor packs weights its own way), ``LEANLM_KERNELS`` is not
   ``reference``, and oneDNN is available.
 
@@ -37,12 +39,14 @@ from torch import nn
 from leanlm import kernels
 
 PACKABLE = (torch.bfloat16, torch.float32)
+PLAIN = (nn.Parameter, torch.Tensor)
 
 
 def _eligible(weight: torch.Tensor, x: torch.Tensor) -> bool:
     # is_compiling first: under dynamo the whole test folds to False before anything is traced
     return (not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
-            and weight.device.type == "cpu" and weight.dtype in PACKABLE and x.dtype == weight.dtype
+            and type(weight) in PLAIN and weight.device.type == "cpu" and weight.dtype in PACKABLE
+            and x.dtype == weight.dtype
             and not weight.is_inference() and not torch.is_autocast_enabled("cpu")
             and torch.backends.mkldnn.is_available() and kernels.mode() != "reference")
 
