@@ -27,7 +27,7 @@ def test_packed_inference_matches_f_linear(dtype: torch.dtype, shape: tuple[int,
     expected = F.linear(x, m.weight, m.bias)
     with torch.inference_mode():
         y = m(x)
-    assert m._packed is not None  # the packed path ran
+    assert m._packed is not None and m._packed[1] is not None  # the packed path ran
     assert y.shape == expected.shape and y.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(y, expected, rtol=tol, atol=tol)
@@ -97,10 +97,24 @@ def test_generation_runs_every_projection_and_the_head_packed() -> None:
     out = generate(model, [[5, 6, 7, 8]], GenerationConfig(max_new_tokens=4, ignore_eos=True))
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     assert len(linears) == 7 * model.config.num_layers + 1
-    assert all(m._packed is not None for m in linears)
+    assert all(m._packed is not None and m._packed[1] is not None for m in linears)
     with torch.inference_mode():
         packed_logits = model(torch.tensor([[5, 6, 7, 8]]))[0]
     with torch.no_grad():  # F.linear
         plain_logits = model(torch.tensor([[5, 6, 7, 8]]))[0]
     torch.testing.assert_close(packed_logits, plain_logits, rtol=0.02, atol=0.02)
     assert len(out[0]) == 4
+
+
+def test_a_weight_is_not_packed_where_memory_is_short(monkeypatch: pytest.MonkeyPatch) -> None:
+    import leanlm.kernels.cpu_linear as cpu_linear
+
+    monkeypatch.setattr(cpu_linear, "available_memory", lambda: cpu_linear.HEADROOM)
+    m = _layer(torch.float32)
+    x = torch.randn(3, 96)
+    with torch.inference_mode():
+        y = m(x)
+    assert m._packed is not None and m._packed[1] is None  # decided once per weight version
+    torch.testing.assert_close(y, F.linear(x, m.weight, m.bias), rtol=0, atol=0)
+    monkeypatch.undo()
+    assert cpu_linear.available_memory() > cpu_linear.HEADROOM  # this machine has room

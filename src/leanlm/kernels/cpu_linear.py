@@ -24,8 +24,10 @@ otherwise:
 
 The packed copy is made on first use and made again whenever the weight changes (another tensor,
 or the same one modified in place), so serving or generating on CPU holds one more copy of each
-linear's weight; the first forward outside inference mode frees it. It is not part of the state
-dict, and copies and pickles of the module drop it.
+linear's weight; the first forward outside inference mode frees it. A weight whose copy would
+leave less than 1 GiB of the machine's available memory is not packed (it runs ``F.linear``), so
+a model that fits in memory once still serves where two copies would not. The copy is not part
+of the state dict, and copies and pickles of the module drop it.
 """
 
 from __future__ import annotations
@@ -40,6 +42,19 @@ from leanlm import kernels
 
 PACKABLE = (torch.bfloat16, torch.float32)
 PLAIN = (nn.Parameter, torch.Tensor)
+HEADROOM = 1 << 30  # bytes of available memory a packed copy must leave free
+
+
+def available_memory() -> int:
+    """MemAvailable of /proc/meminfo in bytes (unbounded where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
 
 
 def _eligible(weight: torch.Tensor, x: torch.Tensor) -> bool:
@@ -55,7 +70,8 @@ class Linear(nn.Linear):
     """``nn.Linear`` that runs CPU inference on a oneDNN-prepacked copy of its weight (see the
     module docstring); anything else — training, CUDA, fp16, compile — is ``F.linear``."""
 
-    _packed: tuple[tuple[int, int], torch.Tensor] | None = None  # ((data_ptr, version), packed weight)
+    # ((data_ptr, version) of the weight packed, its packed copy or None where memory was short)
+    _packed: tuple[tuple[int, int], torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
@@ -65,7 +81,11 @@ class Linear(nn.Linear):
             return F.linear(x, w, self.bias)
         key = (w.data_ptr(), w._version)
         if self._packed is None or self._packed[0] != key:
-            self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach()))
+            self._packed = None  # the stale copy goes before the new one is made
+            fits = w.numel() * w.element_size() + HEADROOM <= available_memory()
+            self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach()) if fits else None)
+        if self._packed[1] is None:  # no room for a copy of this weight: F.linear serves
+            return F.linear(x, w, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self._packed[1], self.bias, "none", [], "")
 
     def __getstate__(self) -> dict[str, Any]:
