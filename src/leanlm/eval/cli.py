@@ -61,6 +61,8 @@ def eval_(
 def _domain_losses(lm: Any, tok: Any, data: Path, seq_len: int, batch_size: int, max_windows: int) -> dict:
     import tempfile
 
+    import torch
+
     from leanlm.eval.perplexity import perplexity, stream_loss
     from leanlm.train.data import load_tokens, tokenize_corpus
 
@@ -70,7 +72,9 @@ def _domain_losses(lm: Any, tok: Any, data: Path, seq_len: int, batch_size: int,
     with tempfile.TemporaryDirectory() as tmp:
         files = tokenize_corpus(data, tok, tmp, tok.eos_token_id, splits=("val",))
         for dom, f in files.items():
-            s, n = stream_loss(lm, load_tokens(f["val"]), seq_len, tok.eos_token_id, batch_size, max_windows)
+            with torch.inference_mode():  # (stream_loss itself is no_grad: the trainer calls it too)
+                s, n = stream_loss(lm, load_tokens(f["val"]), seq_len, tok.eos_token_id, batch_size,
+                                   max_windows)
             if n:
                 out[dom] = {"tokens": n, "loss": s / n, "ppl": perplexity(s / n)}
     return out
