@@ -1,4 +1,5 @@
-"""Keep freed memory in the process on CPU, so inference steps do not page-fault.
+"""CPU memory of the process: keep freed memory, so inference steps do not page-fault; and how
+much memory the machine has available.
 
 glibc's malloc serves a large block (above ``M_MMAP_THRESHOLD``, 128 KiB at first and raised
 dynamically) with a fresh ``mmap`` and gives it back to the kernel on ``free``, and trims the heap
@@ -16,6 +17,9 @@ The cost is that the process keeps memory it has freed (up to its peak) instead 
 It is applied once, by the serving engine and by ``generate`` on CPU; it does nothing where libc
 is not glibc, or where the user set ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or
 ``GLIBC_TUNABLES`` (their choice stands), or ``LEANLM_KEEP_FREED_MEMORY=0``.
+
+:func:`available_memory` is Linux's MemAvailable: what the trainer's memory check and the
+prepacked linears (``kernels/cpu_linear.py``) may still use.
 """
 
 from __future__ import annotations
@@ -43,3 +47,16 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, THRESHOLD))
+
+
+def available_memory() -> float:
+    """MemAvailable of /proc/meminfo in bytes (inf where there is none). It counts reclaimable
+    page cache, unlike the free-pages count."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float("inf")

@@ -39,22 +39,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanlm import kernels
+from leanlm.allocator import available_memory
 
 PACKABLE = (torch.bfloat16, torch.float32)
 PLAIN = (nn.Parameter, torch.Tensor)
 HEADROOM = 1 << 30  # bytes of available memory a packed copy must leave free
-
-
-def available_memory() -> int:
-    """MemAvailable of /proc/meminfo in bytes (unbounded where there is none)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62
 
 
 def _eligible(weight: torch.Tensor, x: torch.Tensor) -> bool:

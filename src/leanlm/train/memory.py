@@ -22,6 +22,7 @@ import os
 
 import torch
 
+from leanlm.allocator import available_memory
 from leanlm.errors import LeanLMError
 from leanlm.loss import CHUNK
 from leanlm.train.config import TrainConfig
@@ -51,14 +52,7 @@ def available_bytes(device: torch.device) -> float:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return float(free)
-    try:  # MemAvailable counts reclaimable page cache, unlike the free-pages count
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return float("inf")
+    return available_memory()
 
 
 def check_fits(cfg: TrainConfig, world: int, device: torch.device) -> dict[str, float]:
