@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import platform
 import socket
 import statistics
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from leanlm import ModelConfig, Transformer, save_model
+from leanlm import ModelConfig, Transformer, kernels, save_model
 
 CACHE = Path(__file__).resolve().parent.parent / "bench_out"
 
@@ -45,11 +44,8 @@ def random_model(preset: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0
 def unpacked_linears() -> Iterator[None]:
     """CPU inference through plain ``F.linear`` instead of leanlm's oneDNN-prepacked weights
     (``kernels/cpu_linear.py``): the baseline before prepacking, for before/after rows."""
-    os.environ["LEANLM_KERNELS"] = "reference"
-    try:
+    with kernels.prepacking(False):
         yield
-    finally:
-        os.environ.pop("LEANLM_KERNELS")
 
 
 def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:

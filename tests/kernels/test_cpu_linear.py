@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from leanlm import kernels
 from leanlm.kernels.cpu_linear import Linear
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch")
@@ -50,7 +51,7 @@ def test_a_changed_weight_is_packed_again() -> None:
         assert m(x).abs().max() == 0
 
 
-def test_training_fp16_and_reference_mode_take_f_linear(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_training_fp16_and_prepacking_off_take_f_linear() -> None:
     m = _layer(torch.float32)
     x = torch.randn(4, 96, requires_grad=True)
     m(x).sum().backward()  # autograd: no packing, gradients flow
@@ -70,8 +71,7 @@ def test_training_fp16_and_reference_mode_take_f_linear(monkeypatch: pytest.Monk
     assert m._packed is not None
     m(x)  # training again after an evaluation: the packed copy is freed
     assert m._packed is None
-    monkeypatch.setenv("LEANLM_KERNELS", "reference")
-    with torch.inference_mode():
+    with kernels.prepacking(False), torch.inference_mode():
         m(x.detach())
     assert m._packed is None
 

@@ -1,5 +1,6 @@
-"""Kernel dispatch: LEANLM_KERNELS modes, and the model, the serving engine and QuantLinear giving
-the same results with the kernels on (Triton's interpreter on CPU; the real kernels on CUDA)."""
+"""Kernel dispatch: the kernel modes (LEANLM_KERNELS, kernel_mode), and the model, the serving
+engine and QuantLinear giving the same results with the kernels on (Triton's interpreter on CPU;
+the real kernels on CUDA)."""
 
 from __future__ import annotations
 
@@ -26,20 +27,29 @@ TARGETS = [pytest.param("cpu", "triton", id="cpu-interpreter"),
 
 def test_modes(monkeypatch: pytest.MonkeyPatch) -> None:
     x = torch.zeros(2)
-    monkeypatch.setenv("LEANLM_KERNELS", "auto")
-    assert not kernels.use_triton(x)  # CPU tensors take the reference
-    monkeypatch.setenv("LEANLM_KERNELS", "triton")
-    assert kernels.use_triton(x)  # the tests run under TRITON_INTERPRET=1
-    w = torch.zeros(2, requires_grad=True)
-    assert not kernels.use_triton(x, w)  # no backward in the kernels
-    with torch.no_grad():
-        assert kernels.use_triton(x, w)
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(LeanLMError, match="needs Triton's interpreter"):
-        kernels.use_triton(x)
+    with kernels.kernel_mode("auto"):
+        assert not kernels.use_triton(x)  # CPU tensors take the reference
+    with kernels.kernel_mode("triton"):
+        assert kernels.use_triton(x)  # the tests run under TRITON_INTERPRET=1
+        w = torch.zeros(2, requires_grad=True)
+        assert not kernels.use_triton(x, w)  # no backward in the kernels
+        with torch.no_grad():
+            assert kernels.use_triton(x, w)
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(LeanLMError, match="needs Triton's interpreter"):
+            kernels.use_triton(x)
     monkeypatch.setenv("LEANLM_KERNELS", "fast")
     with pytest.raises(LeanLMError, match="LEANLM_KERNELS='fast'"):
-        kernels.use_triton(x)
+        kernels.mode_from_env()
+    with pytest.raises(LeanLMError, match="kernel mode 'fast'"):
+        kernels.kernel_mode("fast")
+
+
+def test_the_mode_is_read_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The environment is read at first use; later changes to it do not switch kernels mid-run."""
+    with kernels.kernel_mode("reference"):
+        monkeypatch.setenv("LEANLM_KERNELS", "triton")
+        assert kernels.mode() == "reference"
 
 
 @pytest.mark.parametrize(("device", "mode"), TARGETS)
@@ -48,11 +58,11 @@ def test_model_forward_unchanged(device: str, mode: str, family: str,
                                  monkeypatch: pytest.MonkeyPatch) -> None:
     model = random_model(family).to(device)
     tokens = torch.randint(2, 300, (2, 11), generator=torch.Generator().manual_seed(0)).to(device)
-    monkeypatch.setenv("LEANLM_KERNELS", "reference")
     with torch.no_grad():
-        want = model(tokens)
-        monkeypatch.setenv("LEANLM_KERNELS", mode)
-        got = model(tokens)
+        with kernels.kernel_mode("reference"):
+            want = model(tokens)
+        with kernels.kernel_mode(mode):
+            got = model(tokens)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
@@ -72,10 +82,10 @@ def test_engine_greedy_outputs_unchanged(device: str, mode: str, family: str,
         max_num_batched_tokens=24, long_prefill_token_threshold=7))  # chunked, mixed batches
     ps = prompts(8)
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)  # past the window
-    monkeypatch.setenv("LEANLM_KERNELS", "reference")
-    want = LLM(model, config).generate(ps, params)
-    monkeypatch.setenv("LEANLM_KERNELS", mode)
-    got = LLM(model, config).generate(ps, params)
+    with kernels.kernel_mode("reference"):
+        want = LLM(model, config).generate(ps, params)
+    with kernels.kernel_mode(mode):
+        got = LLM(model, config).generate(ps, params)
     assert got == want
 
 
@@ -88,16 +98,15 @@ def test_quantized_linears_use_the_kernel(device: str, mode: str, bits: int,
     model.to(device)
     tokens = torch.randint(2, 300, (1, 5), generator=torch.Generator().manual_seed(0)).to(device)
     layers = quantized_linears(model).values()
-    monkeypatch.setenv("LEANLM_KERNELS", mode)
-    with torch.no_grad():
+    with kernels.kernel_mode(mode), torch.no_grad():
         for layer in layers:
             layer.backend = "reference"  # fp32 dequantize + GEMM
         want = model(tokens)
         for layer in layers:
             layer.backend = "auto"
         got = model(tokens)
-    layer = next(iter(layers))
-    assert layer._choose(torch.zeros(3, layer.in_features, device=device)) == "triton"
+        layer = next(iter(layers))
+        assert layer._choose(torch.zeros(3, layer.in_features, device=device)) == "triton"
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
 
 
@@ -126,8 +135,7 @@ def test_decode_metadata_kernels_match_the_batched_reference(device: str, mode: 
             t.copy_(torch.randn(t.shape, generator=torch.Generator().manual_seed(1)))
         meta = DecodeMetadata(cache, slots.to(device), tables.to(device), torch.tensor(lens, device=device),
                               width * bs, c.sliding_window)
-        monkeypatch.setenv("LEANLM_KERNELS", kernel_mode)
-        with torch.no_grad():
+        with kernels.kernel_mode(kernel_mode), torch.no_grad():
             return model(tokens.to(device), positions=positions.to(device), attn=meta)[0]
 
     torch.testing.assert_close(logits(mode), logits("reference"), rtol=1e-4, atol=1e-4)

@@ -8,7 +8,8 @@ from kernel_checks import poisoned, rel_err
 
 from leanlm.errors import LeanLMError
 from leanlm.kernels import quant_gemm as qg
-from leanlm.quant.primitives import default_g_idx, num_groups, pack_codes, pad_codes
+from leanlm.kernels.packing import pack_codes, pad_codes
+from leanlm.quant.primitives import default_g_idx, num_groups
 
 
 def quantized(n: int, k: int, bits: int, group: int, act_order: bool, seed: int) -> dict:

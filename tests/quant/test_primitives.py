@@ -1,4 +1,4 @@
-"""Group-wise quantization arithmetic and the bit-stream packing."""
+"""Group-wise quantization arithmetic."""
 
 from __future__ import annotations
 
@@ -11,10 +11,7 @@ from leanlm.quant.primitives import (
     default_g_idx,
     dequantize_weight,
     group_params,
-    pack_codes,
-    pad_codes,
     quantize_weight,
-    unpack_codes,
 )
 
 
@@ -51,25 +48,6 @@ def test_symmetric_zero_is_the_midpoint_and_empty_groups_are_safe() -> None:
     assert z.flatten().tolist() == [8.0, 8.0] and bool((s > 0).all())
     codes = quantize_weight(w, s, z, 4, default_g_idx(32, 32))
     assert bool((codes[1] == 8).all())  # an all-zero row dequantizes to exactly 0
-
-
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("k", [8, 24, 64, 100])
-def test_pack_unpack_round_trip(bits: int, k: int) -> None:
-    torch.manual_seed(k)
-    codes = torch.randint(0, 2**bits, (5, k), dtype=torch.uint8)
-    packed = pack_codes(pad_codes(codes, bits), bits)
-    assert packed.dtype == torch.uint8
-    assert torch.equal(unpack_codes(packed, bits, k), codes)
-
-
-def test_bit_order_is_little_endian_stream() -> None:
-    # 4 bits: code k in bits [4k, 4k+4) -> byte 0 = c1<<4 | c0
-    assert pack_codes(torch.tensor([[1, 2, 3, 4]]), 4).tolist() == [[0x21, 0x43]]
-    assert pack_codes(torch.tensor([[1, 2, 3, 0]]), 2).tolist() == [[0b00111001]]
-    # 3 bits: codes 0..7 -> the 24-bit number Σ k << 3k, little-endian bytes
-    word = sum(k << (3 * k) for k in range(8))
-    assert pack_codes(torch.arange(8)[None], 3).tolist() == [[word & 0xFF, (word >> 8) & 0xFF, word >> 16]]
 
 
 @pytest.mark.parametrize(("bits", "group"), [(5, 128), (4, 48), (16, -1), (4, 0)])

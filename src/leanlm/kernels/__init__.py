@@ -13,15 +13,20 @@ to that limit on a GPU:
 - ``kv_store``: writing new K/V into their cache slots.
 
 Not Triton: ``cpu_linear`` is the model's ``nn.Linear``, which runs CPU inference on oneDNN's
-prepacked weight layout (``LEANLM_KERNELS=reference`` turns it off too).
+prepacked weight layout; ``packing`` is the bit-stream layout of quantized codes.
 
 Dispatch (:func:`use_triton`): the model, the paged attention backend and the quantized linear ask
-here whether to launch a kernel. ``LEANLM_KERNELS`` picks the mode:
+here whether to launch a kernel. The mode is read once, from ``LEANLM_KERNELS`` at first use, and
+changed for a block of code with :func:`kernel_mode` (tests, benchmarks):
 
 - ``auto`` (default): the Triton kernel for CUDA tensors, the torch reference elsewhere;
 - ``reference``: always the torch reference;
 - ``triton``: always the kernel — on CPU this needs Triton's interpreter (``TRITON_INTERPRET=1``,
   set before Triton is imported), which is how the tests run every kernel without a GPU.
+
+Without Triton installed (``_triton.HAS_TRITON`` false) the references always run, and the core
+still imports. The oneDNN prepacking of ``cpu_linear`` is a switch of its own
+(``LEANLM_PREPACK=0`` or :func:`prepacking`), independent of the Triton mode.
 
 Kernels have no backward: whenever autograd is recording through an input, the reference runs.
 Under ``torch.compile`` the references are traced too: inductor fuses them into kernels of its own.
@@ -30,21 +35,65 @@ Each launcher checks shapes, dtypes and strides and raises :class:`LeanLMError` 
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 
 from leanlm.errors import LeanLMError
+from leanlm.kernels._triton import HAS_TRITON
 
 MODES = ("auto", "reference", "triton")
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_switches: dict[str, str | bool] = {}  # "mode" and "prepack", once read or set
 
 
-def mode() -> str:
+def mode_from_env() -> str:
+    """``LEANLM_KERNELS`` (default ``auto``), checked."""
     value = os.environ.get("LEANLM_KERNELS", "auto")
     if value not in MODES:
         raise LeanLMError(f"LEANLM_KERNELS={value!r}: expected one of {MODES}")
     return value
+
+
+def mode() -> str:
+    """The kernel mode: read from the environment once, then as set by :func:`kernel_mode`."""
+    if "mode" not in _switches:
+        _switches["mode"] = mode_from_env()
+    return str(_switches["mode"])
+
+
+def prepack() -> bool:
+    """Whether CPU inference runs on oneDNN-prepacked weights (``LEANLM_PREPACK``, default on)."""
+    if "prepack" not in _switches:
+        _switches["prepack"] = os.environ.get("LEANLM_PREPACK", "1") != "0"
+    return bool(_switches["prepack"])
+
+
+@contextlib.contextmanager
+def _switched(name: str, value: str | bool) -> Iterator[None]:
+    old = _switches.get(name)
+    _switches[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            _switches.pop(name, None)
+        else:
+            _switches[name] = old
+
+
+def kernel_mode(value: str) -> contextlib.AbstractContextManager[None]:
+    """``with kernel_mode("reference"): ...`` runs the block in that mode (see the docstring)."""
+    if value not in MODES:
+        raise LeanLMError(f"kernel mode {value!r}: expected one of {MODES}")
+    return _switched("mode", value)
+
+
+def prepacking(enabled: bool) -> contextlib.AbstractContextManager[None]:
+    """``with prepacking(False): ...`` runs CPU inference through plain ``F.linear``."""
+    return _switched("prepack", enabled)
 
 
 def interpreting() -> bool:
@@ -55,7 +104,7 @@ def interpreting() -> bool:
 def use_triton(*tensors: torch.Tensor) -> bool:
     """Whether an op on ``tensors`` runs its Triton kernel (see the module docstring)."""
     chosen = mode()
-    if chosen == "reference" or torch.compiler.is_compiling():
+    if chosen == "reference" or not HAS_TRITON or torch.compiler.is_compiling():
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
@@ -63,7 +112,7 @@ def use_triton(*tensors: torch.Tensor) -> bool:
         return True
     if chosen == "triton":
         if not interpreting():
-            raise LeanLMError(f"LEANLM_KERNELS=triton on a {tensors[0].device.type} tensor needs "
+            raise LeanLMError(f"kernel mode 'triton' on a {tensors[0].device.type} tensor needs "
                               "Triton's interpreter: set TRITON_INTERPRET=1 before starting Python")
         return True
     return False
@@ -76,7 +125,8 @@ def check(condition: bool, message: str) -> None:
 
 
 def check_runnable(device: torch.device) -> None:
-    """Triton runs on CUDA, or anywhere under its interpreter."""
+    """Triton is installed, and runs on CUDA, or anywhere under its interpreter."""
+    check(HAS_TRITON, "Triton is not installed (pip install triton; Linux only)")
     check(device.type == "cuda" or interpreting(),
           f"Triton kernels run on CUDA tensors (or under TRITON_INTERPRET=1); got a {device.type} tensor")
 

@@ -19,8 +19,8 @@ otherwise:
 - a plain CPU tensor as weight (not a DTensor or other subclass) in bf16 or fp32, and not itself
   an inference tensor (its version counter is how a changed weight is noticed); an input of the
   same dtype; no autocast;
-- not traced by ``torch.compile`` (inductor packs weights its own way), ``LEANLM_KERNELS`` is not
-  ``reference``, and oneDNN is available.
+- not traced by ``torch.compile`` (inductor packs weights its own way), prepacking not switched
+  off (``LEANLM_PREPACK=0``, :func:`leanlm.kernels.prepacking`), and oneDNN is available.
 
 The packed copy is made on first use and made again whenever the weight changes (another tensor,
 or the same one modified in place), so serving or generating on CPU holds one more copy of each
@@ -52,7 +52,7 @@ def _eligible(weight: torch.Tensor, x: torch.Tensor) -> bool:
             and type(weight) in PLAIN and weight.device.type == "cpu" and weight.dtype in PACKABLE
             and x.dtype == weight.dtype
             and not weight.is_inference() and not torch.is_autocast_enabled("cpu")
-            and torch.backends.mkldnn.is_available() and kernels.mode() != "reference")
+            and torch.backends.mkldnn.is_available() and kernels.prepack())
 
 
 class Linear(nn.Linear):

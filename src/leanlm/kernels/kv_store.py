@@ -9,10 +9,9 @@ head, casting to the cache dtype on the way.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from leanlm.kernels import FLOATS, check, check_runnable, check_tensor
+from leanlm.kernels._triton import tl, triton
 
 
 def reference(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

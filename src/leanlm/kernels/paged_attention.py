@@ -27,10 +27,9 @@ queries of one head against the request's keys up to the tile's last position.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from leanlm.kernels import FLOATS, check, check_runnable, check_tensor, interpreting
+from leanlm.kernels._triton import tl, triton
 
 INDEX = (torch.int32, torch.int64)
 

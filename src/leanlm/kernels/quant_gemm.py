@@ -37,10 +37,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import triton
-import triton.language as tl
 
 from leanlm.kernels import FLOATS, check, check_runnable, check_tensor, interpreting
+from leanlm.kernels._triton import tl, triton
 
 SUPPORTED_BITS = (2, 4, 8)
 GEMV_MAX_M = 4

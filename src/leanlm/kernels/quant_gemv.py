@@ -35,12 +35,11 @@ group, the input gathered with the same permutation (:class:`~leanlm.quant.linea
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from leanlm.kernels import FLOATS, check, check_runnable, check_tensor
+from leanlm.kernels._triton import tl, triton
+from leanlm.kernels.packing import unpack_codes
 from leanlm.kernels.quant_gemm import check_params
-from leanlm.quant.primitives import unpack_codes
 
 LANES = 32  # words per chunk
 ONE_BITS = 0x3F800000  # 1.0f

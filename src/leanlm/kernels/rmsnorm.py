@@ -12,10 +12,9 @@ once and writes s and y once.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from leanlm.kernels import FLOATS, check, check_runnable, check_tensor
+from leanlm.kernels._triton import tl, triton
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, eps: float,

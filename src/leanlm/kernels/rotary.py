@@ -15,10 +15,9 @@ once, so bf16 results may differ from the unfused module's by one rounding.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from leanlm.kernels import FLOATS, check, check_runnable, check_tensor
+from leanlm.kernels._triton import tl, triton
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -48,10 +48,11 @@ from leanlm.checkpoint import (
 )
 from leanlm.config import ModelConfig
 from leanlm.errors import LeanLMError
+from leanlm.kernels.packing import pack_codes, unpack_codes
 from leanlm.quant.api import set_module
 from leanlm.quant.linear import QuantLinear, W8A8Linear, quantized_linears
 from leanlm.quant.llm_int8 import Int8OutlierLinear
-from leanlm.quant.primitives import default_g_idx, pack_codes, unpack_codes
+from leanlm.quant.primitives import default_g_idx
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 AWQ_REVERSE = [0, 4, 1, 5, 2, 6, 3, 7]  # nibble i of a word holds output AWQ_ORDER[i]

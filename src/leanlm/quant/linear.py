@@ -43,15 +43,8 @@ from torch import nn
 from leanlm import kernels
 from leanlm.errors import LeanLMError
 from leanlm.kernels import quant_gemm, quant_gemv
-from leanlm.quant.primitives import (
-    default_g_idx,
-    dequantize_weight,
-    num_groups,
-    pack_codes,
-    packed_bytes,
-    pad_codes,
-    unpack_codes,
-)
+from leanlm.kernels.packing import pack_codes, packed_bytes, pad_codes, unpack_codes
+from leanlm.quant.primitives import default_g_idx, dequantize_weight, num_groups
 
 BACKENDS = ("auto", "triton", "int4pack", "int8pack", "dequant", "reference")
 # Rows below which a packed CPU kernel beats dequantize + bf16 GEMM. Measured on an 8192 x 2048
