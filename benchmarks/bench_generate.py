@@ -24,7 +24,8 @@ import torch
 
 import leanlm
 from common import machine, random_checkpoint, unpacked_linears
-from leanlm.generate import GenerationConfig, generate
+from leanlm.generate import generate
+from leanlm.sampling import SamplingParams
 
 
 def timed(fn) -> float:
@@ -60,7 +61,8 @@ def main() -> None:
                            generator=torch.Generator().manual_seed(0))
 
     def run_ours(n: int) -> list[int]:
-        return generate(ours, prompt.tolist(), GenerationConfig(max_new_tokens=n, ignore_eos=True))[0]
+        return generate(ours, prompt.tolist(),
+            SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))[0]
 
     @torch.inference_mode()
     def run_hf(n: int) -> list[int]:

@@ -123,10 +123,11 @@ def snippets(corpus: Path, split: str, n: int, seed: int) -> list[tuple[str, str
 def finetune(corpus: Path) -> None:
     from leanlm import load_model, load_tokenizer
     from leanlm.assets import default_model_path
-    from leanlm.generate import GenerationConfig, generate
+    from leanlm.generate import generate
     from leanlm.peft import load_adapter
     from leanlm.peft.cli import method_config
     from leanlm.peft.finetune import FineTuner, encode_prompt
+    from leanlm.sampling import SamplingParams
     from leanlm.train import get_recipe
     from leanlm.train.config import apply_overrides
 
@@ -141,7 +142,7 @@ def finetune(corpus: Path) -> None:
 
     def accuracy(model: torch.nn.Module) -> float:
         hits = 0
-        cfg = GenerationConfig(max_new_tokens=3)
+        cfg = SamplingParams(max_tokens=3, temperature=0.0)
         for s, d in held:
             ids = encode_prompt(tok, [{"role": "user", "content": prompt(s)}])  # as in training
             text = tok.decode(generate(model, [ids], cfg)[0])

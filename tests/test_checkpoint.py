@@ -12,7 +12,8 @@ import leanlm
 from conftest import FAMILIES, VOCAB, build_hf_model
 from leanlm import LeanLMError
 from leanlm.checkpoint import load_model, save_model
-from leanlm.generate import GenerationConfig, generate
+from leanlm.generate import generate
+from leanlm.sampling import SamplingParams
 
 
 @pytest.mark.parametrize("family", ["llama3-rope", "mistral", "qwen2-sliding", "qwen3", "gpt2"])
@@ -138,9 +139,9 @@ def test_missing_and_unexpected_tensors(make_hf_checkpoint):
 def test_prompt_longer_than_context(make_hf_checkpoint):
     model = load_model(make_hf_checkpoint("gpt2"))  # n_positions = 128
     with pytest.raises(LeanLMError, match="prompt is 200 tokens, the model's context is 128"):
-        generate(model, [[3] * 200], GenerationConfig(max_new_tokens=4))
+        generate(model, [[3] * 200], SamplingParams(max_tokens=4, temperature=0.0))
     # generation that would run past the context stops at it
-    out = generate(model, [[3] * 120], GenerationConfig(max_new_tokens=50, ignore_eos=True))
+    out = generate(model, [[3] * 120], SamplingParams(max_tokens=50, ignore_eos=True, temperature=0.0))
     assert len(out[0]) == 8
 
 

@@ -10,7 +10,8 @@ import pytest
 from conftest import build_hf_model, write_tokenizer
 from leanlm import cli
 from leanlm.checkpoint import load_model
-from leanlm.generate import GenerationConfig, generate_text
+from leanlm.generate import generate_text
+from leanlm.sampling import SamplingParams
 from leanlm.tokenizer import load_tokenizer
 
 
@@ -39,7 +40,7 @@ def test_generate_prints_the_greedy_completion(model_dir):
               "--temperature", "0", "--seed", "1")
     assert out.returncode == 0, out.stderr
     expected = generate_text(load_model(model_dir), load_tokenizer(model_dir), "def ",
-                             GenerationConfig(max_new_tokens=12))
+                             SamplingParams(max_tokens=12, temperature=0.0))
     assert out.stdout == expected + "\n"
 
 

@@ -8,7 +8,8 @@ import torch
 from conftest import build_hf_model, write_tokenizer
 from leanlm import LeanLMError
 from leanlm.checkpoint import load_model
-from leanlm.generate import GenerationConfig, generate, generate_text, process_logits
+from leanlm.generate import generate, generate_text
+from leanlm.sampling import Row, SamplingParams, process_logits
 from leanlm.tokenizer import load_tokenizer
 
 
@@ -44,8 +45,8 @@ def test_logits_processing_matches_transformers(kw):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 50, generator=g) * 3
     seen = torch.randint(0, 50, (3, 6), generator=g)
-    cfg = GenerationConfig(**{"temperature": 1.0, **kw})
-    ours = process_logits(logits, seen, cfg)
+    cfg = SamplingParams(**{"temperature": 1.0, **kw})
+    _, ours = process_logits(logits, [Row(cfg, row, len(row), None) for row in seen.tolist()])
     theirs = _hf_processed(logits.clone(), seen, **{"temperature": 1.0, **kw})
     assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
     finite = ~torch.isinf(ours)
@@ -54,28 +55,29 @@ def test_logits_processing_matches_transformers(kw):
 
 def test_seeded_sampling_is_reproducible(model_dir):
     model = load_model(model_dir)
-    cfg = GenerationConfig(max_new_tokens=15, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
+    cfg = SamplingParams(max_tokens=15, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
     a = generate(model, [[5, 6, 7]], cfg)
     assert a == generate(model, [[5, 6, 7]], cfg)
-    other = generate(model, [[5, 6, 7]], GenerationConfig(**{**cfg.__dict__, "seed": 8}))
+    other = generate(model, [[5, 6, 7]], SamplingParams(**{**cfg.__dict__, "seed": 8}))
     assert a != other
 
 
 def test_stop_token_ids_end_the_row(model_dir):
     model = load_model(model_dir)
-    free = generate(model, [[5, 6, 7]], GenerationConfig(max_new_tokens=10, ignore_eos=True))[0]
-    stopped = generate(model, [[5, 6, 7]], GenerationConfig(max_new_tokens=10, stop_token_ids=[free[3]]))[0]
+    free = generate(model, [[5, 6, 7]], SamplingParams(max_tokens=10, ignore_eos=True, temperature=0.0))[0]
+    stopped = generate(model, [[5, 6, 7]], SamplingParams(max_tokens=10, stop_token_ids=[free[3]],
+                                                           temperature=0.0, ignore_eos=True))[0]
     assert stopped == free[: free.index(free[3])]
 
 
 def test_stop_strings_and_streaming(model_dir):
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
-    cfg = GenerationConfig(max_new_tokens=30, ignore_eos=True)
+    cfg = SamplingParams(max_tokens=30, ignore_eos=True, temperature=0.0)
     full = generate_text(model, tok, "def main", cfg)
     assert len(full) > 6
     stop = full[3:6]
     chunks: list[str] = []
-    text = generate_text(model, tok, "def main", GenerationConfig(**{**cfg.__dict__, "stop": [stop]}),
+    text = generate_text(model, tok, "def main", SamplingParams(**{**cfg.__dict__, "stop": [stop]}),
                          stream=chunks.append)
     assert text == full[: full.find(stop)]
     assert "".join(chunks) == text
@@ -86,18 +88,29 @@ def test_stop_strings_and_streaming(model_dir):
 
 def test_chat_prompt_uses_template(model_dir):
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
-    cfg = GenerationConfig(max_new_tokens=5, ignore_eos=True)
+    cfg = SamplingParams(max_tokens=5, ignore_eos=True, temperature=0.0)
     msgs = [{"role": "user", "content": "hi"}]
     ids = tok.encode_chat(msgs)
     expected = tok.decode(generate(model, [ids], cfg)[0])
     assert generate_text(model, tok, msgs, cfg) == expected
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2),
-                                 dict(min_p=2.0), dict(repetition_penalty=0), dict(max_new_tokens=-1)])
-def test_bad_generation_settings(bad):
-    with pytest.raises(LeanLMError, match="bad generation setting"):
-        GenerationConfig(**bad)
+@pytest.mark.parametrize(("bad", "message"), [
+    (dict(temperature=-1), "temperature must be >= 0"), (dict(top_p=0), r"top_p must be in \(0, 1\]"),
+    (dict(top_p=1.5), "top_p must be in"), (dict(top_k=-2), "top_k must be >= 0"),
+    (dict(min_p=2.0), r"min_p must be in \[0, 1\]"),
+    (dict(repetition_penalty=0), "repetition_penalty must be > 0"),
+    (dict(max_tokens=-1), "max_tokens must be at least 1"), (dict(seed=2**64), "seed must be in")])
+def test_bad_generation_settings(bad, message):
+    with pytest.raises(LeanLMError, match=message):
+        SamplingParams(**bad)
+
+
+def test_engine_only_options_are_refused(model_dir):
+    model = load_model(model_dir)
+    for engine_only in (dict(n=2), dict(logprobs=1), dict(prompt_logprobs=0)):
+        with pytest.raises(LeanLMError, match="serving engine"):
+            generate(model, [[5, 6]], SamplingParams(**engine_only))
 
 
 def test_bad_prompts(model_dir):

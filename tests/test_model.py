@@ -7,7 +7,8 @@ import torch
 
 import leanlm
 from conftest import FAMILIES, VOCAB, build_hf_model
-from leanlm.generate import GenerationConfig, generate
+from leanlm.generate import generate
+from leanlm.sampling import SamplingParams
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -33,7 +34,8 @@ def test_greedy_generation_matches_transformers(family, make_hf_checkpoint):
     prompt = torch.randint(2, VOCAB, (1, 7), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = hf.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0)[0, 7:]
-    got = generate(ours, [prompt[0].tolist()], GenerationConfig(max_new_tokens=20, ignore_eos=True))[0]
+    got = generate(ours, [prompt[0].tolist()],
+        SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))[0]
     assert got == expected.tolist()
 
 
@@ -66,7 +68,7 @@ def test_sliding_window_changes_the_result(make_hf_checkpoint):
 def test_batched_generation_with_left_padding_matches_single(make_hf_checkpoint):
     model = leanlm.load_model(make_hf_checkpoint("qwen2-sliding"))
     prompts = [[5, 9, 13], [7, 3, 11, 2, 19, 23, 29, 31, 37, 41]]
-    cfg = GenerationConfig(max_new_tokens=12, ignore_eos=True)
+    cfg = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     batched = generate(model, prompts, cfg)
     assert batched == [generate(model, [p], cfg)[0] for p in prompts]
 

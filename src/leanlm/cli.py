@@ -44,14 +44,17 @@ def generate(
     adapter: Annotated[Path | None, typer.Option(help="A peft adapter directory to apply.")] = None,
 ) -> None:
     """Generate a completion of --prompt with MODEL and print it (streamed token by token)."""
+    from leanlm.allocator import keep_freed_memory
     from leanlm.checkpoint import load_model
-    from leanlm.generate import GenerationConfig, generate_text
+    from leanlm.generate import generate_text
+    from leanlm.sampling import SamplingParams
     from leanlm.tokenizer import load_tokenizer
 
     path = resolve_model(model)
-    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                           top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
-                           seed=seed, stop=list(stop or []))
+    cfg = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                         top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                         seed=seed, stop=list(stop or []))
+    keep_freed_memory()  # CPU decode steps reuse freed memory instead of page-faulting on it
     lm = load_model(path, dtype=dtype)
     if adapter is not None:
         from leanlm.peft import load_adapter

@@ -91,10 +91,11 @@ def test_copies_pickles_and_state_dicts_leave_the_packed_weight_behind() -> None
 def test_generation_runs_every_projection_and_the_head_packed() -> None:
     from leanlm import DEFAULT_MODEL
     from leanlm.checkpoint import load_model
-    from leanlm.generate import GenerationConfig, generate
+    from leanlm.generate import generate
+    from leanlm.sampling import SamplingParams
 
     model = load_model(DEFAULT_MODEL, dtype="bfloat16").eval()
-    out = generate(model, [[5, 6, 7, 8]], GenerationConfig(max_new_tokens=4, ignore_eos=True))
+    out = generate(model, [[5, 6, 7, 8]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     assert len(linears) == 7 * model.config.num_layers + 1
     assert all(m._packed is not None and m._packed[1] is not None for m in linears)

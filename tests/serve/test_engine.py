@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import random_model
-from leanlm.generate import GenerationConfig, generate
+from leanlm.generate import generate
 from leanlm.model import Transformer
+from leanlm.sampling import SamplingParams
 from leanlm.serve.engine import LLM, EngineConfig
-from leanlm.serve.request import SamplingParams
 from leanlm.serve.scheduler import SchedulerConfig
 
 
@@ -39,7 +39,8 @@ def test_greedy_outputs_match_the_reference_generator(family: str, config: Engin
     model = random_model(family)
     ps = prompts()
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-    want = [generate(model, [p], GenerationConfig(max_new_tokens=8, ignore_eos=True))[0] for p in ps]
+    want = [generate(model, [p],
+        SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0] for p in ps]
     llm = LLM(model, config)
     got = llm.generate(ps, params)
     assert got == want
@@ -78,14 +79,15 @@ def test_serves_a_quantized_model() -> None:
     quantize_(model, GPTQConfig(bits=4, group_size=32), calib, progress=False)
     assert isinstance(model.layers[0].mlp.up_proj, QuantLinear)
     ps = prompts(8)
-    want = [generate(model, [p], GenerationConfig(max_new_tokens=6, ignore_eos=True))[0] for p in ps]
+    want = [generate(model, [p],
+        SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))[0] for p in ps]
     got = LLM(model, EngineConfig(block_size=4, num_blocks=128)).generate(
         ps, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
     assert got == want
 
 
 def test_penalties_and_logit_bias() -> None:
-    from leanlm.serve.sampling import Row, apply_penalties
+    from leanlm.sampling import Row, apply_penalties
 
     params = SamplingParams(presence_penalty=0.5, frequency_penalty=1.0, logit_bias={1: 2.0})
     out = apply_penalties(torch.zeros(1, 6), [Row(params, [5, 3, 3, 4], 1, None)])  # prompt [5]

@@ -11,10 +11,10 @@ import torch
 
 from conftest import random_model
 from leanlm.errors import LeanLMError
-from leanlm.generate import GenerationConfig, generate
+from leanlm.generate import generate
 from leanlm.peft import IA3Config, LoRAConfig, apply_peft_, save_adapter, set_adapter
+from leanlm.sampling import SamplingParams
 from leanlm.serve.engine import LLM, EngineConfig
-from leanlm.serve.request import SamplingParams
 
 
 def make_adapters(root: Path, n: int) -> list[Path]:
@@ -47,7 +47,7 @@ def test_eight_adapters_in_one_batch_match_each_alone(tmp_path: Path) -> None:
     outputs_differ = set()
     for prompt, lora, got in zip(prompts, loras, batched, strict=True):
         set_adapter(model, lora)
-        want = generate(model, [prompt], GenerationConfig(max_new_tokens=8, ignore_eos=True))[0]
+        want = generate(model, [prompt], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
         assert got == want, lora
         outputs_differ.add(tuple(got))
     set_adapter(model, None)

@@ -1,4 +1,5 @@
-"""The batched sampler against the reference generator's per-request logits processing."""
+"""The one logits pipeline: a batch of rows with mixed parameters processed as each row alone,
+and the exponential race's draws."""
 
 from __future__ import annotations
 
@@ -6,9 +7,7 @@ import dataclasses
 
 import torch
 
-from leanlm.generate import GenerationConfig, process_logits
-from leanlm.serve.request import SamplingParams
-from leanlm.serve.sampling import Row, apply_penalties, probabilities, sample
+from leanlm.sampling import Row, SamplingParams, apply_penalties, probabilities, process_logits, sample
 
 PARAMS = [SamplingParams(temperature=0.0, repetition_penalty=1.3),
           SamplingParams(temperature=0.7, top_k=5),
@@ -28,14 +27,13 @@ def test_batched_processing_equals_the_reference_per_row() -> None:
     greedy, probs = probabilities(logits, rs)
     for i, row in enumerate(rs):
         p = row.params
-        # the OpenAI penalties here; the reference applies the repetition penalty itself
-        openai_only = dataclasses.replace(p, repetition_penalty=1.0)
+        # the OpenAI penalties first, then the rest with the row alone in its batch
+        openai_only = dataclasses.replace(p, repetition_penalty=1.0, temperature=0.0)
         one = apply_penalties(logits[i:i + 1].clone(), [Row(openai_only, row.token_ids, 6, None)])
-        cfg = GenerationConfig(temperature=0.0 if p.greedy else p.temperature, top_k=p.top_k,
-                               top_p=p.top_p, min_p=p.min_p, repetition_penalty=p.repetition_penalty)
-        ref = process_logits(one, torch.tensor([row.token_ids]), cfg)
+        rest = dataclasses.replace(p, presence_penalty=0.0, frequency_penalty=0.0, logit_bias={})
+        ref_greedy, ref = process_logits(one, [Row(rest, row.token_ids, 6, None)])
         if p.greedy:
-            assert int(greedy[i]) == int(ref.argmax())
+            assert int(greedy[i]) == int(ref_greedy[0]) == int(ref.argmax())
         else:
             torch.testing.assert_close(probs[i], ref[0].softmax(-1), rtol=1e-5, atol=1e-6)
 

@@ -12,10 +12,10 @@ import torch
 
 from conftest import random_model
 from leanlm.errors import LeanLMError
-from leanlm.generate import GenerationConfig, generate
+from leanlm.generate import generate
+from leanlm.sampling import Row, SamplingParams, probabilities
 from leanlm.serve.engine import LLM, EngineConfig
-from leanlm.serve.request import SamplingParams
-from leanlm.serve.sampling import Row, probabilities, verify_drafts
+from leanlm.serve.sampling import verify_drafts
 from leanlm.serve.scheduler import SchedulerConfig
 from leanlm.serve.speculative import best_length, ngram_drafts
 
@@ -62,7 +62,8 @@ CONFIGS = [
 def test_greedy_outputs_are_unchanged(family: str, config: EngineConfig, proposer: str) -> None:
     model = random_model(family)
     ps = repetitive_prompts(16)
-    want = [generate(model, [p], GenerationConfig(max_new_tokens=12, ignore_eos=True))[0] for p in ps]
+    want = [generate(model, [p],
+        SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))[0] for p in ps]
     config = dataclasses.replace(config, speculative=proposer, num_spec_tokens=3)
     llm = LLM(model, config, perturbed(model, 0.5) if proposer == "draft" else None)
     got = llm.generate(ps, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))

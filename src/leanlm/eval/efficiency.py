@@ -60,7 +60,8 @@ def tokens_per_s(model: nn.Module, steps: int = 24, prompt: int = 128,
 _PEAK = """
 import gc, os, sys, threading, time, torch
 from leanlm.checkpoint import load_model
-from leanlm.generate import GenerationConfig, generate
+from leanlm.generate import generate
+from leanlm.sampling import SamplingParams
 page = os.sysconf("SC_PAGE_SIZE")
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
 torch.set_num_threads(1)
@@ -75,7 +76,7 @@ def sample():
 thread = threading.Thread(target=sample)
 thread.start()
 generate(model, [[3 + i % (model.config.vocab_size - 3) for i in range(int(sys.argv[2]))]],
-         GenerationConfig(max_new_tokens=int(sys.argv[3]), ignore_eos=True))
+         SamplingParams(max_tokens=int(sys.argv[3]), ignore_eos=True, temperature=0.0))
 done.set()
 thread.join()
 print(peak[0], peak[0] - base)

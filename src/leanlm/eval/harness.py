@@ -64,14 +64,15 @@ class LeanLMHarness(LM):
         return out
 
     def generate_until(self, requests: list) -> list[str]:
-        from leanlm.generate import GenerationConfig, generate_text
+        from leanlm.generate import generate_text
+        from leanlm.sampling import SamplingParams
 
         out = []
         for context, kwargs in (r.args for r in requests):
             until = kwargs.get("until") or []
             sampled = kwargs.get("do_sample") and float(kwargs.get("temperature", 0.0)) > 0
-            cfg = GenerationConfig(max_new_tokens=int(kwargs.get("max_gen_toks", 256)),
-                                   temperature=float(kwargs["temperature"]) if sampled else 0.0,
-                                   stop=[until] if isinstance(until, str) else list(until))
+            cfg = SamplingParams(max_tokens=int(kwargs.get("max_gen_toks", 256)),
+                                 temperature=float(kwargs["temperature"]) if sampled else 0.0,
+                                 stop=[until] if isinstance(until, str) else list(until))
             out.append(generate_text(self.model, self.tokenizer, context, cfg))
         return out

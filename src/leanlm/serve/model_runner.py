@@ -20,8 +20,8 @@ from leanlm.allocator import keep_freed_memory
 from leanlm.attention import DecodeMetadata, PagedKVCache, PagedMetadata
 from leanlm.model import Transformer
 from leanlm.peft.api import routed
-from leanlm.serve.request import SamplingParams
-from leanlm.serve.sampling import Row, sample, verify_drafts
+from leanlm.sampling import Row, SamplingParams, sample
+from leanlm.serve.sampling import verify_drafts
 from leanlm.serve.scheduler import SchedulerOutput
 
 

@@ -1,4 +1,4 @@
-"""A serving request and its sampling parameters (the OpenAI / vLLM ``SamplingParams`` fields).
+"""A serving request (its sampling parameters are :class:`leanlm.sampling.SamplingParams`).
 
 A request's state is its prompt, its generated tokens and ``num_computed_tokens``: how many of
 its tokens already have their K/V in the cache. The scheduler only ever moves that number
@@ -9,69 +9,14 @@ simply has ``num_tokens - num_computed_tokens`` tokens left to compute.
 from __future__ import annotations
 
 import enum
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from leanlm.errors import LeanLMError
+from leanlm.sampling import SamplingParams, stops
 
-
-@dataclass
-class SamplingParams:
-    max_tokens: int = 16
-    min_tokens: int = 0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = off
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-    n: int = 1
-    logprobs: int | None = None
-    prompt_logprobs: int | None = None
-    logit_bias: dict[int, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}"),
-            (0 <= self.min_tokens <= self.max_tokens,
-             f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}"),
-            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
-            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}"),
-            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
-            (-2 <= self.presence_penalty <= 2,
-             f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
-            (-2 <= self.frequency_penalty <= 2,
-             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
-            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
-            (1 <= self.n <= 128, f"n must be in [1, 128], got {self.n}"),
-            (self.logprobs is None or 0 <= self.logprobs <= 20,
-             f"logprobs must be in [0, 20], got {self.logprobs}"),
-            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
-             f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}"),
-        ]
-        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
-                     "repetition_penalty"):
-            if not math.isfinite(getattr(self, name)):
-                raise LeanLMError(f"{name} must be a finite number, got {getattr(self, name)}")
-        for ok, message in checks:
-            if not ok:
-                raise LeanLMError(message)
-        bad = [v for v in self.logit_bias.values() if not (math.isfinite(v) and -100 <= v <= 100)]
-        if bad:
-            raise LeanLMError(f"logit_bias values must be in [-100, 100], got {bad[0]}")
-
-    @property
-    def greedy(self) -> bool:
-        """Temperatures below 1e-5 sample greedily (as vLLM): dividing by them overflows."""
-        return self.temperature < 1e-5
+__all__ = ["Request", "RequestStatus", "SamplingParams"]
 
 
 class RequestStatus(enum.Enum):
@@ -137,10 +82,7 @@ class Request:
         """Add a generated token; returns (and sets) the status it leaves the request in."""
         self.output_token_ids.append(token)
         self._all.append(token)
-        p, n = self.sampling_params, len(self.output_token_ids)
-        if n >= p.min_tokens and ((not p.ignore_eos and token in self.eos_token_ids)
-                                  or token in p.stop_token_ids):
-            self.status = RequestStatus.FINISHED_STOPPED
-        elif n >= p.max_tokens:
-            self.status = RequestStatus.FINISHED_LENGTH
+        reason = stops(self.sampling_params, len(self.output_token_ids), token, self.eos_token_ids)
+        if reason is not None:
+            self.status = RequestStatus(reason)
         return self.status
