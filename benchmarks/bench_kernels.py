@@ -25,13 +25,13 @@ import torch
 import triton
 
 from common import machine, median_time, random_model
-from leanlm.attention import PagedKVCache
 from leanlm.kernels import kv_store, paged_attention, quant_gemm, quant_gemv, rmsnorm, rotary
 from leanlm.kernels.packing import pack_codes, unpack_codes
 from leanlm.quant import RTNConfig, quantize_
 from leanlm.quant.primitives import dequantize_weight
+from leanlm.serve.compiled import CompiledDecode
 from leanlm.serve.engine import LLM, EngineConfig
-from leanlm.serve.model_runner import CompiledDecode
+from leanlm.serve.paged import PagedKVCache
 from leanlm.serve.request import SamplingParams
 
 GiB = 2**30

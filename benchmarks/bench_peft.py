@@ -69,7 +69,7 @@ def worker(kind: str) -> dict:
             quantize_(model, RTNConfig(bits=4, group_size=128))
         apply_peft_(model, LoRAConfig(r=16, lora_alpha=32, targets=TARGETS))
         mark_trainable_(model)
-        step_loss = lambda w: model(w[:, :-1], targets=w[:, 1:])
+        step_loss = lambda w: model.loss(w[:, :-1], w[:, 1:])
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)

@@ -224,7 +224,7 @@ def fairness(args: argparse.Namespace) -> None:
 def kv_cache(args: argparse.Namespace) -> None:
     """int8 vs bf16 K/V: tokens at a fixed memory budget, and perplexity through the engine
     (prompt logprobs of held-out windows, every attention reading the cached K/V)."""
-    from leanlm.serve.model_runner import kv_bytes_per_block
+    from leanlm.serve.paged import kv_bytes_per_block
 
     model = load_model(DEFAULT_MODEL, dtype="bfloat16").eval()
     budget = 256 * 2**20

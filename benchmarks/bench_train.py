@@ -4,7 +4,7 @@ Both train the same Llama shape (default: the embedded default model's, 10M para
 8192) on the same random token batches, bf16 autocast with fp32 master weights, fused AdamW
 and gradient clipping, no document masking (transformers has none):
 
-* leanlm: ``model(tokens, targets=...)`` — the trainer's step, whose head + loss is the fused,
+* leanlm: ``model.loss(tokens, ...)`` — the trainer's step, whose head + loss is the fused,
   chunked linear cross-entropy (``leanlm/loss.py``), with activation checkpointing off, full or
   selective (``train/parallelize.py``);
 * transformers: ``LlamaForCausalLM(input_ids, labels=...)`` with SDPA attention.
@@ -70,7 +70,7 @@ def worker(name: str, args: argparse.Namespace) -> dict:
             leanlm.loss.CHUNK = leanlm.loss.CUDA_CHUNK = chunk
 
         def loss_fn(x: torch.Tensor) -> torch.Tensor:
-            return model(x[:, :-1], targets=x[:, 1:])
+            return model.loss(x[:, :-1], x[:, 1:])
     else:
         import transformers
 

@@ -7,6 +7,7 @@ import torch
 
 import leanlm
 from conftest import FAMILIES, VOCAB, build_hf_model
+from leanlm.attention import SDPAMetadata
 from leanlm.generate import generate
 from leanlm.sampling import SamplingParams
 
@@ -46,8 +47,13 @@ def test_kv_cache_decode_equals_full_forward(make_hf_checkpoint):
     with torch.no_grad():
         full = model(tokens)
         cache = model.make_cache(1, 20)
-        steps = [model(tokens[:, :5], cache=cache)]
-        steps += [model(tokens[:, i:i + 1], cache=cache) for i in range(5, 20)]
+
+        def step(start: int, end: int) -> torch.Tensor:
+            positions = torch.arange(start, end)[None]
+            attn = SDPAMetadata.cached(cache, positions, model.sliding_window)
+            return model(tokens[:, start:end], positions, attn)
+
+        steps = [step(0, 5)] + [step(i, i + 1) for i in range(5, 20)]
     assert (torch.cat(steps, dim=1) - full).abs().max().item() < 1e-5
 
 

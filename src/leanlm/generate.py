@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from leanlm.attention import SDPAMetadata
 from leanlm.errors import LeanLMError
 from leanlm.model import Transformer
 from leanlm.sampling import Row, SamplingParams, sample, stops
@@ -62,17 +63,21 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
     for i, p in enumerate(prompts):
         tokens[i, longest - len(p):] = torch.tensor(p, device=device)
     padded = bool((lengths != longest).any())
-    positions = None
-    if padded:
-        positions = torch.arange(longest, device=device)[None] - (longest - lengths)[:, None]
-        positions = positions.masked_fill(positions < 0, -1)
+    # each row's positions count from its own first real token; -1 marks its left padding
+    positions = torch.arange(longest, device=device)[None] - (longest - lengths)[:, None]
+    positions = positions.masked_fill(positions < 0, -1)
     cache = model.make_cache(b, longest + max_new)
     seen = [list(p) for p in prompts]  # prompt + generated: the penalties' history
     rows = [Row(params, h, len(h), params.generator(device)) for h in seen]
     outputs: list[list[int]] = [[] for _ in range(b)]
     done = [False] * b
-    next_pos = lengths.clone()
-    logits = model(tokens, positions, cache, last_only=True)[:, -1].float()
+
+    def step(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        attn = SDPAMetadata.cached(cache, positions, model.sliding_window, padded)
+        return model(tokens, positions, attn, rows=slice(-1, None))[:, -1].float()
+
+    logits = step(tokens, positions)
+    next_pos = lengths[:, None].clone()
     for _ in range(max_new):
         nxt = sample(logits, rows)
         for i, t in enumerate(nxt.tolist()):
@@ -88,8 +93,7 @@ def generate(model: Transformer, prompts: list[list[int]], params: SamplingParam
                 done[i] = True
         if all(done):
             break
-        step_pos = next_pos[:, None] if padded else None
-        logits = model(nxt[:, None], step_pos, cache, last_only=True)[:, -1].float()
+        logits = step(nxt[:, None], next_pos)
         next_pos += 1
     return outputs
 

@@ -20,18 +20,27 @@ family, so quantization and PEFT target the same names everywhere; ``checkpoint.
 fused Conv1D names onto them. Every projection and the head is a
 :class:`~leanlm.kernels.cpu_linear.Linear`: an ``nn.Linear`` that serves CPU inference from a
 oneDNN-prepacked copy of its weight.
+
+One forward, whatever the caller: ``model(tokens, positions, attn, rows)`` with ``attn`` the
+attention metadata the caller built (:class:`~leanlm.attention.SDPAMetadata` ``.causal`` by
+default, ``.cached`` for the reference generator, ``.packed`` for packed training, the serving
+engine's paged batches) and ``rows`` the positions whose logits are wanted; ``model.loss(...)`` is
+the training objective through the fused head + cross-entropy. The blocks receive a
+:class:`LayerContext`: the caller's metadata and the rotary tables of these positions.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from leanlm import kernels
-from leanlm.attention import KVCache, PagedMetadata, SDPAMetadata, compute_dtype
+from leanlm.attention import KVCache, SDPAMetadata, compute_dtype
 from leanlm.config import ModelConfig
 from leanlm.errors import LeanLMError
 from leanlm.kernels import rmsnorm, rotary
@@ -95,6 +104,17 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
+@dataclass(frozen=True)
+class LayerContext:
+    """What every block of one forward shares: the caller's attention metadata (anything with
+    ``attend(layer_idx, sliding, q, k, v)``) and the rotary tables [B, 1, S, D] of the positions
+    (None for learned positions)."""
+
+    attn: Any
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -109,7 +129,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(d, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(d, config.norm_eps) if config.qk_norm else None
 
-    def forward(self, x: torch.Tensor, meta: SDPAMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
@@ -117,9 +137,9 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if meta.cos is not None:
-            q, k = apply_rotary(q, meta.cos, meta.sin), apply_rotary(k, meta.cos, meta.sin)
-        out = meta.attend(self.layer_idx, self.sliding, q, k, v)
+        if ctx.cos is not None:
+            q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+        out = ctx.attn.attend(self.layer_idx, self.sliding, q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -151,8 +171,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = make_norm(config, config.hidden_size)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, meta: SDPAMetadata) -> torch.Tensor:
-        h = self.self_attn(self.input_layernorm(x), meta)
+    def forward(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(x), ctx)
         if isinstance(self.post_attention_layernorm, RMSNorm):  # residual add fused into the norm
             n, x = self.post_attention_layernorm(h, residual=x)
         else:
@@ -187,7 +207,8 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
-        self._has_sliding = "sliding_attention" in config.layer_types
+        # what attention metadata builders take: the window where some layer slides, else None
+        self.sliding_window = config.sliding_window if "sliding_attention" in config.layer_types else None
 
     def init_buffers(self, device: torch.device | str | None = None) -> None:
         """(Re)compute non-persistent buffers, e.g. after building on the meta device."""
@@ -215,66 +236,53 @@ class Transformer(nn.Module):
                        dtype or w.dtype, w.device)
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-              cache: KVCache | None = None, documents: torch.Tensor | None = None,
-              attn: PagedMetadata | None = None) -> tuple[torch.Tensor, SDPAMetadata | PagedMetadata]:
-        """The input of block 0 and the attention metadata every block uses (see ``forward``).
-
-        Layer-by-layer calibration (``quant/``) runs the blocks one at a time on these.
-        """
+              attn: Any = None) -> tuple[torch.Tensor, LayerContext]:
+        """The input of block 0 and the context every block uses (see ``forward``). Layer-by-layer
+        calibration (``quant/``) runs the blocks one at a time on these."""
         b, s = tokens.shape
-        if attn is not None:  # the serving engine's paged batch: positions are given
-            if positions is None:
-                raise LeanLMError("a paged batch (attn=) needs positions=")
-            meta = attn
-        elif documents is not None:
-            if cache is not None or positions is None:
-                raise LeanLMError("documents= (packed training) needs positions= and no cache")
-            meta = SDPAMetadata.packed(documents, self.config.sliding_window, self._has_sliding)
-        else:
-            contiguous = positions is None
-            if positions is None:
-                start = cache.length if cache is not None else 0
-                positions = torch.arange(start, start + s, device=tokens.device).expand(b, s)
-            meta = SDPAMetadata.build(positions, cache, self.config.sliding_window,
-                                      self._has_sliding, contiguous)
+        if positions is None:
+            positions = torch.arange(s, device=tokens.device).expand(b, s)
+        if attn is None:
+            attn = SDPAMetadata.causal(positions, self.sliding_window)
         x = self.embed_tokens(tokens)
         pos = positions.clamp(min=0)
         if self.embed_positions is not None:
             if int(pos.max()) >= self.config.max_position_embeddings:
                 raise LeanLMError(f"position {int(pos.max())} is past the model's context of "
                                   f"{self.config.max_position_embeddings} (learned positions)")
-            x = x + self.embed_positions(pos)
-        else:
-            freqs = pos[..., None].float() * self.inv_freq.float()
-            emb = torch.cat((freqs, freqs), dim=-1)
-            # rotate q/k in the dtype they come out of their projections in (bf16 under
-            # autocast), so rotary does not promote them to fp32 only to be cast back for SDPA
-            meta.cos = emb.cos().to(compute_dtype(x))[:, None]
-            meta.sin = emb.sin().to(compute_dtype(x))[:, None]
-        return x, meta
+            return x + self.embed_positions(pos), LayerContext(attn)
+        freqs = pos[..., None].float() * self.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        # rotate q/k in the dtype they come out of their projections in (bf16 under autocast),
+        # so rotary does not promote them to fp32 only to be cast back for SDPA
+        dtype = compute_dtype(x)
+        return x, LayerContext(attn, emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None])
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None, last_only: bool = False,
-                documents: torch.Tensor | None = None, targets: torch.Tensor | None = None,
-                attn: PagedMetadata | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens [B, S] -> logits [B, S, V] ([B, 1, V] with ``last_only``).
-
-        ``positions`` [B, S] are absolute positions (-1 marks left padding); by default they
-        continue from the cache (or start at 0). With a cache, K/V of these tokens are appended.
-        ``documents`` [B, S] (training on packed sequences, no cache) are document indices:
-        a token attends only to earlier tokens of its own document. With ``targets`` [B, S]
-        the mean next-token cross-entropy is returned instead of logits, through the fused
-        chunked head + loss of ``loss.py`` (no full-size logits are materialised).
-        ``attn`` is the serving engine's paged batch (tokens [1, T]); ``rows`` picks the positions
-        whose logits are wanted ([1, len(rows), V]).
-        """
-        x, meta = self.embed(tokens, positions, cache, documents, attn)
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+               attn: Any = None) -> torch.Tensor:
+        """The last block's output [B, S, hidden] (the head reads it through the final norm)."""
+        x, ctx = self.embed(tokens, positions, attn)
         for layer in self.layers:
-            x = layer(x, meta)
-        if targets is not None:
-            return linear_cross_entropy(self.norm(x), self.lm_head, targets)
-        if last_only:
-            x = x[:, -1:]
-        elif rows is not None:
+            x = layer(x, ctx)
+        return x
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, attn: Any = None,
+                rows: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """tokens [B, S] -> logits [B, S, V], or [B, R, V] for the positions ``rows`` picks.
+
+        ``positions`` [B, S] are absolute positions (default 0..S-1; -1 marks left padding, which
+        ``attn`` must know of). ``attn`` is the attention metadata built by the caller
+        (default ``SDPAMetadata.causal(positions)``): ``SDPAMetadata.cached`` appends these K/V to
+        a cache, ``SDPAMetadata.packed`` keeps packed documents apart, and the serving engine's
+        paged metadata (``leanlm.serve.paged``) reads and writes its block pool (tokens [1, T]).
+        """
+        x = self.hidden(tokens, positions, attn)
+        if rows is not None:
             x = x[:, rows]
         return self.lm_head(self.norm(x))
+
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, positions: torch.Tensor | None = None,
+             attn: Any = None) -> torch.Tensor:
+        """The mean next-token cross-entropy of ``targets`` [B, S] (ignore index -100), through the
+        fused chunked head + loss of ``loss.py``: no full-size logits are materialised."""
+        return linear_cross_entropy(self.norm(self.hidden(tokens, positions, attn)), self.lm_head, targets)

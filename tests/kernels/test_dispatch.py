@@ -116,7 +116,7 @@ def test_decode_metadata_kernels_match_the_batched_reference(device: str, mode: 
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """The static-shape decode batch (what a CUDA graph captures) run eagerly with the KV-store and
     split-KV decode kernels gives the logits of its torch reference; padding rows included."""
-    from leanlm.attention import DecodeMetadata, PagedKVCache
+    from leanlm.serve.paged import DecodeMetadata, PagedKVCache
 
     model = random_model(family).to(device)
     c, bs, width = model.config, 4, 8

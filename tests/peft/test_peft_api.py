@@ -83,7 +83,7 @@ def test_only_adapters_train_and_the_loss_goes_down(name: str) -> None:
     data = torch.randint(2, 40, (4, 16), generator=torch.Generator().manual_seed(1))  # a toy task
     losses = []
     for _ in range(25):
-        loss = model(data[:, :-1], targets=data[:, 1:])
+        loss = model.loss(data[:, :-1], data[:, 1:])
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -124,7 +124,7 @@ def test_qlora_trains_on_an_int4_base() -> None:
     data = torch.randint(2, 40, (4, 16), generator=torch.Generator().manual_seed(1))
     losses = []
     for _ in range(20):
-        loss = model(data[:, :-1], targets=data[:, 1:])
+        loss = model.loss(data[:, :-1], data[:, 1:])
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -137,10 +137,10 @@ def test_qlora_trains_on_an_int4_base() -> None:
 def test_an_adapter_on_the_head_is_used_by_the_fused_training_loss() -> None:
     model = random_model("llama")
     data = torch.randint(2, 40, (2, 9), generator=torch.Generator().manual_seed(1))
-    plain = model(data[:, :-1], targets=data[:, 1:])
+    plain = model.loss(data[:, :-1], data[:, 1:])
     apply_peft_(model, LoRAConfig(r=4, targets=["lm_head"]))
     randomize(model, 1.0)
-    with_lora = model(data[:, :-1], targets=data[:, 1:])
+    with_lora = model.loss(data[:, :-1], data[:, 1:])
     with torch.no_grad():
         logits = model(data[:, :-1])
     want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), data[:, 1:].flatten())

@@ -134,7 +134,7 @@ def test_prompt_logprobs_equal_a_teacher_forced_forward(chunked: bool) -> None:
 
 def test_int8_kv_cache_doubles_capacity_and_stays_close() -> None:
     from leanlm import DEFAULT_MODEL, ModelConfig
-    from leanlm.serve.model_runner import kv_bytes_per_block
+    from leanlm.serve.paged import kv_bytes_per_block
 
     c = ModelConfig.from_json_file(DEFAULT_MODEL / "config.json")
     with torch.device("meta"):
@@ -206,8 +206,8 @@ def test_compiled_decode_compiles_every_bucket() -> None:
     the later buckets would silently run eagerly."""
     from torch._dynamo.utils import counters
 
-    from leanlm.attention import PagedKVCache
-    from leanlm.serve.model_runner import CompiledDecode
+    from leanlm.serve.compiled import CompiledDecode
+    from leanlm.serve.paged import PagedKVCache
 
     model, bs = random_model(), 4
     c = model.config

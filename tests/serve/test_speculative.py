@@ -15,9 +15,8 @@ from leanlm.errors import LeanLMError
 from leanlm.generate import generate
 from leanlm.sampling import Row, SamplingParams, probabilities
 from leanlm.serve.engine import LLM, EngineConfig
-from leanlm.serve.sampling import verify_drafts
 from leanlm.serve.scheduler import SchedulerConfig
-from leanlm.serve.speculative import best_length, ngram_drafts
+from leanlm.serve.speculative import best_length, ngram_drafts, verify_drafts
 
 
 def repetitive_prompts(n: int, seed: int = 0) -> list[list[int]]:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
+from leanlm.attention import SDPAMetadata
 from leanlm.errors import LeanLMError
 from leanlm.model import Transformer
 from leanlm.tokenizer import load_tokenizer
@@ -48,7 +49,7 @@ def test_document_masking_equals_separate_documents(tiny_data, tmp_path):
     packed = torch.cat([eos, a, eos, b], dim=1)
     batch = make_batch(np.concatenate([packed.numpy(), [[3]]], axis=1), eos_id=1, document_masking=True)
     with torch.no_grad():
-        together = model(batch.inputs, positions=batch.positions, documents=batch.documents)
+        together = model(batch.inputs, batch.positions, SDPAMetadata.packed(batch.documents))
         first = model(torch.cat([eos, a], 1))
         second = model(torch.cat([eos, b], 1))
     torch.testing.assert_close(together, torch.cat([first, second], 1), rtol=1e-5, atol=1e-5)

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from leanlm.attention import SDPAMetadata
 from leanlm.data.corpus import load_manifest
 from leanlm.data.io import write_json
 from leanlm.errors import LeanLMError
@@ -85,7 +86,8 @@ class ProxyTrainer(Trainer):
 
     def _token_losses(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         with self._autocast():
-            logits = model(batch.inputs, positions=batch.positions, documents=batch.documents)
+            attn = SDPAMetadata.packed(batch.documents, model.sliding_window)
+            logits = model(batch.inputs, batch.positions, attn)
         return F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(),
                                reduction="none").view(batch.targets.shape)
 

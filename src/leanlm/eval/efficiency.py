@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from leanlm.attention import KVCache, SDPAMetadata
+
 
 def model_bytes(model: nn.Module) -> int:
     seen, total = set(), 0
@@ -44,15 +46,21 @@ def tokens_per_s(model: nn.Module, steps: int = 24, prompt: int = 128,
     """(decode, prefill) tokens/s at batch 1 (see the module docstring)."""
     tokens = torch.randint(0, min(1000, model.config.vocab_size), (1, prompt))  # type: ignore[union-attr]
     prefill = []
+
+    def step(tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        positions = torch.arange(cache.length, cache.length + tokens.shape[1])[None]
+        attn = SDPAMetadata.cached(cache, positions, model.sliding_window)  # type: ignore[arg-type]
+        return model(tokens, positions, attn, rows=slice(-1, None)).argmax(-1)
+
     for _ in range(2):
         cache = model.make_cache(1, prompt + steps + 4, dtype=dtype)  # type: ignore[operator]
         t0 = time.perf_counter()
-        nxt = model(tokens, cache=cache, last_only=True).argmax(-1)
+        nxt = step(tokens, cache)
         prefill.append(time.perf_counter() - t0)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        nxt = model(nxt, cache=cache, last_only=True).argmax(-1)
+        nxt = step(nxt, cache)
         times.append(time.perf_counter() - t0)
     return 1.0 / float(np.median(times[2:])), prompt / prefill[-1]
 

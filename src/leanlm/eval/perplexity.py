@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanlm.attention import SDPAMetadata
 from leanlm.errors import LeanLMError
 from leanlm.train.data import make_batch, window, windows_of
 
@@ -62,7 +63,8 @@ def stream_loss(model: nn.Module, tokens: np.ndarray, seq_len: int, eos_id: int,
             rows = np.stack([window(tokens, j if j < n else 0, seq_len) for j in ids])
             batch = make_batch(rows, eos_id, document_masking).to(device)
             with autocast_context(device, precision):
-                logits = model(batch.inputs, positions=batch.positions, documents=batch.documents)
+                attn = SDPAMetadata.packed(batch.documents, model.sliding_window)
+                logits = model(batch.inputs, batch.positions, attn)
             nll = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(),
                                   reduction="none").view(len(ids), -1).sum(1)
             keep = torch.tensor([j < n for j in ids], device=nll.device)

@@ -1,6 +1,6 @@
 """Attention over a paged K/V cache: split-KV decode (Flash-Decoding) and varlen prefill.
 
-Layout (the serving engine's, :class:`~leanlm.attention.PagedKVCache`): one layer's keys are
+Layout (the serving engine's, :class:`~leanlm.serve.paged.PagedKVCache`): one layer's keys are
 [num_blocks · block_size, kv_heads, D]; request r owns blocks ``block_tables[r, :]`` (padded
 with anything past its length — entries beyond ⌈seq_lens[r] / block_size⌉ are never read) and
 has ``seq_lens[r]`` keys after this step. Its queries are rows ``query_start[r]:query_start[r+1]``

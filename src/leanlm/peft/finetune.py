@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from leanlm.attention import SDPAMetadata
 from leanlm.data.io import json_lines
 from leanlm.errors import LeanLMError
 from leanlm.peft.api import PeftConfig, apply_peft_, mark_trainable_, save_adapter
@@ -222,7 +223,8 @@ class FineTuner(Trainer):
             b = stack(rows[i:i + self.cfg.micro_batch]).to(self.d.device)
             n = int((b.targets != IGNORE).sum())
             with self._autocast():
-                loss = self.model(b.inputs, positions=b.positions, documents=b.documents, targets=b.targets)
+                loss = self.model.loss(b.inputs, b.targets, b.positions,
+                                       SDPAMetadata.packed(b.documents, self.model.sliding_window))
             total += float(loss) * n
             count += n
         self.model.train()

@@ -6,18 +6,19 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from leanlm.errors import LeanLMError
 from leanlm.model import Transformer
+from leanlm.sampling import SamplingParams
 from leanlm.serve.kv_cache import KVCacheManager
-from leanlm.serve.model_runner import ModelRunner, kv_bytes_per_block
-from leanlm.serve.request import Request, SamplingParams
+from leanlm.serve.lora import LoRAManager
+from leanlm.serve.model_runner import ModelRunner
+from leanlm.serve.paged import kv_bytes_per_block
+from leanlm.serve.request import Request
 from leanlm.serve.scheduler import Scheduler, SchedulerConfig
 from leanlm.serve.speculative import AcceptanceTracker, DraftModelProposer, best_length, ngram_drafts
 
@@ -76,47 +77,19 @@ class LLMEngine:
         # a draft step's cost in target steps (measured; prompt lookup is free)
         self.draft_cost = 0.0 if draft_model is None else 0.1
         self.spec_proposed = self.spec_accepted = 0  # draft tokens, for the acceptance rate
-        self.loras: dict[str, Path] = {}  # registered adapters
-        self.resident: OrderedDict[str, bool] = OrderedDict()  # loaded ones, least recent first
+        self.loras = LoRAManager(self.model, config.max_loras)  # registered and resident adapters
 
     def add_lora(self, name: str, path: str | os.PathLike[str], load: bool = False) -> None:
         """Register a peft adapter that requests can name (``lora=name``). It is loaded when a
         request first uses it (or now, with ``load``); at most ``max_loras`` stay resident, the
         least recently used idle one being unloaded to make room."""
-        from leanlm.peft.api import read_config
-
-        if name in self.loras:
-            raise LeanLMError(f"an adapter named {name!r} is already registered")
-        read_config(path)  # a missing or unsupported adapter fails now, not at its first request
-        self.loras[name] = Path(path)
+        self.loras.register(name, path)
         if load:
             self._ensure_loaded(name)
 
     def _ensure_loaded(self, name: str) -> None:
-        from leanlm.peft import load_adapter, set_adapter
-        from leanlm.peft.api import remove_adapter_
-
-        if name in self.resident:
-            self.resident.move_to_end(name)
-            return
-        if len(self.resident) >= self.config.max_loras:
-            busy = {r.lora for r in self.scheduler.requests.values() if not r.is_finished}
-            idle = next((n for n in self.resident if n not in busy), None)
-            if idle is None:
-                raise LeanLMError(f"all {self.config.max_loras} adapter slots serve running requests; "
-                                  f"retry when one finishes (or raise max_loras)")
-            remove_adapter_(self.model, idle)
-            del self.resident[idle]
-        path = self.loras[name]
-        load_adapter(self.model, path, name)
-        if name in getattr(self.model.lm_head, "adapters", {}):
-            # the runner computes the head on the sampled rows only: the token routing of a
-            # mixed batch does not apply there
-            remove_adapter_(self.model, name)
-            del self.loras[name]
-            raise LeanLMError(f"{path}: adapters on lm_head cannot be served in mixed batches")
-        set_adapter(self.model, None)  # requests pick their adapter; the base runs otherwise
-        self.resident[name] = True
+        busy = {r.lora for r in self.scheduler.requests.values() if not r.is_finished}
+        self.loras.ensure_loaded(name, busy)
 
     def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None,
                     request_id: str | None = None, priority: int = 0, lora: str | None = None,
@@ -131,8 +104,6 @@ class LLMEngine:
         """A validated request (bad input raises LeanLMError), not yet scheduled."""
         c = self.model.config
         if lora is not None:
-            if lora not in self.loras:
-                raise LeanLMError(f"unknown LoRA adapter {lora!r}: registered ones are {sorted(self.loras)}")
             self._ensure_loaded(lora)
         prompt = list(prompt_token_ids)
         params = params or SamplingParams()
@@ -159,9 +130,9 @@ class LLMEngine:
             if new.lora is not None:
                 self._ensure_loaded(new.lora)
         t0 = time.perf_counter()
-        sampled = self.runner.execute(out)
+        result = self.runner.execute(out)
         step_time = time.perf_counter() - t0
-        for rid, entries in self.runner.prompt_logprobs.items():
+        for rid, entries in result.prompt_logprobs.items():
             request = self.scheduler.requests.get(rid)
             if request is not None:  # position p: set once (a recomputed prefill repeats them)
                 if not request.prompt_logprobs:
@@ -169,11 +140,11 @@ class LLMEngine:
                 for p, lp, top in entries:
                     request.prompt_logprobs[p] = (lp, top)
         for rid, drafts in out.spec_token_ids.items():
-            accepted = max(0, len(sampled.get(rid, ())) - 1)
+            accepted = max(0, len(result.sampled_token_ids.get(rid, ())) - 1)
             self.spec_proposed += len(drafts)
             self.spec_accepted += accepted
             self.acceptance.record(rid, len(drafts), accepted)
-        updated = self.scheduler.update_from_output(out, sampled)
+        updated = self.scheduler.update_from_output(out, result.sampled_token_ids)
         if self.config.speculative:
             gone = (out.preempted_req_ids | out.finished_req_ids
                     | {r.request_id for r in updated if r.is_finished})
@@ -182,8 +153,8 @@ class LLMEngine:
                 self.proposer.forget(gone)
             self._propose(step_time)
         for request in updated:
-            if request.request_id in self.runner.logprobs:
-                request.output_logprobs.append(self.runner.logprobs[request.request_id])
+            if request.request_id in result.logprobs:
+                request.output_logprobs.append(result.logprobs[request.request_id])
         return updated
 
     def _propose(self, step_time: float) -> None:

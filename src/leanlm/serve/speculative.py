@@ -4,8 +4,8 @@ Speculative decoding (Leviathan et al. 2023, "Fast Inference from Transformers v
 Decoding"; Chen et al. 2023, "Accelerating LLM Decoding with Speculative Sampling"): a cheap
 proposer guesses the next k tokens d_1..d_k, the target model scores all k + 1 positions in one
 forward, and rejection sampling keeps a prefix of the guesses so that the output is distributed
-exactly as the target's (``sampling.verify_drafts``; greedy requests keep the matching prefix,
-so their outputs are identical). Both proposers here are deterministic (a one-hot proposal q),
+exactly as the target's (:func:`verify_drafts`; greedy requests keep the matching prefix, so
+their outputs are identical). Both proposers here are deterministic (a one-hot proposal q),
 so draft d is kept with probability p(d) and on rejection the token is drawn from p without d.
 
 Proposers:
@@ -30,14 +30,15 @@ switched off (vLLM's ``disable_by_batch_size``).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from itertools import pairwise
 
 import torch
 
-from leanlm.attention import PagedKVCache, PagedMetadata
 from leanlm.errors import LeanLMError
 from leanlm.model import Transformer
-from leanlm.serve.model_runner import CompiledDecode
+from leanlm.sampling import Row, probabilities
+from leanlm.serve.batch import PagedBatch
+from leanlm.serve.compiled import CompiledDecode
+from leanlm.serve.paged import PagedKVCache
 from leanlm.serve.request import Request
 
 
@@ -131,51 +132,59 @@ class DraftModelProposer:
         forward over every request's uncached tokens, then k - 1 batched one-token steps."""
         if not requests:
             return []
-        bs = self.cache.block_size
         tables = [block_ids(r.request_id) for r in requests]
-        width = max(map(len, tables))
-        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32,
-                             device=self.device)
-        tokens: list[int] = []
-        positions: list[int] = []
-        owners: list[int] = []  # the request (index) of each token in the batch
-        starts = [0]
-        for i, r in enumerate(requests):
+        batch = PagedBatch(self.cache.block_size)
+        for r, table in zip(requests, tables, strict=True):
             start = self._valid(r)
-            tokens += r.all_token_ids[start:]
-            positions += range(start, r.num_tokens)
-            owners += [i] * (r.num_tokens - start)
-            starts.append(len(tokens))
-        seq_lens = [r.num_tokens for r in requests]
+            batch.add(r.all_token_ids[start:], start, table)
+            batch.rows.append(len(batch.tokens) - 1)
         drafts: list[list[int]] = [[] for _ in requests]
         active = list(range(len(requests)))
-        rows = [s - 1 for s in starts[1:]]
-        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)[None]
         while True:
-            slots = [tables[i][p // bs] * bs + p % bs for i, p in zip(owners, positions, strict=True)]
-            logits = None
-            if self.compiled is not None and max(b - a for a, b in pairwise(starts)) <= CATCH_UP_ROWS:
-                # not a prompt: each token a decode row
-                logits = self.compiled(tokens, positions, slots, [tables[i] for i in owners])
-                logits = None if logits is None else logits[rows]
-            if logits is None:
-                meta = PagedMetadata(self.cache, torch.tensor(slots, device=self.device), starts,
-                                     seq_lens, table[active], self.model.config.sliding_window)
-                logits = self.model(as_tensor(tokens), positions=as_tensor(positions), attn=meta,
-                                    rows=as_tensor(rows)[0])[0]
-            best = logits.argmax(-1).tolist()
+            # not a prompt: each token a decode row
+            compiled = self.compiled if batch.max_tokens_per_request <= CATCH_UP_ROWS else None
+            best = batch.logits(self.model, self.cache, compiled).argmax(-1).tolist()
             for i, t in zip(active, best, strict=True):
                 drafts[i].append(t)
             active = [i for i in active if len(drafts[i]) < ks[i]]
             if not active:
                 break
             # the next step feeds each active request its newest draft, one token each
-            tokens = [drafts[i][-1] for i in active]
-            positions = [requests[i].num_tokens + len(drafts[i]) - 1 for i in active]
-            owners = active
-            seq_lens = [p + 1 for p in positions]
-            starts = list(range(len(active) + 1))
-            rows = list(range(len(active)))
+            batch = PagedBatch(self.cache.block_size)
+            for i in active:
+                batch.add([drafts[i][-1]], requests[i].num_tokens + len(drafts[i]) - 1, tables[i])
+            batch.rows = list(range(len(active)))
         for r, d in zip(requests, drafts, strict=True):
             self.last[r.request_id] = (r.num_tokens, d)
         return drafts
+
+
+def verify_drafts(logits: torch.Tensor, row: Row, drafts: Sequence[int]) -> list[int]:
+    """Speculative decoding's verification (Leviathan et al. 2023; Chen et al. 2023) of drafts
+    d_1..d_k proposed deterministically (q = one-hot, as prompt lookup proposes), from the target's
+    logits at the last real token and at each draft ([k + 1, V]).
+
+    Greedy: keep d_j while it is the target's argmax; the first mismatch is replaced by the
+    target's token. Sampling: keep d_j with probability p_j(d_j); on rejection draw from the
+    residual max(0, p_j − q_j) ∝ p_j without d_j. If every draft is kept, one more token is drawn
+    from p_k. The output is distributed exactly as sampling the target token by token."""
+    greedy, probs = probabilities(logits, [row] * (len(drafts) + 1))
+    out: list[int] = []
+    for j, d in enumerate(drafts):
+        if row.params.greedy:
+            out.append(int(greedy[j]))
+            if out[-1] != d:
+                return out
+            continue
+        p = probs[j]
+        if float(torch.rand((), generator=row.generator, device=p.device)) < float(p[d]):
+            out.append(d)
+            continue
+        residual = p.clone()
+        residual[d] = 0
+        out.append(int(torch.multinomial(residual / residual.sum(), 1, generator=row.generator)))
+        return out
+    last = probs[-1]
+    out.append(int(greedy[-1]) if row.params.greedy
+               else int(torch.multinomial(last, 1, generator=row.generator)))
+    return out

@@ -17,9 +17,11 @@ The order is torchtitan's (``parallelize_llama``) and each step depends on the p
    again for backward (ZeRO-3); ``False`` keeps them until backward (ZeRO-2: less communication,
    more memory). ``MixedPrecisionPolicy`` casts gathered parameters to bf16 for compute and
    reduces gradients in fp32, while the sharded fp32 parameters stay the optimizer's master copy.
-   ``CPUOffloadPolicy`` keeps shards and optimizer state in host memory (GPU runs). DDP
-   (``replicate``, the composable DDP: the module stays in place, names unchanged) keeps full
-   replicas and all-reduces gradients in buckets.
+   ``CPUOffloadPolicy`` keeps shards and optimizer state in host memory (GPU runs). DDP is
+   FSDP2's ``replicate`` (the module stays in place, names unchanged): full replicas, gradients
+   all-reduced per block as its backward finishes. Either way ``Transformer.loss`` is registered
+   as a forward method, so the root's all-gathers and gradient hooks wrap it as they wrap
+   ``forward``.
 
 All of it works on gloo (CPU) and nccl (GPU) under ``torchrun``.
 """
@@ -29,9 +31,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import register_fsdp_forward_method
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from leanlm.errors import LeanLMError
@@ -89,10 +91,12 @@ def apply_fsdp(model: Transformer, mesh: DeviceMesh, param_dtype: torch.dtype | 
     fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=mp, offload_policy=offload)
 
 
-def apply_ddp(model: nn.Module, mesh: DeviceMesh) -> None:
-    from torch.distributed._composable.replicate import replicate
+def apply_ddp(model: Transformer, mesh: DeviceMesh) -> None:
+    from torch.distributed._composable.replicate_with_fsdp import replicate
 
-    replicate(model, device_mesh=mesh, bucket_cap_mb=100)
+    for block in model.layers:  # each block's gradients are all-reduced as soon as they are ready
+        replicate(block, mesh=mesh)
+    replicate(model, mesh=mesh)
 
 
 def parallel_mode(cfg: TrainConfig, world: int) -> str:
@@ -127,9 +131,10 @@ def parallelize(model: Transformer, cfg: TrainConfig, mesh: DeviceMesh | None, w
         apply_fsdp(model, mesh, torch.bfloat16 if cfg.precision == "bf16" else None,
                    cfg.reshard_after_forward, cfg.cpu_offload)
         materialize(model)
-        return mode
-    materialize(model)
-    if mode == "ddp":
-        assert mesh is not None
-        apply_ddp(model, mesh)
+    else:
+        materialize(model)
+        if mode == "ddp":
+            assert mesh is not None
+            apply_ddp(model, mesh)
+    register_fsdp_forward_method(model, "loss")  # (nothing to do without FSDP/replicate)
     return mode

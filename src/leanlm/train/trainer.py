@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from leanlm.attention import SDPAMetadata
 from leanlm.data.corpus import load_manifest
 from leanlm.errors import LeanLMError
 from leanlm.eval.perplexity import autocast_context, stream_loss
@@ -287,8 +288,8 @@ class Trainer:
             batch = batch.to(self.d.device)
             with self._autocast():
                 if self.teacher is None:
-                    loss = self.model(batch.inputs, positions=batch.positions, documents=batch.documents,
-                                      targets=batch.targets)
+                    loss = self.model.loss(batch.inputs, batch.targets, batch.positions,
+                                           SDPAMetadata.packed(batch.documents, self.model.sliding_window))
                 else:
                     loss = self._distill_loss(batch)
             (loss / cfg.grad_accum).backward()
@@ -303,9 +304,10 @@ class Trainer:
         return loss_avg / self.d.world, float(norm)
 
     def _distill_loss(self, batch: Any) -> torch.Tensor:
-        logits = self.model(batch.inputs, positions=batch.positions, documents=batch.documents)
+        attn = SDPAMetadata.packed(batch.documents, self.model.sliding_window)
+        logits = self.model(batch.inputs, batch.positions, attn)
         with torch.no_grad():
-            teacher = self.teacher(batch.inputs, positions=batch.positions, documents=batch.documents)
+            teacher = self.teacher(batch.inputs, batch.positions, attn)
         return distillation_loss(logits, teacher, batch.targets, self.cfg.distill_temperature,
                                  self.cfg.distill_weight)
 

@@ -1,0 +1,114 @@
+"""The serving engine's decode-shaped steps with static shapes: CUDA graphs on CUDA, ``torch.compile``
+elsewhere (``leanlm serve --compile``).
+
+A decode step of a small model is bound by per-op overhead: on a GPU by the CPU launching ~15
+kernels per layer, on a CPU by Python and dispatch. Padding every step to a bucket of fixed
+shapes lets one captured graph (or one compiled graph) serve it. See :class:`CompiledDecode`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from leanlm.model import Transformer
+from leanlm.serve.paged import DecodeMetadata, PagedKVCache
+
+RECOMPILE_LIMIT = 128  # graphs per code object while a compiled step runs (one per bucket)
+
+
+def bucket(n: int) -> int:
+    """The padded size of a compiled decode step's dimension: the next power of two."""
+    return 1 << max(0, n - 1).bit_length()
+
+
+class CompiledDecode:
+    """A model's decode-shaped forward (one query token per row) with static shapes, one graph per
+    (rows, length) bucket: rows and block-table width are padded to powers of two, and padding
+    rows write to the cache's last block, a scratch block past the engine's blocks (the K/V cache
+    is allocated one block larger).
+
+    On CUDA each bucket is a captured CUDA graph of the eager forward — the Triton kernels and
+    cuBLAS GEMMs — replayed with the step's inputs copied into its static buffers, as vLLM does:
+    a decode step of a small model is otherwise bound by the CPU launching ~15 kernels per layer.
+    Elsewhere each bucket is a ``torch.compile`` graph; its fused kernels round bf16/fp16
+    intermediates where eager does, so outputs stay the eager ones."""
+
+    def __init__(self, model: Transformer, cache: PagedKVCache) -> None:
+        self.model, self.cache = model, cache
+        self.scratch = cache.k[0].shape[0] // cache.block_size - 1
+        self.device = model.embed_tokens.weight.device
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
+        # the compiled step (not called where CUDA graphs run); None once anything failed: eager serves
+        self.fn = torch.compile(self._forward, dynamic=False, options={"emulate_precision_casts": True})
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, meta: DecodeMetadata) -> torch.Tensor:
+        return self.model(tokens, positions=positions, attn=meta)[0]
+
+    def _replay(self, rows: int, width: int, inputs: list[int]) -> torch.Tensor:
+        """The bucket's CUDA graph (captured on first use) run on ``inputs``: tokens, positions,
+        slots, key counts and table rows, flat, copied into its static buffer in one transfer."""
+        if (rows, width) not in self.graphs:
+            self.graphs[rows, width] = self._capture(rows, width)
+        graph, flat, logits = self.graphs[rows, width]
+        flat.copy_(torch.tensor(inputs, dtype=torch.long))
+        graph.replay()
+        return logits.clone()
+
+    def _capture(self, rows: int, width: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
+        bs = self.cache.block_size
+        # static inputs, every row a padding row until the first replay fills them
+        flat = torch.cat([torch.zeros(2 * rows, dtype=torch.long), torch.full((rows,), self.scratch * bs),
+                          torch.ones(rows, dtype=torch.long), torch.full((rows * width,), self.scratch)]
+                         ).to(self.device)
+        tokens, positions, slots, lens, table = flat.split([rows, rows, rows, rows, rows * width])
+        meta = DecodeMetadata(self.cache, slots, table.view(rows, width), lens, width * bs,
+                              self.model.config.sliding_window)
+        run = lambda: self._forward(tokens[None], positions[None], meta)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up: Triton compiles, cuBLAS picks its kernels
+            run(), run()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = run()
+        return graph, flat, logits
+
+    def __call__(self, tokens: list[int], positions: list[int], slots: list[int],
+                 tables: list[list[int]]) -> torch.Tensor | None:
+        """Logits [B, V] of B rows, row i the token at ``positions[i]`` (its K/V written to
+        ``slots[i]`` before attending) seeing the keys up to its own position through
+        ``tables[i]``: decodes, and the rows of several tokens of one request (drafts to verify, a
+        draft model's catch-up). None, and eager from then on, if compiling fails."""
+        if self.fn is None:
+            return None
+        b, bs = len(tokens), self.cache.block_size
+        seq_lens = [p + 1 for p in positions]
+        pb, width = bucket(b), bucket(-(-max(seq_lens) // bs))
+        pad = pb - b
+        table = [t[:width] + [self.scratch] * (width - len(t)) for t in tables]
+        table += [[self.scratch] * width] * pad
+        tokens, positions = tokens + [0] * pad, positions + [0] * pad
+        slots, seq_lens = slots + [self.scratch * bs] * pad, seq_lens + [1] * pad
+        try:
+            if self.pool is not None:
+                flat = [*tokens, *positions, *slots, *seq_lens, *(i for row in table for i in row)]
+                logits = self._replay(pb, width, flat)
+            else:
+                as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=self.device)
+                meta = DecodeMetadata(self.cache, as_long(slots), torch.tensor(table, dtype=torch.int32,
+                                      device=self.device), as_long(seq_lens), width * bs,
+                                      self.model.config.sliding_window)
+                # one graph per bucket, and the target and a draft model share this code object:
+                # dynamo's default of 8 graphs per code object would send later buckets to eager
+                with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                    logits = self.fn(as_long(tokens)[None], as_long(positions)[None], meta)
+        except Exception as e:  # no compiler, an unsupported op, a failed capture ...: eager serves
+            warnings.warn(f"compiled decode unavailable, running eagerly: {type(e).__name__}: {e}",
+                          stacklevel=3)
+            self.fn = None
+            return None
+        return logits[:b]
