@@ -1,4 +1,9 @@
-"""Helpers shared by the benchmark scripts: random-weight checkpoints of preset shapes, timing."""
+"""Helpers shared by the benchmark scripts: random-weight checkpoints of preset shapes, timing.
+
+Importing it applies the process-wide allocator setting that ``leanlm serve`` and ``leanlm
+generate`` apply (:func:`leanlm.allocator.keep_freed_memory`), so the library runs here as under
+those commands (``LEANLM_KEEP_FREED_MEMORY=0`` turns it off, as there).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,9 @@ from pathlib import Path
 import torch
 
 from leanlm import ModelConfig, Transformer, kernels, save_model
+from leanlm.allocator import keep_freed_memory
 
+keep_freed_memory()
 CACHE = Path(__file__).resolve().parent.parent / "bench_out"
 
 

@@ -14,8 +14,9 @@ depending on the run; with the settings below, 2,500–3,000.
 :func:`keep_freed_memory` sets both thresholds to 1 GiB (``mallopt``), the remedy that
 jemalloc/tcmalloc preloading gives Intel's extension and vLLM's CPU backend, without a preload.
 The cost is that the process keeps memory it has freed (up to its peak) instead of returning it.
-It is applied once, by the serving engine and by ``generate`` on CPU; it does nothing where libc
-is not glibc, or where the user set ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or
+It is applied once per process by the commands that serve or generate (``leanlm serve``,
+``leanlm generate``; the benchmarks likewise), never by a library constructor; it does nothing
+where libc is not glibc, or where the user set ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or
 ``GLIBC_TUNABLES`` (their choice stands), or ``LEANLM_KEEP_FREED_MEMORY=0``.
 
 :func:`available_memory` is Linux's MemAvailable: what the trainer's memory check and the

@@ -216,6 +216,17 @@ class _SafetensorsReader:
         self.fh.close()
 
 
+# quant_method -> loader(path, config, quantization_config, dtype, mmap) of a quantized checkpoint
+QuantizedLoader = Callable[[Path, ModelConfig, dict[str, Any], "torch.dtype | None", bool], Transformer]
+QUANTIZED_FORMATS: dict[str, QuantizedLoader] = {}
+
+
+def register_quantized_format(method: str, loader: QuantizedLoader) -> None:
+    """Let :func:`load_model` read checkpoints whose ``quantization_config.quant_method`` is
+    ``method`` (the quantization package registers GPTQ, AWQ and w8a8; the core does not know them)."""
+    QUANTIZED_FORMATS[method] = loader
+
+
 def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype | None = None,
                device: str | torch.device = "cpu", allow_pickle: bool = False,
                mmap: bool = False) -> Transformer:
@@ -225,8 +236,9 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype | None = N
     read into process memory (CPU decode runs ~25% faster there); ``mmap=True`` keeps the
     parameters in the file mapping instead (zero-copy, quick to load, shared between
     processes). Either way the peak is about one copy of the weights. A config.json with a
-    ``quantization_config`` (GPTQ, AWQ, leanlm w8a8) loads with quantized layers
-    (:mod:`leanlm.quant.formats`).
+    ``quantization_config`` (GPTQ, AWQ, leanlm w8a8) loads with quantized layers, through the
+    loader registered for its ``quant_method`` (:func:`register_quantized_format`;
+    :mod:`leanlm.quant.formats` registers its formats, and ``import leanlm`` imports it).
     """
     path = Path(path)
     if not path.is_dir():
@@ -237,9 +249,11 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype | None = N
     want = resolve_dtype(dtype)
     qcfg = json.loads((path / "config.json").read_text()).get("quantization_config")
     if qcfg:
-        from leanlm.quant.formats import load_quantized
-
-        return load_quantized(path, config, qcfg, want, mmap).to(device).eval()
+        method = qcfg.get("quant_method")
+        if method not in QUANTIZED_FORMATS:
+            raise LeanLMError(f"{path}: quantization_config.quant_method {method!r} is not supported "
+                              f"(expected one of {tuple(QUANTIZED_FORMATS)})")
+        return QUANTIZED_FORMATS[method](path, config, qcfg, want, mmap).to(device).eval()
     files, kind = weight_files(path, allow_pickle)
     with ExitStack() as stack:
         entries = open_tensors(files, kind, stack, mmap)
@@ -286,9 +300,7 @@ def check_shapes(expected: dict[str, list[int]], found: dict[str, _Entry], confi
 def save_model(model: Transformer, path: str | os.PathLike[str], tokenizer: Any | None = None,
                dtype: str | torch.dtype | None = None, max_shard_bytes: int = 4 * 1024**3) -> Path:
     """Write ``model`` as a Hugging Face checkpoint directory (atomically replaces ``path``)."""
-    from leanlm.quant.linear import quantized_linears
-
-    if quantized_linears(model):
+    if any(getattr(m, "quantized", False) for m in model.modules()):
         raise LeanLMError("the model is quantized: save it with leanlm.quant.save_quantized "
                           "(GPTQ, AWQ or w8a8 format)")
     if any(hasattr(m, "adapters") for m in model.modules()):

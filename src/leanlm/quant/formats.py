@@ -42,6 +42,7 @@ from leanlm.checkpoint import (
     check_shapes,
     meta_model,
     open_tensors,
+    register_quantized_format,
     to_hf_state,
     weight_files,
     write_checkpoint,
@@ -288,3 +289,7 @@ def _is_quant_buffer(hf_name: str, names: set[str] | list[str]) -> bool:
 def _hf(name: str) -> str:
     """The Hugging Face name of a leanlm module (the LM head sits outside ``model.``)."""
     return name if name.startswith("lm_head") else f"model.{name}"
+
+
+for _method in FORMATS:  # leanlm.load_model reads these through the core's loader registry
+    register_quantized_format(_method, load_quantized)

@@ -61,6 +61,8 @@ TRITON_MAX_M = 16
 class QuantLinear(nn.Module):
     """y = x ŵᵀ + b with ŵ = s·(q - z) held as packed integer codes."""
 
+    quantized = True  # (checkpoint.save_model refuses quantized models by this mark)
+
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
                  bias: bool = False, dtype: torch.dtype = torch.bfloat16,
                  device: torch.device | str | None = None, backend: str = "auto") -> None:
@@ -357,6 +359,8 @@ class W8A8Linear(nn.Module):
     y = (X_q W_qᵀ) ⊙ (s_x s_wᵀ) + b, with X_q = round(X / s_x), s_x = max_k |X_tk| / 127 per
     token, computed on the fly; the int8 x int8 -> int32 product runs in ``torch._int_mm``.
     """
+
+    quantized = True
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:

@@ -46,6 +46,7 @@ def serve(
     import torch
     import uvicorn
 
+    from leanlm.allocator import keep_freed_memory
     from leanlm.checkpoint import load_model
     from leanlm.serve.api.server import create_app
     from leanlm.serve.async_engine import AsyncLLMEngine
@@ -55,6 +56,7 @@ def serve(
 
     if threads:
         torch.set_num_threads(threads)
+    keep_freed_memory()  # CPU steps reuse freed memory instead of page-faulting on it each step
     path = resolve_model(model)
     lm = load_model(path, dtype=dtype)
     draft = None
