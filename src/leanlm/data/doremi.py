@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from leanlm.data.corpus import load_manifest
-from leanlm.data.io import write_json
 from leanlm.errors import LeanLMError
+from leanlm.fsutil import write_json
 from leanlm.train.config import TrainConfig
 from leanlm.train.data import MixtureLoader, make_batch
 from leanlm.train.trainer import Trainer, lr_at

@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from leanlm.data.io import write_json
 from leanlm.errors import LeanLMError
+from leanlm.fsutil import write_json
 
 
 @dataclass

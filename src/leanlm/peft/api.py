@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from leanlm.errors import LeanLMError
+from leanlm.fsutil import staged_dir
 
 REGISTRY: dict[str, tuple[type[PeftConfig], type[Adapter]]] = {}  # peft_type -> (config, adapter)
 
@@ -282,8 +283,6 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
 def save_adapter(model: nn.Module, path: str | os.PathLike[str], name: str = "default") -> Path:
     """Write adapter ``name`` as a peft directory (atomically: a temp dir renamed into place)."""
     from safetensors.torch import save_file
-
-    from leanlm.checkpoint import staged_dir
 
     config = peft_configs(model).get(name)
     if config is None:

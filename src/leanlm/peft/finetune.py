@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from leanlm.data.io import json_lines
 from leanlm.errors import LeanLMError
+from leanlm.fsutil import atomic_write, read_json_lines
 from leanlm.peft.api import PeftConfig, apply_peft_, mark_trainable_, save_adapter
 from leanlm.train.config import TrainConfig
 from leanlm.train.data import Batch, restart_positions
@@ -53,11 +53,7 @@ def read_examples(path: str | Path, tok: Any) -> list[Example]:
     """Tokenized (prompt, completion) pairs; a malformed line is an error naming it."""
     out: list[Example] = []
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise LeanLMError(f"{path}: cannot read the fine-tuning data ({e})") from e
-    for lineno, ex in json_lines(lines, path):
+    for lineno, ex in read_json_lines(path, "fine-tuning data"):
         if isinstance(ex, dict) and isinstance(ex.get("messages"), list) and ex["messages"]:
             msgs = ex["messages"]
             last = msgs[-1]
@@ -195,7 +191,7 @@ class FineTuner(Trainer):
         self.loader = InstructionLoader(examples, cfg.seq_len, self.eos_id, cfg.micro_batch,
                                         cfg.grad_accum, seed=cfg.seed)
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "train_config.json").write_text(cfg.to_json())
+        atomic_write(self.out / "train_config.json", cfg.to_json())
 
     def _build_model(self) -> torch.nn.Module:
         from leanlm import load_model

@@ -45,6 +45,7 @@ from torch import nn
 from leanlm.data.corpus import load_manifest
 from leanlm.errors import LeanLMError
 from leanlm.eval.perplexity import autocast_context, stream_loss
+from leanlm.fsutil import atomic_write, write_json
 from leanlm.loss import distillation_loss
 from leanlm.model import Transformer, init_param_
 from leanlm.tokenizer import Tokenizer, load_tokenizer
@@ -210,7 +211,7 @@ class Trainer:
         if d.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             self.files = tokenize_corpus(cfg.data, self.tok, cache, self.eos_id)
-            (self.out / "train_config.json").write_text(cfg.to_json())
+            atomic_write(self.out / "train_config.json", cfg.to_json())
         d.barrier()
         if d.rank != 0:
             self.files = tokenize_corpus(cfg.data, self.tok, cache, self.eos_id)  # cached: no work
@@ -392,8 +393,7 @@ class Trainer:
             result["model"] = self.export()
             if d.rank == 0:
                 final = self.losses[-1] if self.losses else None
-                (self.out / "result.json").write_text(json.dumps(
-                    {"step": self.step, "eval": evals, "final_loss": final}, indent=2) + "\n")
+                write_json(self.out / "result.json", {"step": self.step, "eval": evals, "final_loss": final})
         return result
 
     def close(self) -> None:
