@@ -10,8 +10,8 @@ import pytest
 
 from conftest import tiny_config
 from leanlm.data.doremi import DoReMiConfig, ProxyTrainer, doremi
+from leanlm.data.tokens import MixtureLoader
 from leanlm.errors import LeanLMError
-from leanlm.train.data import MixtureLoader
 from leanlm.train.trainer import Trainer
 
 

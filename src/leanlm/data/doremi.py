@@ -14,7 +14,7 @@
    differentiated through ℓ_θ). Defaults: η = 1, c = 10⁻³.
 3. The result is the average ᾱ = (1/T) Σ_t α_t, written to ``OUT/weights.json``; a model is then
    trained on it with ``leanlm pretrain --set domain_weights=OUT/weights.json`` (the trainer's
-   :class:`~leanlm.train.data.MixtureLoader` samples each sequence's domain by the weights).
+   :class:`~leanlm.data.tokens.MixtureLoader` samples each sequence's domain by the weights).
 
 Iterated DoReMi (the paper's §3, used for its GLaM runs): with ``rounds`` > 1 the steps repeat,
 round r + 1's reference weights α_ref being round r's ᾱ, until ``rounds`` or until no weight moves
@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 
 from leanlm.data.corpus import load_manifest
+from leanlm.data.tokens import MixtureLoader, make_batch
 from leanlm.errors import LeanLMError
 from leanlm.fsutil import write_json
 from leanlm.train.config import TrainConfig
-from leanlm.train.data import MixtureLoader, make_batch
 from leanlm.train.trainer import Trainer, lr_at
 
 

@@ -63,8 +63,8 @@ def _domain_losses(lm: Any, tok: Any, data: Path, seq_len: int, batch_size: int,
 
     import torch
 
+    from leanlm.data.tokens import load_tokens, tokenize_corpus
     from leanlm.eval.perplexity import perplexity, stream_loss
-    from leanlm.train.data import load_tokens, tokenize_corpus
 
     if tok.eos_token_id is None:
         raise LeanLMError("the tokenizer has no eos_token (the document separator)")

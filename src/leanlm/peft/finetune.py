@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from leanlm.data.tokens import Batch, restart_positions
 from leanlm.errors import LeanLMError
 from leanlm.fsutil import atomic_write, read_json_lines
 from leanlm.peft.api import PeftConfig, apply_peft_, mark_trainable_, save_adapter
 from leanlm.train.config import TrainConfig
-from leanlm.train.data import Batch, restart_positions
 from leanlm.train.trainer import Trainer
 
 IGNORE = -100

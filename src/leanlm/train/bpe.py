@@ -44,7 +44,7 @@ def corpus_texts(corpus: str | os.PathLike[str], max_bytes_per_domain: int | Non
 
 def add_bos(tok: HFTokenizer) -> None:
     """Prefix encodings with ``<|endoftext|>``: documents are trained as ``<eos> text`` (see
-    ``train/data.py``), so a prompt starts the way every training document did."""
+    ``data/tokens.py``), so a prompt starts the way every training document did."""
     tok.post_processor = processors.TemplateProcessing(
         single=f"{EOS} $A", pair=f"{EOS} $A {EOS} $B", special_tokens=[(EOS, tok.token_to_id(EOS))])
 

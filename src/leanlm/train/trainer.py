@@ -43,6 +43,7 @@ import torch.distributed as dist
 from torch import nn
 
 from leanlm.data.corpus import load_manifest
+from leanlm.data.tokens import MixtureLoader, PackedLoader, load_tokens, tokenize_corpus
 from leanlm.errors import LeanLMError
 from leanlm.eval.perplexity import autocast_context, stream_loss
 from leanlm.fsutil import atomic_write, write_json
@@ -51,7 +52,6 @@ from leanlm.model import Transformer, init_param_
 from leanlm.tokenizer import Tokenizer, load_tokenizer
 from leanlm.train import checkpointing as ckpt
 from leanlm.train.config import TrainConfig
-from leanlm.train.data import MixtureLoader, PackedLoader, load_tokens, tokenize_corpus
 from leanlm.train.memory import check_fits
 from leanlm.train.metrics import MetricsLogger, flops_per_token, peak_flops
 from leanlm.train.parallelize import parallelize

@@ -1,4 +1,7 @@
-"""Tokenized, packed, resumable training data.
+"""Tokenized, packed, resumable training data: the token side of the data layer.
+
+The trainer, the evaluation of a corpus (``eval/perplexity.py``), DoReMi and instruction tuning
+all read tokens through this module, so it lives with the data, below all of them.
 
 ``tokenize_corpus`` turns a corpus directory into one flat token array per (domain, split),
 cached as ``.bin`` files (uint16 when the vocabulary allows) next to a ``tokens.json`` that
