@@ -257,14 +257,8 @@ def quantize(
 
     from leanlm.checkpoint import load_model
     from leanlm.config import ModelConfig
-    from leanlm.quant import (
-        CALIBRATED,
-        calibration_tokens,
-        default_texts,
-        method_config,
-        quantize_,
-        read_texts,
-    )
+    from leanlm.data.text import default_texts, read_texts
+    from leanlm.quant import CALIBRATED, calibration_tokens, method_config, quantize_
     from leanlm.quant.formats import save_quantized
     from leanlm.tokenizer import load_tokenizer
 

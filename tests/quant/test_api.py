@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import random_model, write_tokenizer
+from leanlm.data.text import read_texts
 from leanlm.errors import LeanLMError
 from leanlm.quant import (
     AWQConfig,
@@ -18,7 +19,6 @@ from leanlm.quant import (
     RTNConfig,
     calibration_tokens,
     quantize_,
-    read_texts,
     register_method,
 )
 from leanlm.quant.api import Method

@@ -34,9 +34,9 @@ def eval_(
 ) -> None:
     """Evaluate MODEL: perplexity (GPTQ protocol), zero-shot tasks, agreement with a reference."""
     from leanlm.checkpoint import load_model
+    from leanlm.data.text import read_texts
     from leanlm.eval.evaluate import evaluate
     from leanlm.eval.tasks import shipped_tasks
-    from leanlm.quant.calibration import read_texts
     from leanlm.tokenizer import load_tokenizer
 
     if ppl is None and tasks is None and data is None:
@@ -120,10 +120,10 @@ def compare(
 ) -> None:
     """Quantize MODEL with every method x bit width, measure each, and write a report with plots.
     An interrupted run resumes: finished cells are kept in OUT/cells."""
+    from leanlm.data.text import read_texts
     from leanlm.eval.compare import GridConfig, run_grid
     from leanlm.eval.report import write_report
     from leanlm.eval.tasks import shipped_tasks
-    from leanlm.quant.calibration import read_texts
 
     if out is None or ppl is None:
         raise LeanLMError("--out DIR and --ppl TEXT are required")

@@ -78,8 +78,9 @@ def run_grid(model_path: Path, out: Path, cfg: GridConfig, ppl_texts: list[str],
              calib_texts: list[str] | None = None, log: Callable[[str], None] = print) -> list[dict]:
     """Measure every cell not already in ``out/cells``; returns all cells, the full model first."""
     from leanlm.checkpoint import load_model
+    from leanlm.data.text import default_texts
     from leanlm.eval.evaluate import evaluate
-    from leanlm.quant import CALIBRATED, calibration_tokens, default_texts, method_config, quantize_
+    from leanlm.quant import CALIBRATED, calibration_tokens, method_config, quantize_
     from leanlm.quant.formats import save_quantized
     from leanlm.tokenizer import load_tokenizer
 

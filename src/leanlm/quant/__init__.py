@@ -7,7 +7,7 @@ decomposition). Checkpoints: :func:`save_quantized` / ``leanlm.load_model`` (GPT
 
 from leanlm.quant.api import WeightOnlyConfig, quantize_, register_method
 from leanlm.quant.awq import AWQConfig
-from leanlm.quant.calibration import calibration_tokens, default_texts, read_texts
+from leanlm.quant.calibration import calibration_tokens
 from leanlm.quant.formats import save_quantized
 from leanlm.quant.gptq import GPTQConfig
 from leanlm.quant.linear import QuantLinear, W8A8Linear, quantized_linears
@@ -39,5 +39,5 @@ def method_config(method: str, bits: int = 4, group_size: int = 128, sym: bool |
 
 __all__ = ["CALIBRATED", "METHODS", "AWQConfig", "GPTQConfig", "Int8OutlierLinear", "LLMInt8Config",
            "QuantLinear", "RTNConfig", "SmoothQuantConfig", "W8A8Linear", "WeightOnlyConfig",
-           "calibration_tokens", "default_texts", "method_config", "quantize_", "quantized_linears",
-           "read_texts", "register_method", "save_quantized"]
+           "calibration_tokens", "method_config", "quantize_", "quantized_linears",
+           "register_method", "save_quantized"]
