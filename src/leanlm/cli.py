@@ -258,11 +258,12 @@ def quantize(
     from leanlm.checkpoint import load_model
     from leanlm.config import ModelConfig
     from leanlm.data.text import default_texts, read_texts
-    from leanlm.quant import CALIBRATED, calibration_tokens, method_config, quantize_
+    from leanlm.quant import REGISTRY, calibration_tokens, method_config, quantize_
     from leanlm.quant.formats import save_quantized
     from leanlm.tokenizer import load_tokenizer
 
-    config = method_config(method, bits, group_size, sym, act_order, static_groups)
+    config = method_config(method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
+                           static_groups=static_groups)
     if out is None:
         raise LeanLMError("--out DIR is required (where the quantized checkpoint is written)")
     path = resolve_model(model)
@@ -271,7 +272,7 @@ def quantize(
     lm = load_model(path, dtype=dtype)
     saved_dtype = ModelConfig.from_json_file(path / "config.json").torch_dtype
     tokens = None
-    if method in CALIBRATED:
+    if REGISTRY[method].calibrated:
         tokens = calibration_tokens(texts or default_texts(), tok, samples, seq_len, seed)
     start = time.perf_counter()
     quantize_(lm, config, tokens)

@@ -75,7 +75,7 @@ def test_a_new_method_is_one_config_and_one_handler() -> None:
     class HalfConfig:
         pass
 
-    @register_method(HalfConfig)
+    @register_method("half", HalfConfig)
     class Half(Method):
         def quantize_linear(self, name: str, linear: torch.nn.Linear) -> torch.nn.Module:
             return linear.half().float()

@@ -11,27 +11,7 @@ from rich.console import Console
 from leanlm.cliutil import resolve_model
 from leanlm.errors import LeanLMError
 
-METHODS = ("lora", "dora", "adapter", "pfeiffer", "parallel-adapter", "ia3", "compacter")
-
-
-def method_config(method: str, r: int, alpha: float, dropout: float, targets: list[str],
-                  bottleneck: int) -> object:
-    """The peft config of a ``--method`` name."""
-    from leanlm.peft import BottleneckConfig, CompacterConfig, IA3Config, LoRAConfig, ParallelAdapterConfig
-
-    if method in ("lora", "dora"):
-        return LoRAConfig(targets=targets, r=r, lora_alpha=alpha, lora_dropout=dropout,
-                          use_dora=method == "dora")
-    if method in ("adapter", "pfeiffer"):
-        return BottleneckConfig(targets=targets, bottleneck=bottleneck,
-                                placement="houlsby" if method == "adapter" else "pfeiffer")
-    if method == "parallel-adapter":
-        return ParallelAdapterConfig(targets=targets, bottleneck=bottleneck)
-    if method == "ia3":
-        return IA3Config(targets=targets)
-    if method == "compacter":
-        return CompacterConfig(targets=targets, bottleneck=bottleneck)
-    raise LeanLMError(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")
+METHODS_HELP = "One of lora, dora, adapter, pfeiffer, parallel-adapter, ia3, compacter."
 
 
 def finetune(
@@ -39,7 +19,7 @@ def finetune(
                                                       "model); a GPTQ/AWQ checkpoint gives QLoRA.")] = None,
     data: Annotated[Path, typer.Option(help="JSONL: prompt/completion or chat messages.")] = Path("d.jsonl"),
     out: Annotated[Path, typer.Option(help="Run directory: adapter/, best/, checkpoints.")] = Path("runs/ft"),
-    method: Annotated[str, typer.Option(help=f"One of {', '.join(METHODS)}.")] = "lora",
+    method: Annotated[str, typer.Option(help=METHODS_HELP)] = "lora",
     val_data: Annotated[Path | None, typer.Option(help="Held-out JSONL (default: 5% of --data).")] = None,
     target: Annotated[list[str] | None, typer.Option(help="Module name or suffix to adapt (repeatable; "
                                                           "default: the method's own).")] = None,
@@ -56,13 +36,15 @@ def finetune(
     quiet: Annotated[bool, typer.Option(help="No progress bar or log lines.")] = False,
 ) -> None:
     """Fine-tune MODEL on instruction data with an adapter; writes OUT/adapter and OUT/best (peft format)."""
+    from leanlm.peft import method_config
     from leanlm.peft.finetune import FineTuner
     from leanlm.train import get_recipe
     from leanlm.train.config import apply_overrides
 
     if quantize not in (None, "int4"):
         raise LeanLMError(f"--quantize {quantize!r}: expected int4")
-    peft = method_config(method, r, alpha, dropout, list(target or []), bottleneck)
+    peft = method_config(method, targets=list(target or []), r=r, alpha=alpha, dropout=dropout,
+                         bottleneck=bottleneck)
     defaults = ["seq_len=256", "micro_batch=8", "warmup_steps=10", "eval_every=50", "log_every=10",
                 "ckpt_every=100", "schedule=cosine"]
     cfg = apply_overrides(get_recipe("tiny"), [*defaults, f"max_steps={steps}", f"lr={lr}", f"out={out}",
