@@ -125,9 +125,9 @@ def finetune(corpus: Path) -> None:
     from leanlm.assets import default_model_path
     from leanlm.generate import GenerationConfig, generate
     from leanlm.peft import load_adapter, method_config
-    from leanlm.peft.finetune import FineTuner, encode_prompt
     from leanlm.train import get_recipe
     from leanlm.train.config import apply_overrides
+    from leanlm.train.finetune import FineTuner, encode_prompt
 
     base = default_model_path()
     tok = load_tokenizer(base)

@@ -1,13 +1,15 @@
-"""Packing with document masking, and the stateful loader (``data/tokens.py``)."""
+"""Packing with document masking, and the stateful loaders (``data/tokens.py``): packed and mixed."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import tiny_config
-from leanlm.data.tokens import PackedLoader, make_batch
+from leanlm.data.tokens import MixtureLoader, PackedLoader, make_batch
 from leanlm.errors import LeanLMError
 from leanlm.model import Transformer
 
@@ -57,3 +59,24 @@ def test_loader_layout_is_independent_of_world_size_and_resumes():
         other.load_state_dict(state)
     with pytest.raises(LeanLMError, match="fewer than one global batch"):
         PackedLoader(np.arange(40), 16, 0, micro_batch=4)
+
+
+def test_mixture_loader_follows_the_weights_and_resumes() -> None:
+    streams = {d: np.arange(i * 10_000, (i + 1) * 10_000) for i, d in enumerate("abc")}
+    loader = MixtureLoader(streams, {"a": 0.6, "b": 0.3, "c": 0.1}, seq_len=8, eos_id=0, micro_batch=50)
+    counts = np.zeros(3)
+    for _ in range(40):
+        windows, dom = loader.draw()
+        counts += np.bincount(dom, minlength=3)
+        assert all(w[0] // 10_000 == d for w, d in zip(windows, dom, strict=True))  # from its domain
+    assert np.allclose(counts / counts.sum(), [0.6, 0.3, 0.1], atol=0.03)
+    state = loader.state_dict()
+    a = loader.draw()
+    again = MixtureLoader(streams, {"a": 0.6, "b": 0.3, "c": 0.1}, seq_len=8, eos_id=0, micro_batch=50)
+    again.load_state_dict(json.loads(json.dumps(state)))
+    b = again.draw()
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    with pytest.raises(LeanLMError, match="unknown domains"):
+        MixtureLoader(streams, {"z": 1.0}, seq_len=8, eos_id=0, micro_batch=2)
+    with pytest.raises(LeanLMError, match="positive sum"):
+        MixtureLoader(streams, {"a": 0.0}, seq_len=8, eos_id=0, micro_batch=2)

@@ -173,9 +173,9 @@ def doremi_cmd(corpus: Annotated[Path, typer.Argument(help="Corpus folder (leanl
                    "--set", help="Recipe override key=value (as for `leanlm pretrain`).")] = None,
                quiet: Annotated[bool, typer.Option(help="No progress bars or logs.")] = False) -> None:
     """DoReMi: domain weights from a Group DRO proxy model (train with --set domain_weights=...)."""
-    from leanlm.data.doremi import DoReMiConfig, doremi
     from leanlm.train import get_recipe
     from leanlm.train.config import apply_overrides
+    from leanlm.train.doremi import DoReMiConfig, doremi
 
     overrides = [f"max_steps={steps}", *(set_ or [])]
     if tokenizer is not None:

@@ -37,9 +37,9 @@ def finetune(
 ) -> None:
     """Fine-tune MODEL on instruction data with an adapter; writes OUT/adapter and OUT/best (peft format)."""
     from leanlm.peft import method_config
-    from leanlm.peft.finetune import FineTuner
     from leanlm.train import get_recipe
     from leanlm.train.config import apply_overrides
+    from leanlm.train.finetune import FineTuner
 
     if quantize not in (None, "int4"):
         raise LeanLMError(f"--quantize {quantize!r}: expected int4")

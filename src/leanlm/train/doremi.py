@@ -21,7 +21,8 @@ round r + 1's reference weights α_ref being round r's ᾱ, until ``rounds`` or 
 by more than ``tolerance`` (each round in ``OUT/roundN``).
 
 Both models are trained by leanlm's :class:`~leanlm.train.trainer.Trainer` (the proxy by a
-subclass that replaces the training step), so they checkpoint, resume and log as pretraining does.
+subclass that replaces the training step), so they checkpoint, resume and log as pretraining does;
+that is why DoReMi lives with the trainer, above the data layer whose mixture sampler it drives.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from leanlm.checkpoint import load_model
 from leanlm.data.corpus import load_manifest
 from leanlm.data.tokens import MixtureLoader, make_batch
 from leanlm.errors import LeanLMError
@@ -65,8 +67,6 @@ class ProxyTrainer(Trainer):
         super().__init__(cfg, quiet)
         if self.d.world != 1 or cfg.grad_accum != 1 or not isinstance(self.loader, MixtureLoader):
             raise LeanLMError("the DoReMi proxy trains in one process with grad_accum=1 and domain weights")
-        from leanlm import load_model
-
         self.reference = load_model(reference).to(self.d.device).eval().requires_grad_(False)
         k = len(self.loader.domains)
         self.alpha = np.full(k, 1.0 / k)

@@ -15,9 +15,9 @@ from conftest import random_model, write_tokenizer
 from leanlm import load_model, load_tokenizer, save_model
 from leanlm.errors import LeanLMError
 from leanlm.peft import LoRAConfig, load_adapter
-from leanlm.peft.finetune import IGNORE, FineTuner, pack, read_examples
 from leanlm.train import get_recipe
 from leanlm.train.config import apply_overrides
+from leanlm.train.finetune import IGNORE, FineTuner, pack, read_examples
 
 
 @pytest.fixture
