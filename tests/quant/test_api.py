@@ -102,3 +102,19 @@ def test_calibration_sources(tmp_path: Path) -> None:
         read_texts(tmp_path / "missing.txt")
     with pytest.raises(LeanLMError, match="fewer than one window"):
         calibration_tokens(["tiny"], tok, 4, 512)
+
+
+def test_method_config_is_a_registry_lookup_by_command_line_name() -> None:
+    from leanlm.quant import REGISTRY, LLMInt8Config, SmoothQuantConfig, method_config
+
+    assert set(REGISTRY) >= {"gptq", "awq", "rtn", "smoothquant", "llm-int8"}
+    assert {n for n in ("gptq", "awq", "rtn", "smoothquant", "llm-int8") if REGISTRY[n].calibrated} == \
+        {"gptq", "awq", "smoothquant"}
+    options = {"bits": 3, "group_size": 64, "sym": None, "act_order": True, "static_groups": False}
+    assert method_config("gptq", **options) == GPTQConfig(bits=3, group_size=64, sym=True, act_order=True)
+    assert method_config("awq", **options) == AWQConfig(bits=3, group_size=64, sym=False)
+    assert method_config("rtn", **{**options, "sym": False}) == RTNConfig(bits=3, group_size=64, sym=False)
+    assert method_config("smoothquant", **options) == SmoothQuantConfig()
+    assert method_config("llm-int8", **options) == LLMInt8Config()
+    with pytest.raises(LeanLMError, match="unknown method 'nf4'"):
+        method_config("nf4")

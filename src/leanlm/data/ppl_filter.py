@@ -44,8 +44,9 @@ _MODELS: dict[str, tuple[Any, Any]] = {}  # one loaded model per worker process
 
 
 def _model(path: str | None) -> tuple[Any, Any]:
-    from leanlm import load_model, load_tokenizer
     from leanlm.assets import default_model_path
+    from leanlm.checkpoint import load_model
+    from leanlm.tokenizer import load_tokenizer
 
     key = path or str(default_model_path())
     if key not in _MODELS:

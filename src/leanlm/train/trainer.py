@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from leanlm.checkpoint import load_model, save_model
 from leanlm.data.corpus import load_manifest
 from leanlm.data.tokens import MixtureLoader, PackedLoader, load_tokens, tokenize_corpus
 from leanlm.errors import LeanLMError
@@ -238,8 +239,6 @@ class Trainer:
         """Overwrite the random init with a checkpoint's weights (whole or into FSDP shards)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        from leanlm import load_model
-
         src = load_model(path, dtype="float32").state_dict()
         want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         got = {k: tuple(v.shape) for k, v in src.items()}
@@ -253,8 +252,6 @@ class Trainer:
     def _load_teacher(self) -> nn.Module | None:
         if not self.cfg.teacher:
             return None
-        from leanlm import load_model
-
         path, vocab = self.cfg.teacher, self.cfg.model.vocab_size
         teacher = load_model(path, dtype="float32", device=self.d.device).requires_grad_(False)
         if teacher.config.vocab_size != vocab:
@@ -337,8 +334,6 @@ class Trainer:
 
     def export(self) -> Path | None:
         """Write the trained model as a Hugging Face checkpoint to OUT/model (rank 0)."""
-        from leanlm.checkpoint import save_model
-
         state = ckpt.full_model_state(self.model)
         path = self.out / "model"
         if self.d.rank == 0:
