@@ -71,3 +71,15 @@ def test_iterated_doremi_trains_each_reference_on_the_last_rounds_weights(tiny_d
         assert saved["domain_weights"] == pytest.approx(first)
     with pytest.raises(LeanLMError, match="rounds >= 1"):
         doremi(tiny_data[0], tmp_path / "bad", cfg, DoReMiConfig(rounds=0), quiet=True)
+
+
+def test_the_doremi_command_is_mounted_under_data() -> None:
+    from typer.testing import CliRunner
+
+    from leanlm.cli import app
+
+    runner = CliRunner()
+    listing = runner.invoke(app, ["data", "--help"], env={"COLUMNS": "200"})
+    assert listing.exit_code == 0 and "doremi" in listing.output and "stats" in listing.output
+    out = runner.invoke(app, ["data", "doremi", "--help"], env={"COLUMNS": "200"})
+    assert out.exit_code == 0 and "Group DRO proxy" in out.output and "--rounds" in out.output
