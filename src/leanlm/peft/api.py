@@ -19,8 +19,8 @@ A method is a config dataclass plus an adapter class, registered under its comma
 fields: ``register_adapter("dora", LoRAConfig, LoRA, use_dora=True)``), the idiom quantization
 methods use too. The command line's choices are ``tuple(REGISTRY)`` and :func:`method_config`
 builds a config by name (:meth:`PeftConfig.from_cli`); :func:`apply_peft_` finds the adapter
-class by the config's type. The config says which modules it targets (names or suffixes such as
-``"q_proj"``, ``"mlp.down_proj"``, or ``"re:<regex>"``).
+class by the config's type (its ``peft_type``). The config says which modules it targets (names
+or suffixes such as ``"q_proj"``, ``"mlp.down_proj"``, or ``"re:<regex>"``).
 
 On disk, adapters use Hugging Face peft's layout: ``adapter_config.json`` +
 ``adapter_model.safetensors`` with keys ``base_model.model.<HF module path>.<parameter>``
@@ -231,10 +231,10 @@ def find_targets(model: nn.Module, patterns: list[str]) -> dict[str, nn.Module]:
 
 def apply_peft_(model: nn.Module, config: PeftConfig, name: str = "default") -> nn.Module:
     """Attach a new adapter ``name`` to every targeted module and make it the active one."""
-    _builtins()
-    method = next((m for m in REGISTRY.values() if type(config) is m.config_cls), None)
+    methods = _peft_types()
+    method = methods.get(config.peft_type)
     if method is None:
-        raise LeanLMError(f"unknown adapter type {config.peft_type!r}: known {sorted(_peft_types())}")
+        raise LeanLMError(f"unknown adapter type {config.peft_type!r}: known {sorted(methods)}")
     configs = peft_configs(model)
     if name in configs:
         raise LeanLMError(f"the model already has an adapter named {name!r}")
