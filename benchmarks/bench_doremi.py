@@ -20,9 +20,9 @@ from pathlib import Path
 
 from common import CACHE, machine
 from leanlm.data.corpus import load_manifest
-from leanlm.data.doremi import DoReMiConfig, doremi
 from leanlm.train import get_recipe
 from leanlm.train.config import apply_overrides
+from leanlm.train.doremi import DoReMiConfig, doremi
 from leanlm.train.trainer import Trainer
 
 SMALL = ["model.vocab_size=8192", "model.hidden_size=128", "model.num_layers=2",

@@ -124,12 +124,11 @@ def finetune(corpus: Path) -> None:
     from leanlm import load_model, load_tokenizer
     from leanlm.assets import default_model_path
     from leanlm.generate import generate
-    from leanlm.peft import load_adapter
-    from leanlm.peft.cli import method_config
-    from leanlm.peft.finetune import FineTuner, encode_prompt
+    from leanlm.peft import load_adapter, method_config
     from leanlm.sampling import SamplingParams
     from leanlm.train import get_recipe
     from leanlm.train.config import apply_overrides
+    from leanlm.train.finetune import FineTuner, encode_prompt
 
     base = default_model_path()
     tok = load_tokenizer(base)
@@ -159,7 +158,7 @@ def finetune(corpus: Path) -> None:
         cfg = apply_overrides(get_recipe("tiny"), [
             "max_steps=150", "seq_len=256", "micro_batch=8", f"lr={lr}", "warmup_steps=10",
             "eval_every=150", "ckpt_every=1000", f"out={tmp / method}", "progress=false"])
-        peft = method_config(method, 8, 16.0, 0.0, [], 32)
+        peft = method_config(method, r=8, alpha=16.0, dropout=0.0, targets=[], bottleneck=32)
         t0 = time.perf_counter()
         ft = FineTuner(cfg, base, peft, train, quiet=True)
         try:

@@ -30,6 +30,7 @@ from torch import nn
 
 from common import CACHE, machine, random_model, unpacked_linears
 from leanlm import DEFAULT_MODEL, Transformer, load_model, load_tokenizer
+from leanlm.data.tokens import load_tokens, tokenize_corpus
 from leanlm.eval.efficiency import model_bytes, tokens_per_s
 from leanlm.eval.perplexity import stream_loss
 from leanlm.quant import (
@@ -41,7 +42,6 @@ from leanlm.quant import (
     quantize_,
 )
 from leanlm.quant.calibration import sample_windows
-from leanlm.train.data import load_tokens, tokenize_corpus
 
 
 def corpus_dir(path: Path | None) -> Path:

@@ -31,7 +31,7 @@ import torch
 
 from common import free_port, machine, start_server, unpacked_linears
 from leanlm import DEFAULT_MODEL, DRAFT_MODEL, load_model, load_tokenizer
-from leanlm.quant.calibration import default_texts
+from leanlm.data.text import default_texts
 from leanlm.serve import bench
 from leanlm.serve.async_engine import AsyncLLMEngine
 from leanlm.serve.engine import LLM, EngineConfig, LLMEngine

@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import sys
 
+from leanlm.data.text import read_texts
 from leanlm.eval.tasks import TASKS_DIR, build_next_line_task
-from leanlm.quant.calibration import read_texts
+from leanlm.fsutil import atomic_write
 
 
 def main() -> None:
@@ -18,7 +19,7 @@ def main() -> None:
     for domain in ("code", "docs", "literature"):
         rows = build_next_line_task(read_texts(corpus, "val", "corpus", [domain]), 200, seed=0)
         path = TASKS_DIR / f"next_line_{domain}.jsonl"
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         print(f"{path}: {len(rows)} questions")
 
 

@@ -78,8 +78,8 @@ def test_model_card_code_loss_is_reproduced(tmp_path):
     if sys.version.split()[0] != version:
         pytest.skip(f"the card's code split is CPython {version}'s stdlib; this is {sys.version.split()[0]}")
     from leanlm.data.corpus import build_corpus
+    from leanlm.data.tokens import load_tokens, tokenize_corpus
     from leanlm.eval.perplexity import stream_loss
-    from leanlm.train.data import load_tokens, tokenize_corpus
 
     build_corpus(tmp_path / "corpus", {"code": Path(sysconfig.get_paths()["stdlib"])})
     tok = load_tokenizer(DEFAULT_MODEL)

@@ -21,10 +21,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ from safetensors.torch import save_file
 
 from leanlm.config import ModelConfig
 from leanlm.errors import LeanLMError
+from leanlm.fsutil import staged_dir
 from leanlm.model import Transformer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -346,25 +345,6 @@ def write_checkpoint(state: dict[str, torch.Tensor], hf_config: dict[str, Any],
     return path
 
 
-@contextmanager
-def staged_dir(path: Path) -> Iterator[Path]:
-    """A temporary directory next to ``path`` to fill; on success it replaces ``path`` (with
-    ordinary permissions), on any error it is removed and ``path`` is left as it was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; a saved model is an ordinary directory
-        for f in tmp.iterdir():
-            f.chmod(0o666 & ~umask)
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _shard(state: dict[str, torch.Tensor], max_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
     shard: dict[str, torch.Tensor] = {}
     size = 0
@@ -376,15 +356,3 @@ def _shard(state: dict[str, torch.Tensor], max_bytes: int) -> Iterator[dict[str,
         shard[k] = t
         size += n
     yield shard
-
-
-def replace_dir(tmp: Path, path: Path) -> None:
-    if path.exists() and not path.is_dir():
-        raise LeanLMError(f"{path} exists and is not a directory")
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

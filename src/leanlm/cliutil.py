@@ -1,4 +1,5 @@
-"""What the command modules share: the MODEL argument and its default (the embedded model)."""
+"""What the command modules share: the MODEL argument and its default (the embedded model), and
+the size of a checkpoint's weights. Bottom layer: typer and the standard library only."""
 
 from __future__ import annotations
 
@@ -19,3 +20,8 @@ def resolve_model(model: Path | None) -> Path:
     from leanlm.assets import default_model_path
 
     return default_model_path()
+
+
+def weights_bytes(path: Path) -> int:
+    """Bytes of the ``*.safetensors`` files of a checkpoint directory."""
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))

@@ -156,3 +156,20 @@ def test_a_model_with_adapters_is_not_saved_as_a_plain_checkpoint(tmp_path) -> N
     apply_peft_(model, LoRAConfig(r=2))
     with pytest.raises(LeanLMError, match="adapters attached"):
         save_model(model, tmp_path / "m")
+
+
+def test_method_config_is_a_registry_lookup_by_command_line_name() -> None:
+    from leanlm.errors import LeanLMError
+    from leanlm.peft import REGISTRY, method_config
+
+    assert set(REGISTRY) >= {"lora", "dora", "adapter", "pfeiffer", "parallel-adapter", "ia3", "compacter"}
+    options = {"targets": ["q_proj"], "r": 4, "alpha": 8.0, "dropout": 0.1, "bottleneck": 16}
+    assert method_config("lora", **options) == LoRAConfig(targets=["q_proj"], r=4, lora_alpha=8.0,
+                                                          lora_dropout=0.1)
+    assert method_config("dora", **options).use_dora
+    assert method_config("pfeiffer", **options) == BottleneckConfig(targets=["q_proj"], bottleneck=16,
+                                                                    placement="pfeiffer")
+    assert method_config("adapter", **options).placement == "houlsby"
+    assert method_config("ia3", **options) == IA3Config(targets=["q_proj"])
+    with pytest.raises(LeanLMError, match="unknown method 'nope'"):
+        method_config("nope")

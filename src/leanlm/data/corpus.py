@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sysconfig
 import tarfile
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import TextIO
 
 from leanlm.errors import LeanLMError
+from leanlm.fsutil import json_lines, staged_dir, write_json
 
 DOC_SOURCES = Path("/usr/share/doc/python3.11-doc/html/_sources")
 CODE_EXCLUDE = {"site-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3"}
@@ -164,19 +164,14 @@ def build_corpus(out: str | os.PathLike[str], sources: dict[str, Path | None],
                  val_fraction: float = 0.02, max_doc_chars: int = 16_000,
                  max_domain_bytes: int | None = None) -> dict:
     """Write the corpus to ``out`` (atomically: a temp dir renamed at the end); returns the manifest."""
-    from leanlm.checkpoint import replace_dir  # the one atomic directory swap
-
     if not 0.0 < val_fraction < 1.0:
         raise LeanLMError(f"val_fraction must be in (0, 1), got {val_fraction}")
     missing = [d for d, p in sources.items() if p is None or not Path(p).exists()]
     if missing:
         raise LeanLMError(f"no source found for domain(s) {', '.join(missing)}: give a path with "
                           "--source DOMAIN=PATH or leave the domain out")
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=False)
     manifest: dict = {"format": "leanlm-corpus-v1", "val_fraction": val_fraction, "domains": {}}
-    try:
+    with staged_dir(out) as tmp:
         for domain, src in sources.items():
             reader = READERS.get(domain)
             docs = (reader(Path(src), max_doc_chars) if reader
@@ -185,10 +180,7 @@ def build_corpus(out: str | os.PathLike[str], sources: dict[str, Path | None],
             if stats["train"]["docs"] == 0:
                 raise LeanLMError(f"domain {domain!r}: no readable text under {src}")
             manifest["domains"][domain] = {"source": str(src), **stats}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
+        write_json(tmp / "manifest.json", manifest)
     return manifest
 
 
@@ -223,12 +215,11 @@ def read_split(corpus: str | os.PathLike[str], domain: str, split: str) -> Itera
     root = Path(corpus) / domain
     for shard in sorted(root.glob(f"{split}-*.jsonl")):
         with open(shard, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                try:
-                    yield json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
+            for line_no, doc in json_lines(f, shard):
+                if not (isinstance(doc, dict) and isinstance(doc.get("text"), str)):
                     raise LeanLMError(f"{shard}:{line_no}: expected a JSON object with a 'text' "
-                                      f"field ({e})") from None
+                                      "string field")
+                yield doc["text"]
 
 
 def load_manifest(corpus: str | os.PathLike[str]) -> dict:

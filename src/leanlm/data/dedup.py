@@ -39,9 +39,10 @@ from typing import Any
 
 import numpy as np
 
-from leanlm.data.io import ReadConfig, ReadErrors, list_inputs, read_documents, write_json
+from leanlm.data.io import ReadConfig, ReadErrors, list_inputs, read_documents
 from leanlm.data.pipeline import Executor, ListedIndices, LocalExecutor, Pipeline, claim_output
 from leanlm.errors import LeanLMError
+from leanlm.fsutil import staged_file, write_json
 
 MAX_HASH = np.uint64((1 << 32) - 1)
 PUNCT = re.compile(r"[^\w\s]")
@@ -286,10 +287,8 @@ class _BandEdges:
 
 
 def _save(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npy")
-    np.save(tmp, array)
-    tmp.replace(path)
+    with staged_file(path, suffix=".npy") as tmp:
+        np.save(tmp, array)
 
 
 def _find(parent: np.ndarray, x: int) -> int:

@@ -28,9 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from leanlm.data.io import ReadConfig, ReadErrors, list_inputs, read_documents, write_json
+from leanlm.data.io import ReadConfig, ReadErrors, list_inputs, read_documents
 from leanlm.data.pipeline import Executor, ListedIndices, LocalExecutor, Pipeline, claim_output
 from leanlm.errors import LeanLMError
+from leanlm.fsutil import write_json
 
 WORDPUNCT = re.compile(r"\w+|[^\w\s]+")
 

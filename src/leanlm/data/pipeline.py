@@ -33,8 +33,9 @@ from typing import Any, TypeVar
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from leanlm.data.io import ReadConfig, ReadErrors, ShardWriter, list_inputs, read_documents, write_json
+from leanlm.data.io import ReadConfig, ReadErrors, ShardWriter, list_inputs, read_documents
 from leanlm.errors import LeanLMError
+from leanlm.fsutil import write_json
 
 T = TypeVar("T")
 R = TypeVar("R")

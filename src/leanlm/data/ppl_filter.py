@@ -21,9 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from leanlm.data.io import ReadConfig, ReadErrors, list_inputs, read_documents, write_json
+from leanlm.data.io import ReadConfig, ReadErrors, list_inputs, read_documents
 from leanlm.data.pipeline import Executor, ListedIndices, LocalExecutor, Pipeline, claim_output
 from leanlm.errors import LeanLMError
+from leanlm.fsutil import write_json
 
 
 @dataclass
@@ -43,8 +44,9 @@ _MODELS: dict[str, tuple[Any, Any]] = {}  # one loaded model per worker process
 
 
 def _model(path: str | None) -> tuple[Any, Any]:
-    from leanlm import load_model, load_tokenizer
     from leanlm.assets import default_model_path
+    from leanlm.checkpoint import load_model
+    from leanlm.tokenizer import load_tokenizer
 
     key = path or str(default_model_path())
     if key not in _MODELS:

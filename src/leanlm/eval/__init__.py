@@ -1,1 +1,2 @@
-"""Evaluation: perplexity / loss on held-out text (and, later, tasks and comparisons)."""
+"""Evaluation: perplexity / loss on held-out text, zero-shot tasks, agreement with a reference,
+the quantization grid and its report; above quant, peft and data, below train and serve."""

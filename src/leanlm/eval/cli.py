@@ -1,4 +1,12 @@
-"""``leanlm eval``: perplexity, zero-shot tasks and agreement with a reference model, for one model."""
+"""``leanlm eval`` (perplexity, zero-shot tasks and agreement with a reference model, for one
+model), ``leanlm compare`` (the methods x bits grid) and ``leanlm quantize``.
+
+``quantize`` lives here rather than in ``quant/cli.py`` because it reads calibration text with
+the data layer (:mod:`leanlm.data.text`) and the quantization package may not import data: a
+command lives in the lowest package that may import all it needs (as ``data doremi`` lives in
+``train/cli.py``), and ``compare`` here already runs the same quantization pipeline. Its
+``--method`` is a name in :data:`leanlm.quant.REGISTRY` (:func:`leanlm.quant.method_config`).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from leanlm.cliutil import ModelArg, resolve_model
+from leanlm.cliutil import ModelArg, resolve_model, weights_bytes
 from leanlm.errors import LeanLMError
 
 
@@ -34,9 +42,9 @@ def eval_(
 ) -> None:
     """Evaluate MODEL: perplexity (GPTQ protocol), zero-shot tasks, agreement with a reference."""
     from leanlm.checkpoint import load_model
+    from leanlm.data.text import read_texts
     from leanlm.eval.evaluate import evaluate
     from leanlm.eval.tasks import shipped_tasks
-    from leanlm.quant.calibration import read_texts
     from leanlm.tokenizer import load_tokenizer
 
     if ppl is None and tasks is None and data is None:
@@ -63,8 +71,8 @@ def _domain_losses(lm: Any, tok: Any, data: Path, seq_len: int, batch_size: int,
 
     import torch
 
+    from leanlm.data.tokens import load_tokens, tokenize_corpus
     from leanlm.eval.perplexity import perplexity, stream_loss
-    from leanlm.train.data import load_tokens, tokenize_corpus
 
     if tok.eos_token_id is None:
         raise LeanLMError("the tokenizer has no eos_token (the document separator)")
@@ -120,10 +128,10 @@ def compare(
 ) -> None:
     """Quantize MODEL with every method x bit width, measure each, and write a report with plots.
     An interrupted run resumes: finished cells are kept in OUT/cells."""
+    from leanlm.data.text import read_texts
     from leanlm.eval.compare import GridConfig, run_grid
     from leanlm.eval.report import write_report
     from leanlm.eval.tasks import shipped_tasks
-    from leanlm.quant.calibration import read_texts
 
     if out is None or ppl is None:
         raise LeanLMError("--out DIR and --ppl TEXT are required")
@@ -141,3 +149,63 @@ def compare(
     cells = run_grid(path, out, cfg, texts, calib_texts, log=lambda m: console.print(m, highlight=False))
     report = write_report(cells, out, f"Quantization grid: {path.name}")
     console.print(f"report: {report} (plots beside it)")
+
+
+# every name in leanlm.quant.REGISTRY (a test keeps them in step), most used first
+QUANT_METHODS_HELP = "gptq | awq | rtn | smoothquant | llm-int8."
+
+
+def quantize(
+    model: ModelArg = None,
+    method: Annotated[str, typer.Option(help=QUANT_METHODS_HELP)] = "gptq",
+    bits: Annotated[int, typer.Option(help="Weight bits (2, 3, 4, 8) for gptq/awq/rtn.")] = 4,
+    group_size: Annotated[int, typer.Option(
+        help="Input columns per scale: 32/64/128/256, -1 = per channel.")] = 128,
+    act_order: Annotated[bool, typer.Option(
+        help="GPTQ: quantize columns in decreasing Hessian order.")] = False,
+    static_groups: Annotated[bool, typer.Option(help="GPTQ: choose all group scales up front.")] = False,
+    sym: Annotated[bool | None, typer.Option(help="Symmetric codes (default: on, except AWQ).")] = None,
+    calib: Annotated[Path | None, typer.Option(
+        help="Calibration text: .jsonl (\"text\" field), a text file or a corpus directory; "
+             "default: a sample of the Python standard library sources.")] = None,
+    samples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed for the calibration windows.")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Output directory (required).")] = None,
+    format: Annotated[str | None, typer.Option(
+        help="gptq | awq (weight-only; default gptq, awq for --method awq) | w8a8.")] = None,
+    dtype: Annotated[str, typer.Option(help="dtype to calibrate in.")] = "float32",
+) -> None:
+    """Quantize MODEL with a post-training method and write the quantized checkpoint to --out."""
+    import time
+
+    import torch
+
+    from leanlm.checkpoint import load_model
+    from leanlm.config import ModelConfig
+    from leanlm.data.text import default_texts, read_texts
+    from leanlm.quant import REGISTRY, calibration_tokens, method_config, quantize_
+    from leanlm.quant.formats import save_quantized
+    from leanlm.tokenizer import load_tokenizer
+
+    config = method_config(method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
+                           static_groups=static_groups)
+    if out is None:
+        raise LeanLMError("--out DIR is required (where the quantized checkpoint is written)")
+    path = resolve_model(model)
+    tok = load_tokenizer(path)
+    texts = read_texts(calib) if calib is not None else None  # read before the slow work
+    lm = load_model(path, dtype=dtype)
+    saved_dtype = ModelConfig.from_json_file(path / "config.json").torch_dtype
+    tokens = None
+    if REGISTRY[method].calibrated:
+        tokens = calibration_tokens(texts or default_texts(), tok, samples, seq_len, seed)
+    start = time.perf_counter()
+    quantize_(lm, config, tokens)
+    elapsed = time.perf_counter() - start
+    if saved_dtype in ("bfloat16", "float16", "float32"):
+        lm.to(getattr(torch, saved_dtype))  # the unquantized tensors keep the checkpoint's dtype
+    save_quantized(lm, out, tok, format=format or ("awq" if method == "awq" else None))
+    before, after = weights_bytes(path), weights_bytes(out)
+    Console().print(f"{method}: {before / 2**20:,.1f} MiB -> {after / 2**20:,.1f} MiB "
+                    f"({before / after:.2f}x smaller) in {elapsed:.1f} s; written to {out}")

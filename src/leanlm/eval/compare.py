@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from leanlm.data.io import write_json
 from leanlm.errors import LeanLMError
+from leanlm.fsutil import write_json
 
 
 @dataclass
@@ -45,11 +45,11 @@ class GridConfig:
     speed: bool = True  # measure tokens/s and generation memory
 
     def __post_init__(self) -> None:
-        from leanlm.quant import METHODS
+        from leanlm.quant import REGISTRY
 
-        bad = [m for m in self.methods if m not in METHODS]
+        bad = [m for m in self.methods if m not in REGISTRY]
         if bad:
-            raise LeanLMError(f"unknown method {bad[0]!r}: expected some of {METHODS}")
+            raise LeanLMError(f"unknown method {bad[0]!r}: expected some of {tuple(REGISTRY)}")
         if not self.methods or not self.bits:
             raise LeanLMError("the grid needs at least one method and one bit width")
 
@@ -78,8 +78,9 @@ def run_grid(model_path: Path, out: Path, cfg: GridConfig, ppl_texts: list[str],
              calib_texts: list[str] | None = None, log: Callable[[str], None] = print) -> list[dict]:
     """Measure every cell not already in ``out/cells``; returns all cells, the full model first."""
     from leanlm.checkpoint import load_model
+    from leanlm.data.text import default_texts
     from leanlm.eval.evaluate import evaluate
-    from leanlm.quant import CALIBRATED, calibration_tokens, default_texts, method_config, quantize_
+    from leanlm.quant import REGISTRY, calibration_tokens, method_config, quantize_
     from leanlm.quant.formats import save_quantized
     from leanlm.tokenizer import load_tokenizer
 
@@ -115,13 +116,14 @@ def run_grid(model_path: Path, out: Path, cfg: GridConfig, ppl_texts: list[str],
             cell: dict[str, Any] = {"cell": name, "method": method, "bits": bits,
                                     "group_size": cfg.group_size}
             try:
-                config = method_config(method, bits, cfg.group_size)
-                if method in CALIBRATED and calib is None:
+                config = method_config(method, bits=bits, group_size=cfg.group_size)
+                calibrated = REGISTRY[method].calibrated
+                if calibrated and calib is None:
                     calib = calibration_tokens(calib_texts or default_texts(), tok, cfg.calib_samples,
                                                cfg.calib_seq_len)
                 model = load_model(model_path, dtype="float32").eval()
                 t0 = time.perf_counter()
-                quantize_(model, config, calib if method in CALIBRATED else None, progress=False)
+                quantize_(model, config, calib if calibrated else None, progress=False)
                 cell["quantize_s"] = time.perf_counter() - t0
                 cell |= measure(model, reference, full.get("tasks"))
                 model = model.to(torch.bfloat16)

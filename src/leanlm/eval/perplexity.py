@@ -1,7 +1,7 @@
 """Perplexity: of a packed training stream (what the trainer and the model card report), and of
 text under the protocol compressed models are compared with.
 
-Training stream (:func:`stream_loss`): documents as ``<eos> text`` (``train/data.py``) cut into
+Training stream (:func:`stream_loss`): documents as ``<eos> text`` (``data/tokens.py``) cut into
 non-overlapping windows of ``seq_len + 1`` tokens, each scored as a training sequence (document
 masking included): ``L = -(1/N) Σ log p(x_{t+1} | x_{≤t} of the same document)``, ``ppl = e^L``.
 Windows can be split over ranks; the (sum, count) pairs are summed by the caller.
@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanlm.attention import SDPAMetadata
+from leanlm.data.tokens import make_batch, window, windows_of
 from leanlm.errors import LeanLMError
-from leanlm.train.data import make_batch, window, windows_of
 
 
 def autocast_context(device: torch.device, precision: str) -> object:

@@ -3,10 +3,11 @@ perplexity against bits per method, quality against size (the Pareto view), deco
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from leanlm.fsutil import atomic_write
 
 
 def _mean(values: list[float]) -> float:
@@ -55,11 +56,7 @@ def write_report(cells: list[dict], out: Path, title: str) -> Path:
     lines += ["", "![perplexity vs bits](ppl_vs_bits.png)", "", "![quality vs size](quality_vs_size.png)", "",
               "![decode speed](decode_speed.png)", ""]
     _plots(cells, out)
-    path = out / "report.md"
-    tmp = path.with_name(".report.md.tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
-    return path
+    return atomic_write(out / "report.md", "\n".join(lines))
 
 
 def _plots(cells: list[dict], out: Path) -> None:

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanlm.data.io import json_lines
 from leanlm.errors import LeanLMError
+from leanlm.fsutil import read_json_lines
 
 TASKS_DIR = Path(__file__).resolve().parent.parent / "assets" / "tasks"
 
@@ -72,7 +72,7 @@ def load_task(name_or_path: str | Path) -> Task:
         raise LeanLMError(f"task {name_or_path}: no such file, and not a shipped task "
                           f"(shipped: {', '.join(shipped) or 'none'})")
     questions = []
-    for n, row in json_lines(path.read_text(encoding="utf-8").splitlines(), path):
+    for n, row in read_json_lines(path, "task file"):
         context = row.get("question", row.get("context")) if isinstance(row, dict) else None
         choices, answer = (row.get("choices"), row.get("answer")) if isinstance(row, dict) else (None, None)
         if not isinstance(context, str):

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanlm.errors import LeanLMError
-from leanlm.peft.api import Adapter, PeftConfig, register
+from leanlm.peft.api import Adapter, PeftConfig, register_adapter
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 
@@ -185,6 +185,7 @@ class Compacter(Adapter):
         return {**state, "down.rule": rule, "up.rule": rule}
 
 
-register(BottleneckConfig, Bottleneck)
-register(ParallelAdapterConfig, ParallelAdapter)
-register(CompacterConfig, Compacter)
+register_adapter("adapter", BottleneckConfig, Bottleneck, placement="houlsby")
+register_adapter("pfeiffer", BottleneckConfig, Bottleneck, placement="pfeiffer")
+register_adapter("parallel-adapter", ParallelAdapterConfig, ParallelAdapter)
+register_adapter("compacter", CompacterConfig, Compacter)

@@ -14,9 +14,15 @@ Every adapter acts token by token, so one batch can serve requests of different 
 :func:`routed` assigns each token row its adapter (the serving engine's multi-LoRA batches;
 Punica/S-LoRA's idea, with gather/scatter in torch).
 
-A method is a config dataclass plus an adapter class, registered with :func:`register`; the
-config says which modules it targets (names or suffixes such as ``"q_proj"``, ``"mlp.down_proj"``,
-or ``"re:<regex>"``). On disk, adapters use Hugging Face peft's layout: ``adapter_config.json`` +
+A method is a config dataclass plus an adapter class, registered under its command-line name with
+:func:`register_adapter` (``register_adapter("lora", LoRAConfig, LoRA)``; a name may fix config
+fields: ``register_adapter("dora", LoRAConfig, LoRA, use_dora=True)``), the idiom quantization
+methods use too. The command line's choices are ``tuple(REGISTRY)`` and :func:`method_config`
+builds a config by name (:meth:`PeftConfig.from_cli`); :func:`apply_peft_` finds the adapter
+class by the config's type (its ``peft_type``). The config says which modules it targets (names
+or suffixes such as ``"q_proj"``, ``"mlp.down_proj"``, or ``"re:<regex>"``).
+
+On disk, adapters use Hugging Face peft's layout: ``adapter_config.json`` +
 ``adapter_model.safetensors`` with keys ``base_model.model.<HF module path>.<parameter>``
 (``lora_A.weight``, ``lora_magnitude_vector``, ``ia3_l`` …), so peft's LoRA, DoRA and IA3
 adapters load here and ours load in peft; methods peft lacks keep the layout under their own
@@ -40,8 +46,7 @@ import torch
 from torch import nn
 
 from leanlm.errors import LeanLMError
-
-REGISTRY: dict[str, tuple[type[PeftConfig], type[Adapter]]] = {}  # peft_type -> (config, adapter)
+from leanlm.fsutil import staged_dir
 
 
 @dataclass
@@ -67,6 +72,13 @@ class PeftConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(targets=list(d.get("target_modules") or []),
                    **{k: v for k, v in d.items() if k in names and k != "targets"})
+
+    @classmethod
+    def from_cli(cls, **options: Any) -> PeftConfig:
+        """The config from command-line options (``targets``, ``r``, ``bottleneck`` …): those that
+        name one of its fields; an option given as None takes the field's default."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in options.items() if k in names and v is not None})
 
 
 class Adapter(nn.Module):
@@ -94,8 +106,47 @@ class Adapter(nn.Module):
         return state
 
 
-def register(config_cls: type[PeftConfig], adapter_cls: type[Adapter]) -> None:
-    REGISTRY[config_cls.peft_type] = (config_cls, adapter_cls)
+@dataclass(frozen=True)
+class AdapterMethod:
+    """A registered method: its config and adapter classes and the config fields its name fixes."""
+
+    name: str
+    config_cls: type[PeftConfig]
+    adapter_cls: type[Adapter]
+    preset: dict[str, Any]
+
+
+REGISTRY: dict[str, AdapterMethod] = {}  # command-line name -> method
+
+
+def register_adapter(name: str, config_cls: type[PeftConfig], adapter_cls: type[Adapter],
+                     **preset: Any) -> None:
+    """Register ``adapter_cls`` for ``config_cls`` as the method ``--method name`` selects;
+    ``preset`` fixes config fields for that name (``placement="pfeiffer"``)."""
+    REGISTRY[name] = AdapterMethod(name, config_cls, adapter_cls, dict(preset))
+
+
+def _builtins() -> None:
+    import leanlm.peft  # noqa: F401 (its modules register the built-in methods)
+
+
+def method_config(name: str, **options: Any) -> PeftConfig:
+    """The config of the method registered as ``name``, from command-line options (``targets``,
+    ``r``, ``alpha``, ``dropout``, ``bottleneck``): each config takes those it has."""
+    _builtins()
+    method = REGISTRY.get(name)
+    if method is None:
+        raise LeanLMError(f"unknown method {name!r}: expected one of {', '.join(REGISTRY)}")
+    return method.config_cls.from_cli(**{**options, **method.preset})
+
+
+def _peft_types() -> dict[str, AdapterMethod]:
+    """peft_type (as adapter_config.json records it) -> the first method registered with it."""
+    _builtins()
+    out: dict[str, AdapterMethod] = {}
+    for m in REGISTRY.values():
+        out.setdefault(m.config_cls.peft_type, m)
+    return out
 
 
 # ---- hooks ----------------------------------------------------------------------------------
@@ -180,12 +231,14 @@ def find_targets(model: nn.Module, patterns: list[str]) -> dict[str, nn.Module]:
 
 def apply_peft_(model: nn.Module, config: PeftConfig, name: str = "default") -> nn.Module:
     """Attach a new adapter ``name`` to every targeted module and make it the active one."""
-    if config.peft_type not in REGISTRY:
-        raise LeanLMError(f"unknown adapter type {config.peft_type!r}: known {sorted(REGISTRY)}")
+    methods = _peft_types()
+    method = methods.get(config.peft_type)
+    if method is None:
+        raise LeanLMError(f"unknown adapter type {config.peft_type!r}: known {sorted(methods)}")
     configs = peft_configs(model)
     if name in configs:
         raise LeanLMError(f"the model already has an adapter named {name!r}")
-    adapter_cls = REGISTRY[config.peft_type][1]
+    adapter_cls = method.adapter_cls
     shared: dict[str, Any] = {}  # parameters an adapter type shares across modules (Compacter)
     for mname, module in find_targets(model, config.resolved_targets()).items():
         _install(module)
@@ -283,8 +336,6 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], name: str = "de
     """Write adapter ``name`` as a peft directory (atomically: a temp dir renamed into place)."""
     from safetensors.torch import save_file
 
-    from leanlm.checkpoint import staged_dir
-
     config = peft_configs(model).get(name)
     if config is None:
         raise LeanLMError(f"no adapter named {name!r}; the model has {sorted(peft_configs(model))}")
@@ -302,9 +353,10 @@ def read_config(path: str | os.PathLike[str]) -> PeftConfig:
     except (OSError, json.JSONDecodeError) as e:
         raise LeanLMError(f"{p}: cannot read the adapter config ({e})") from e
     kind = d.get("peft_type")
-    if kind not in REGISTRY:
-        raise LeanLMError(f"{p}: peft_type {kind!r} is not supported (supported: {sorted(REGISTRY)})")
-    return REGISTRY[kind][0].from_peft_json(d)
+    methods = _peft_types()
+    if kind not in methods:
+        raise LeanLMError(f"{p}: peft_type {kind!r} is not supported (supported: {sorted(methods)})")
+    return methods[kind].config_cls.from_peft_json(d)
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike[str], name: str = "default") -> PeftConfig:

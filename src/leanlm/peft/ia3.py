@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from leanlm.errors import LeanLMError
-from leanlm.peft.api import Adapter, PeftConfig, register
+from leanlm.peft.api import Adapter, PeftConfig, register_adapter
 from leanlm.peft.lora import dims
 
 
@@ -77,4 +77,4 @@ class IA3(Adapter):
         return {"ia3_l": state["ia3_l"].reshape(-1)}
 
 
-register(IA3Config, IA3)
+register_adapter("ia3", IA3Config, IA3)

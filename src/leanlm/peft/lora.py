@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from leanlm.errors import LeanLMError
-from leanlm.peft.api import Adapter, PeftConfig, register
+from leanlm.peft.api import Adapter, PeftConfig, register_adapter
 
 
 @dataclass
@@ -47,6 +47,11 @@ class LoRAConfig(PeftConfig):
 
     def default_targets(self) -> list[str]:
         return ["q_proj", "v_proj"]  # peft's default for Llama
+
+    @classmethod
+    def from_cli(cls, alpha: float | None = None, dropout: float | None = None, **options: Any) -> LoRAConfig:
+        """``--alpha`` and ``--dropout`` are ``lora_alpha`` and ``lora_dropout``."""
+        return super().from_cli(lora_alpha=alpha, lora_dropout=dropout, **options)  # type: ignore[return-value]
 
     def to_peft_json(self) -> dict[str, Any]:
         return {**super().to_peft_json(), "bias": "none", "fan_in_fan_out": False,
@@ -125,4 +130,5 @@ class LoRA(Adapter):
             self._set_weight(module, base_weight(module) - self.delta().float())
 
 
-register(LoRAConfig, LoRA)
+register_adapter("lora", LoRAConfig, LoRA)
+register_adapter("dora", LoRAConfig, LoRA, use_dora=True)

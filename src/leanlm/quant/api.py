@@ -1,8 +1,12 @@
 """``quantize_(model, config, calib)``: one model transformed in place, one handler per method.
 
-The torchao pattern: each method is a config dataclass plus a handler class registered for it
-with :func:`register_method`; :func:`quantize_` looks the handler up by the config's type, so a
-new method costs one config and one handler and nothing here changes.
+The torchao pattern: each method is a config dataclass plus a handler class registered under
+its command-line name with :func:`register_method` (``@register_method("gptq", GPTQConfig)``).
+:func:`quantize_` looks the handler up by the config's type; the command line's choices are
+``tuple(REGISTRY)``, whether a method needs calibration data is its handler's ``calibrated``
+flag, and :func:`method_config` builds a config from command-line options by name
+(:meth:`MethodConfig.from_cli`). So a new method costs one config and one handler, and neither
+this module nor a command changes.
 
 Calibration-free methods (RTN, LLM.int8()) replace each selected ``nn.Linear`` directly.
 Calibrated methods (GPTQ, AWQ, SmoothQuant) run layer by layer: the calibration tokens are
@@ -16,6 +20,7 @@ the groups that read the same input, in execution order (GPTQ's "true sequential
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -28,15 +33,49 @@ from leanlm.errors import LeanLMError
 from leanlm.quant.calibration import LayerInputs
 
 FilterFn = Callable[[str, nn.Module], bool]
-_HANDLERS: dict[type, type[Method]] = {}
+REGISTRY: dict[str, type[Method]] = {}  # command-line name -> handler (for configs of handler.config_cls)
 
 
-def register_method(config_cls: type) -> Callable[[type[Method]], type[Method]]:
-    """Class decorator: ``@register_method(GPTQConfig) class GPTQ(Method): ...``."""
+def register_method(name: str, config_cls: type) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: ``@register_method("gptq", GPTQConfig) class GPTQ(Method): ...`` makes
+    ``GPTQ`` the handler of ``GPTQConfig`` and the method ``--method gptq`` names."""
     def wrap(handler: type[Method]) -> type[Method]:
-        _HANDLERS[config_cls] = handler
+        handler.name, handler.config_cls = name, config_cls
+        REGISTRY[name] = handler
         return handler
     return wrap
+
+
+def _builtins() -> None:
+    import leanlm.quant  # noqa: F401 (its modules register the built-in methods)
+
+
+def handler_for(config: Any) -> type[Method] | None:
+    """The handler registered for ``config``'s type (None if there is none)."""
+    _builtins()
+    return next((h for h in REGISTRY.values() if type(config) is h.config_cls), None)
+
+
+def method_config(name: str, **options: Any) -> Any:
+    """The config of the method registered as ``name``, from command-line options (``bits``,
+    ``group_size``, ``sym``, ``act_order``, ``static_groups``): each config takes those it has."""
+    _builtins()
+    handler = REGISTRY.get(name)
+    if handler is None:
+        raise LeanLMError(f"unknown method {name!r}: expected one of {tuple(REGISTRY)}")
+    return handler.config_cls.from_cli(**options)
+
+
+class MethodConfig:
+    """What every method's config dataclass can do: be built from command-line options."""
+
+    @classmethod
+    def from_cli(cls, **options: Any) -> Any:
+        """The config from the options that name one of its fields; an option given as None takes
+        the field's default (so weight-only methods are symmetric by default, AWQ asymmetric, as
+        AutoGPTQ and AutoAWQ)."""
+        fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in options.items() if k in fields and v is not None})
 
 
 @dataclass
@@ -87,7 +126,7 @@ def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 @dataclass
-class WeightOnlyConfig:
+class WeightOnlyConfig(MethodConfig):
     """What every weight-only method shares: b-bit codes in groups of ``group_size`` inputs."""
 
     bits: int = 4
@@ -107,7 +146,9 @@ class WeightOnlyConfig:
 class Method:
     """A quantization method's handler. Subclasses set the class flags and override one hook."""
 
-    calibrated: ClassVar[bool] = False
+    name: ClassVar[str] = ""  # set by register_method
+    config_cls: ClassVar[type] = object  # set by register_method
+    calibrated: ClassVar[bool] = False  # needs calibration tokens (then defines quantize_block)
     propagate_quantized: ClassVar[bool] = True  # next block's inputs from the quantized block
 
     def __init__(self, config: Any) -> None:
@@ -137,13 +178,12 @@ def quantize_(model: nn.Module, config: Any, calib: torch.Tensor | None = None,
     calibrated methods. ``filter_fn(name, linear)`` selects the linears (default: all linears
     of the blocks). Returns the model.
     """
-    import leanlm.quant  # noqa: F401 (registers the built-in methods)
     from leanlm.quant.linear import quantized_linears
 
-    handler_cls = _HANDLERS.get(type(config))
+    handler_cls = handler_for(config)
     if handler_cls is None:
         raise LeanLMError(f"no quantization method registered for {type(config).__name__}; known: "
-                          f"{sorted(c.__name__ for c in _HANDLERS)}")
+                          f"{sorted(h.config_cls.__name__ for h in REGISTRY.values())}")
     done = quantized_linears(model)
     if done:
         raise LeanLMError(f"the model is already quantized ({next(iter(done))} is "

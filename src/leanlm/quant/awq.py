@@ -88,7 +88,7 @@ def _group_normalised_mean(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return torch.cat(parts, 1).mean(0)
 
 
-@register_method(AWQConfig)
+@register_method("awq", AWQConfig)
 class AWQ(Method):
     calibrated = True
     propagate_quantized = False

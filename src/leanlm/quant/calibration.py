@@ -1,7 +1,9 @@
 """Calibration data and layer-by-layer execution for the calibrated methods (GPTQ, AWQ, SmoothQuant).
 
 Samples follow the GPTQ protocol: the texts are tokenized into one ``<eos>``-separated stream
-and ``n_samples`` windows of ``seq_len`` tokens start at seeded random offsets.
+and ``n_samples`` windows of ``seq_len`` tokens start at seeded random offsets. Where the texts
+come from (a file, a corpus, the standard library) is the data layer's business
+(:mod:`leanlm.data.text`): this module takes any iterable of strings.
 
 :class:`LayerInputs` holds the inputs of one transformer block for every calibration sample
 (in micro-batches, with their attention metadata). A method quantizes block ``l`` from them,
@@ -13,60 +15,14 @@ whole still quantizes, at the cost of one forward per block.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import random
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from leanlm.attention import SDPAMetadata
 from leanlm.errors import LeanLMError
-
-
-def read_texts(path: str | os.PathLike[str], split: str = "train", what: str = "calibration data",
-               domains: Iterable[str] | None = None) -> list[str]:
-    """Texts from a .jsonl file (the "text" field), a text file, or a corpus directory (its
-    ``split`` of every domain, or of ``domains``); ``what`` names the data in errors."""
-    path = Path(path)
-    if path.is_dir():
-        from leanlm.data.corpus import load_manifest, read_split
-
-        manifest = load_manifest(path)
-        texts = [t for dom in (domains or manifest["domains"]) for t in read_split(path, dom, split)]
-    elif not path.is_file():
-        raise LeanLMError(f"{what} {path}: no such file or directory")
-    elif path.suffix == ".jsonl":
-        texts = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    texts.append(json.loads(line)["text"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise LeanLMError(f"{path}:{n}: expected a JSON object with a \"text\" field") from None
-    else:
-        try:
-            texts = [path.read_text(encoding="utf-8")]
-        except UnicodeDecodeError:
-            raise LeanLMError(f"{path}: not UTF-8 text (expected .jsonl or a text file)") from None
-    texts = [t for t in texts if isinstance(t, str) and t.strip()]
-    if not texts:
-        raise LeanLMError(f"{what} {path} is empty (expected text)")
-    return texts
-
-
-def default_texts(max_files: int = 400, seed: int = 0) -> list[str]:
-    """Calibration text available offline on any machine: a seeded sample of the stdlib sources."""
-    from leanlm.data.corpus import default_sources
-
-    root = default_sources()["code"]
-    files = sorted(p for p in root.rglob("*.py") if "test" not in p.parts and "site-packages" not in p.parts)
-    random.Random(seed).shuffle(files)
-    return [p.read_text(encoding="utf-8", errors="replace") for p in files[:max_files]]
 
 
 def calibration_tokens(texts: Iterable[str], tokenizer: object, n_samples: int = 128,

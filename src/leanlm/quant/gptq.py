@@ -154,7 +154,7 @@ def _inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
                       "dampening; use more (or more varied) calibration samples")
 
 
-@register_method(GPTQConfig)
+@register_method("gptq", GPTQConfig)
 class GPTQ(Method):
     calibrated = True
     propagate_quantized = True

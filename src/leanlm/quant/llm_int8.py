@@ -20,12 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanlm.errors import LeanLMError
-from leanlm.quant.api import Method, register_method
+from leanlm.quant.api import Method, MethodConfig, register_method
 from leanlm.quant.linear import W8A8Linear
 
 
 @dataclass
-class LLMInt8Config:
+class LLMInt8Config(MethodConfig):
     threshold: float = 6.0
 
     def __post_init__(self) -> None:
@@ -54,7 +54,7 @@ class Int8OutlierLinear(W8A8Linear):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
-@register_method(LLMInt8Config)
+@register_method("llm-int8", LLMInt8Config)
 class LLMInt8(Method):
     def quantize_linear(self, name: str, linear: nn.Linear) -> nn.Module:
         m = Int8OutlierLinear.from_linear(linear)

@@ -38,7 +38,7 @@ def rtn_quantize(w: torch.Tensor, config: WeightOnlyConfig) -> tuple[torch.Tenso
     return quantize_weight(w, scales, zeros, config.bits, g_idx), scales, zeros, g_idx
 
 
-@register_method(RTNConfig)
+@register_method("rtn", RTNConfig)
 class RTN(Method):
     def quantize_linear(self, name: str, linear: nn.Linear) -> nn.Module:
         return to_quant_linear(linear, *rtn_quantize(linear.weight, self.config), self.config)

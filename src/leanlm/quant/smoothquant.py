@@ -21,14 +21,14 @@ import torch
 from torch import nn
 
 from leanlm.errors import LeanLMError
-from leanlm.quant.api import Method, block_sublayers, register_method, set_module
+from leanlm.quant.api import Method, MethodConfig, block_sublayers, register_method, set_module
 from leanlm.quant.awq import apply_scale
 from leanlm.quant.calibration import LayerInputs, capture_inputs
 from leanlm.quant.linear import W8A8Linear
 
 
 @dataclass
-class SmoothQuantConfig:
+class SmoothQuantConfig(MethodConfig):
     alpha: float = 0.5
 
     def __post_init__(self) -> None:
@@ -41,7 +41,7 @@ def smooth_scales(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: flo
     return (act_max.float().clamp(min=1e-5).pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
 
 
-@register_method(SmoothQuantConfig)
+@register_method("smoothquant", SmoothQuantConfig)
 class SmoothQuant(Method):
     calibrated = True
     propagate_quantized = False

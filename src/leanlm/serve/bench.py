@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from leanlm.data.io import json_lines
 from leanlm.errors import LeanLMError
+from leanlm.fsutil import json_lines
 
 
 @dataclass

@@ -163,6 +163,6 @@ def bench_serve(
     if json_out is not None:
         from dataclasses import asdict
 
-        from leanlm.data.io import write_json
+        from leanlm.fsutil import write_json
 
         write_json(json_out, [{**s, "requests": [asdict(r) for r in s["requests"]]} for s in runs])

@@ -13,7 +13,6 @@ that ``transformers`` loads as is.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from leanlm.data.corpus import load_manifest, read_split
 from leanlm.errors import LeanLMError
+from leanlm.fsutil import staged_file, write_json
 
 EOS = "<|endoftext|>"
 SPECIAL_TOKENS = [EOS, "<|im_start|>", "<|im_end|>"]
@@ -44,7 +44,7 @@ def corpus_texts(corpus: str | os.PathLike[str], max_bytes_per_domain: int | Non
 
 def add_bos(tok: HFTokenizer) -> None:
     """Prefix encodings with ``<|endoftext|>``: documents are trained as ``<eos> text`` (see
-    ``train/data.py``), so a prompt starts the way every training document did."""
+    ``data/tokens.py``), so a prompt starts the way every training document did."""
     tok.post_processor = processors.TemplateProcessing(
         single=f"{EOS} $A", pair=f"{EOS} $A {EOS} $B", special_tokens=[(EOS, tok.token_to_id(EOS))])
 
@@ -66,9 +66,10 @@ def train_tokenizer(corpus: str | os.PathLike[str], out: str | os.PathLike[str],
     add_bos(tok)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out / "tokenizer.json"))
+    with staged_file(out / "tokenizer.json") as tmp:
+        tok.save(str(tmp))
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOS, "eos_token": EOS,
               "unk_token": None, "pad_token": EOS, "add_bos_token": True,
               "model_max_length": 1 << 20, "chat_template": CHATML}
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_json(out / "tokenizer_config.json", config)
     return out

@@ -9,8 +9,9 @@ into M (``get_state_dict`` / ``set_state_dict`` speak fully qualified names what
 wrapping: FSDP, AC, compile).
 
 Atomicity: everything is written to ``step-N.tmp-<nonce>/``; after a barrier rank 0 renames it to
-``step-N``, so a run killed mid-save (even by SIGKILL) leaves the previous checkpoint as the
-latest complete one and the partial directory is ignored (and later removed).
+``step-N`` (:func:`leanlm.fsutil.replace_dir`, then an fsync of the directory), so a run killed
+mid-save (even by SIGKILL) leaves the previous checkpoint as the latest complete one and the
+partial directory is ignored (and later removed).
 
 Safety: only tensors are stored through DCP (AdamW's hyper-parameters are rebuilt from the
 config, not unpickled), and DCP's pickled ``.metadata`` is read with an unpickler that admits an
@@ -41,6 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from leanlm.errors import LeanLMError
+from leanlm.fsutil import fsync_dir, replace_dir
 
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 _META = "torch.distributed.checkpoint.metadata"
@@ -125,14 +127,8 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
             f.write(json.dumps(trainer_state, indent=2) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fd = os.open(root, os.O_RDONLY)  # make the rename itself durable
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        replace_dir(tmp, final)
+        fsync_dir(root)  # make the rename itself durable
         for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
         for partial in root.glob("step-*.tmp-*"):

@@ -43,15 +43,17 @@ import torch.distributed as dist
 from torch import nn
 
 from leanlm.attention import SDPAMetadata
+from leanlm.checkpoint import load_model, save_model
 from leanlm.data.corpus import load_manifest
+from leanlm.data.tokens import MixtureLoader, PackedLoader, load_tokens, tokenize_corpus
 from leanlm.errors import LeanLMError
 from leanlm.eval.perplexity import autocast_context, stream_loss
+from leanlm.fsutil import atomic_write, write_json
 from leanlm.loss import distillation_loss
 from leanlm.model import Transformer, init_param_
 from leanlm.tokenizer import Tokenizer, load_tokenizer
 from leanlm.train import checkpointing as ckpt
 from leanlm.train.config import TrainConfig
-from leanlm.train.data import MixtureLoader, PackedLoader, load_tokens, tokenize_corpus
 from leanlm.train.memory import check_fits
 from leanlm.train.metrics import MetricsLogger, flops_per_token, peak_flops
 from leanlm.train.parallelize import parallelize
@@ -211,7 +213,7 @@ class Trainer:
         if d.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             self.files = tokenize_corpus(cfg.data, self.tok, cache, self.eos_id)
-            (self.out / "train_config.json").write_text(cfg.to_json())
+            atomic_write(self.out / "train_config.json", cfg.to_json())
         d.barrier()
         if d.rank != 0:
             self.files = tokenize_corpus(cfg.data, self.tok, cache, self.eos_id)  # cached: no work
@@ -238,8 +240,6 @@ class Trainer:
         """Overwrite the random init with a checkpoint's weights (whole or into FSDP shards)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        from leanlm import load_model
-
         src = load_model(path, dtype="float32").state_dict()
         want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         got = {k: tuple(v.shape) for k, v in src.items()}
@@ -253,8 +253,6 @@ class Trainer:
     def _load_teacher(self) -> nn.Module | None:
         if not self.cfg.teacher:
             return None
-        from leanlm import load_model
-
         path, vocab = self.cfg.teacher, self.cfg.model.vocab_size
         teacher = load_model(path, dtype="float32", device=self.d.device).requires_grad_(False)
         if teacher.config.vocab_size != vocab:
@@ -338,8 +336,6 @@ class Trainer:
 
     def export(self) -> Path | None:
         """Write the trained model as a Hugging Face checkpoint to OUT/model (rank 0)."""
-        from leanlm.checkpoint import save_model
-
         state = ckpt.full_model_state(self.model)
         path = self.out / "model"
         if self.d.rank == 0:
@@ -394,8 +390,7 @@ class Trainer:
             result["model"] = self.export()
             if d.rank == 0:
                 final = self.losses[-1] if self.losses else None
-                (self.out / "result.json").write_text(json.dumps(
-                    {"step": self.step, "eval": evals, "final_loss": final}, indent=2) + "\n")
+                write_json(self.out / "result.json", {"step": self.step, "eval": evals, "final_loss": final})
         return result
 
     def close(self) -> None:

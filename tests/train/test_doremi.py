@@ -5,35 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from conftest import tiny_config
-from leanlm.data.doremi import DoReMiConfig, ProxyTrainer, doremi
+from leanlm.data.tokens import MixtureLoader
 from leanlm.errors import LeanLMError
-from leanlm.train.data import MixtureLoader
+from leanlm.train.doremi import DoReMiConfig, ProxyTrainer, doremi
 from leanlm.train.trainer import Trainer
-
-
-def test_mixture_loader_follows_the_weights_and_resumes() -> None:
-    streams = {d: np.arange(i * 10_000, (i + 1) * 10_000) for i, d in enumerate("abc")}
-    loader = MixtureLoader(streams, {"a": 0.6, "b": 0.3, "c": 0.1}, seq_len=8, eos_id=0, micro_batch=50)
-    counts = np.zeros(3)
-    for _ in range(40):
-        windows, dom = loader.draw()
-        counts += np.bincount(dom, minlength=3)
-        assert all(w[0] // 10_000 == d for w, d in zip(windows, dom, strict=True))  # from its domain
-    assert np.allclose(counts / counts.sum(), [0.6, 0.3, 0.1], atol=0.03)
-    state = loader.state_dict()
-    a = loader.draw()
-    again = MixtureLoader(streams, {"a": 0.6, "b": 0.3, "c": 0.1}, seq_len=8, eos_id=0, micro_batch=50)
-    again.load_state_dict(json.loads(json.dumps(state)))
-    b = again.draw()
-    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
-    with pytest.raises(LeanLMError, match="unknown domains"):
-        MixtureLoader(streams, {"z": 1.0}, seq_len=8, eos_id=0, micro_batch=2)
-    with pytest.raises(LeanLMError, match="positive sum"):
-        MixtureLoader(streams, {"a": 0.0}, seq_len=8, eos_id=0, micro_batch=2)
 
 
 def test_trainer_samples_domains_by_weights_from_a_file(tiny_data: tuple[Path, Path], tmp_path: Path) -> None:
@@ -93,3 +71,15 @@ def test_iterated_doremi_trains_each_reference_on_the_last_rounds_weights(tiny_d
         assert saved["domain_weights"] == pytest.approx(first)
     with pytest.raises(LeanLMError, match="rounds >= 1"):
         doremi(tiny_data[0], tmp_path / "bad", cfg, DoReMiConfig(rounds=0), quiet=True)
+
+
+def test_the_doremi_command_is_mounted_under_data() -> None:
+    from typer.testing import CliRunner
+
+    from leanlm.cli import app
+
+    runner = CliRunner()
+    listing = runner.invoke(app, ["data", "--help"], env={"COLUMNS": "200"})
+    assert listing.exit_code == 0 and "doremi" in listing.output and "stats" in listing.output
+    out = runner.invoke(app, ["data", "doremi", "--help"], env={"COLUMNS": "200"})
+    assert out.exit_code == 0 and "Group DRO proxy" in out.output and "--rounds" in out.output

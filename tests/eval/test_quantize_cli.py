@@ -12,7 +12,8 @@ import torch
 
 from conftest import build_hf_model, write_tokenizer
 from leanlm.checkpoint import load_model
-from leanlm.quant import QuantLinear, W8A8Linear
+from leanlm.eval.cli import QUANT_METHODS_HELP
+from leanlm.quant import REGISTRY, QuantLinear, W8A8Linear
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -74,3 +75,7 @@ def test_quantize_errors_are_one_line(tmp_path: Path, model_and_calib: tuple[Pat
     out = run(str(q), "--method", "rtn", "--out", str(tmp_path / "qq"))
     assert out.returncode == 2 and "already quantized" in out.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "qq").exists()
+
+
+def test_the_method_help_names_every_registered_method() -> None:
+    assert sorted(QUANT_METHODS_HELP.rstrip(".").split(" | ")) == sorted(REGISTRY)

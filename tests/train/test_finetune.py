@@ -14,10 +14,11 @@ import torch
 from conftest import random_model, write_tokenizer
 from leanlm import load_model, load_tokenizer, save_model
 from leanlm.errors import LeanLMError
-from leanlm.peft import LoRAConfig, load_adapter
-from leanlm.peft.finetune import IGNORE, FineTuner, pack, read_examples
+from leanlm.peft import REGISTRY, LoRAConfig, load_adapter
 from leanlm.train import get_recipe
+from leanlm.train.cli import ADAPTER_METHODS_HELP
 from leanlm.train.config import apply_overrides
+from leanlm.train.finetune import IGNORE, FineTuner, pack, read_examples
 
 
 @pytest.fixture
@@ -117,3 +118,7 @@ def test_cli_finetune_qlora_merge_and_generate(base: Path, tmp_path: Path) -> No
     assert r.returncode == 0, r.stderr  # QLoRA
     r = run("finetune", str(base), "--data", str(data), "--method", "lora", "--target", "nope", "--quiet")
     assert r.returncode == 2 and "target 'nope' matches no module" in r.stderr
+
+
+def test_the_method_help_names_every_registered_method() -> None:
+    assert sorted(ADAPTER_METHODS_HELP.removeprefix("One of ").rstrip(".").split(", ")) == sorted(REGISTRY)

@@ -14,14 +14,15 @@
    differentiated through ℓ_θ). Defaults: η = 1, c = 10⁻³.
 3. The result is the average ᾱ = (1/T) Σ_t α_t, written to ``OUT/weights.json``; a model is then
    trained on it with ``leanlm pretrain --set domain_weights=OUT/weights.json`` (the trainer's
-   :class:`~leanlm.train.data.MixtureLoader` samples each sequence's domain by the weights).
+   :class:`~leanlm.data.tokens.MixtureLoader` samples each sequence's domain by the weights).
 
 Iterated DoReMi (the paper's §3, used for its GLaM runs): with ``rounds`` > 1 the steps repeat,
 round r + 1's reference weights α_ref being round r's ᾱ, until ``rounds`` or until no weight moves
 by more than ``tolerance`` (each round in ``OUT/roundN``).
 
 Both models are trained by leanlm's :class:`~leanlm.train.trainer.Trainer` (the proxy by a
-subclass that replaces the training step), so they checkpoint, resume and log as pretraining does.
+subclass that replaces the training step), so they checkpoint, resume and log as pretraining does;
+that is why DoReMi lives with the trainer, above the data layer whose mixture sampler it drives.
 """
 
 from __future__ import annotations
@@ -36,11 +37,12 @@ import torch
 import torch.nn.functional as F
 
 from leanlm.attention import SDPAMetadata
+from leanlm.checkpoint import load_model
 from leanlm.data.corpus import load_manifest
-from leanlm.data.io import write_json
+from leanlm.data.tokens import MixtureLoader, make_batch
 from leanlm.errors import LeanLMError
+from leanlm.fsutil import write_json
 from leanlm.train.config import TrainConfig
-from leanlm.train.data import MixtureLoader, make_batch
 from leanlm.train.trainer import Trainer, lr_at
 
 
@@ -66,8 +68,6 @@ class ProxyTrainer(Trainer):
         super().__init__(cfg, quiet)
         if self.d.world != 1 or cfg.grad_accum != 1 or not isinstance(self.loader, MixtureLoader):
             raise LeanLMError("the DoReMi proxy trains in one process with grad_accum=1 and domain weights")
-        from leanlm import load_model
-
         self.reference = load_model(reference).to(self.d.device).eval().requires_grad_(False)
         k = len(self.loader.domains)
         self.alpha = np.full(k, 1.0 / k)

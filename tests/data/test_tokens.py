@@ -1,6 +1,8 @@
-"""Tokenizer training, packing with document masking, and the stateful loader."""
+"""Packing with document masking, and the stateful loaders (``data/tokens.py``): packed and mixed."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -8,26 +10,9 @@ import torch
 
 from conftest import tiny_config
 from leanlm.attention import SDPAMetadata
+from leanlm.data.tokens import MixtureLoader, PackedLoader, make_batch
 from leanlm.errors import LeanLMError
 from leanlm.model import Transformer
-from leanlm.tokenizer import load_tokenizer
-from leanlm.train.bpe import EOS, train_tokenizer
-from leanlm.train.data import PackedLoader, make_batch
-
-
-def test_train_tokenizer_roundtrips_and_loads_in_transformers(tiny_data, tmp_path):
-    out = train_tokenizer(tiny_data[0], tmp_path / "tok", vocab_size=400, show_progress=False)
-    tok = load_tokenizer(out)
-    assert tok.vocab_size == 400 and tok.eos_token == EOS
-    text = "def king_queen(value):\n    return data + ünïcode ✓"
-    assert tok.decode(tok.encode(text)) == text
-    from transformers import PreTrainedTokenizerFast
-
-    hf = PreTrainedTokenizerFast.from_pretrained(out)
-    assert hf.encode(text) == tok.encode(text)
-    assert "<|im_start|>user\nhi<|im_end|>" in tok.apply_chat_template([{"role": "user", "content": "hi"}])
-    with pytest.raises(LeanLMError, match="vocab_size must be"):
-        train_tokenizer(tiny_data[0], tmp_path / "bad", vocab_size=100)
 
 
 def test_make_batch_positions_and_documents():
@@ -75,3 +60,24 @@ def test_loader_layout_is_independent_of_world_size_and_resumes():
         other.load_state_dict(state)
     with pytest.raises(LeanLMError, match="fewer than one global batch"):
         PackedLoader(np.arange(40), 16, 0, micro_batch=4)
+
+
+def test_mixture_loader_follows_the_weights_and_resumes() -> None:
+    streams = {d: np.arange(i * 10_000, (i + 1) * 10_000) for i, d in enumerate("abc")}
+    loader = MixtureLoader(streams, {"a": 0.6, "b": 0.3, "c": 0.1}, seq_len=8, eos_id=0, micro_batch=50)
+    counts = np.zeros(3)
+    for _ in range(40):
+        windows, dom = loader.draw()
+        counts += np.bincount(dom, minlength=3)
+        assert all(w[0] // 10_000 == d for w, d in zip(windows, dom, strict=True))  # from its domain
+    assert np.allclose(counts / counts.sum(), [0.6, 0.3, 0.1], atol=0.03)
+    state = loader.state_dict()
+    a = loader.draw()
+    again = MixtureLoader(streams, {"a": 0.6, "b": 0.3, "c": 0.1}, seq_len=8, eos_id=0, micro_batch=50)
+    again.load_state_dict(json.loads(json.dumps(state)))
+    b = again.draw()
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    with pytest.raises(LeanLMError, match="unknown domains"):
+        MixtureLoader(streams, {"z": 1.0}, seq_len=8, eos_id=0, micro_batch=2)
+    with pytest.raises(LeanLMError, match="positive sum"):
+        MixtureLoader(streams, {"a": 0.0}, seq_len=8, eos_id=0, micro_batch=2)

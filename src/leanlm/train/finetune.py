@@ -17,6 +17,9 @@ optimizer, mixed precision, gradient checkpointing, accumulation and checkpoints
 trainer's), the data is the instruction loader, and the evaluation is the completion loss on the
 held-out examples. The best evaluation's adapter is kept in ``OUT/best``, the last in
 ``OUT/adapter`` (peft's format).
+
+It lives with the trainer it extends, so the adapter package itself imports neither the trainer
+nor the data layer.
 """
 
 from __future__ import annotations
@@ -29,11 +32,14 @@ import numpy as np
 import torch
 
 from leanlm.attention import SDPAMetadata
-from leanlm.data.io import json_lines
+from leanlm.checkpoint import load_model
+from leanlm.config import ModelConfig
+from leanlm.data.tokens import Batch, restart_positions
 from leanlm.errors import LeanLMError
+from leanlm.fsutil import atomic_write, read_json_lines
 from leanlm.peft.api import PeftConfig, apply_peft_, mark_trainable_, save_adapter
 from leanlm.train.config import TrainConfig
-from leanlm.train.data import Batch, restart_positions
+from leanlm.train.parallelize import apply_ac
 from leanlm.train.trainer import Trainer
 
 IGNORE = -100
@@ -54,11 +60,7 @@ def read_examples(path: str | Path, tok: Any) -> list[Example]:
     """Tokenized (prompt, completion) pairs; a malformed line is an error naming it."""
     out: list[Example] = []
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise LeanLMError(f"{path}: cannot read the fine-tuning data ({e})") from e
-    for lineno, ex in json_lines(lines, path):
+    for lineno, ex in read_json_lines(path, "fine-tuning data"):
         if isinstance(ex, dict) and isinstance(ex.get("messages"), list) and ex["messages"]:
             msgs = ex["messages"]
             last = msgs[-1]
@@ -165,8 +167,6 @@ class FineTuner(Trainer):
     def __init__(self, cfg: TrainConfig, base: str | Path, peft: PeftConfig, train_file: str | Path,
                  val_file: str | Path | None = None, val_fraction: float = 0.05,
                  quantize: str | None = None, quiet: bool = False) -> None:
-        from leanlm.config import ModelConfig
-
         self.base, self.peft, self.quantize = Path(base), peft, quantize
         if not (self.base / "config.json").is_file():
             raise LeanLMError(f"{self.base}: no config.json (expected a Hugging Face model directory)")
@@ -196,12 +196,9 @@ class FineTuner(Trainer):
         self.loader = InstructionLoader(examples, cfg.seq_len, self.eos_id, cfg.micro_batch,
                                         cfg.grad_accum, seed=cfg.seed)
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "train_config.json").write_text(cfg.to_json())
+        atomic_write(self.out / "train_config.json", cfg.to_json())
 
     def _build_model(self) -> torch.nn.Module:
-        from leanlm import load_model
-        from leanlm.train.parallelize import apply_ac
-
         model = load_model(self.base, dtype="float32").to(self.d.device)  # fp32 master weights
         if self.quantize == "int4":  # QLoRA on a base quantized here
             from leanlm.quant import RTNConfig, quantize_

@@ -1,4 +1,7 @@
-"""Tokenized, packed, resumable training data.
+"""Tokenized, packed, resumable training data: the token side of the data layer.
+
+The trainer, the evaluation of a corpus (``eval/perplexity.py``), DoReMi and instruction tuning
+all read tokens through this module, so it lives with the data, below all of them.
 
 ``tokenize_corpus`` turns a corpus directory into one flat token array per (domain, split),
 cached as ``.bin`` files (uint16 when the vocabulary allows) next to a ``tokens.json`` that
@@ -32,6 +35,7 @@ import torch
 
 from leanlm.data.corpus import load_manifest, read_split
 from leanlm.errors import LeanLMError
+from leanlm.fsutil import staged_file, write_json
 from leanlm.tokenizer import Tokenizer
 
 
@@ -104,12 +108,11 @@ def tokenize_corpus(corpus: str | os.PathLike[str], tok: Tokenizer, cache: str |
                 for enc in tok.tok.encode_batch(texts[i:i + batch_docs], add_special_tokens=False):
                     pieces.append(np.asarray([eos_id, *enc.ids], dtype=dtype))
             arr = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
-            tmp = path.with_suffix(f".tmp-{os.getpid()}")
-            arr.tofile(tmp)
-            os.replace(tmp, path)
+            with staged_file(path) as tmp:
+                arr.tofile(tmp)
             index[name] = {"key": key, "tokens": int(arr.size), "dtype": np.dtype(dtype).name,
                            "docs": len(texts)}
-            index_path.write_text(json.dumps(index, indent=2) + "\n")
+            write_json(index_path, index)
     return out
 
 
