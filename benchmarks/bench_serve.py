@@ -233,7 +233,7 @@ def kv_cache(args: argparse.Namespace) -> None:
           f"{machine()}")
     ppl = {}
     for kind, dtype in (("bf16", torch.bfloat16), ("int8", torch.int8)):
-        blocks = budget // kv_bytes_per_block(model, 16, dtype)
+        blocks = budget // kv_bytes_per_block(model.config, 16, dtype)
         engine = LLMEngine(model, EngineConfig(kv_cache_memory=budget, kv_cache_dtype=(
             "int8" if kind == "int8" else "auto")))
         reqs = [engine.add_request(w, SamplingParams(max_tokens=1, prompt_logprobs=0)) for w in windows]

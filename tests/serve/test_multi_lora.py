@@ -65,7 +65,7 @@ def test_unknown_adapter_and_head_adapters_are_refused(tmp_path: Path) -> None:
     save_adapter(model, tmp_path / "head")
     with pytest.raises(LeanLMError, match="adapters on lm_head cannot be served"):
         llm.engine.add_lora("head", tmp_path / "head", load=True)
-    assert not llm.engine.loras and not llm.engine.loras.resident
+    assert not llm.engine.loras and not llm.engine.resident_loras
 
 
 def test_adapters_load_on_demand_within_a_resident_cap(tmp_path: Path) -> None:
@@ -74,15 +74,15 @@ def test_adapters_load_on_demand_within_a_resident_cap(tmp_path: Path) -> None:
     llm = LLM(model, EngineConfig(block_size=4, num_blocks=256, max_loras=2))
     for i, path in enumerate(adapters):
         llm.engine.add_lora(f"a{i}", path)
-    assert not llm.engine.loras.resident  # registered, not loaded
+    assert not llm.engine.resident_loras  # registered, not loaded
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     prompt = [5, 6, 7, 8, 9]
     outs = {}
     for name in ["a0", "a1", "a2", "a0", "a4"]:
         outs.setdefault(name, []).append(llm.generate([prompt], params, lora=name)[0])
-        assert len(llm.engine.loras.resident) <= 2 and name in llm.engine.loras.resident
+        assert len(llm.engine.resident_loras) <= 2 and name in llm.engine.resident_loras
     assert outs["a0"][0] == outs["a0"][1]  # unloaded and reloaded: the same adapter
-    assert list(llm.engine.loras.resident) == ["a0", "a4"]
+    assert list(llm.engine.resident_loras) == ["a0", "a4"]
     with pytest.raises(LeanLMError, match="no adapter named"):
         set_adapter(model, "a2")  # unloaded from the model
 

@@ -6,21 +6,23 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from leanlm.config import ModelConfig
 from leanlm.errors import LeanLMError
 from leanlm.model import Transformer
 from leanlm.sampling import SamplingParams
+from leanlm.serve.executor import Executor, UniProcExecutor
 from leanlm.serve.kv_cache import KVCacheManager
-from leanlm.serve.lora import LoRAManager
 from leanlm.serve.model_runner import ModelRunner
 from leanlm.serve.paged import kv_bytes_per_block
 from leanlm.serve.request import Request
 from leanlm.serve.scheduler import Scheduler, SchedulerConfig
 from leanlm.serve.speculative import AcceptanceTracker, DraftModelProposer, best_length, ngram_drafts
+from leanlm.serve.worker import Worker, WorkerSpec
 
 SPECULATIVE = (None, "ngram", "draft")
 
@@ -43,10 +45,33 @@ class EngineConfig:
 
 
 class LLMEngine:
+    """Schedule -> execute -> update over an :class:`~leanlm.serve.executor.Executor`: in process
+    (``LLMEngine(model, ...)``, the model in this process) or over workers
+    (:meth:`with_executor`: tensor-parallel ranks in processes or Ray actors)."""
+
     def __init__(self, model: Transformer, config: EngineConfig | None = None,
                  draft_model: Transformer | None = None) -> None:
-        self.config = config = config or EngineConfig()
-        self.model = model.eval()
+        config = config or EngineConfig()
+        self.model: Transformer | None = model.eval()
+        if draft_model is not None:  # the draft proposes where the target runs
+            draft_model = draft_model.to(model.embed_tokens.weight.device)
+        self._setup(model.config, config, model.embed_tokens.weight.dtype, 1, draft_model,
+                    lambda spec: UniProcExecutor(Worker(model, spec)))
+
+    @classmethod
+    def with_executor(cls, model_config: ModelConfig, config: EngineConfig, dtype: torch.dtype,
+                      tensor_parallel_size: int, make_executor: Callable[[WorkerSpec], Executor],
+                      draft_model: Transformer | None = None) -> LLMEngine:
+        """An engine whose model lives in workers: ``make_executor(spec)`` starts them, each with
+        a paged cache of ``spec.num_blocks`` blocks of its share of the K/V heads."""
+        engine = cls.__new__(cls)
+        engine.model = None
+        engine._setup(model_config, config, dtype, tensor_parallel_size, draft_model, make_executor)
+        return engine
+
+    def _setup(self, model_config: ModelConfig, config: EngineConfig, dtype: torch.dtype, tp: int,
+               draft_model: Transformer | None, make_executor: Callable[[WorkerSpec], Executor]) -> None:
+        self.config, self.model_config = config, model_config
         if config.kv_cache_dtype not in ("auto", "int8"):
             raise LeanLMError(f"kv_cache_dtype {config.kv_cache_dtype!r}: expected auto or int8")
         if config.speculative not in SPECULATIVE:
@@ -56,10 +81,10 @@ class LLMEngine:
                               "speculative='draft'")
         if config.speculative and config.num_spec_tokens < 1:
             raise LeanLMError(f"num_spec_tokens must be >= 1, got {config.num_spec_tokens}")
-        dtype = torch.int8 if config.kv_cache_dtype == "int8" else model.embed_tokens.weight.dtype
-        per_block = kv_bytes_per_block(model, config.block_size, dtype)
+        kv_dtype = torch.int8 if config.kv_cache_dtype == "int8" else dtype
+        per_block = kv_bytes_per_block(model_config, config.block_size, kv_dtype, tp)
         if draft_model is not None:  # the draft's K/V take a share of the same budget
-            per_block += kv_bytes_per_block(draft_model, config.block_size,
+            per_block += kv_bytes_per_block(draft_model.config, config.block_size,
                                             draft_model.embed_tokens.weight.dtype)
         num_blocks = config.num_blocks or config.kv_cache_memory // per_block
         if num_blocks < 1:
@@ -69,27 +94,49 @@ class LLMEngine:
         # a draft model writes its k - 1 fed-back guesses past the request's tokens: k slots ahead
         lookahead = config.num_spec_tokens if draft_model is not None else 0
         self.scheduler = Scheduler(config.scheduler or SchedulerConfig(), self.kv, lookahead)
-        self.runner = ModelRunner(model, num_blocks, config.block_size, dtype, config.compile)
+        self.executor = make_executor(WorkerSpec(num_blocks, config.block_size, config.kv_cache_dtype,
+                                                 config.compile, config.max_loras))
         self._ids = itertools.count()
-        self.proposer = (DraftModelProposer(draft_model, model, num_blocks, config.block_size, config.compile)
-                         if draft_model is not None else None)
+        self.proposer = (DraftModelProposer(draft_model, model_config, num_blocks, config.block_size,
+                                            config.compile) if draft_model is not None else None)
         self.acceptance = AcceptanceTracker()
         # a draft step's cost in target steps (measured; prompt lookup is free)
         self.draft_cost = 0.0 if draft_model is None else 0.1
         self.spec_proposed = self.spec_accepted = 0  # draft tokens, for the acceptance rate
-        self.loras = LoRAManager(self.model, config.max_loras)  # registered and resident adapters
+        self.loras: dict[str, str] = {}  # registered adapters (the workers hold the loaded ones)
+
+    @property
+    def runner(self) -> ModelRunner:
+        """The in-process model runner (tests and benchmarks look inside it)."""
+        assert isinstance(self.executor, UniProcExecutor), "the model runs in worker processes"
+        return self.executor.worker.runner
+
+    @property
+    def resident_loras(self) -> list[str]:
+        """The adapters loaded into the model, least recently used first."""
+        return self.executor.collective_rpc("resident_loras")[0]
 
     def add_lora(self, name: str, path: str | os.PathLike[str], load: bool = False) -> None:
         """Register a peft adapter that requests can name (``lora=name``). It is loaded when a
         request first uses it (or now, with ``load``); at most ``max_loras`` stay resident, the
         least recently used idle one being unloaded to make room."""
-        self.loras.register(name, path)
+        if name in self.loras:
+            raise LeanLMError(f"an adapter named {name!r} is already registered")
+        self.executor.collective_rpc("register_lora", name, str(path))
+        self.loras[name] = str(path)
         if load:
             self._ensure_loaded(name)
 
     def _ensure_loaded(self, name: str) -> None:
-        busy = {r.lora for r in self.scheduler.requests.values() if not r.is_finished}
-        self.loras.ensure_loaded(name, busy)
+        if name not in self.loras:
+            raise LeanLMError(f"unknown LoRA adapter {name!r}: registered ones are {sorted(self.loras)}")
+        busy = sorted({r.lora for r in self.scheduler.requests.values() if r.lora and not r.is_finished})
+        try:
+            self.executor.collective_rpc("ensure_lora", name, busy)
+        except LeanLMError:
+            if name not in self.executor.collective_rpc("registered_loras")[0]:
+                del self.loras[name]  # refused for good (an adapter on lm_head)
+            raise
 
     def add_request(self, prompt_token_ids: Sequence[int], params: SamplingParams | None = None,
                     request_id: str | None = None, priority: int = 0, lora: str | None = None,
@@ -102,7 +149,7 @@ class LLMEngine:
                      request_id: str | None = None, priority: int = 0, lora: str | None = None,
                      client: str = "") -> Request:
         """A validated request (bad input raises LeanLMError), not yet scheduled."""
-        c = self.model.config
+        c = self.model_config
         if lora is not None:
             self._ensure_loaded(lora)
         prompt = list(prompt_token_ids)
@@ -130,7 +177,7 @@ class LLMEngine:
             if new.lora is not None:
                 self._ensure_loaded(new.lora)
         t0 = time.perf_counter()
-        result = self.runner.execute(out)
+        result = self.executor.execute(out)
         step_time = time.perf_counter() - t0
         for rid, entries in result.prompt_logprobs.items():
             request = self.scheduler.requests.get(rid)
@@ -163,7 +210,7 @@ class LLMEngine:
         running = self.scheduler.running
         if c.spec_disable_batch_size and len(running) > c.spec_disable_batch_size:
             return  # a batch this large is compute-bound: verifying guesses costs real work
-        context = self.model.config.max_position_embeddings
+        context = self.model_config.max_position_embeddings
         requests, ks = [], []
         for r in running:
             p = r.sampling_params

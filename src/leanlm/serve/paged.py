@@ -19,15 +19,22 @@ from dataclasses import dataclass, field
 import torch
 
 from leanlm import kernels
+from leanlm.config import ModelConfig
 from leanlm.kernels import kv_store, paged_attention
-from leanlm.model import Transformer
 
 
-def kv_bytes_per_block(model: Transformer, block_size: int, dtype: torch.dtype) -> int:
-    """K and V bytes of one block over all layers (int8: plus an fp16 scale per token and head)."""
-    c = model.config
-    per_head = c.head_dim * dtype.itemsize + (2 if dtype == torch.int8 else 0)
-    return 2 * c.num_layers * block_size * c.num_kv_heads * per_head
+def kv_heads_per_rank(config: ModelConfig, tensor_parallel_size: int = 1) -> int:
+    """K/V heads one tensor-parallel rank holds: its share, or one (replicated) where the model
+    has fewer K/V heads than ranks."""
+    return max(1, config.num_kv_heads // tensor_parallel_size)
+
+
+def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype,
+                       tensor_parallel_size: int = 1) -> int:
+    """K and V bytes of one block over all layers on one rank (int8: plus an fp16 scale per token
+    and head)."""
+    per_head = config.head_dim * dtype.itemsize + (2 if dtype == torch.int8 else 0)
+    return 2 * config.num_layers * block_size * kv_heads_per_rank(config, tensor_parallel_size) * per_head
 
 
 @dataclass

@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from leanlm.config import ModelConfig
 from leanlm.errors import LeanLMError
 from leanlm.model import Transformer
 from leanlm.sampling import Row, probabilities
@@ -90,15 +91,15 @@ class DraftModelProposer:
     """Greedy drafts from a small model sharing the target's tokenizer, with its own paged K/V
     cache addressed through the target's block tables."""
 
-    def __init__(self, draft: Transformer, target: Transformer, num_blocks: int, block_size: int,
+    def __init__(self, draft: Transformer, target: ModelConfig, num_blocks: int, block_size: int,
                  compile: bool = False) -> None:
-        d, t = draft.config, target.config
-        if d.vocab_size != t.vocab_size:
+        d = draft.config
+        if d.vocab_size != target.vocab_size:
             raise LeanLMError(f"the draft model's vocabulary ({d.vocab_size} tokens) differs from the "
-                              f"target's ({t.vocab_size}): speculative decoding needs the same tokenizer")
-        device = target.embed_tokens.weight.device
-        self.model = draft.to(device).eval()
-        self.device = device
+                              f"target's ({target.vocab_size}): speculative decoding needs the same "
+                              "tokenizer")
+        self.model = draft.eval()
+        self.device = device = draft.embed_tokens.weight.device
         self.cache = PagedKVCache.allocate(d.num_layers, num_blocks + compile, block_size, d.num_kv_heads,
                                            d.head_dim, draft.embed_tokens.weight.dtype, device)
         # decode-shaped steps through torch.compile (its last block: the scratch block): the k - 1

@@ -263,12 +263,12 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:
         ids = tok.encode(body.prompt)
-        context = engine.engine.model.config.max_position_embeddings
+        context = engine.engine.model_config.max_position_embeddings
         return {"tokens": ids, "count": len(ids), "max_model_len": context}
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict:
-        vocab = engine.engine.model.config.vocab_size
+        vocab = engine.engine.model_config.vocab_size
         if any(not 0 <= t < vocab for t in body.tokens):
             raise _BadRequest(f"token ids must lie in [0, {vocab})", "tokens")
         return {"prompt": tok.decode(body.tokens)}
