@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from leanlm.errors import LeanLMError
 
@@ -37,7 +38,17 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
 
+    # seeds torch's generators take (a negative seed is its value modulo 2**64)
+    SEED_RANGE: ClassVar[tuple[int, int]] = (-2**63, 2**64 - 1)
+
     def __post_init__(self) -> None:
+        # checked here, before a request reaches the engine thread (where a failure to seed
+        # would surface only once its step ran)
+        lo, hi = self.SEED_RANGE
+        if self.seed is not None and not lo <= self.seed <= hi:
+            raise LeanLMError(f"seed must be in [-2**63, 2**64 - 1], got {self.seed}")
+        if any(not s for s in self.stop):
+            raise LeanLMError("stop strings must not be empty")
         checks = [
             (self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}"),
             (0 <= self.min_tokens <= self.max_tokens,
