@@ -204,3 +204,19 @@ def test_vtc_admits_a_new_client_with_the_others_when_no_client_floods() -> None
     new.client = "new"
     s.add_request(new)
     assert step(s).num_scheduled_tokens == {"user-0": 1, "user-1": 1, "user-2": 1, "new": 6}
+
+
+def test_preempt_all_returns_every_running_request_and_reports_it() -> None:
+    s = make(num_blocks=64)
+    a, b = req("a", 5), req("b", 6, first=50)
+    s.add_request(a)
+    s.add_request(b)
+    step(s)
+    s.preempt_all()
+    assert s.running == [] and [r.request_id for r in s.waiting] == ["a", "b"]
+    assert s.kv.pool.num_free_blocks == 64 and a.num_computed_tokens == 0
+    s.kv.pool.reset_prefix_cache()
+    out = step(s)
+    assert out.preempted_req_ids == {"a", "b"}
+    assert {n.request_id: n.num_computed_tokens for n in out.new_requests} == {"a": 0, "b": 0}
+    assert a.output_token_ids == [7, 7] and b.output_token_ids == [7, 7]

@@ -18,7 +18,7 @@ from leanlm.model import Transformer
 from leanlm.serve.kv_cache import KVCacheManager
 from leanlm.serve.model_runner import ModelRunner, kv_bytes_per_block
 from leanlm.serve.request import Request, SamplingParams
-from leanlm.serve.scheduler import Scheduler, SchedulerConfig
+from leanlm.serve.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from leanlm.serve.speculative import AcceptanceTracker, DraftModelProposer, best_length, ngram_drafts
 
 SPECULATIVE = (None, "ngram", "draft")
@@ -78,6 +78,7 @@ class LLMEngine:
         self.spec_proposed = self.spec_accepted = 0  # draft tokens, for the acceptance rate
         self.loras: dict[str, Path] = {}  # registered adapters
         self.resident: OrderedDict[str, bool] = OrderedDict()  # loaded ones, least recent first
+        self.scheduled: SchedulerOutput | None = None  # the last step's schedule (None: none yet)
 
     def add_lora(self, name: str, path: str | os.PathLike[str], load: bool = False) -> None:
         """Register a peft adapter that requests can name (``lora=name``). It is loaded when a
@@ -153,8 +154,19 @@ class LLMEngine:
     def abort(self, request_ids: Sequence[str]) -> None:
         self.scheduler.abort_requests(request_ids)
 
+    def recover(self) -> None:
+        """Undo what a step that raised may have left behind: the model runner's per-request
+        state is unknown, so every running request goes back to the queue to be recomputed (its
+        tokens so far kept; the runner drops its state when the next step lists it as
+        preempted), and the prefix cache is dropped (blocks registered during the failed step may
+        not hold their K/V)."""
+        self.scheduler.preempt_all()
+        self.kv.pool.reset_prefix_cache()
+
     def step(self) -> list[Request]:
+        self.scheduled = None
         out = self.scheduler.schedule()
+        self.scheduled = out
         for new in out.new_requests:  # (re)admitted requests: their adapter must be resident
             if new.lora is not None:
                 self._ensure_loaded(new.lora)

@@ -106,6 +106,7 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self._finished_ids: set[str] = set()
+        self._preempted_ids: set[str] = set()  # preempted between steps (preempt_all)
         self.counters: dict[str, float] = {}  # vtc: service received per client
 
     # ---- requests in and out ----------------------------------------------------------------
@@ -130,6 +131,13 @@ class Scheduler:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def preempt_all(self) -> None:
+        """Every running request back to the front of the queue, in order, to be recomputed (after
+        a failed step); the next output lists them as preempted, so the runner drops their state."""
+        for request in reversed(self.running[:]):
+            self._preempt(request)
+            self._preempted_ids.add(request.request_id)
 
     def _retire(self, request: Request) -> None:
         if request in self.running:
@@ -223,8 +231,8 @@ class Scheduler:
         return n
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput(finished_req_ids=self._finished_ids)
-        self._finished_ids = set()
+        out = SchedulerOutput(finished_req_ids=self._finished_ids, preempted_req_ids=self._preempted_ids)
+        self._finished_ids, self._preempted_ids = set(), set()
         budget = self.config.max_num_batched_tokens
         if self.config.policy == "vtc":  # running requests too: the least-served client's first
             self.running.sort(key=lambda r: self.counters.get(r.client, 0.0))
