@@ -28,7 +28,9 @@ def serve(
     lora: Annotated[list[str] | None, typer.Option(
         help="NAME=ADAPTER_DIR: a peft adapter clients select with model=NAME (repeatable).")] = None,
     kv_cache_dtype: Annotated[str, typer.Option(help="auto (the model's) or int8 (1.9x tokens).")] = "auto",
-    policy: Annotated[str, typer.Option(help="fcfs, priority, or vtc (fair across `user`s).")] = "fcfs",
+    policy: Annotated[str, typer.Option(
+        help="vtc (fair across clients: the `user` field, else each request with its n copies), "
+             "fcfs, or priority.")] = "vtc",
     speculative: Annotated[str | None, typer.Option(
         help="Speculative decoding: ngram (prompt-lookup drafts) or draft (a draft model's).")] = None,
     draft_model: Annotated[Path | None, typer.Option(

@@ -102,10 +102,11 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
         lora = check_model(body.model)
         params = body.sampling_params(default_max_tokens)
         rid = f"{kind}-{uuid.uuid4().hex}"
+        client = body.user or f"request:{rid}"  # the fairness unit: n copies count as one client
         requests = []
         for i in range(params.n):
             p = params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
-            requests.append(engine.make_request(prompt_ids, p, f"{rid}-{i}", lora, body.user or ""))
+            requests.append(engine.make_request(prompt_ids, p, f"{rid}-{i}", lora, client))
         metrics.prompt_tokens.inc(len(prompt_ids) * len(requests))
         return requests, rid
 
