@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from leanlm.allocator import bound_kernel_caches
 from leanlm.errors import LeanLMError
 from leanlm.model import Transformer
 from leanlm.serve.kv_cache import KVCacheManager
@@ -45,6 +46,8 @@ class LLMEngine:
     def __init__(self, model: Transformer, config: EngineConfig | None = None,
                  draft_model: Transformer | None = None) -> None:
         self.config = config = config or EngineConfig()
+        if model.embed_tokens.weight.device.type == "cpu":
+            bound_kernel_caches()  # else RSS grows with every new number of tokens in a step
         self.model = model.eval()
         if config.kv_cache_dtype not in ("auto", "int8"):
             raise LeanLMError(f"kv_cache_dtype {config.kv_cache_dtype!r}: expected auto or int8")
