@@ -39,3 +39,39 @@ def test_freed_blocks_are_reused_without_page_faults() -> None:
     assert applied == "True" and faults < 100  # 8 MB is 2048 pages when they are fresh
     applied, faults = _run({**env, "LEANLM_KEEP_FREED_MEMORY": "0"})
     assert applied == "False" and faults > 1000  # glibc's default: mmap, munmap, fault again
+
+
+CACHES = """
+import os, sys, psutil, torch
+from leanlm.allocator import bound_kernel_caches
+print(",".join(bound_kernel_caches(16)))
+w = torch.randn(864, 320, dtype=torch.bfloat16)
+packed = torch.ops.mkldnn._reorder_linear_weight(w)
+rss = psutil.Process().memory_info().rss
+with torch.inference_mode():
+    for m in range(1, 301):  # a new number of rows each call, as serving steps have
+        x = torch.randn(m, 320, dtype=torch.bfloat16)
+        torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+print((psutil.Process().memory_info().rss - rss) / 2**20)
+"""
+
+
+@pytest.mark.skipif(not __import__("torch").backends.mkldnn.is_available(), reason="needs oneDNN")
+def test_bounded_kernel_caches_keep_rss_from_growing_with_new_shapes() -> None:
+    """Each new row count leaves an entry in oneDNN's primitive cache and in ideep's, 1,024 each
+    by default: RSS grows with every new shape until then. Capped (here at 16), it does not; a
+    capacity the user set stands."""
+    caches = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+    base = {k: v for k, v in os.environ.items() if k not in caches}
+
+    def growth(env: dict[str, str]) -> tuple[str, float]:
+        out = subprocess.run([sys.executable, "-c", CACHES], capture_output=True, text=True, check=True,
+                             env=env)
+        names, mib = out.stdout.split("\n")[:2]
+        return names, float(mib)
+
+    names, capped = growth(base)
+    assert names == "ONEDNN_PRIMITIVE_CACHE_CAPACITY,LRU_CACHE_CAPACITY"
+    names, default = growth({**base, **dict.fromkeys(caches, "1024")})
+    assert names == ""  # the user's settings stand
+    assert capped < default / 3, (capped, default)

@@ -24,12 +24,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 from leanlm.errors import LeanLMError
-
-SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes
 
 
 @dataclass
@@ -52,6 +51,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
 
+    # the seeds torch's generators take, inclusive (a negative seed is its value modulo 2**64)
+    SEED_RANGE: ClassVar[tuple[int, int]] = (-(2**63), 2**64 - 1)
+
     def __post_init__(self) -> None:
         checks = [
             (self.max_tokens >= 1, f"max_tokens must be at least 1, got {self.max_tokens}"),
@@ -71,8 +73,9 @@ class SamplingParams:
              f"logprobs must be in [0, 20], got {self.logprobs}"),
             (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
              f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}"),
-            (self.seed is None or SEED_RANGE[0] <= self.seed < SEED_RANGE[1],
-             f"seed must be in [-2**63, 2**64), got {self.seed}"),
+            (self.seed is None or self.SEED_RANGE[0] <= self.seed <= self.SEED_RANGE[1],
+             f"seed must be in [-2**63, 2**64 - 1], got {self.seed}"),
+            (all(self.stop), "stop strings must not be empty"),
         ]
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty"):

@@ -59,8 +59,14 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+    def encode(self, text: str, add_special_tokens: bool = True, release_gil: bool = False) -> list[int]:
+        """Token ids of ``text``. ``release_gil``: through ``encode_batch``, which releases the GIL
+        while it works (``encode`` holds it), so other threads — a server's event loop — run
+        meanwhile; a server calls it from a worker thread."""
+        if release_gil:
+            ids = self.tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        else:
+            ids = self.tok.encode(text, add_special_tokens=add_special_tokens).ids
         if (add_special_tokens and self.add_bos_token and self.bos_token_id is not None
                 and (not ids or ids[0] != self.bos_token_id)):
             ids = [self.bos_token_id, *ids]

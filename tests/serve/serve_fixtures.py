@@ -11,27 +11,33 @@ import pytest
 
 from conftest import build_hf_model, write_tokenizer
 from leanlm.checkpoint import load_model
+from leanlm.serve.api.limits import ServerLimits
 from leanlm.serve.api.server import create_app
 from leanlm.serve.async_engine import AsyncLLMEngine
 from leanlm.serve.engine import EngineConfig, LLMEngine
+from leanlm.serve.scheduler import SchedulerConfig
 from leanlm.tokenizer import load_tokenizer
 
 KEY = "sk-test"
 
 
-def start_server(path: object, loras: dict[str, object] | None = None
-                 ) -> tuple[object, threading.Thread, str]:
+def start_server(path: object, loras: dict[str, object] | None = None, limits: ServerLimits | None = None,
+                 max_num_seqs: int = 64, **app_options: object) -> tuple[object, threading.Thread, str]:
+    """A server as `leanlm serve` runs it (the vtc policy, the limits, uvicorn's options)."""
     import uvicorn
 
-    core = LLMEngine(load_model(path), EngineConfig(block_size=4, num_blocks=512))
+    scheduler = SchedulerConfig(policy="vtc", max_num_seqs=max_num_seqs)
+    core = LLMEngine(load_model(path), EngineConfig(block_size=4, num_blocks=512, scheduler=scheduler))
     for name, adapter in (loras or {}).items():
         core.add_lora(name, adapter)
     engine = AsyncLLMEngine(core, load_tokenizer(path))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(engine, "tiny", api_key=KEY), host="127.0.0.1",
-                                        port=port, log_level="warning"))
+    limits = limits or ServerLimits()
+    app = create_app(engine, "tiny", api_key=KEY, limits=limits, **app_options)  # type: ignore[arg-type]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                        **limits.uvicorn_options()))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     for _ in range(200):

@@ -235,3 +235,20 @@ def test_compiled_decode_falls_back_to_eager() -> None:
     with pytest.warns(UserWarning, match="compiled decode unavailable.*no C\\+\\+ compiler"):
         assert llm.generate(ps, params) == want
     assert llm.engine.runner.compiled.fn is None
+
+
+def test_seeds_outside_torchs_range_and_empty_stop_strings_are_refused() -> None:
+    """Checked when the request is made, not when its step runs in the engine thread (where a
+    seed torch cannot take used to fail the whole step)."""
+    from leanlm.errors import LeanLMError
+
+    for seed in (-2**63, -1, 0, 2**64 - 1):
+        SamplingParams(seed=seed)
+    for seed in (2**64, -2**63 - 1):
+        with pytest.raises(LeanLMError, match="seed"):
+            SamplingParams(seed=seed)
+    with pytest.raises(LeanLMError, match="stop strings"):
+        SamplingParams(stop=["ok", ""])
+    out = LLM(random_model("llama"), EngineConfig(block_size=4, num_blocks=64)).generate(
+        [[1, 2, 3]], SamplingParams(max_tokens=3, seed=2**64 - 1, temperature=1.0))
+    assert len(out[0]) == 3

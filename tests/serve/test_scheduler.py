@@ -204,3 +204,57 @@ def test_vtc_admits_a_new_client_with_the_others_when_no_client_floods() -> None
     new.client = "new"
     s.add_request(new)
     assert step(s).num_scheduled_tokens == {"user-0": 1, "user-1": 1, "user-2": 1, "new": 6}
+
+
+def test_vtc_n_copies_of_one_request_count_as_one_client() -> None:
+    """The server's default: 16 copies of one request (one client) fill the 4 slots; a later
+    request is admitted at the next step, not after the copies."""
+    s = make(max_num_seqs=4, policy="vtc", num_blocks=256)
+    copies = [Request(f"big-{i}", [1, 2, 3], SamplingParams(max_tokens=50), client="request:big")
+              for i in range(16)]
+    for r in copies:
+        s.add_request(r)
+    step(s)
+    step(s)
+    assert len(s.running) == 4 and {r.client for r in s.running} == {"request:big"}
+    small = Request("small", [5, 6], SamplingParams(max_tokens=2), client="request:small")
+    s.add_request(small)
+    out = step(s)
+    assert [n.request_id for n in out.new_requests] == ["small"] and len(out.preempted_req_ids) == 1
+    step(s)
+    assert small.is_finished and sum(not r.is_finished for r in copies) == 16
+
+
+def test_vtc_counters_stay_bounded_and_recent_idle_clients_keep_theirs() -> None:
+    from leanlm.serve.scheduler import MAX_IDLE_CLIENTS
+
+    s = make(policy="vtc", num_blocks=256)
+    heavy = Request("h", [1, 2, 3], SamplingParams(max_tokens=2), client="heavy")
+    s.add_request(heavy)
+    step(s)
+    step(s)
+    assert heavy.is_finished and s.counters["heavy"] > 0  # idle, its counter kept
+    for i in range(MAX_IDLE_CLIENTS + 500):  # single requests, each its own client, come and go
+        r = Request(f"r{i}", [1], SamplingParams(max_tokens=1), client=f"request:r{i}")
+        s.add_request(r)
+        s.abort_requests([r.request_id])
+    assert len(s.counters) <= MAX_IDLE_CLIENTS and "heavy" not in s.counters
+    assert s._clients == {} and len(s._idle) == MAX_IDLE_CLIENTS
+    s.add_request(Request("back", [1], SamplingParams(max_tokens=1), client="request:r4500"))
+    assert "request:r4500" not in s._idle and s._clients["request:r4500"] == 1
+
+
+def test_preempt_all_returns_every_running_request_and_reports_it() -> None:
+    s = make(num_blocks=64)
+    a, b = req("a", 5), req("b", 6, first=50)
+    s.add_request(a)
+    s.add_request(b)
+    step(s)
+    s.preempt_all()
+    assert s.running == [] and [r.request_id for r in s.waiting] == ["a", "b"]
+    assert s.kv.pool.num_free_blocks == 64 and a.num_computed_tokens == 0
+    s.kv.pool.reset_prefix_cache()
+    out = step(s)
+    assert out.preempted_req_ids == {"a", "b"}
+    assert {n.request_id: n.num_computed_tokens for n in out.new_requests} == {"a": 0, "b": 0}
+    assert a.output_token_ids == [7, 7] and b.output_token_ids == [7, 7]

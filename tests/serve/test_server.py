@@ -63,9 +63,11 @@ def test_bad_requests_get_openai_errors(server: str) -> None:
 
 def test_metrics_tokenize_and_health(server: str) -> None:
     assert httpx.get(f"{server}/health").json() == {"status": "ok"}
-    ids = httpx.post(f"{server}/tokenize", json={"prompt": "hello"}).json()["tokens"]
-    assert httpx.post(f"{server}/detokenize", json={"tokens": ids}).json()["prompt"] == "hello"
-    text = httpx.get(f"{server}/metrics").text
+    headers = {"Authorization": f"Bearer {KEY}"}
+    ids = httpx.post(f"{server}/tokenize", json={"prompt": "hello"}, headers=headers).json()["tokens"]
+    text = httpx.post(f"{server}/detokenize", json={"tokens": ids}, headers=headers).json()["prompt"]
+    assert text == "hello"
+    text = httpx.get(f"{server}/metrics", headers=headers).text
     assert "leanlm_time_to_first_token_seconds_bucket" in text and "leanlm_kv_cache_usage_ratio" in text
     assert "leanlm_spec_decode_num_accepted_tokens_total" in text
 
@@ -78,7 +80,7 @@ def test_disconnected_stream_is_aborted(server: str, tmp_path: Path) -> None:
             break  # read one event, then hang up
     deadline = time.time() + 10
     while time.time() < deadline:
-        text = httpx.get(f"{server}/metrics").text
+        text = httpx.get(f"{server}/metrics", headers=headers).text
         if 'leanlm_num_requests_running 0.0' in text:
             break
         time.sleep(0.05)

@@ -28,7 +28,9 @@ def serve(
     lora: Annotated[list[str] | None, typer.Option(
         help="NAME=ADAPTER_DIR: a peft adapter clients select with model=NAME (repeatable).")] = None,
     kv_cache_dtype: Annotated[str, typer.Option(help="auto (the model's) or int8 (1.9x tokens).")] = "auto",
-    policy: Annotated[str, typer.Option(help="fcfs, priority, or vtc (fair across `user`s).")] = "fcfs",
+    policy: Annotated[str, typer.Option(
+        help="vtc (fair across clients: the `user` field, else each request with its n copies), "
+             "fcfs, or priority.")] = "vtc",
     speculative: Annotated[str | None, typer.Option(
         help="Speculative decoding: ngram (prompt-lookup drafts) or draft (a draft model's).")] = None,
     draft_model: Annotated[Path | None, typer.Option(
@@ -41,22 +43,47 @@ def serve(
         help="static-shape decode steps (batch/length buckets): CUDA graphs on CUDA, torch.compile "
              "elsewhere; captured or compiled on first use.")] = False,
     threads: Annotated[int, typer.Option(help="torch threads for the model (0: torch's default).")] = 0,
+    max_n: Annotated[int, typer.Option(help="Most completions per request (`n`).")] = 16,
+    max_request_tokens: Annotated[int, typer.Option(
+        help="Most KV-cache tokens a request may reserve: n x (prompt + max_tokens) "
+             "(0: a quarter of the cache, at least one context).")] = 0,
+    max_stop: Annotated[int, typer.Option(help="Most stop strings per request.")] = 16,
+    max_stop_chars: Annotated[int, typer.Option(help="Most characters of one stop string.")] = 256,
+    max_prompt_chars: Annotated[int, typer.Option(
+        help="Most prompt characters, checked before tokenizing (0: the context x the longest "
+             "token's characters, which no servable prompt exceeds).")] = 0,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body (413 beyond).")] = 1 << 20,
+    max_connections: Annotated[int, typer.Option(help="Most concurrent connections (503 beyond).")] = 256,
+    timeout_keep_alive: Annotated[int, typer.Option(
+        help="Seconds an idle keep-alive connection stays open.")] = 5,
+    timeout_request: Annotated[float, typer.Option(
+        help="Seconds for a request's headers and body to arrive (else the connection is closed).")] = 30.0,
+    metrics_without_key: Annotated[bool, typer.Option(
+        help="Serve /metrics without the API key (e.g. to a Prometheus scraper).")] = False,
+    docs: Annotated[bool, typer.Option(
+        help="Serve /docs, /redoc and /openapi.json (behind the API key, when one is set).")] = True,
 ) -> None:
     """Serve MODEL behind an OpenAI-compatible HTTP API (continuous batching, paged KV cache)."""
     import torch
     import uvicorn
 
-    from leanlm.allocator import keep_freed_memory
+    from leanlm.allocator import bound_kernel_caches, keep_freed_memory
     from leanlm.checkpoint import load_model
+    from leanlm.serve.api.limits import ServerLimits
     from leanlm.serve.api.server import create_app
     from leanlm.serve.async_engine import AsyncLLMEngine
     from leanlm.serve.engine import EngineConfig, LLMEngine
     from leanlm.serve.scheduler import SchedulerConfig
     from leanlm.tokenizer import load_tokenizer
 
+    limits = ServerLimits(max_n=max_n, max_request_tokens=max_request_tokens, max_stop=max_stop,
+                          max_stop_chars=max_stop_chars, max_prompt_chars=max_prompt_chars,
+                          max_body_bytes=max_body_bytes, max_connections=max_connections,
+                          timeout_keep_alive=timeout_keep_alive, timeout_request=timeout_request)
     if threads:
         torch.set_num_threads(threads)
     keep_freed_memory()  # CPU steps reuse freed memory instead of page-faulting on it each step
+    bound_kernel_caches()  # else oneDNN keeps a primitive per step size, and RSS grows with them
     path = resolve_model(model)
     lm = load_model(path, dtype=dtype)
     draft = None
@@ -85,8 +112,25 @@ def serve(
         core.add_lora(lname, adapter)
     engine = AsyncLLMEngine(core, load_tokenizer(path))
     name = served_model_name or ("leanlm-default" if model is None else path.name)
-    Console(stderr=True).print(f"serving {path} as {name!r} on http://{host}:{port}/v1")
-    uvicorn.run(create_app(engine, name, api_key), host=host, port=port, log_level="warning")
+    console = Console(stderr=True)
+    if api_key is None and not is_loopback(host):
+        console.print(f"[yellow]warning:[/yellow] serving on {host} without --api-key: anyone who can "
+                      f"reach this address can use the model (set --api-key or LEANLM_API_KEY)")
+    console.print(f"serving {path} as {name!r} on http://{host}:{port}/v1")
+    app = create_app(engine, name, api_key, limits=limits, metrics_without_key=metrics_without_key, docs=docs)
+    uvicorn.run(app, host=host, port=port, log_level="warning", **limits.uvicorn_options())
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 def bench_serve(

@@ -20,7 +20,7 @@ from leanlm.serve.kv_cache import KVCacheManager
 from leanlm.serve.model_runner import ModelRunner
 from leanlm.serve.paged import kv_bytes_per_block
 from leanlm.serve.request import Request
-from leanlm.serve.scheduler import Scheduler, SchedulerConfig
+from leanlm.serve.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from leanlm.serve.speculative import AcceptanceTracker, DraftModelProposer, best_length, ngram_drafts
 from leanlm.serve.worker import Worker, WorkerSpec
 
@@ -104,6 +104,7 @@ class LLMEngine:
         self.draft_cost = 0.0 if draft_model is None else 0.1
         self.spec_proposed = self.spec_accepted = 0  # draft tokens, for the acceptance rate
         self.loras: dict[str, str] = {}  # registered adapters (the workers hold the loaded ones)
+        self.scheduled: SchedulerOutput | None = None  # the last step's schedule (None: none yet)
 
     @property
     def runner(self) -> ModelRunner:
@@ -171,8 +172,19 @@ class LLMEngine:
     def abort(self, request_ids: Sequence[str]) -> None:
         self.scheduler.abort_requests(request_ids)
 
+    def recover(self) -> None:
+        """Undo what a step that raised may have left behind: the model runner's per-request
+        state is unknown, so every running request goes back to the queue to be recomputed (its
+        tokens so far kept; the runner drops its state when the next step lists it as
+        preempted), and the prefix cache is dropped (blocks registered during the failed step may
+        not hold their K/V)."""
+        self.scheduler.preempt_all()
+        self.kv.pool.reset_prefix_cache()
+
     def step(self) -> list[Request]:
+        self.scheduled = None
         out = self.scheduler.schedule()
+        self.scheduled = out
         for new in out.new_requests:  # (re)admitted requests: their adapter must be resident
             if new.lora is not None:
                 self._ensure_loaded(new.lora)

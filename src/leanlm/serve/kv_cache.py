@@ -161,6 +161,14 @@ class BlockPool:
             if block.ref_cnt == 0:
                 self.free_queue.append(block)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget what every block holds (after a failed step; no block may be in use)."""
+        if self.num_free_blocks != len(self.blocks):
+            raise AssertionError("the prefix cache can only be reset while no block is in use")
+        for block in self.blocks:
+            block.block_hash = None
+        self.cached.clear()
+
     def cache_full_blocks(self, blocks: Sequence[KVCacheBlock], hashes: Sequence[BlockHash],
                           start: int, end: int) -> None:
         """Record blocks[start:end] (now full) under their hashes."""

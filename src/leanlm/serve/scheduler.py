@@ -26,6 +26,16 @@ generated, mostly from the prefix cache) when there is room. No waiting request 
 step that ran short of blocks. Under ``vtc`` a request also gives up its slot when every slot is
 taken and a less-served client waits (the most-served client's latest request goes).
 
+``leanlm serve`` runs ``vtc`` by default, with each request's ``n`` copies under one client (the
+``user``, else the request itself), so that one request cannot take every slot. VTC was chosen
+over a per-request slot cap because it is work-conserving and covers more than ``n``: a cap
+idles slots on a quiet server (one ``n=64`` request would run 16 at a time with 48 slots free)
+and does nothing against many requests from one client, while VTC lets a request use every slot
+until someone else waits, then admits the newcomer at the next step (preempting one of the
+heavy client's copies if every slot is taken) and keeps serving the least-served client first.
+Counters of clients that left are kept for the ``MAX_IDLE_CLIENTS`` most recent ones only, so
+they stay bounded however many ``user`` values or single requests come and go.
+
 :class:`SchedulerOutput` is all the model runner sees: which requests are new (with their whole
 token list and block table), which continue (their new tokens and new blocks), how many tokens
 each gets this step, and which requests were preempted or finished since the last step.
@@ -33,6 +43,7 @@ each gets this step, and which requests were preempted or finished since the las
 
 from __future__ import annotations
 
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -41,6 +52,7 @@ from leanlm.serve.kv_cache import KVCacheManager
 from leanlm.serve.request import Request, RequestStatus, SamplingParams
 
 POLICIES = ("fcfs", "priority", "vtc")
+MAX_IDLE_CLIENTS = 4096  # vtc: counters kept for clients with no request (least recently active dropped)
 
 
 @dataclass
@@ -106,17 +118,21 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self._finished_ids: set[str] = set()
+        self._preempted_ids: set[str] = set()  # preempted between steps (preempt_all)
         self.counters: dict[str, float] = {}  # vtc: service received per client
+        self._clients: Counter[str] = Counter()  # vtc: requests (waiting or running) per client
+        self._idle: OrderedDict[str, None] = OrderedDict()  # vtc: clients with none, oldest first
 
     # ---- requests in and out ----------------------------------------------------------------
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise LeanLMError(f"request id {request.request_id!r} is already in use")
         if self.config.policy == "vtc":
-            active = {r.client for r in self.requests.values()}
-            if request.client not in active:  # (re)joining: no credit for having been idle
-                floor = min((self.counters.get(c, 0.0) for c in active), default=0.0)
+            if request.client not in self._clients:  # (re)joining: no credit for having been idle
+                floor = min((self.counters.get(c, 0.0) for c in self._clients), default=0.0)
                 self.counters[request.client] = max(self.counters.get(request.client, 0.0), floor)
+                self._idle.pop(request.client, None)
+            self._clients[request.client] += 1
         self.requests[request.request_id] = request
         request.status = RequestStatus.WAITING
         self.waiting.append(request)
@@ -131,6 +147,13 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def preempt_all(self) -> None:
+        """Every running request back to the front of the queue, in order, to be recomputed (after
+        a failed step); the next output lists them as preempted, so the runner drops their state."""
+        for request in reversed(self.running[:]):
+            self._preempt(request)
+            self._preempted_ids.add(request.request_id)
+
     def _retire(self, request: Request) -> None:
         if request in self.running:
             self.running.remove(request)
@@ -139,6 +162,21 @@ class Scheduler:
         self.kv.free(request)
         self.requests.pop(request.request_id, None)
         self._finished_ids.add(request.request_id)
+        if self.config.policy == "vtc":
+            self._left(request.client)
+
+    def _left(self, client: str) -> None:
+        """vtc: a client's request is gone. A client with none left keeps its counter (it is
+        lifted to the smallest active one when it returns, so idling earns no credit) until
+        ``MAX_IDLE_CLIENTS`` more recently active clients have left too: the counters stay
+        bounded however many clients (``user`` values, or single requests) come and go."""
+        self._clients[client] -= 1
+        if self._clients[client] > 0:
+            return
+        del self._clients[client]
+        self._idle[client] = None
+        while len(self._idle) > MAX_IDLE_CLIENTS:
+            self.counters.pop(self._idle.popitem(last=False)[0], None)
 
     def _key(self, request: Request) -> tuple:
         return (request.priority, request.arrival_time) if self.config.policy == "priority" else ()
@@ -146,8 +184,9 @@ class Scheduler:
     def _next_waiting(self) -> Request:
         if self.config.policy == "priority":
             return min(self.waiting, key=self._key)
-        if self.config.policy == "vtc":  # the least-served client's oldest request
-            return min(self.waiting, key=self._service)
+        if self.config.policy == "vtc":  # the least-served client's oldest request (as _service)
+            running = Counter(r.client for r in self.running)
+            return min(self.waiting, key=lambda r: (self.counters.get(r.client, 0.0), running[r.client]))
         return self.waiting[0]
 
     def _service(self, request: Request) -> tuple[float, int]:
@@ -223,8 +262,8 @@ class Scheduler:
         return n
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput(finished_req_ids=self._finished_ids)
-        self._finished_ids = set()
+        out = SchedulerOutput(finished_req_ids=self._finished_ids, preempted_req_ids=self._preempted_ids)
+        self._finished_ids, self._preempted_ids = set(), set()
         budget = self.config.max_num_batched_tokens
         if self.config.policy == "vtc":  # running requests too: the least-served client's first
             self.running.sort(key=lambda r: self.counters.get(r.client, 0.0))
