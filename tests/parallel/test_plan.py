@@ -35,7 +35,8 @@ def torchrun(nproc: int, *checks: str) -> str:
 def test_two_ranks_match_one() -> None:
     """Llama (GQA), Qwen3, Mistral, Qwen2 (tied head), biases, GPT-2; GPTQ act-order int4, W8A8
     and RTN int4 on the CPU kernel; two LoRA adapters routed per token, attached before or
-    loaded after sharding; training gradients; refusals of DoRA, IA3 and odd head counts."""
+    loaded after sharding, on a full-precision and an int4 base; training gradients (base and
+    LoRA); refusals of a 2-D mesh, DoRA, IA3 and odd head counts."""
     torchrun(2, "families", "quantized", "lora", "training", "errors")
 
 

@@ -75,6 +75,8 @@ def check_families() -> None:
         assert attn.num_heads == model.config.num_heads // tp, family
         assert attn.num_kv_heads == local_kv_heads(model.config, tp), family
         assert model.make_cache(1, 4).k[0].shape[1] == attn.num_kv_heads
+        if torch.backends.mkldnn.is_available():
+            assert attn.q_proj._packed[1] is not None  # the local shard ran prepacked (oneDNN)
 
 
 def check_gqa_replicas() -> None:
@@ -159,6 +161,25 @@ def check_lora() -> None:
             routed_logits(later)
         shard_adapters_(later)
         torch.testing.assert_close(routed_logits(later), ref, **EXACT)
+
+        # QLoRA: the same adapters on an int4 base, loaded before and after sharding it
+        def quantized(shard: bool) -> Transformer:
+            model = quantize_(random_model("llama"), RTNConfig(bits=4, group_size=32, backend="dequant"),
+                              progress=False)
+            if shard:
+                tensor_parallel_(model, MESH)
+            for name, path in zip(("a0", "a1"), paths, strict=True):
+                load_adapter(model, path, name)
+            set_adapter(model, None)
+            return model
+
+        before = quantized(shard=False)
+        qref = routed_logits(before)
+        tensor_parallel_(before, MESH)
+        torch.testing.assert_close(routed_logits(before), qref, **EXACT)
+        after = quantized(shard=True)
+        shard_adapters_(after)
+        torch.testing.assert_close(routed_logits(after), qref, **EXACT)
 
 
 @contextmanager
