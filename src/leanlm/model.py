@@ -230,10 +230,12 @@ class Transformer(nn.Module):
             init_param_(name, p, std, generator)
 
     def make_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        """A K/V cache for the heads this process holds: all of them, or its share under tensor
+        parallelism (``leanlm.parallel`` sets the attention layers' ``num_kv_heads``)."""
         w = self.embed_tokens.weight
         c = self.config
-        return KVCache(c.num_layers, batch, c.num_kv_heads, c.head_dim, max_len,
-                       dtype or w.dtype, w.device)
+        kv_heads = self.layers[0].self_attn.num_kv_heads if len(self.layers) else c.num_kv_heads
+        return KVCache(c.num_layers, batch, kv_heads, c.head_dim, max_len, dtype or w.dtype, w.device)
 
     def embed(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
               attn: Any = None) -> tuple[torch.Tensor, LayerContext]:

@@ -63,19 +63,23 @@ class Linear(nn.Linear):
     _packed: tuple[tuple[int, int], torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
+        return self.linear(x, self.weight, self.bias)
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x wᵀ + bias through this module's packed copy of ``w``: ``forward`` passes its own
+        parameters; a tensor-parallel shard (:mod:`leanlm.parallel`) passes its local ones."""
         if not _eligible(w, x):
             if self._packed is not None and not torch.compiler.is_compiling():
                 self._packed = None  # e.g. training resumed after an evaluation: free the copy
-            return F.linear(x, w, self.bias)
+            return F.linear(x, w, bias)
         key = (w.data_ptr(), w._version)
         if self._packed is None or self._packed[0] != key:
             self._packed = None  # the stale copy goes before the new one is made
             fits = w.numel() * w.element_size() + HEADROOM <= available_memory()
             self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach()) if fits else None)
         if self._packed[1] is None:  # no room for a copy of this weight: F.linear serves
-            return F.linear(x, w, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed[1], self.bias, "none", [], "")
+            return F.linear(x, w, bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self._packed[1], bias, "none", [], "")
 
     def __getstate__(self) -> dict[str, Any]:
         # oneDNN's opaque tensors cannot be copied or pickled: copies pack again on first use

@@ -98,6 +98,18 @@ class Adapter(nn.Module):
     def unmerge(self, module: nn.Module) -> None:
         raise LeanLMError(f"{type(self).__name__} cannot be merged into the base weights")
 
+    def shard_problem(self) -> str | None:
+        """Why this adapter cannot be sharded for tensor parallelism (None if it can)."""
+        return f"{type(self).__name__} adapters cannot be sharded for tensor parallelism (LoRA adapters can)"
+
+    def shard_(self, split: str, index: slice) -> list[nn.Parameter]:
+        """Cut this adapter for a tensor-parallel shard of its module (:mod:`leanlm.parallel`):
+        ``split`` is ``"rows"`` (the module keeps output rows ``index``: column-parallel) or
+        ``"columns"`` (it keeps input columns ``index`` and its partial outputs are summed across
+        ranks: row-parallel). Returns the parameters it keeps whole whose gradient each rank
+        computes only a partial sum of (the caller sums them over the ranks)."""
+        raise LeanLMError(self.shard_problem() or f"{type(self).__name__}.shard_ is missing")
+
     def to_peft(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """This adapter's state dict with peft's parameter names and shapes (identity by default)."""
         return state

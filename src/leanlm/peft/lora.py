@@ -68,10 +68,13 @@ def base_weight(module: nn.Module) -> torch.Tensor:
 
 
 def dims(module: nn.Module, name: str) -> tuple[int, int]:
+    """(in, out) features of the linear ``module`` — of the whole layer where it is a
+    tensor-parallel shard (``unsharded_features``, set by :mod:`leanlm.parallel`), so that an
+    adapter attached to a sharded model has its checkpoint's shapes until it is sharded too."""
     if not (hasattr(module, "in_features") and hasattr(module, "out_features")):
         raise LeanLMError(f"{name} is a {type(module).__name__}, not a linear layer: LoRA and IA3 "
                           "target linears (q_proj, v_proj, down_proj …)")
-    return module.in_features, module.out_features
+    return getattr(module, "unsharded_features", (module.in_features, module.out_features))
 
 
 class LoRA(Adapter):
@@ -106,6 +109,35 @@ class LoRA(Adapter):
         bias = getattr(module, "bias", None)
         base = y if bias is None else y - bias.to(y.dtype)
         return y + (scale - 1) * base + scale * lora.to(y.dtype)
+
+    def shard_problem(self) -> str | None:
+        if self.lora_magnitude_vector is not None:
+            return ("DoRA adapters cannot be sharded for tensor parallelism (their row norms need whole "
+                    "weight rows): merge them before sharding, or use LoRA")
+        return None
+
+    def shard_(self, split: str, index: slice) -> list[nn.Parameter]:
+        """S-LoRA's tensor-parallel layout (Sheng et al. 2023, §5): the adapter is cut like its
+        base so that it needs no communication of its own. Column-parallel base (rank keeps
+        output rows ``index``): A [r, in] replicated, B [out, r] → B[index]; the rank computes
+        its rows of s·B A x from the whole x. Row-parallel base (rank keeps input columns
+        ``index``): A → A[:, index], B replicated; s·B (A_p x_p) is this rank's partial of
+        s·B A x (A x = Σ_p A_p x_p and B is linear), added to the base's partial output before
+        the one all-reduce that sums them. DoRA's row norms ‖W + s·B A‖ need whole rows of W:
+        it is not sharded. The whole factor's gradient is a sum over the ranks (Σ_p B_pᵀ ∂L/∂y_p
+        for A; Σ_p ∂L/∂y ⊗ A_p x_p for B): it is returned for the caller to all-reduce."""
+        problem = self.shard_problem()
+        if problem:
+            raise LeanLMError(problem)
+        cut, whole = (self.lora_B, self.lora_A) if split == "rows" else (self.lora_A, self.lora_B)
+        w = cut.weight.detach()
+        kept = w[index] if split == "rows" else w[:, index]
+        cut.weight = nn.Parameter(kept.clone(), requires_grad=cut.weight.requires_grad)
+        if split == "rows":
+            cut.out_features = kept.shape[0]
+        else:
+            cut.in_features = kept.shape[1]
+        return [whole.weight]
 
     def _set_weight(self, module: nn.Module, w: torch.Tensor) -> None:
         if not isinstance(module, nn.Linear):

@@ -34,6 +34,7 @@ The forward picks a backend once per (device, M-regime), automatically:
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -191,6 +192,8 @@ class QuantLinear(nn.Module):
             if self.bits != 8 or g != -1:
                 return (f"int8pack runs 8-bit per-channel weights (group_size -1), this layer has "
                         f"{self.bits} bits, group_size {g}")
+            if self.in_features % 16:  # torch's kernel returns garbage (or crashes) otherwise
+                return f"int8pack needs in_features divisible by 16, got {self.in_features}"
             return None
         return f"unknown backend {backend!r}"
 
@@ -347,9 +350,12 @@ def int4pack_layout_known() -> bool:
     return torch.equal(torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe.int(), 2), int4pack(probe))
 
 
-def absmax_int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per row: (q int8, scale fp32 [rows, 1]) with t ≈ q · scale."""
-    scale = t.float().abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127
+def absmax_int8(t: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: (q int8, scale fp32 [rows, 1]) with t ≈ q · scale; ``reduce``
+    maps the row maxima to the ones to use (the global maxima of a row split across ranks)."""
+    amax = t.float().abs().amax(-1, keepdim=True)
+    scale = (amax if reduce is None else reduce(amax)).clamp(min=1e-8) / 127
     return torch.clamp(torch.round(t.float() / scale), -127, 127).to(torch.int8), scale
 
 
@@ -361,6 +367,9 @@ class W8A8Linear(nn.Module):
     """
 
     quantized = True
+    # Set on a row-parallel shard (:mod:`leanlm.quant.sharding`): this rank holds some input
+    # columns, and the per-token scale s_x must be the maximum over all of them, on every rank.
+    amax_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
@@ -388,7 +397,7 @@ class W8A8Linear(nn.Module):
 
     def int8_linear(self, x2: torch.Tensor) -> torch.Tensor:
         """fp32 [M, N] result of the int8 GEMM for activations x2 [M, K]."""
-        xq, xs = absmax_int8(x2)
+        xq, xs = absmax_int8(x2, self.amax_reduce)
         if x2.shape[0] <= 16 and x2.device.type == "cuda":  # cuBLASLt int8 needs M > 16
             xq = torch.nn.functional.pad(xq, (0, 0, 0, 17 - x2.shape[0]))
         acc = torch._int_mm(xq, self.weight.t())[: x2.shape[0]]
