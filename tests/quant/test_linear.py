@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanlm import kernels
 from leanlm.errors import LeanLMError
 from leanlm.quant.linear import QuantLinear, W8A8Linear
 from leanlm.quant.llm_int8 import Int8OutlierLinear
@@ -47,7 +48,11 @@ def test_backends_match_reference(bits: int, group: int, sym: bool, act_order: b
     m = make(64, k, bits, group, sym, act_order)
     x = torch.randn(3, k, dtype=torch.bfloat16)
     reference = _forced(m, "reference")
-    assert m._choose(torch.zeros(3, k)) == backend  # the automatic choice for decode-shaped input
+    assert m._choose(torch.zeros(3, k, dtype=torch.bfloat16)) == backend  # decode-shaped bf16 input
+    if backend != "dequant":  # fp32 input computes in fp32, unless the bf16 kernels are allowed
+        assert m._choose(torch.zeros(3, k)) == "dequant"
+        with kernels.allow_bf16_kernels(True):
+            assert m._choose(torch.zeros(3, k)) == backend
     got = m(x)
     assert got.dtype == torch.bfloat16 and got.shape == (3, 64)
     assert rel_err(got, reference(x)) < 0.02

@@ -26,7 +26,8 @@ changed for a block of code with :func:`kernel_mode` (tests, benchmarks):
 
 Without Triton installed (``_triton.HAS_TRITON`` false) the references always run, and the core
 still imports. The oneDNN prepacking of ``cpu_linear`` is a switch of its own
-(``LEANLM_PREPACK=0`` or :func:`prepacking`), independent of the Triton mode.
+(``LEANLM_PREPACK=0`` or :func:`prepacking`), independent of the Triton mode; so is whether an
+fp32 model's quantized layers may use the bf16 CPU kernels (:func:`bf16_kernels`).
 
 Kernels have no backward: whenever autograd is recording through an input, the reference runs.
 Under ``torch.compile`` the references are traced too: inductor fuses them into kernels of its own.
@@ -62,6 +63,20 @@ def mode() -> str:
     if "mode" not in _switches:
         _switches["mode"] = mode_from_env()
     return str(_switches["mode"])
+
+
+def bf16_kernels() -> bool:
+    """Whether quantized layers may run torch's packed int4/int8 CPU kernels, which compute in
+    bf16, for fp32 inputs too (``LEANLM_QUANT_BF16=1``; default off: an fp32 model's quantized
+    layers dequantize and compute in fp32, so its results are fp32 results)."""
+    if "bf16_kernels" not in _switches:
+        _switches["bf16_kernels"] = os.environ.get("LEANLM_QUANT_BF16", "0") == "1"
+    return bool(_switches["bf16_kernels"])
+
+
+def allow_bf16_kernels(enabled: bool) -> contextlib.AbstractContextManager[None]:
+    """``with allow_bf16_kernels(True): ...`` lets fp32 quantized layers use the bf16 kernels."""
+    return _switched("bf16_kernels", enabled)
 
 
 def prepack() -> bool:

@@ -217,7 +217,9 @@ class QuantLinear(nn.Module):
         kernel = self._kernels["kernel"][0]
         if self.backend != "auto":
             return self.backend
-        return kernel if kernel is not None and m < KERNEL_MAX_M[kernel] else "dequant"
+        # torch's packed CPU kernels compute in bf16: fp32 inputs only where the user allows it
+        bf16 = _activation_dtype(x2) == torch.bfloat16 or kernels.bf16_kernels()
+        return kernel if kernel is not None and m < KERNEL_MAX_M[kernel] and bf16 else "dequant"
 
     def _kernel(self) -> str | None:
         if self.backend != "auto":

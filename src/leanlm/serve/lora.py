@@ -17,6 +17,7 @@ from pathlib import Path
 
 from leanlm.errors import LeanLMError
 from leanlm.model import Transformer
+from leanlm.parallel import shard_adapters_
 from leanlm.peft.api import load_adapter as load_peft_adapter
 from leanlm.peft.api import read_config, remove_adapter_, set_adapter
 
@@ -61,6 +62,8 @@ class LoRAManager:
             del self.resident[idle]
         path = self.paths[name]
         load_peft_adapter(self.model, path, name)
+        if getattr(self.model, "tp_mesh", None) is not None:  # a tensor-parallel rank: its share
+            shard_adapters_(self.model)
         if name in getattr(self.model.lm_head, "adapters", {}):
             # the runner computes the head on the sampled rows only: the token routing of a
             # mixed batch does not apply there

@@ -69,7 +69,8 @@ class ModelRunner:
         self.device = model.embed_tokens.weight.device
         # compiled decode: padding rows write to one scratch block past the engine's blocks
         dtype = kv_dtype or model.embed_tokens.weight.dtype
-        self.cache = PagedKVCache.allocate(c.num_layers, num_blocks + compile, block_size, c.num_kv_heads,
+        kv_heads = model.layers[0].self_attn.num_kv_heads  # this rank's share under tensor parallelism
+        self.cache = PagedKVCache.allocate(c.num_layers, num_blocks + compile, block_size, kv_heads,
                                            c.head_dim, dtype, self.device)
         # decode-shaped steps (decodes and draft verification): CUDA graphs, or torch.compile
         self.compiled = CompiledDecode(model, self.cache) if compile else None

@@ -21,12 +21,7 @@ import torch
 from leanlm import kernels
 from leanlm.config import ModelConfig
 from leanlm.kernels import kv_store, paged_attention
-
-
-def kv_heads_per_rank(config: ModelConfig, tensor_parallel_size: int = 1) -> int:
-    """K/V heads one tensor-parallel rank holds: its share, or one (replicated) where the model
-    has fewer K/V heads than ranks."""
-    return max(1, config.num_kv_heads // tensor_parallel_size)
+from leanlm.parallel import local_kv_heads
 
 
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype,
@@ -34,7 +29,7 @@ def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype,
     """K and V bytes of one block over all layers on one rank (int8: plus an fp16 scale per token
     and head)."""
     per_head = config.head_dim * dtype.itemsize + (2 if dtype == torch.int8 else 0)
-    return 2 * config.num_layers * block_size * kv_heads_per_rank(config, tensor_parallel_size) * per_head
+    return 2 * config.num_layers * block_size * local_kv_heads(config, tensor_parallel_size) * per_head
 
 
 @dataclass

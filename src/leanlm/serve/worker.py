@@ -17,9 +17,11 @@ from dataclasses import dataclass
 
 import torch
 import zmq
+from torch.distributed.device_mesh import DeviceMesh
 
 from leanlm.errors import LeanLMError
 from leanlm.model import Transformer
+from leanlm.parallel import tensor_parallel_, tp_mesh
 from leanlm.serve.lora import LoRAManager
 from leanlm.serve.messages import Execute, Stop, WorkerCall, WorkerReply, encode, worker_input
 from leanlm.serve.model_runner import ModelRunner
@@ -65,16 +67,15 @@ class Worker:
         return list(self.loras.resident)
 
 
-def init_distributed(rank: int, world: int, init_method: str, device: str) -> object:
-    """Join the ranks' process group and return the tensor-parallel device mesh."""
+def init_distributed(rank: int, world: int, init_method: str, device: str) -> DeviceMesh:
+    """Join the ranks' process group (gloo on CPU, NCCL on GPU); the tensor-parallel mesh."""
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
 
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if device.startswith("cuda"):
         torch.cuda.set_device(rank % torch.cuda.device_count())
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world)
-    return init_device_mesh("cuda" if backend == "nccl" else "cpu", (world,), mesh_dim_names=("tp",))
+    return tp_mesh(world)
 
 
 def build_worker(rank: int, world: int, init_method: str, spec: WorkerSpec) -> Worker:
@@ -86,8 +87,6 @@ def build_worker(rank: int, world: int, init_method: str, spec: WorkerSpec) -> W
     mesh = init_distributed(rank, world, init_method, spec.device) if world > 1 else None
     model = load_model(spec.model, dtype=spec.dtype, device=spec.device)
     if mesh is not None:
-        from leanlm.parallel import tensor_parallel_
-
         tensor_parallel_(model, mesh)
     return Worker(model, spec)
 
