@@ -374,7 +374,8 @@ def test_no_per_request_state_outlives_its_request(live: Live) -> None:
         time.sleep(0.01)
     time.sleep(0.2)
     engine, core = live.engine, live.core
-    assert engine.streams == {} and engine._copied == {} and engine._pending == []
+    thread = engine.thread  # the engine core in its thread: nothing held for finished requests
+    assert engine.streams == {} and thread.core.copied == {} and thread.new == [] and thread.core.pending == []
     assert core.scheduler.requests == {} and core.kv.req_blocks == {} and core.kv.req_hashes == {}
     assert core.scheduler._clients == {}  # vtc: no client is active
     assert len(core.runner.requests) <= 8  # the last step's finished requests, dropped at the next

@@ -81,10 +81,10 @@ def test_disconnected_stream_is_aborted(server: str, tmp_path: Path) -> None:
     deadline = time.time() + 10
     while time.time() < deadline:
         text = httpx.get(f"{server}/metrics", headers=headers).text
-        if 'leanlm_num_requests_running 0.0' in text:
+        if 'leanlm_num_requests_running{engine="0"} 0.0' in text:
             break
         time.sleep(0.05)
-    assert 'leanlm_num_requests_running 0.0' in text
+    assert 'leanlm_num_requests_running{engine="0"} 0.0' in text
 
 
 def test_stop_strings_and_logprobs(server: str) -> None:

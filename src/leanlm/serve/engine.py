@@ -17,9 +17,10 @@ from leanlm.model import Transformer
 from leanlm.sampling import SamplingParams
 from leanlm.serve.executor import Executor, UniProcExecutor
 from leanlm.serve.kv_cache import KVCacheManager
+from leanlm.serve.messages import EngineInfo, EngineStats
 from leanlm.serve.model_runner import ModelRunner
 from leanlm.serve.paged import kv_bytes_per_block
-from leanlm.serve.request import Request
+from leanlm.serve.request import Request, check_request
 from leanlm.serve.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from leanlm.serve.speculative import AcceptanceTracker, DraftModelProposer, best_length, ngram_drafts
 from leanlm.serve.worker import Worker, WorkerSpec
@@ -155,22 +156,26 @@ class LLMEngine:
             self._ensure_loaded(lora)
         prompt = list(prompt_token_ids)
         params = params or SamplingParams()
-        if any(not 0 <= t < c.vocab_size for t in prompt):
-            raise LeanLMError(f"prompt has a token id outside the vocabulary [0, {c.vocab_size})")
-        if any(not 0 <= t < c.vocab_size for t in params.logit_bias):
-            raise LeanLMError(f"logit_bias names a token id outside the vocabulary [0, {c.vocab_size})")
-        if len(prompt) + params.max_tokens > c.max_position_embeddings:
-            raise LeanLMError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) is "
-                              f"past the model's context of {c.max_position_embeddings}")
-        need = -(-(len(prompt) + params.max_tokens + self.scheduler.lookahead) // self.kv.block_size)
-        if need > len(self.kv.pool.blocks):
-            raise LeanLMError(f"the request needs {need} KV blocks; the cache has "
-                              f"{len(self.kv.pool.blocks)}")
+        check_request(prompt, params, vocab_size=c.vocab_size, max_model_len=c.max_position_embeddings,
+                      num_blocks=len(self.kv.pool.blocks), block_size=self.kv.block_size,
+                      lookahead=self.scheduler.lookahead)
         return Request(request_id or f"req-{next(self._ids)}", prompt, params,
                        eos_token_ids=tuple(c.eos_token_ids), lora=lora, priority=priority, client=client)
 
     def abort(self, request_ids: Sequence[str]) -> None:
         self.scheduler.abort_requests(request_ids)
+
+    def info(self, engine_index: int = 0) -> EngineInfo:
+        """What a front end must know to validate requests for this engine itself."""
+        c = self.model_config
+        return EngineInfo(engine_index, c.vocab_size, c.max_position_embeddings, list(c.eos_token_ids),
+                          len(self.kv.pool.blocks), self.kv.block_size, self.scheduler.lookahead,
+                          sorted(self.loras), os.getpid())
+
+    def stats(self) -> EngineStats:
+        s, kv = self.scheduler, self.kv
+        return EngineStats(len(s.running), len(s.waiting), kv.pool.usage, kv.stats.queries, kv.stats.hits,
+                           self.spec_proposed, self.spec_accepted)
 
     def recover(self) -> None:
         """Undo what a step that raised may have left behind: the model runner's per-request

@@ -78,7 +78,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Linux: SIGKILL this process when the process that started it dies."""
     try:
         import ctypes
@@ -90,7 +90,7 @@ def _die_with_parent() -> None:
 
 
 def _spawned_worker(*args: Any) -> None:
-    _die_with_parent()
+    die_with_parent()
     worker_loop(*args)
 
 

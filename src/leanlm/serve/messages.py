@@ -60,18 +60,21 @@ class RequestUpdate(msgspec.Struct, array_like=True):
     num_output_tokens: int
     error: str | None = None  # finish_reason "error": what failed
     error_status: int = 500  # the HTTP status it maps to (400: the request's input was at fault)
+    prompt_logprobs: list[Logprob | None] | None = None  # with its first token, if it asked for them
 
 
 class EngineStats(msgspec.Struct):
     running: int = 0
     waiting: int = 0
-    kv_usage: float = 0.0
-    prefix_hit_rate: float = 0.0
-    num_preemptions: int = 0
-    spec_proposed: int = 0
+    kv_usage: float = 0.0  # fraction of KV blocks in use
+    prefix_queries: int = 0  # prompt tokens looked up in the prefix cache, over the engine's life
+    prefix_hits: int = 0  # ... and found there
+    spec_proposed: int = 0  # draft tokens verified, over the engine's life
     spec_accepted: int = 0
-    prompt_tokens: int = 0  # computed so far (prefill), over the engine's life
-    generation_tokens: int = 0
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
 
 
 class CallResult(msgspec.Struct):

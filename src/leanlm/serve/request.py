@@ -86,3 +86,19 @@ class Request:
         if reason is not None:
             self.status = RequestStatus(reason)
         return self.status
+
+
+def check_request(prompt: Sequence[int], params: SamplingParams, *, vocab_size: int, max_model_len: int,
+                  num_blocks: int, block_size: int, lookahead: int = 0) -> None:
+    """Refuse (LeanLMError) a request no engine of this shape could serve: token ids outside the
+    vocabulary, more tokens than the context, more KV blocks than the cache has."""
+    if any(not 0 <= t < vocab_size for t in prompt):
+        raise LeanLMError(f"prompt has a token id outside the vocabulary [0, {vocab_size})")
+    if any(not 0 <= t < vocab_size for t in params.logit_bias):
+        raise LeanLMError(f"logit_bias names a token id outside the vocabulary [0, {vocab_size})")
+    if len(prompt) + params.max_tokens > max_model_len:
+        raise LeanLMError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) is "
+                          f"past the model's context of {max_model_len}")
+    need = -(-(len(prompt) + params.max_tokens + lookahead) // block_size)
+    if need > num_blocks:
+        raise LeanLMError(f"the request needs {need} KV blocks; the cache has {num_blocks}")

@@ -1,32 +1,38 @@
-"""Prometheus metrics of the server (vLLM's names where vLLM has one)."""
+"""Prometheus metrics of the server (vLLM's names where vLLM has one).
+
+Latencies and token counts are observed here, on the requests this API server streams. The
+engine's own figures (running and waiting requests, KV-cache use, prefix-cache hits, drafts)
+come from each data-parallel engine core's latest report: one series per core, labelled
+``engine="<index>"``, which a Prometheus ``sum`` aggregates."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from leanlm.serve.async_engine import RequestOutput
+from leanlm.serve.messages import EngineStats
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.running = Gauge("leanlm_num_requests_running", "Requests in the running batch", registry=r)
-        self.waiting = Gauge("leanlm_num_requests_waiting", "Requests waiting to be scheduled", registry=r)
-        self.kv_usage = Gauge("leanlm_kv_cache_usage_ratio", "Fraction of KV blocks in use", registry=r)
+        e = ["engine"]
+        self.running = Gauge("leanlm_num_requests_running", "Requests in the running batch", e, registry=r)
+        self.waiting = Gauge("leanlm_num_requests_waiting", "Requests waiting to be scheduled", e, registry=r)
+        self.kv_usage = Gauge("leanlm_kv_cache_usage_ratio", "Fraction of KV blocks in use", e, registry=r)
         self.hit_rate = Gauge("leanlm_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache",
-                              registry=r)
+                              e, registry=r)
         self.prompt_tokens = Counter("leanlm_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("leanlm_generation_tokens", "Tokens generated", registry=r)
         self.requests = Counter("leanlm_requests_finished", "Finished requests", ["reason"], registry=r)
-        self.drafts = Counter("leanlm_spec_decode_num_draft_tokens", "Draft tokens verified", registry=r)
-        self.accepted = Counter("leanlm_spec_decode_num_accepted_tokens", "Draft tokens accepted",
+        self.drafts = Counter("leanlm_spec_decode_num_draft_tokens", "Draft tokens verified", e, registry=r)
+        self.accepted = Counter("leanlm_spec_decode_num_accepted_tokens", "Draft tokens accepted", e,
                                 registry=r)
-        self.spec_seen = (0, 0)  # the engine's (drafts, accepted) totals at the last scrape
+        self.spec_seen: dict[int, tuple[int, int]] = {}  # each engine's (drafts, accepted) at the last scrape
         buckets = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
         self.ttft = Histogram("leanlm_time_to_first_token_seconds", "TTFT", buckets=buckets, registry=r)
         self.itl = Histogram("leanlm_inter_token_latency_seconds", "ITL", buckets=buckets, registry=r)
@@ -49,16 +55,17 @@ class Metrics:
                 self.requests.labels(out.finish_reason or "stop").inc()
             yield out
 
-    def scrape(self, engine: Any) -> str:
-        """The exposition text, with the gauges read from the engine (an ``LLMEngine``) now."""
-        s = engine.scheduler
-        self.running.set(len(s.running))
-        self.waiting.set(len(s.waiting))
-        self.kv_usage.set(engine.kv.pool.usage)
-        self.hit_rate.set(engine.kv.stats.hit_rate)
-        # the engine keeps totals: the counters catch up with them at each scrape
-        totals = (engine.spec_proposed, engine.spec_accepted)
-        self.drafts.inc(totals[0] - self.spec_seen[0])
-        self.accepted.inc(totals[1] - self.spec_seen[1])
-        self.spec_seen = totals
+    def scrape(self, stats: dict[int, EngineStats]) -> str:
+        """The exposition text, with the gauges set from each engine core's latest figures."""
+        for index, st in stats.items():
+            label = str(index)
+            self.running.labels(label).set(st.running)
+            self.waiting.labels(label).set(st.waiting)
+            self.kv_usage.labels(label).set(st.kv_usage)
+            self.hit_rate.labels(label).set(st.prefix_hit_rate)
+            # the engines keep totals: the counters catch up with them at each scrape
+            seen = self.spec_seen.get(index, (0, 0))
+            self.drafts.labels(label).inc(max(0, st.spec_proposed - seen[0]))
+            self.accepted.labels(label).inc(max(0, st.spec_accepted - seen[1]))
+            self.spec_seen[index] = (st.spec_proposed, st.spec_accepted)
         return generate_latest(self.registry).decode()

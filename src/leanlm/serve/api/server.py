@@ -63,6 +63,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
     413: {"model": ErrorResponse, "description": "Body larger than the server's limit"},
     500: {"model": ErrorResponse, "description": "The server failed"},
+    503: {"model": ErrorResponse, "description": "Shutting down, or the engine is down"},
 }
 
 
@@ -86,13 +87,14 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
                default_max_tokens: int = 16, limits: ServerLimits | None = None,
                metrics_without_key: bool = False, docs: bool = True) -> FastAPI:
     tok = engine.tokenizer
-    core = engine.engine
-    context = core.model_config.max_position_embeddings
-    limits = (limits or ServerLimits()).resolved(context, len(core.kv.pool.blocks) * core.kv.block_size,
+    info = engine.info
+    context = info.max_model_len
+    limits = (limits or ServerLimits()).resolved(context, info.num_blocks * info.block_size,
                                                  longest_token_chars(tok))
     app = FastAPI(title="leanlm", version="0.1.0", docs_url="/docs" if docs else None,
                   redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None)
     app.state.engine, app.state.limits = engine, limits
+    app.state.draining = False  # set on SIGTERM: in-flight requests finish, new ones get 503
     open_paths = frozenset({"/health"} | ({"/metrics"} if metrics_without_key else set()))
     app.add_middleware(Guard, api_key=api_key, open_paths=open_paths, max_body_bytes=limits.max_body_bytes)
     metrics = Metrics()
@@ -150,8 +152,8 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
                 components.get("schemas", {}).pop(name, None)
             components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
             schema["security"] = [{"bearer": []}] if api_key else []
-            publish_limits(schema, limits, [model_name, *sorted(core.loras)], context,
-                           core.model_config.vocab_size, SamplingParams.SEED_RANGE)
+            publish_limits(schema, limits, [model_name, *engine.loras], context,
+                           info.vocab_size, SamplingParams.SEED_RANGE)
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -162,13 +164,23 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
         """Run ``fn`` in a worker thread (at most ``tokenizer_threads`` at once)."""
         return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs), limiter=threads)
 
+    def unavailable() -> str | None:
+        """Why the server takes no new requests (None: it does)."""
+        if app.state.draining:
+            return "the server is shutting down"
+        return None if engine.dead is None else f"the engine is down: {engine.dead}"
+
     def check_model(name: str) -> str | None:
-        """The LoRA adapter a request's ``model`` names (None: the base model)."""
+        """The LoRA adapter a request's ``model`` names (None: the base model); 503 while the
+        server takes no new requests."""
+        down = unavailable()
+        if down is not None:
+            raise _BadRequest(down, code="service_unavailable", status=503)
         if name == model_name:
             return None
-        if name in core.loras:
+        if name in engine.loras:
             return name
-        served = [model_name, *sorted(core.loras)]
+        served = [model_name, *engine.loras]
         raise _BadRequest(f"model {name!r} does not exist; this server serves {served}",
                           "model", "model_not_found")
 
@@ -229,7 +241,7 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
         start = time.monotonic()
 
         async def one(req: Any) -> dict:
-            text, reason, n_out, ids, lps = "", None, 0, [], []
+            text, reason, n_out, ids, lps, scored = "", None, 0, [], [], []
             async for out in metrics.timed(engine.generate(req), start):
                 if out.error is not None:
                     raise failed(out)
@@ -237,7 +249,9 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
                 reason, n_out = out.finish_reason, out.num_output_tokens
                 ids += out.token_ids
                 lps += out.logprobs
-            return {"text": text, "finish_reason": reason, "tokens": n_out, "ids": ids, "logprobs": lps}
+                scored = out.prompt_logprobs or scored
+            return {"text": text, "finish_reason": reason, "tokens": n_out, "ids": ids, "logprobs": lps,
+                    "prompt_logprobs": scored}
 
         tasks = [asyncio.ensure_future(one(r)) for r in requests]
         try:
@@ -340,8 +354,8 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
             return outs
         prefix = body.prompt if body.echo and isinstance(body.prompt, str) else ""
         if body.echo and body.logprobs is not None:  # the prompt's tokens lead the logprobs
-            for o, req in zip(outs, requests, strict=True):
-                scored = [entry or (None, []) for entry in req.prompt_logprobs]
+            for o in outs:
+                scored = [entry or (None, []) for entry in o["prompt_logprobs"]]
                 o["ids"], o["logprobs"] = prompt_ids + o["ids"], scored + o["logprobs"]
         return {"id": rid, "object": "text_completion", "created": created(), "model": body.model,
                 "choices": [{"index": i, "text": prefix + o["text"],
@@ -389,7 +403,7 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
         base = [{"id": model_name, "object": "model", "created": created(), "owned_by": "leanlm"}]
         return {"object": "list", "data": base + [
             {"id": n, "object": "model", "created": created(), "owned_by": "leanlm", "parent": model_name}
-            for n in sorted(core.loras)]}
+            for n in engine.loras]}
 
     @app.post("/tokenize", responses=ERRORS)
     async def tokenize(body: TokenizeRequest) -> dict:
@@ -401,18 +415,21 @@ def create_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = No
 
     @app.post("/detokenize", responses=ERRORS)
     async def detokenize(body: DetokenizeRequest) -> dict:
-        vocab = core.model_config.vocab_size
+        vocab = info.vocab_size
         if any(not 0 <= t < vocab for t in body.tokens):
             raise _BadRequest(f"token ids must lie in [0, {vocab})", "tokens")
         return {"prompt": await off_loop(tok.decode, body.tokens)}
 
-    @app.get("/health")
-    async def health() -> dict:
+    @app.get("/health", responses={503: ERRORS[503]})
+    async def health() -> Any:
+        down = unavailable()
+        if down is not None:
+            return JSONResponse(error_body(down, "server_error", code="service_unavailable"), status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics", responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text"},
                                     401: ERRORS[401]})
     async def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(metrics.scrape(core), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(metrics.scrape(engine.stats()), media_type="text/plain; version=0.0.4")
 
     return app

@@ -1,0 +1,173 @@
+"""An engine core in a process of its own (vLLM v1's ``EngineCoreProc``): the scheduler, the KV
+manager and the executor, in a busy loop between ZeroMQ sockets.
+
+The core binds one PULL socket for its inputs (:data:`~leanlm.serve.messages.CoreInput` from every
+API server) and connects one PUSH socket to each API server's output address. It first sends each
+API server its :class:`~leanlm.serve.messages.EngineInfo`; then, while it has work, it drains its
+inputs without blocking, runs one step and sends every API server the updates of its requests,
+with the engine's figures; with nothing to do it blocks on its inputs. A dead worker
+(``EngineDeadError``) fails every request in flight with a server error, says ``dead`` to every
+API server, and ends the process with status 1. A ``Call`` of ``shutdown`` ends it with 0; so
+does the death of the process that started it (``PR_SET_PDEATHSIG``), which leaves no orphans.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+import zmq
+
+from leanlm.checkpoint import load_model, resolve_dtype
+from leanlm.config import ModelConfig
+from leanlm.errors import LeanLMError
+from leanlm.serve.core import EngineCore
+from leanlm.serve.engine import EngineConfig, LLMEngine
+from leanlm.serve.executor import EngineDeadError, MultiprocExecutor, die_with_parent
+from leanlm.serve.messages import Abort, AddRequest, Call, CallResult, CoreOutputs, core_input, encode
+from leanlm.serve.request import Request
+from leanlm.serve.worker import WorkerSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CoreSpec:
+    """How to build one engine core (one data-parallel replica)."""
+
+    model: str  # a Hugging Face model directory
+    engine: EngineConfig
+    dtype: str | None = None
+    index: int = 0  # its data-parallel rank
+    tensor_parallel_size: int = 1
+    backend: str = "uniproc"  # uniproc | mp | ray | torchrun (see serve/executor.py)
+    draft_model: str | None = None
+    loras: dict[str, str] = field(default_factory=dict)
+    threads: int = 0  # torch threads of the core (uniproc) or of each rank (0: the machine's share)
+    ray_address: str | None = None
+
+
+def build_engine(spec: CoreSpec) -> LLMEngine:
+    """The engine: the model in this process (``uniproc``), or in worker processes / Ray actors."""
+    draft = load_model(spec.draft_model, dtype=spec.dtype) if spec.draft_model else None
+    if spec.backend == "uniproc":
+        if spec.tensor_parallel_size != 1:
+            raise LeanLMError("--tensor-parallel-size > 1 needs the mp, ray or torchrun executor")
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        engine = LLMEngine(load_model(spec.model, dtype=spec.dtype), spec.engine, draft)
+    else:
+        config = ModelConfig.from_json_file(Path(spec.model) / "config.json")
+        dtype = resolve_dtype(spec.dtype) or resolve_dtype(config.torch_dtype) or torch.float32
+        tp = spec.tensor_parallel_size
+
+        def make(worker: WorkerSpec) -> object:
+            worker = replace(worker, model=spec.model, dtype=spec.dtype, threads=spec.threads)
+            if spec.backend == "ray":
+                from leanlm.serve.ray_executor import RayExecutor
+
+                return RayExecutor(worker, tp, spec.ray_address)
+            return MultiprocExecutor(worker, tp, external_ranks=spec.backend == "torchrun")
+
+        engine = LLMEngine.with_executor(config, spec.engine, dtype, tp, make, draft)
+    for name, path in spec.loras.items():
+        engine.add_lora(name, path)
+    return engine
+
+
+def run_engine_core(spec: CoreSpec, input_addr: str, output_addrs: list[str]) -> None:
+    """The process's life (see the module docstring)."""
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the API server decides when the core stops
+    ctx = zmq.Context()
+    inputs = ctx.socket(zmq.PULL)
+    inputs.bind(input_addr)
+    outputs = [ctx.socket(zmq.PUSH) for _ in output_addrs]
+    for sock, addr in zip(outputs, output_addrs, strict=True):
+        sock.setsockopt(zmq.LINGER, 2000)
+        sock.connect(addr)
+    try:
+        engine = build_engine(spec)
+    except Exception as e:  # a bad model or flag: every API server hears why, then the core ends
+        for sock in outputs:
+            sock.send(encode(CoreOutputs(spec.index, dead=f"engine core {spec.index} failed to start: {e}")))
+        raise
+    code = CoreLoop(engine, spec.index, inputs, outputs).run()
+    engine.executor.shutdown()
+    for sock in (inputs, *outputs):
+        sock.close()
+    ctx.term()
+    sys.exit(code)
+
+
+class CoreLoop:
+    def __init__(self, engine: LLMEngine, index: int, inputs: zmq.Socket, outputs: list[zmq.Socket]) -> None:
+        self.engine, self.core, self.index = engine, EngineCore(engine), index
+        self.inputs, self.outputs = inputs, outputs
+        self.owner: dict[str, int] = {}  # request -> the API server it came from
+        self.results: dict[int, list[CallResult]] = {}
+        self.stop = False
+
+    def run(self) -> int:
+        info = encode(self.engine.info(self.index))
+        for sock in self.outputs:
+            sock.send(info)
+        while not self.stop:
+            if self.inputs.poll(0 if self.core.has_work() else None):
+                self._drain()
+            if self.stop:
+                break
+            try:
+                updates = self.core.step() if self.core.has_work() else []
+            except EngineDeadError as e:
+                log.error("engine core %d: %s", self.index, e)
+                self._send(self.core.fail_all(f"the engine died: {e}"), dead=str(e))
+                return 1
+            if updates or self.results:
+                self._send(updates)
+        return 0
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                msg = core_input.decode(self.inputs.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            if isinstance(msg, AddRequest):
+                self.owner[msg.request_id] = msg.front_end
+                self.core.add(Request(msg.request_id, msg.prompt_token_ids, msg.sampling_params,
+                                      eos_token_ids=tuple(self.engine.model_config.eos_token_ids),
+                                      lora=msg.lora, priority=msg.priority, client=msg.client))
+            elif isinstance(msg, Abort):
+                self.core.abort(msg.request_ids)
+            elif isinstance(msg, Call):
+                self._call(msg)
+
+    def _call(self, msg: Call) -> None:
+        result = CallResult(msg.call_id)
+        if msg.method == "shutdown":
+            self.stop = True
+        elif msg.method == "add_lora":
+            try:
+                self.engine.add_lora(*msg.args)
+            except LeanLMError as e:
+                result.error = str(e)
+        else:
+            result.error = f"unknown call {msg.method!r}"
+        self.results.setdefault(msg.front_end, []).append(result)
+
+    def _send(self, updates: list, dead: str | None = None) -> None:
+        by_front: dict[int, list] = {}
+        for u in updates:
+            front = self.owner.get(u.request_id, 0)
+            by_front.setdefault(front, []).append(u)
+            if u.finish_reason is not None:
+                self.owner.pop(u.request_id, None)
+        stats = self.engine.stats()
+        for front, sock in enumerate(self.outputs):
+            sock.send(encode(CoreOutputs(self.index, by_front.get(front, []), stats,
+                                         self.results.pop(front, []), dead)))
