@@ -13,6 +13,7 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from bench_soak import _start, machine_line
@@ -41,7 +42,8 @@ def main() -> None:
         cmd = [str(st), "run", f"{url}/openapi.json", "-H", f"Authorization: Bearer {KEY}", "--checks", "all",
                "--exclude-checks", "positive_data_acceptance", "--max-examples", str(args.max_examples),
                "--request-timeout", "300", "--no-color"]
-        rc = subprocess.run(cmd, env=env, check=False).returncode
+        with tempfile.TemporaryDirectory() as scratch:  # st keeps a crash cache in its directory
+            rc = subprocess.run(cmd, env=env, cwd=scratch, check=False).returncode
     finally:
         proc.terminate()
         proc.wait(timeout=30)
