@@ -1,8 +1,14 @@
-"""A live leanlm server on loopback (uvicorn in a thread) over a tiny random model."""
+"""A live leanlm server on loopback over a tiny random model: in this process (uvicorn in a thread,
+the engine in another thread: ``start_server``), or as ``leanlm serve`` runs it (``start_split``:
+the command in a subprocess, its engine core in a process of its own)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -47,11 +53,60 @@ def start_server(path: object, loras: dict[str, object] | None = None, limits: S
     return srv, thread, f"http://127.0.0.1:{port}"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_split(path: object, *args: str, timeout: float = 180.0) -> tuple[subprocess.Popen, str]:
+    """``leanlm serve PATH`` (served as "tiny", with the key, 4-token blocks) in a subprocess,
+    once its /health answers; extra command-line ``args`` are appended."""
+    import httpx2 as httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "leanlm.cli", "serve", str(path), "--port", str(port), "--api-key", KEY,
+           "--served-model-name", "tiny", "--block-size", "4", "--kv-cache-memory", "8", "--threads", "1",
+           *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"leanlm serve exited with {proc.returncode}: {proc.stdout.read()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    stop_split(proc)
+    raise RuntimeError("leanlm serve did not come up")
+
+
+def stop_split(proc: subprocess.Popen, timeout: float = 60.0) -> int:
+    """SIGTERM, and the exit status (every process of the server gone: it kills the stragglers)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode
+
+
+@pytest.fixture(scope="module", params=["in-process", "split"])
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The server in this process, then as `leanlm serve` runs it (engine core in its own process)."""
     path = tmp_path_factory.mktemp("srv") / "m"
     build_hf_model("llama").save_pretrained(path)
     write_tokenizer(path)
+    if request.param == "split":
+        proc, url = start_split(path)
+        yield url
+        assert stop_split(proc) == 0
+        return
     srv, thread, url = start_server(path)
     yield url
     srv.should_exit = True

@@ -480,16 +480,16 @@ def test_concurrent_connections_are_capped(model_path: Any) -> None:
 
 
 def test_non_loopback_bind_without_a_key_warns(monkeypatch: pytest.MonkeyPatch) -> None:
-    import uvicorn
     from typer.testing import CliRunner
 
     from leanlm.cli import app
+    from leanlm.serve import launcher
     from leanlm.serve.cli import is_loopback
 
     assert all(is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"))
     assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.2", "example.com"))
     calls: list[dict] = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
+    monkeypatch.setattr(launcher, "launch", lambda spec: calls.append(spec.uvicorn) or 0)  # uvicorn's options
     monkeypatch.delenv("LEANLM_API_KEY", raising=False)
     runner = CliRunner()
     out = runner.invoke(app, ["serve", "--host", "0.0.0.0"])

@@ -62,31 +62,56 @@ def serve(
         help="Serve /metrics without the API key (e.g. to a Prometheus scraper).")] = False,
     docs: Annotated[bool, typer.Option(
         help="Serve /docs, /redoc and /openapi.json (behind the API key, when one is set).")] = True,
+    tensor_parallel_size: Annotated[int, typer.Option(
+        "--tensor-parallel-size", "-tp", help="Ranks the model is sharded over (tensor parallelism).")] = 1,
+    data_parallel_size: Annotated[int, typer.Option(
+        "--data-parallel-size", "-dp", help="Engine cores (replicas), each with its own ranks.")] = 1,
+    api_server_count: Annotated[int, typer.Option(
+        help="HTTP server processes sharing the port (tokenization, detokenization, SSE).")] = 1,
+    distributed_executor_backend: Annotated[str | None, typer.Option(
+        help="Where the ranks run: uniproc (in the engine core), mp (a process each), ray (Ray "
+             "actors), torchrun (the processes torchrun started, on one or several machines). "
+             "Default: uniproc for one rank, else mp.")] = None,
+    ray_address: Annotated[str | None, typer.Option(
+        help="--distributed-executor-backend ray: the cluster to join (default: a local one).")] = None,
+    router: Annotated[str, typer.Option(
+        help="Data parallelism: prefix (a prompt's cached prefix decides, within a load margin) or "
+             "least-loaded.")] = "prefix",
+    shutdown_timeout: Annotated[float, typer.Option(
+        help="On SIGTERM: seconds the requests in flight may take to finish (new ones get 503).")] = 30.0,
+    engine_in_process: Annotated[bool, typer.Option(
+        help="Run the engine in a thread of the HTTP server's process (one process; slower under load).")]
+    = False,
 ) -> None:
-    """Serve MODEL behind an OpenAI-compatible HTTP API (continuous batching, paged KV cache)."""
-    import torch
-    import uvicorn
+    """Serve MODEL behind an OpenAI-compatible HTTP API (continuous batching, paged KV cache).
+
+    The engine runs in processes of its own (engine cores; with tensor parallelism one worker per
+    rank), the HTTP server(s) in others; see leanlm/serve/launcher.py."""
+    import os
 
     from leanlm.allocator import bound_kernel_caches, keep_freed_memory
-    from leanlm.checkpoint import load_model
     from leanlm.serve.api.limits import ServerLimits
-    from leanlm.serve.api.server import create_app
-    from leanlm.serve.async_engine import AsyncLLMEngine
-    from leanlm.serve.engine import EngineConfig, LLMEngine
+    from leanlm.serve.core_process import CoreSpec
+    from leanlm.serve.engine import EngineConfig
+    from leanlm.serve.executor import BACKENDS
+    from leanlm.serve.router import POLICIES
     from leanlm.serve.scheduler import SchedulerConfig
-    from leanlm.tokenizer import load_tokenizer
 
     limits = ServerLimits(max_n=max_n, max_request_tokens=max_request_tokens, max_stop=max_stop,
                           max_stop_chars=max_stop_chars, max_prompt_chars=max_prompt_chars,
                           max_body_bytes=max_body_bytes, max_connections=max_connections,
                           timeout_keep_alive=timeout_keep_alive, timeout_request=timeout_request)
-    if threads:
-        torch.set_num_threads(threads)
+    backend = distributed_executor_backend or ("uniproc" if tensor_parallel_size == 1 else "mp")
+    if backend not in BACKENDS:
+        raise LeanLMError(f"--distributed-executor-backend {backend!r}: expected one of {BACKENDS}")
+    if router not in POLICIES:
+        raise LeanLMError(f"--router {router!r}: expected one of {POLICIES}")
+    if min(tensor_parallel_size, data_parallel_size, api_server_count) < 1:
+        raise LeanLMError("--tensor-parallel-size, --data-parallel-size and --api-server-count must be >= 1")
     keep_freed_memory()  # CPU steps reuse freed memory instead of page-faulting on it each step
     bound_kernel_caches()  # else oneDNN keeps a primitive per step size, and RSS grows with them
     path = resolve_model(model)
-    lm = load_model(path, dtype=dtype)
-    draft = None
+    draft_path = None
     if speculative == "draft":
         from leanlm.assets import DRAFT_MODEL
 
@@ -95,30 +120,63 @@ def serve(
         if ours.is_file() and theirs.is_file() and ours.read_bytes() != theirs.read_bytes():
             raise LeanLMError(f"--draft-model {draft_path}: its tokenizer.json differs from {path}'s; "
                               f"speculative decoding needs the same tokenizer")
-        draft = load_model(draft_path, dtype=dtype)
     elif draft_model is not None:
         raise LeanLMError("--draft-model needs --speculative draft")
+    loras = {}
+    for item in lora or []:
+        lname, sep, adapter = item.partition("=")
+        if not sep:
+            raise LeanLMError(f"--lora {item!r}: expected NAME=ADAPTER_DIR")
+        loras[lname] = adapter
     config = EngineConfig(block_size=block_size, kv_cache_memory=kv_cache_memory * 2**20,
                           enable_prefix_caching=enable_prefix_caching, kv_cache_dtype=kv_cache_dtype,
                           speculative=speculative, num_spec_tokens=num_spec_tokens,
                           spec_disable_batch_size=spec_disable_batch_size, compile=compile,
                           scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, policy=policy,
                                                     max_num_batched_tokens=max_num_batched_tokens))
-    core = LLMEngine(lm, config, draft)
-    for item in lora or []:
-        lname, sep, adapter = item.partition("=")
-        if not sep:
-            raise LeanLMError(f"--lora {item!r}: expected NAME=ADAPTER_DIR")
-        core.add_lora(lname, adapter)
-    engine = AsyncLLMEngine(core, load_tokenizer(path))
+    cores = [CoreSpec(str(path), config, dtype, i, tensor_parallel_size, backend,
+                      str(draft_path) if draft_path else None, loras, threads, ray_address)
+             for i in range(data_parallel_size)]
+    if backend == "torchrun" and int(os.environ.get("RANK", "0")) != 0:
+        from leanlm.serve.core_process import run_torchrun_worker
+
+        return run_torchrun_worker(cores[0])  # this rank serves the engine core on rank 0
     name = served_model_name or ("leanlm-default" if model is None else path.name)
     console = Console(stderr=True)
     if api_key is None and not is_loopback(host):
         console.print(f"[yellow]warning:[/yellow] serving on {host} without --api-key: anyone who can "
                       f"reach this address can use the model (set --api-key or LEANLM_API_KEY)")
-    console.print(f"serving {path} as {name!r} on http://{host}:{port}/v1")
-    app = create_app(engine, name, api_key, limits=limits, metrics_without_key=metrics_without_key, docs=docs)
-    uvicorn.run(app, host=host, port=port, log_level="warning", **limits.uvicorn_options())
+    app = {"api_key": api_key, "limits": limits, "metrics_without_key": metrics_without_key, "docs": docs}
+    if engine_in_process:
+        if tensor_parallel_size * data_parallel_size * api_server_count != 1 or backend != "uniproc":
+            raise LeanLMError("--engine-in-process serves one engine core with one rank and one API server")
+        return serve_in_process(cores[0], name, host, port, app, limits, console)
+    from leanlm.serve.launcher import ServeSpec, launch
+
+    console.print(f"serving {path} as {name!r} on http://{host}:{port}/v1 ({data_parallel_size} engine "
+                  f"core(s) x {tensor_parallel_size} rank(s) ({backend}), {api_server_count} API server(s))")
+    spec = ServeSpec(cores, str(path), name, host, port, api_server_count, router, shutdown_timeout, app,
+                     limits.uvicorn_options())
+    code = launch(spec)
+    if code:
+        raise typer.Exit(code)
+    return None
+
+
+def serve_in_process(core: object, name: str, host: str, port: int, app: dict, limits: object,
+                     console: Console) -> None:
+    """The one-process server: the engine in a thread beside uvicorn's event loop."""
+    import uvicorn
+
+    from leanlm.serve.api.server import create_app
+    from leanlm.serve.async_engine import AsyncLLMEngine
+    from leanlm.serve.core_process import build_engine
+    from leanlm.tokenizer import load_tokenizer
+
+    engine = AsyncLLMEngine(build_engine(core), load_tokenizer(core.model))
+    console.print(f"serving {core.model} as {name!r} on http://{host}:{port}/v1 (engine in process)")
+    uvicorn.run(create_app(engine, name, **app), host=host, port=port, log_level="warning",
+                **limits.uvicorn_options())
 
 
 def is_loopback(host: str) -> bool:

@@ -14,6 +14,7 @@ does the death of the process that started it (``PR_SET_PDEATHSIG``), which leav
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from dataclasses import dataclass, field, replace
@@ -26,11 +27,20 @@ from leanlm.checkpoint import load_model, resolve_dtype
 from leanlm.config import ModelConfig
 from leanlm.errors import LeanLMError
 from leanlm.serve.core import EngineCore
-from leanlm.serve.engine import EngineConfig, LLMEngine
+from leanlm.serve.engine import EngineConfig, LLMEngine, num_kv_blocks
 from leanlm.serve.executor import EngineDeadError, MultiprocExecutor, die_with_parent
-from leanlm.serve.messages import Abort, AddRequest, Call, CallResult, CoreOutputs, core_input, encode
+from leanlm.serve.messages import (
+    Abort,
+    AddRequest,
+    Call,
+    CallResult,
+    CoreOutputs,
+    EngineStats,
+    core_input,
+    encode,
+)
 from leanlm.serve.request import Request
-from leanlm.serve.worker import WorkerSpec
+from leanlm.serve.worker import WorkerSpec, worker_loop
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +89,25 @@ def build_engine(spec: CoreSpec) -> LLMEngine:
     return engine
 
 
+def run_torchrun_worker(spec: CoreSpec) -> None:
+    """A rank other than 0 under torchrun: one worker of the engine core that rank 0 runs; it
+    meets the others through torchrun's rendezvous and the core's sockets on ``MASTER_ADDR``
+    (ports ``MASTER_PORT + 1 ...``, see :class:`~leanlm.serve.executor.MultiprocExecutor`)."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if world != spec.tensor_parallel_size:
+        raise LeanLMError(f"torchrun started {world} processes; --tensor-parallel-size is "
+                          f"{spec.tensor_parallel_size}: they must be equal")
+    config = ModelConfig.from_json_file(Path(spec.model) / "config.json")
+    dtype = resolve_dtype(spec.dtype) or resolve_dtype(config.torch_dtype) or torch.float32
+    draft = load_model(spec.draft_model, dtype=spec.dtype) if spec.draft_model else None
+    e = spec.engine
+    worker = WorkerSpec(num_kv_blocks(config, e, dtype, world, draft), e.block_size, e.kv_cache_dtype,
+                        e.compile, e.max_loras, spec.model, spec.dtype, threads=spec.threads)
+    host, base = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
+    inbox, outbox = f"tcp://{host}:{base + 1 + rank}", f"tcp://{host}:{base + 1 + world}"
+    worker_loop(rank, world, "env://", worker, inbox, outbox)
+
+
 def run_engine_core(spec: CoreSpec, input_addr: str, output_addrs: list[str]) -> None:
     """The process's life (see the module docstring)."""
     die_with_parent()
@@ -110,6 +139,7 @@ class CoreLoop:
         self.inputs, self.outputs = inputs, outputs
         self.owner: dict[str, int] = {}  # request -> the API server it came from
         self.results: dict[int, list[CallResult]] = {}
+        self.stats: EngineStats | None = None  # as last sent
         self.stop = False
 
     def run(self) -> int:
@@ -127,8 +157,9 @@ class CoreLoop:
                 log.error("engine core %d: %s", self.index, e)
                 self._send(self.core.fail_all(f"the engine died: {e}"), dead=str(e))
                 return 1
-            if updates or self.results:
-                self._send(updates)
+            stats = self.engine.stats()
+            if updates or self.results or stats != self.stats:  # (an abort changes only the figures)
+                self._send(updates, stats=stats)
         return 0
 
     def _drain(self) -> None:
@@ -160,14 +191,14 @@ class CoreLoop:
             result.error = f"unknown call {msg.method!r}"
         self.results.setdefault(msg.front_end, []).append(result)
 
-    def _send(self, updates: list, dead: str | None = None) -> None:
+    def _send(self, updates: list, dead: str | None = None, stats: EngineStats | None = None) -> None:
         by_front: dict[int, list] = {}
         for u in updates:
             front = self.owner.get(u.request_id, 0)
             by_front.setdefault(front, []).append(u)
             if u.finish_reason is not None:
                 self.owner.pop(u.request_id, None)
-        stats = self.engine.stats()
+        self.stats = stats = stats or self.engine.stats()
         for front, sock in enumerate(self.outputs):
             sock.send(encode(CoreOutputs(self.index, by_front.get(front, []), stats,
                                          self.results.pop(front, []), dead)))

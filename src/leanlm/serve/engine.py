@@ -45,6 +45,22 @@ class EngineConfig:
     compile: bool = False
 
 
+def num_kv_blocks(model_config: ModelConfig, config: EngineConfig, dtype: torch.dtype, tp: int = 1,
+                  draft_model: Transformer | None = None) -> int:
+    """Blocks of the paged cache: ``num_blocks``, or as many as ``kv_cache_memory`` bytes hold on
+    one rank (with the draft model's K/V, whose cache has as many blocks)."""
+    kv_dtype = torch.int8 if config.kv_cache_dtype == "int8" else dtype
+    per_block = kv_bytes_per_block(model_config, config.block_size, kv_dtype, tp)
+    if draft_model is not None:  # the draft's K/V take a share of the same budget
+        per_block += kv_bytes_per_block(draft_model.config, config.block_size,
+                                        draft_model.embed_tokens.weight.dtype)
+    num_blocks = config.num_blocks or config.kv_cache_memory // per_block
+    if num_blocks < 1:
+        raise LeanLMError(f"kv_cache_memory={config.kv_cache_memory} bytes holds no block of "
+                          f"{config.block_size} tokens for this model")
+    return num_blocks
+
+
 class LLMEngine:
     """Schedule -> execute -> update over an :class:`~leanlm.serve.executor.Executor`: in process
     (``LLMEngine(model, ...)``, the model in this process) or over workers
@@ -82,15 +98,7 @@ class LLMEngine:
                               "speculative='draft'")
         if config.speculative and config.num_spec_tokens < 1:
             raise LeanLMError(f"num_spec_tokens must be >= 1, got {config.num_spec_tokens}")
-        kv_dtype = torch.int8 if config.kv_cache_dtype == "int8" else dtype
-        per_block = kv_bytes_per_block(model_config, config.block_size, kv_dtype, tp)
-        if draft_model is not None:  # the draft's K/V take a share of the same budget
-            per_block += kv_bytes_per_block(draft_model.config, config.block_size,
-                                            draft_model.embed_tokens.weight.dtype)
-        num_blocks = config.num_blocks or config.kv_cache_memory // per_block
-        if num_blocks < 1:
-            raise LeanLMError(f"kv_cache_memory={config.kv_cache_memory} bytes holds no block of "
-                              f"{config.block_size} tokens for this model")
+        num_blocks = num_kv_blocks(model_config, config, dtype, tp, draft_model)
         self.kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
         # a draft model writes its k - 1 fed-back guesses past the request's tokens: k slots ahead
         lookahead = config.num_spec_tokens if draft_model is not None else 0
