@@ -375,7 +375,8 @@ def test_no_per_request_state_outlives_its_request(live: Live) -> None:
     time.sleep(0.2)
     engine, core = live.engine, live.core
     thread = engine.thread  # the engine core in its thread: nothing held for finished requests
-    assert engine.streams == {} and thread.core.copied == {} and thread.new == [] and thread.core.pending == []
+    assert engine.streams == {} and thread.core.copied == {}
+    assert thread.new == [] and thread.core.pending == []
     assert core.scheduler.requests == {} and core.kv.req_blocks == {} and core.kv.req_hashes == {}
     assert core.scheduler._clients == {}  # vtc: no client is active
     assert len(core.runner.requests) <= 8  # the last step's finished requests, dropped at the next
@@ -489,7 +490,8 @@ def test_non_loopback_bind_without_a_key_warns(monkeypatch: pytest.MonkeyPatch) 
     assert all(is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"))
     assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "192.168.1.2", "example.com"))
     calls: list[dict] = []
-    monkeypatch.setattr(launcher, "launch", lambda spec: calls.append(spec.uvicorn) or 0)  # uvicorn's options
+    options = lambda spec: calls.append(spec.app["limits"].uvicorn_options()) or 0  # what uvicorn gets
+    monkeypatch.setattr(launcher, "launch", options)
     monkeypatch.delenv("LEANLM_API_KEY", raising=False)
     runner = CliRunner()
     out = runner.invoke(app, ["serve", "--host", "0.0.0.0"])

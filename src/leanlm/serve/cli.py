@@ -155,8 +155,7 @@ def serve(
 
     console.print(f"serving {path} as {name!r} on http://{host}:{port}/v1 ({data_parallel_size} engine "
                   f"core(s) x {tensor_parallel_size} rank(s) ({backend}), {api_server_count} API server(s))")
-    spec = ServeSpec(cores, str(path), name, host, port, api_server_count, router, shutdown_timeout, app,
-                     limits.uvicorn_options())
+    spec = ServeSpec(cores, str(path), name, host, port, api_server_count, router, shutdown_timeout, app)
     code = launch(spec)
     if code:
         raise typer.Exit(code)

@@ -28,7 +28,7 @@ from leanlm.config import ModelConfig
 from leanlm.errors import LeanLMError
 from leanlm.serve.core import EngineCore
 from leanlm.serve.engine import EngineConfig, LLMEngine, num_kv_blocks
-from leanlm.serve.executor import EngineDeadError, MultiprocExecutor, die_with_parent
+from leanlm.serve.executor import EngineDeadError, MultiprocExecutor, child_process
 from leanlm.serve.messages import (
     Abort,
     AddRequest,
@@ -110,7 +110,7 @@ def run_torchrun_worker(spec: CoreSpec) -> None:
 
 def run_engine_core(spec: CoreSpec, input_addr: str, output_addrs: list[str]) -> None:
     """The process's life (see the module docstring)."""
-    die_with_parent()
+    child_process(f"leanlm-core-{spec.index}")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the API server decides when the core stops
     ctx = zmq.Context()
     inputs = ctx.socket(zmq.PULL)

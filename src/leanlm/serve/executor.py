@@ -78,20 +78,26 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def die_with_parent() -> None:
-    """Linux: SIGKILL this process when the process that started it dies."""
+def child_process(name: str) -> None:
+    """Linux: name this process (``/proc/PID/comm``, what ``top`` and ``ps -o comm`` show) and have
+    the kernel SIGKILL it when the process that started it dies."""
     try:
         import ctypes
         import signal
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        libc.prctl(15, name.encode()[:15])  # PR_SET_NAME
     except (OSError, AttributeError):
-        pass
+        return
+    parent = mp.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died before the line above
+        os._exit(1)
 
 
-def _spawned_worker(*args: Any) -> None:
-    die_with_parent()
-    worker_loop(*args)
+def _spawned_worker(rank: int, *args: Any) -> None:
+    child_process(f"leanlm-rank-{rank}")
+    worker_loop(rank, *args)
 
 
 class MultiprocExecutor(Executor):

@@ -33,7 +33,7 @@ from typing import Any
 import uvicorn
 
 from leanlm.serve.core_process import CoreSpec, run_engine_core
-from leanlm.serve.executor import die_with_parent
+from leanlm.serve.executor import child_process
 
 DEAD_GRACE_S = 2.0  # how long a server whose engine died keeps answering 503 before it exits
 
@@ -48,8 +48,7 @@ class ServeSpec:
     api_server_count: int = 1
     router: str = "prefix"
     shutdown_timeout: float = 30.0
-    app: dict[str, Any] = field(default_factory=dict)  # create_app's keyword arguments
-    uvicorn: dict[str, Any] = field(default_factory=dict)  # uvicorn.Config's (limits)
+    app: dict[str, Any] = field(default_factory=dict)  # create_app's keyword arguments (with limits)
 
 
 class DrainingServer(uvicorn.Server):
@@ -88,6 +87,7 @@ class DrainingServer(uvicorn.Server):
 def run_api_server(spec: ServeSpec, front_end: int, sock: socket.socket, inputs: list[str],
                    output: str) -> int:
     """One API server's life; its exit status (1: the engine died)."""
+    from leanlm.serve.api.limits import ServerLimits
     from leanlm.serve.api.server import create_app
     from leanlm.serve.async_engine import AsyncLLMEngine
     from leanlm.serve.core_client import CoreClient
@@ -98,7 +98,8 @@ def run_api_server(spec: ServeSpec, front_end: int, sock: socket.socket, inputs:
         await client.start()
         engine = AsyncLLMEngine(None, load_tokenizer(spec.tokenizer), client=client)
         app = create_app(engine, spec.model_name, **spec.app)
-        config = uvicorn.Config(app, log_level="warning", **spec.uvicorn)
+        limits = spec.app.get("limits") or ServerLimits()
+        config = uvicorn.Config(app, log_level="warning", **limits.uvicorn_options())
         server = DrainingServer(config, spec.shutdown_timeout)
         watcher = asyncio.create_task(server.watch_engine())
         try:
@@ -113,7 +114,7 @@ def run_api_server(spec: ServeSpec, front_end: int, sock: socket.socket, inputs:
 
 def _api_server_process(spec: ServeSpec, front_end: int, sock: socket.socket, inputs: list[str],
                         output: str) -> None:
-    die_with_parent()
+    child_process(f"leanlm-api-{front_end}")
     raise SystemExit(run_api_server(spec, front_end, sock, inputs, output))
 
 
@@ -144,6 +145,8 @@ def launch(spec: ServeSpec) -> int:
             if p.is_alive():
                 p.terminate()
         for p in (*apis, *cores):
+            if p.pid is None:  # (never started)
+                continue
             p.join(timeout=spec.shutdown_timeout + 10)
             if p.is_alive():
                 p.kill()
