@@ -41,6 +41,21 @@ def test_freed_blocks_are_reused_without_page_faults() -> None:
     assert applied == "False" and faults > 1000  # glibc's default: mmap, munmap, fault again
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_processes_started_afterwards_keep_freed_memory_too() -> None:
+    """``leanlm serve``'s engine cores and workers are spawned processes: mallopt is not
+    inherited, the environment variables glibc reads at start are."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")}
+    child = PROBE.replace("from leanlm.allocator import keep_freed_memory\nprint(keep_freed_memory())",
+                          "print('child')")
+    parent = ("import subprocess, sys\nfrom leanlm.allocator import keep_freed_memory\nkeep_freed_memory()\n"
+              f"sys.stdout.write(subprocess.run([sys.executable, '-c', {child!r}], capture_output=True, "
+              "text=True).stdout)")
+    out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.split()[0] == "child" and int(out.stdout.split()[1]) < 100
+
+
 CACHES = """
 import os, sys, psutil, torch
 from leanlm.allocator import bound_kernel_caches

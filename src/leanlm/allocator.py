@@ -15,9 +15,12 @@ depending on the run; with the settings below, 2,500–3,000.
 jemalloc/tcmalloc preloading gives Intel's extension and vLLM's CPU backend, without a preload.
 The cost is that the process keeps memory it has freed (up to its peak) instead of returning it.
 It is applied once per process by the commands that serve or generate (``leanlm serve``,
-``leanlm generate``; the benchmarks likewise), never by a library constructor; it does nothing
-where libc is not glibc, or where the user set ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or
-``GLIBC_TUNABLES`` (their choice stands), or ``LEANLM_KEEP_FREED_MEMORY=0``.
+``leanlm generate``; the benchmarks likewise), never by a library constructor, and exported as
+glibc's ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``, which glibc reads when a process
+starts: the engine cores and workers ``leanlm serve`` spawns get the same setting (``mallopt``
+is not inherited). It does nothing where libc is not glibc, or where the user set
+``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or ``GLIBC_TUNABLES`` (their choice stands),
+or ``LEANLM_KEEP_FREED_MEMORY=0``.
 
 :func:`bound_kernel_caches` caps the two caches oneDNN keeps per operation shape: its primitive
 cache (``ONEDNN_PRIMITIVE_CACHE_CAPACITY``) and ideep's (``LRU_CACHE_CAPACITY``, torch's oneDNN
@@ -63,7 +66,10 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, THRESHOLD))
+    done = bool(mallopt(M_MMAP_THRESHOLD, THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, THRESHOLD))
+    if done:  # processes started from now on (the engine cores and workers): glibc reads these
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = os.environ["MALLOC_TRIM_THRESHOLD_"] = str(THRESHOLD)
+    return done
 
 
 ONEDNN_CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")

@@ -100,11 +100,36 @@ def schedule(prompts: list[str], n: int, max_tokens: int, rate: float, seed: int
     return [BenchRequest(prompts[i % len(prompts)], max_tokens, delay=float(t)) for i, t in enumerate(times)]
 
 
+async def _whole(client: object, url: str, body: dict, headers: dict[str, str], result: RequestResult,
+                 sent: float) -> RequestResult:
+    """A non-streaming request: its latency is its TTFT too."""
+    r = await client.post(f"{url}/completions", json=body, headers=headers)  # type: ignore[attr-defined]
+    if r.status_code != 200:
+        result.error = f"HTTP {r.status_code}: {r.text[:200]}"
+        return result
+    usage = r.json()["usage"]
+    result.ok = True
+    result.ttft = result.latency = time.perf_counter() - sent
+    result.output_tokens, result.prompt_tokens = usage["completion_tokens"], usage["prompt_tokens"]
+    return result
+
+
 async def _one(client: object, url: str, model: str, req: BenchRequest, headers: dict[str, str],
-               extra: dict, start: float, sem: asyncio.Semaphore | None) -> RequestResult:
+               extra: dict, start: float, sem: asyncio.Semaphore | None,
+               stream: bool = True) -> RequestResult:
     await asyncio.sleep(max(0.0, start + req.delay - time.perf_counter()))
     if sem is not None:
         await sem.acquire()
+    if not stream:
+        body = {"model": model, "prompt": req.prompt, "max_tokens": req.max_tokens, **extra}
+        try:
+            return await _whole(client, url, body, headers, RequestResult(ok=False, user=req.user),
+                                time.perf_counter())
+        except Exception as e:  # a failed request is reported, not fatal to the run
+            return RequestResult(ok=False, error=f"{type(e).__name__}: {e}", user=req.user)
+        finally:
+            if sem is not None:
+                sem.release()
     body = {"model": model, "prompt": req.prompt, "max_tokens": req.max_tokens, "stream": True,
             "stream_options": {"include_usage": True}, **extra}
     if req.user is not None:
@@ -151,9 +176,10 @@ async def _one(client: object, url: str, model: str, req: BenchRequest, headers:
 
 async def run(url: str, requests: list[BenchRequest], model: str | None = None, api_key: str | None = None,
               max_concurrency: int | None = None, extra: dict | None = None,
-              timeout: float = 600.0) -> tuple[list[RequestResult], float]:
-    """Send ``requests`` to ``url`` (the API base, e.g. http://127.0.0.1:8000/v1); returns the
-    results in request order and the wall time. ``model`` defaults to the server's first."""
+              timeout: float = 600.0, stream: bool = True) -> tuple[list[RequestResult], float]:
+    """Send ``requests`` to ``url`` (the API base, e.g. http://127.0.0.1:8000/v1), streamed or
+    not; returns the results in request order and the wall time. ``model`` defaults to the
+    server's first."""
     import httpx2 as httpx
 
     url = url.rstrip("/")
@@ -168,7 +194,7 @@ async def run(url: str, requests: list[BenchRequest], model: str | None = None, 
             model = listed[0]["id"]
         sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
         start = time.perf_counter()
-        results = await asyncio.gather(*(_one(client, url, model, r, headers, extra or {}, start, sem)
+        results = await asyncio.gather(*(_one(client, url, model, r, headers, extra or {}, start, sem, stream)
                                          for r in requests))
         return list(results), time.perf_counter() - start
 

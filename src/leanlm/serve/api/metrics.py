@@ -32,7 +32,12 @@ class Metrics:
         self.drafts = Counter("leanlm_spec_decode_num_draft_tokens", "Draft tokens verified", e, registry=r)
         self.accepted = Counter("leanlm_spec_decode_num_accepted_tokens", "Draft tokens accepted", e,
                                 registry=r)
-        self.spec_seen: dict[int, tuple[int, int]] = {}  # each engine's (drafts, accepted) at the last scrape
+        self.queries = Counter("leanlm_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                               e, registry=r)
+        self.hits = Counter("leanlm_prefix_cache_hits", "Prompt tokens found in the prefix cache", e,
+                            registry=r)
+        # each engine's totals (drafts, accepted, queries, hits) at the last scrape
+        self.seen: dict[int, tuple[int, int, int, int]] = {}
         buckets = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
         self.ttft = Histogram("leanlm_time_to_first_token_seconds", "TTFT", buckets=buckets, registry=r)
         self.itl = Histogram("leanlm_inter_token_latency_seconds", "ITL", buckets=buckets, registry=r)
@@ -64,8 +69,10 @@ class Metrics:
             self.kv_usage.labels(label).set(st.kv_usage)
             self.hit_rate.labels(label).set(st.prefix_hit_rate)
             # the engines keep totals: the counters catch up with them at each scrape
-            seen = self.spec_seen.get(index, (0, 0))
-            self.drafts.labels(label).inc(max(0, st.spec_proposed - seen[0]))
-            self.accepted.labels(label).inc(max(0, st.spec_accepted - seen[1]))
-            self.spec_seen[index] = (st.spec_proposed, st.spec_accepted)
+            totals = (st.spec_proposed, st.spec_accepted, st.prefix_queries, st.prefix_hits)
+            seen = self.seen.get(index, (0, 0, 0, 0))
+            for counter, total, before in zip((self.drafts, self.accepted, self.queries, self.hits), totals,
+                                              seen, strict=True):
+                counter.labels(label).inc(max(0, total - before))
+            self.seen[index] = totals
         return generate_latest(self.registry).decode()
