@@ -59,13 +59,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_split(path: object, *args: str, timeout: float = 180.0) -> tuple[subprocess.Popen, str]:
+def start_split(path: object, *args: str, timeout: float = 180.0,
+                launcher: tuple[str, ...] = (sys.executable,)) -> tuple[subprocess.Popen, str]:
     """``leanlm serve PATH`` (served as "tiny", with the key, 4-token blocks) in a subprocess,
-    once its /health answers; extra command-line ``args`` are appended."""
+    once its /health answers; extra command-line ``args`` are appended; ``launcher`` runs
+    ``-m leanlm.cli`` (e.g. torchrun)."""
     import httpx2 as httpx
 
     port = free_port()
-    cmd = [sys.executable, "-m", "leanlm.cli", "serve", str(path), "--port", str(port), "--api-key", KEY,
+    cmd = [*launcher, "-m", "leanlm.cli", "serve", str(path), "--port", str(port), "--api-key", KEY,
            "--served-model-name", "tiny", "--block-size", "4", "--kv-cache-memory", "8", "--threads", "1",
            *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

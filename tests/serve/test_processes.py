@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -138,6 +139,28 @@ def alive(pids: set[int], wait: float = 5.0) -> list[str]:
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.1)
+
+
+def test_ranks_launched_by_torchrun(model_path: Path) -> None:
+    """`torchrun --nproc-per-node 2 -m leanlm.cli serve -tp 2 --distributed-executor-backend
+    torchrun`: rank 0 serves HTTP and runs the engine core, rank 1 is a worker it reaches over TCP
+    (what two machines do, on one); the outputs are one process's."""
+    proc, url = serve_fixtures.start_split(model_path)
+    try:
+        want = [complete(url, p).json()["choices"][0]["text"] for p in PROMPTS[:3]]
+    finally:
+        serve_fixtures.stop_split(proc)
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                "--master-port", str(serve_fixtures.free_port()))
+    proc, url = serve_fixtures.start_split(model_path, "-tp", "2", "--distributed-executor-backend",
+                                           "torchrun", launcher=torchrun)
+    before = set(children(proc.pid))
+    try:
+        assert [complete(url, p).json()["choices"][0]["text"] for p in PROMPTS[:3]] == want
+        assert len(named(list(before), "leanlm-rank-")) == 1  # rank 0's worker; rank 1 is torchrun's
+    finally:
+        serve_fixtures.stop_split(proc)  # (torchrun's own exit status on SIGTERM is its business)
+    assert not alive(before)
 
 
 def test_a_killed_tensor_parallel_worker_fails_the_streams_and_the_server(model_path: Path) -> None:

@@ -118,6 +118,7 @@ def run_engine_core(spec: CoreSpec, input_addr: str, output_addrs: list[str]) ->
     outputs = [ctx.socket(zmq.PUSH) for _ in output_addrs]
     for sock, addr in zip(outputs, output_addrs, strict=True):
         sock.setsockopt(zmq.LINGER, 2000)
+        sock.setsockopt(zmq.SNDHWM, 1 << 16)  # steps' outputs an API server may fall behind by
         sock.connect(addr)
     try:
         engine = build_engine(spec)
@@ -200,5 +201,10 @@ class CoreLoop:
                 self.owner.pop(u.request_id, None)
         self.stats = stats = stats or self.engine.stats()
         for front, sock in enumerate(self.outputs):
-            sock.send(encode(CoreOutputs(self.index, by_front.get(front, []), stats,
-                                         self.results.pop(front, []), dead)))
+            data = encode(CoreOutputs(self.index, by_front.get(front, []), stats, self.results.pop(front, []),
+                                      dead))
+            try:  # never block the engine on an API server that is gone (or 65,536 steps behind)
+                sock.send(data, zmq.NOBLOCK)
+            except zmq.Again:
+                log.warning("engine core %d: API server %d is not reading; its outputs are dropped",
+                            self.index, front)
