@@ -16,8 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_soak import _start, machine_line
-from common import free_port
+from bench_soak import machine_line
+from common import free_port, start_server
 
 KEY = "sk-fuzz"
 
@@ -34,8 +34,8 @@ def main() -> None:
     print(f"# machine: {machine_line()}", flush=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = _start([sys.executable, "-m", "leanlm.cli", "serve", "--port", str(port), "--api-key", KEY,
-                   *args.server_args], url)
+    proc = start_server([sys.executable, "-m", "leanlm.cli", "serve", "--port", str(port), "--api-key", KEY,
+                         *args.server_args], url, "/health")
     try:
         env = {**os.environ, "SCHEMATHESIS_HOOKS": "schemathesis_hooks",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(here), os.environ.get("PYTHONPATH")]))}

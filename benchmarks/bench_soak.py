@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import os
@@ -32,9 +33,9 @@ import time
 
 import psutil
 
-from common import free_port
+from common import free_port, start_server
 from leanlm import DEFAULT_MODEL, load_tokenizer
-from leanlm.quant.calibration import default_texts
+from leanlm.data.text import default_texts
 
 KEY = "sk-soak"
 INVALID = [  # (what, raw body or JSON body, headers override)
@@ -91,7 +92,15 @@ class Soak:
                 "disconnect" if x < self.args.invalid + self.args.disconnect else "valid")
 
     def sample(self) -> None:
-        self.rss.append((self.done, time.perf_counter() - self.start, self.proc.memory_info().rss / 2**20))
+        self.rss.append((self.done, time.perf_counter() - self.start, self.server_rss() / 2**20))
+
+    def server_rss(self) -> int:
+        """RSS of the server's processes: the HTTP server and the engine core(s) it started."""
+        total = self.proc.memory_info().rss
+        for child in self.proc.children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                total += child.memory_info().rss
+        return total
 
     async def valid(self, client: object, i: int, hang_up: bool) -> None:
         chat = i % 3 == 0
@@ -195,7 +204,7 @@ def main() -> None:
     cmd = [sys.executable, "-m", "leanlm.cli", "serve", "--port", str(port), "--api-key", KEY,
            *args.server_args]
     env_key = os.environ.pop("LEANLM_API_KEY", None)
-    proc = _start(cmd, url)
+    proc = start_server(cmd, url, "/health")  # (the model list needs the key)
     try:
         soak = Soak(args, url, proc.pid)
         wall = time.perf_counter()
@@ -227,25 +236,6 @@ def main() -> None:
         with open(args.json_out, "w") as f:
             json.dump({"counts": counts, "rss": soak.rss, "failures": soak.failures, "wrong": soak.wrong,
                        "wall_s": wall, "machine": machine_line()}, f, indent=1)
-
-
-def _start(cmd: list[str], url: str) -> subprocess.Popen:
-    """The server, up once ``/health`` answers (the model list needs the key)."""
-    import httpx2 as httpx
-
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=sys.stderr)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{cmd[:5]} exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"{cmd[:5]} did not come up")
 
 
 if __name__ == "__main__":

@@ -84,8 +84,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(cmd: list[str], url: str) -> subprocess.Popen:
-    """Run an OpenAI-compatible server command; returns once ``url``/models answers."""
+def start_server(cmd: list[str], url: str, probe: str = "/models") -> subprocess.Popen:
+    """Run an OpenAI-compatible server command; returns once ``url`` + ``probe`` answers (a
+    server behind an API key: probe ``/health`` from its root)."""
     import httpx2 as httpx  # serving benchmarks only: the kernel and training ones run without it
 
     log = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the server; not a pipe, which could fill and block it)
@@ -96,7 +97,7 @@ def start_server(cmd: list[str], url: str) -> subprocess.Popen:
             log.seek(0)
             raise RuntimeError(f"{cmd[:4]} exited: {log.read().decode(errors='replace')[-2000:]}")
         try:
-            if httpx.get(f"{url}/models", timeout=1).status_code == 200:
+            if httpx.get(f"{url}{probe}", timeout=1).status_code == 200:
                 return proc
         except httpx.HTTPError:
             pass

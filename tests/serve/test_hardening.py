@@ -46,11 +46,14 @@ class Live:
             pytest.skip("looks inside the engine, which runs in another process here")
         return self.app.state.engine.engine
 
-    def running(self) -> int:
-        """Requests in the running batch (of every engine core), read from /metrics."""
+    def metric(self, prefix: str) -> float:
+        """The sum of the /metrics series whose line starts with ``prefix``."""
         text = httpx.get(self.url + "/metrics", headers=AUTH, timeout=30).text
-        return int(sum(float(line.rpartition(" ")[2]) for line in text.splitlines()
-                       if line.startswith("leanlm_num_requests_running{")))
+        return sum(float(line.rpartition(" ")[2]) for line in text.splitlines() if line.startswith(prefix))
+
+    def running(self) -> int:
+        """Requests in the running batch (of every engine core)."""
+        return int(self.metric("leanlm_num_requests_running{"))
 
     def post(self, path: str, body: Any = None, headers: dict | None = None, **kw: Any) -> httpx.Response:
         return httpx.post(self.url + path, json=body, headers=AUTH if headers is None else headers,
@@ -346,7 +349,6 @@ def test_lone_surrogates_get_a_400(live: Live) -> None:
 # ---- 6. a non-streaming request whose client goes away ------------------------------------------
 def test_non_streaming_requests_are_aborted_when_the_client_disconnects(
         live: Live, monkeypatch: pytest.MonkeyPatch) -> None:
-    tokens = 1000
     if live.app is not None:
         step = live.core.step
 
@@ -355,9 +357,8 @@ def test_non_streaming_requests_are_aborted_when_the_client_disconnects(
             return step()
 
         monkeypatch.setattr(live.core, "step", slow_step)
-    else:
-        tokens = 2000  # (no step to slow down in another process: 2,000 steps take well over 5 s)
-    body = json.dumps({"model": "tiny", "prompt": "x", "max_tokens": tokens, "n": 2,
+    generated = live.metric("leanlm_generation_tokens_total")
+    body = json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 1000, "n": 2,
                        "ignore_eos": True}).encode()
     host, port = live.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as s:
@@ -373,7 +374,8 @@ def test_non_streaming_requests_are_aborted_when_the_client_disconnects(
     while live.running() and time.time() < gone + 10:
         time.sleep(0.01)
     assert live.running() == 0
-    assert time.time() - gone < 5  # aborted, not run to the end
+    assert time.time() - gone < 5  # aborted, not run to the end ...
+    assert live.metric("leanlm_generation_tokens_total") - generated < 2000  # ... of its 2 x 1,000 tokens
 
 
 # ---- 7. no per-request state is left behind -----------------------------------------------------
