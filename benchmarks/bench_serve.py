@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
-import socket
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -33,7 +31,6 @@ from common import free_port, machine, start_server, unpacked_linears
 from leanlm import DEFAULT_MODEL, DRAFT_MODEL, load_model, load_tokenizer
 from leanlm.data.text import default_texts
 from leanlm.serve import bench
-from leanlm.serve.async_engine import AsyncLLMEngine
 from leanlm.serve.engine import LLM, EngineConfig, LLMEngine
 from leanlm.serve.request import SamplingParams
 from leanlm.serve.scheduler import SchedulerConfig
@@ -133,47 +130,41 @@ def throughput(args: argparse.Namespace) -> None:
               f"{statistics.median(ttfts[1:]) * 1000:.1f} ms (first request {ttfts[0] * 1000:.1f} ms)")
 
 
-def serve_in_thread(config: EngineConfig) -> tuple[object, AsyncLLMEngine, str]:
-    """A leanlm server on loopback over the default model: (uvicorn server, engine, API base)."""
-    import uvicorn
-
-    from leanlm.serve.api.server import create_app
-
-    engine = AsyncLLMEngine(LLMEngine(load_model(DEFAULT_MODEL), config), load_tokenizer(DEFAULT_MODEL))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, "leanlm-default"), host="127.0.0.1",
-                                           port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    return server, engine, f"http://127.0.0.1:{port}/v1"
-
-
 def load(args: argparse.Namespace) -> None:
-    """``--load-requests`` streaming requests through HTTP (``leanlm bench serve``'s client)."""
-    server, engine, url = serve_in_thread(EngineConfig(
-        block_size=16, kv_cache_memory=256 * 2**20, scheduler=SchedulerConfig(max_num_seqs=64)))
+    """``--load-requests`` streaming requests through HTTP (``leanlm bench serve``'s client) to
+    ``leanlm serve`` as it runs (its engine core in a process of its own)."""
+    import httpx2 as httpx
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    proc = start_server([sys.executable, "-m", "leanlm.cli", "serve", "--port", str(port), "--max-num-seqs",
+                         "64", "--kv-cache-memory", "256"], url)
+    tree = psutil.Process(proc.pid)
+    rss = lambda: sum(p.memory_info().rss for p in [tree, *tree.children(recursive=True)])
     tok = load_tokenizer(DEFAULT_MODEL)
     texts = [tok.decode(p) for p in prompts(64, args.prompt_len)]
-    rss0 = psutil.Process().memory_info().rss
-    reqs = bench.schedule(texts, args.load_requests, args.max_tokens, args.rate)
-    results, wall = asyncio.run(bench.run(url, reqs, max_concurrency=args.clients,
-                                          extra={"temperature": 0}))
-    s = bench.summarize(results, wall)
-    rss1 = psutil.Process().memory_info().rss
-    kv = engine.engine.kv
-    print(f"# bench_serve --load: {args.load_requests} streaming requests from {args.clients} clients, "
-          f"arrival rate {args.rate} req/s, {args.prompt_len}-token prompts, max_tokens "
-          f"{args.max_tokens}; {machine()}")
+    rss0 = rss()
+    try:
+        reqs = bench.schedule(texts, args.load_requests, args.max_tokens, args.rate)
+        results, wall = asyncio.run(bench.run(url, reqs, max_concurrency=args.clients,
+                                              extra={"temperature": 0}))
+        s = bench.summarize(results, wall)
+        rss1 = rss()
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+        usage = next(line.rpartition(" ")[2] for line in metrics.splitlines()
+                     if line.startswith("leanlm_kv_cache_usage_ratio{"))
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    print(f"# bench_serve --load: `leanlm serve`, {args.load_requests} streaming requests from "
+          f"{args.clients} clients, arrival rate {args.rate} req/s, {args.prompt_len}-token prompts, "
+          f"max_tokens {args.max_tokens}; {machine()}")
     print(f"ok {s['completed']}, failed {s['failed']}; {wall:.1f} s; output {s['output_throughput']:.1f} "
           f"tok/s; TTFT median {s['median_ttft_ms'] / 1000:.2f} s p99 {s['p99_ttft_ms'] / 1000:.2f} s; "
           f"TPOT median {s['median_tpot_ms']:.1f} ms; ITL median {s['median_itl_ms']:.1f} ms "
           f"p99 {s['p99_itl_ms']:.1f} ms; E2E median {s['median_e2el_ms'] / 1000:.2f} s; "
-          f"RSS {rss0 / 2**20:.0f} -> {rss1 / 2**20:.0f} MiB; "
-          f"KV blocks free at the end {kv.pool.num_free_blocks}/{len(kv.pool.blocks)}")
-    server.should_exit = True
+          f"RSS of the server's processes {rss0 / 2**20:.0f} -> {rss1 / 2**20:.0f} MiB; "
+          f"KV cache in use at the end {float(usage):.0%}")
 
 
 def fairness(args: argparse.Namespace) -> None:
