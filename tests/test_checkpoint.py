@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -150,3 +151,69 @@ def test_public_contract(make_hf_checkpoint):
     assert isinstance(model, leanlm.Transformer)
     assert model(torch.zeros(3, 5, dtype=torch.long)).shape == (3, 5, VOCAB)
     assert set(FAMILIES) >= {"llama", "mistral", "qwen2", "qwen3", "gpt2"}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_packed_load_keeps_one_copy_of_each_weight(family, make_hf_checkpoint, tmp_path):
+    """``pack=True``: every linear's weight is only the packed tensor, the embedding stays in the
+    file mapping, the logits are the plain load's, and saving gives the checkpoint back."""
+    from leanlm.kernels.cpu_linear import Linear
+
+    path = make_hf_checkpoint(family)
+    plain = load_model(path, dtype="float32")
+    packed = load_model(path, dtype="float32", pack=True)
+    linears = [m for m in packed.modules() if isinstance(m, Linear)]
+    assert len(linears) == 7 * packed.config.num_layers + 1 if family == "llama" else len(linears) > 0
+    assert all(m.is_packed and m._packed is None for m in linears)
+    tokens = torch.tensor([[1, 5, 9, 2, 7]])
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(tokens), plain(tokens), rtol=1e-5, atol=1e-5)
+    out = save_model(packed, tmp_path / "again")
+    torch.testing.assert_close(load_model(out).state_dict(), plain.state_dict(), rtol=0, atol=0)
+    packed.unpack_weights_()
+    assert not any(m.is_packed for m in linears)
+    if packed.config.tie_word_embeddings:
+        assert packed.lm_head.weight is packed.embed_tokens.weight
+
+
+PEAK = r"""
+import os, sys
+os.environ.pop("TRITON_INTERPRET", None)  # the interpreted Triton kernels' imports would count
+import torch
+import leanlm
+def status(key):  # VmHWM, not ru_maxrss: that one starts from the forking parent's
+    line = next(l for l in open("/proc/self/status") if l.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
+import safetensors.torch  # what any load imports and sets up (oneDNN), before the baseline
+torch.ops.mkldnn._reorder_linear_weight(torch.zeros(64, 64, dtype=torch.bfloat16))
+base = status("VmRSS")
+model = leanlm.load_model(sys.argv[1], pack=sys.argv[2] == "1")
+with torch.inference_mode():
+    model(torch.tensor([[1, 2, 3, 4]]))
+print(status("VmHWM") - base)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's /proc")
+def test_packed_load_peaks_at_about_one_copy(tmp_path):
+    """Peak resident memory of a packed load + forward, over the safetensors' size: one copy (a
+    plain load followed by packing on the first forward held two)."""
+    import subprocess
+    import sys
+
+    from leanlm.config import ModelConfig
+    from leanlm.model import Transformer
+
+    config = ModelConfig.from_preset("llama-3.2-1b", num_layers=4, hidden_size=1024, intermediate_size=2816,
+                                     num_heads=8, num_kv_heads=4, head_dim=128, vocab_size=32000)
+    with torch.device("meta"):
+        model = Transformer(config)
+    model = model.to_empty(device="cpu").bfloat16()
+    model.tie_weights()
+    model.init_weights(std=0.02, generator=torch.Generator().manual_seed(0))
+    path = save_model(model, tmp_path / "m")
+    size = (path / "model.safetensors").stat().st_size
+    peak = {p: int(subprocess.run([sys.executable, "-c", PEAK, str(path), p], capture_output=True, text=True,
+                                  check=True).stdout.split()[-1]) / size for p in ("1", "0")}
+    assert peak["1"] <= 1.15, peak
+    assert peak["0"] > 1.5, peak  # the lazily packed copy beside the plain one: what this avoids

@@ -38,6 +38,10 @@ creates a primitive in the process, so this runs before the first inference (``l
 calls it, before the model loads; its engine and worker processes inherit the variables); a
 capacity the user set in the environment stands.
 
+:func:`drop_pages` hands the pages of a file mapping back to the kernel (``madvise(MADV_DONTNEED)``):
+the loader calls it on each weight it has repacked into memory of its own, so the file's pages
+it read stop counting against the process.
+
 :func:`available_memory` is Linux's MemAvailable: what the trainer's memory check and the
 prepacked linears (``kernels/cpu_linear.py``) may still use.
 """
@@ -52,6 +56,16 @@ import os
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 THRESHOLD = 1 << 30
+MADV_DONTNEED = 4
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
 
 
 @functools.cache
@@ -61,15 +75,26 @@ def keep_freed_memory() -> bool:
     if os.environ.get("LEANLM_KEEP_FREED_MEMORY", "1") == "0" or any(v in os.environ for v in user):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
+        mallopt = _libc().mallopt  # type: ignore[union-attr]
+    except AttributeError:  # no libc, or not glibc (musl, macOS, Windows)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     done = bool(mallopt(M_MMAP_THRESHOLD, THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, THRESHOLD))
     if done:  # processes started from now on (the engine cores and workers): glibc reads these
         os.environ["MALLOC_MMAP_THRESHOLD_"] = os.environ["MALLOC_TRIM_THRESHOLD_"] = str(THRESHOLD)
     return done
+
+
+def drop_pages(start: int, end: int) -> bool:
+    """``madvise(MADV_DONTNEED)`` the whole pages within [start, end) of a *file* mapping (on
+    anonymous memory this would zero it: callers pass only ranges of a mapping they made);
+    whether it was done (not where there is no libc ``madvise``)."""
+    libc = _libc()
+    lo, hi = -(-start // PAGE) * PAGE, end // PAGE * PAGE
+    if libc is None or not hasattr(libc, "madvise") or hi <= lo:
+        return False
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise(lo, hi - lo, MADV_DONTNEED) == 0
 
 
 ONEDNN_CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")

@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 
 from leanlm.config import ModelConfig
 from leanlm.errors import LeanLMError
+from leanlm.allocator import drop_pages
 from leanlm.fsutil import staged_dir
 from leanlm.model import Transformer
 
@@ -149,11 +150,12 @@ def weight_files(path: Path, allow_pickle: bool) -> tuple[list[Path], str]:
 class _Entry:
     """One tensor in a checkpoint: its shape (from the header only) and a lazy loader."""
 
-    __slots__ = ("dtype", "file", "load", "shape")
+    __slots__ = ("dtype", "file", "load", "mapping", "shape")
 
     def __init__(self, shape: list[int], dtype: torch.dtype, file: Path,
-                 load: Callable[[], torch.Tensor]) -> None:
+                 load: Callable[[], torch.Tensor], mapping: _MappedFile | None = None) -> None:
         self.shape, self.dtype, self.file, self.load = shape, dtype, file, load
+        self.mapping = mapping  # the file mapping the loaded tensor is a view of, if any
 
 
 def open_tensors(files: list[Path], kind: str, stack: ExitStack, mmap: bool) -> dict[str, _Entry]:
@@ -166,14 +168,14 @@ def open_tensors(files: list[Path], kind: str, stack: ExitStack, mmap: bool) -> 
             continue
         try:
             handle = stack.enter_context(safe_open(str(f), framework="pt"))  # validates the file
-            reader = None if mmap else stack.enter_context(_SafetensorsReader(f))
+            reader = _MappedFile(f) if mmap else stack.enter_context(_SafetensorsReader(f))
             for k in handle.keys():  # noqa: SIM118 (not a dict)
                 info = handle.get_slice(k)
                 dtype = _ST_DTYPES.get(info.get_dtype())
                 if dtype is None:
                     raise LeanLMError(f"{f}: tensor {k!r} has unsupported dtype {info.get_dtype()}")
-                load = (lambda h=handle, k=k: h.get_tensor(k)) if mmap else (lambda r=reader, k=k: r.read(k))
-                entries[k] = _Entry(list(info.get_shape()), dtype, f, load)
+                entries[k] = _Entry(list(info.get_shape()), dtype, f, lambda r=reader, k=k: r.read(k),
+                                    reader if mmap else None)
         except (SafetensorError, OSError) as e:
             raise LeanLMError(f"{f}: not a readable safetensors file ({e}); is it truncated?") from None
     return entries
@@ -215,6 +217,38 @@ class _SafetensorsReader:
         self.fh.close()
 
 
+class _MappedFile:
+    """A (validated) safetensors file mapped copy-on-write (``torch.from_file(shared=False)``):
+    each tensor is a view of the mapping, read from the page cache on first touch, so a tensor
+    that is only gathered from (an embedding) costs the pages it touches. The mapping lives as long
+    as any of its tensors. :meth:`release` hands a tensor's pages back (``MADV_DONTNEED``: they
+    stay in the page cache, and touching them again reads them again), which is how a tensor
+    that has been repacked into memory of its own stops counting against the process."""
+
+    def __init__(self, path: Path) -> None:
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            self.header = json.loads(fh.read(n))
+        self.base = 8 + n
+        self.data = torch.from_file(str(path), shared=False, size=path.stat().st_size, dtype=torch.uint8)
+        self.start = self.data.data_ptr()
+        self.end = self.start + self.data.numel()
+
+    def read(self, name: str) -> torch.Tensor:
+        info = self.header[name]
+        begin, end = info["data_offsets"]
+        dtype = _ST_DTYPES[info["dtype"]]
+        raw = self.data[self.base + begin:self.base + end]
+        if (self.base + begin) % dtype.itemsize:  # an unaligned tensor cannot be a view: copy it
+            raw = raw.clone()
+        return raw.view(dtype).view(info["shape"])
+
+    def release(self, t: torch.Tensor) -> None:
+        """Drop the pages of ``t`` (a view of this mapping; anything else is left alone)."""
+        lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        if t.is_contiguous() and self.start <= lo and hi <= self.end:
+            drop_pages(lo, hi)
+
 # quant_method -> loader(path, config, quantization_config, dtype, mmap) of a quantized checkpoint
 QuantizedLoader = Callable[[Path, ModelConfig, dict[str, Any], "torch.dtype | None", bool], Transformer]
 QUANTIZED_FORMATS: dict[str, QuantizedLoader] = {}
@@ -228,13 +262,21 @@ def register_quantized_format(method: str, loader: QuantizedLoader) -> None:
 
 def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype | None = None,
                device: str | torch.device = "cpu", allow_pickle: bool = False,
-               mmap: bool = False) -> Transformer:
+               mmap: bool = False, pack: bool = False) -> Transformer:
     """Load a Hugging Face checkpoint directory into a :class:`Transformer` (eval mode).
 
     ``dtype``: float32/bfloat16/float16 (default: the checkpoint's). By default each tensor is
     read into process memory (CPU decode runs ~25% faster there); ``mmap=True`` keeps the
     parameters in the file mapping instead (zero-copy, quick to load, shared between
-    processes). Either way the peak is about one copy of the weights. A config.json with a
+    processes). Either way the peak is about one copy of the weights.
+
+    ``pack=True`` (CPU inference: ``leanlm generate``, ``serve``, ``eval``) maps the file and
+    repacks each linear's weight straight from the mapping into oneDNN's layout
+    (:meth:`Transformer.pack_weights_`), handing the file's pages back as it goes; the embedding,
+    norms and biases stay in the mapping, read as they are touched. One copy of the weights is
+    resident (the tied head of small models is the one packed copy of its embedding), and there
+    is no second pass to pack them on the first forward. ``model.unpack_weights_()`` gives plain
+    weights back (for training, merging, quantizing). Ignored off CPU. A config.json with a
     ``quantization_config`` (GPTQ, AWQ, leanlm w8a8) loads with quantized layers, through the
     loader registered for its ``quant_method`` (:func:`register_quantized_format`;
     :mod:`leanlm.quant.formats` registers its formats, and ``import leanlm`` imports it).
@@ -252,10 +294,14 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype | None = N
         if method not in QUANTIZED_FORMATS:
             raise LeanLMError(f"{path}: quantization_config.quant_method {method!r} is not supported "
                               f"(expected one of {tuple(QUANTIZED_FORMATS)})")
-        return QUANTIZED_FORMATS[method](path, config, qcfg, want, mmap).to(device).eval()
+        model = QUANTIZED_FORMATS[method](path, config, qcfg, want, mmap).to(device).eval()
+        if pack and torch.device(device).type == "cpu":
+            model.pack_weights_()  # what stays plain: the head, unquantized layers
+        return model
+    pack = pack and torch.device(device).type == "cpu"
     files, kind = weight_files(path, allow_pickle)
     with ExitStack() as stack:
-        entries = open_tensors(files, kind, stack, mmap)
+        entries = open_tensors(files, kind, stack, mmap or pack)
         if config.model_type == "gpt2":  # the original GPT-2 checkpoints have no "transformer." prefix
             entries = {(k if k.startswith(("transformer.", "lm_head.")) else f"transformer.{k}"): e
                        for k, e in entries.items()}
@@ -275,6 +321,10 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype | None = N
     model.tie_weights()
     model.init_buffers("cpu")
     config.torch_dtype = str(target).removeprefix("torch.")
+    del state
+    if pack:
+        mappings = {e.mapping for e in entries.values() if e.mapping is not None}
+        model.pack_weights_(after=lambda w: [m.release(w) for m in mappings])
     return model.to(device).eval()
 
 

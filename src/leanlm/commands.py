@@ -46,7 +46,7 @@ def generate(
                          top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                          seed=seed, stop=list(stop or []))
     keep_freed_memory()  # CPU decode steps reuse freed memory instead of page-faulting on it
-    lm = load_model(path, dtype=dtype)
+    lm = load_model(path, dtype=dtype, pack=adapter is None)  # an adapter may merge into plain weights
     if adapter is not None:
         from leanlm.peft import load_adapter
 

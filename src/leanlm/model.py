@@ -32,6 +32,7 @@ the training objective through the fused head + cross-entropy. The blocks receiv
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,21 +193,34 @@ def init_param_(name: str, p: torch.Tensor, std: float, generator: torch.Generat
         p.normal_(0.0, std, generator=generator)
 
 
+def embedding(num: int, dim: int) -> nn.Embedding:
+    """``nn.Embedding(num, dim)``, without its random init when built on the meta device (as
+    every load and training run builds the model): ``normal_`` of a meta tensor imports
+    ``torch._dynamo``, 1.8 s of a 3 s model load."""
+    emb = nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+    if emb.weight.device.type != "meta":
+        nn.init.normal_(emb.weight)
+    return emb
+
+
 class Transformer(nn.Module):
     """The one model. ``model(tokens)`` -> logits [batch, seq, vocab]."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.embed_positions = (nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size)
+        self.embed_positions = (embedding(config.max_position_embeddings, config.hidden_size)
                                 if config.positional == "learned" else None)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = make_norm(config, config.hidden_size)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        device = torch.empty(0).device  # where it is built (meta for loads and training runs)
+        with torch.device("cpu"):  # python reference ops on meta tensors import torch._dynamo (~1.2 s)
+            inv_freq = rope_inv_freq(config)
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
         # what attention metadata builders take: the window where some layer slides, else None
         self.sliding_window = config.sliding_window if "sliding_attention" in config.layer_types else None
 
@@ -223,6 +237,32 @@ class Transformer(nn.Module):
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):  # not quantized
             self.lm_head.weight = self.embed_tokens.weight
+
+    def pack_weights_(self, after: Callable[[torch.Tensor], None] | None = None) -> int:
+        """Keep each linear's weight only in oneDNN's packed layout for CPU inference
+        (:meth:`~leanlm.kernels.cpu_linear.Linear.pack_`); returns how many were packed.
+        ``after(plain)`` is called with each plain weight once its packed copy exists (the loader
+        hands its pages back to the file). A tied head is packed apart from the embedding, which
+        keeps the plain tensor for its lookups: load with ``pack=True`` to keep that one in the
+        file mapping instead of memory. :meth:`unpack_weights_` undoes it."""
+        n = 0
+        # the largest first (the head): while one is repacked, its plain copy and its packed
+        # copy are both resident, and that pair must not come on top of everything else
+        linears = sorted((m for m in self.modules() if isinstance(m, Linear)), key=lambda m: -m.weight.numel())
+        for module in linears:
+            plain = module.weight
+            if not plain.is_mkldnn and module.pack_():
+                n += 1
+                if after is not None:
+                    after(plain)
+        return n
+
+    def unpack_weights_(self) -> None:
+        """Plain weight parameters again (training, merging adapters, quantizing, sharding)."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.unpack_()
+        self.tie_weights()
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
         """Random init of every parameter with :func:`init_param_`."""

@@ -119,3 +119,38 @@ def test_a_weight_is_not_packed_where_memory_is_short(monkeypatch: pytest.Monkey
     torch.testing.assert_close(y, F.linear(x, m.weight, m.bias), rtol=0, atol=0)
     monkeypatch.undo()
     assert cpu_linear.available_memory() > cpu_linear.HEADROOM  # this machine has room
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_only_weight_is_the_one_copy_and_comes_back_on_demand(dtype: torch.dtype) -> None:
+    m = _layer(dtype)
+    plain = m.weight.detach().clone()
+    x = torch.randn(3, 96).to(dtype)
+    expected = F.linear(x, plain, m.bias)
+    assert m.pack_() and m.is_packed and m.weight.is_mkldnn and not m.weight.requires_grad
+    assert m._packed is None and m.weight.shape == plain.shape  # no cache beside it
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    with torch.inference_mode():
+        torch.testing.assert_close(m(x), expected, rtol=tol, atol=tol)
+    with torch.no_grad():  # no autograd needed: the packed weight serves
+        torch.testing.assert_close(m(x), expected, rtol=tol, atol=tol)
+    assert m.is_packed
+    # the plain layout on demand, exactly: state dict, copies, pickles
+    assert torch.equal(m.state_dict()["weight"], plain) and not m.state_dict()["weight"].is_mkldnn
+    for other in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        assert not other.is_packed and torch.equal(other.weight, plain)
+    # training: the forward unpacks, and gradients flow to the weight again
+    xg = x.clone().requires_grad_(True)
+    m(xg).sum().backward()
+    assert not m.is_packed and m.weight.requires_grad and m.weight.grad is not None
+    assert torch.equal(m.weight.detach(), plain)
+
+
+def test_packing_refuses_what_it_cannot_pack() -> None:
+    m = _layer(torch.float16)
+    assert not m.pack_() and not m.is_packed
+    m = _layer(torch.float32)
+    with kernels.prepacking(False):  # switched off: a packed weight is unpacked by its forward
+        assert m.pack_()
+        m(torch.randn(1, 96))
+        assert not m.is_packed

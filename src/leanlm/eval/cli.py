@@ -53,9 +53,9 @@ def eval_(
         [t.strip() for t in tasks.split(",") if t.strip()]
     texts = read_texts(ppl, "val", "perplexity text") if ppl is not None else None
     path = resolve_model(model)
-    lm = load_model(path, dtype=dtype).eval()
+    lm = load_model(path, dtype=dtype, pack=True).eval()
     tok = load_tokenizer(path)
-    ref = load_model(reference, dtype=dtype).eval() if reference is not None else None
+    ref = load_model(reference, dtype=dtype, pack=True).eval() if reference is not None else None
     result = {"model": str(path), **evaluate(lm, tok, texts, names, seq_len, stride, max_windows, ref,
                                              batch_size)}
     if data is not None:

@@ -40,7 +40,7 @@ class LeanLMHarness(LM):
             from pathlib import Path
 
             path = resolve_model(Path(pretrained) if pretrained else None)
-            model, tokenizer = load_model(path, dtype=dtype), load_tokenizer(path)
+            model, tokenizer = load_model(path, dtype=dtype, pack=True), load_tokenizer(path)
         self.model, self.tokenizer = model.eval(), tokenizer
         self.batch_size = int(batch_size)
         self.max_length = int(max_length or model.config.max_position_embeddings)

@@ -22,12 +22,22 @@ otherwise:
 - not traced by ``torch.compile`` (inductor packs weights its own way), prepacking not switched
   off (``LEANLM_PREPACK=0``, :func:`leanlm.kernels.prepacking`), and oneDNN is available.
 
-The packed copy is made on first use and made again whenever the weight changes (another tensor,
-or the same one modified in place), so serving or generating on CPU holds one more copy of each
-linear's weight; the first forward outside inference mode frees it. A weight whose copy would
-leave less than 1 GiB of the machine's available memory is not packed (it runs ``F.linear``), so
-a model that fits in memory once still serves where two copies would not. The copy is not part
-of the state dict, and copies and pickles of the module drop it.
+Two ways to hold the packed weight:
+
+- **Packed only** (:meth:`Linear.pack_`, what ``load_model(..., pack=True)`` does for ``leanlm
+  generate``, ``serve`` and ``eval``): the weight parameter *becomes* the packed tensor (an
+  ``nn.Parameter`` in oneDNN's opaque layout, ``weight.is_mkldnn``), so one copy of each weight is
+  resident. The plain layout comes back on demand — the reorder is lossless, ``to_dense()``
+  undoes it — for whatever needs it: :meth:`Linear.unpack_` (a forward that cannot take the
+  packed path, e.g. training, does it itself), the state dict (a plain copy per tensor, so
+  saving works), copies and pickles (plain). Code that reads ``weight`` itself (merging an
+  adapter, quantizing, sharding) calls ``unpack_weights_`` on the model first.
+- **A cache** beside a plain weight, for models not packed at load (a model being trained and
+  evaluated in turns): made on the first forward in inference mode, made again whenever the
+  weight changes (another tensor, or the same one modified in place), freed by the first forward
+  outside inference mode. It costs a second copy, so a weight whose copy would leave less than
+  1 GiB of the machine's available memory is not cached (it runs ``F.linear``). The cache is not
+  part of the state dict, and copies and pickles drop it.
 """
 
 from __future__ import annotations
@@ -55,6 +65,12 @@ def _eligible(weight: torch.Tensor, x: torch.Tensor) -> bool:
             and torch.backends.mkldnn.is_available() and kernels.prepack())
 
 
+def packable(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` can be packed: a plain CPU bf16/fp32 tensor, oneDNN present."""
+    return (type(weight) in PLAIN and not weight.is_mkldnn and weight.device.type == "cpu"
+            and weight.dtype in PACKABLE and weight.dim() == 2 and torch.backends.mkldnn.is_available())
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` that runs CPU inference on a oneDNN-prepacked copy of its weight (see the
     module docstring); anything else — training, CUDA, fp16, compile — is ``F.linear``."""
@@ -62,12 +78,40 @@ class Linear(nn.Linear):
     # ((data_ptr, version) of the weight packed, its packed copy or None where memory was short)
     _packed: tuple[tuple[int, int], torch.Tensor | None] | None = None
 
+    @property
+    def is_packed(self) -> bool:
+        """Whether the weight parameter itself is packed (the only copy; see :meth:`pack_`)."""
+        return self.weight.is_mkldnn
+
+    def pack_(self) -> bool:
+        """Make the weight parameter the packed tensor and drop the plain one; returns whether it
+        was packed (not for weights :func:`packable` refuses). The packed parameter does not
+        require grad; :meth:`unpack_` restores a plain one that does (as it did before)."""
+        w = self.weight
+        if w.is_mkldnn:
+            return True
+        if not packable(w):
+            return False
+        self._packed = None
+        self._requires_grad = w.requires_grad
+        self.weight = nn.Parameter(torch.ops.mkldnn._reorder_linear_weight(w.detach()), requires_grad=False)
+        return True
+
+    def unpack_(self) -> None:
+        """Back to a plain weight parameter (a no-op when not packed)."""
+        if self.weight.is_mkldnn:
+            self.weight = nn.Parameter(self.weight.to_dense(), requires_grad=getattr(self, "_requires_grad", True))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.is_mkldnn and not _eligible_packed(self.weight, x):
+            self.unpack_()  # e.g. training after a packed load: the plain layout, on demand
         return self.linear(x, self.weight, self.bias)
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x wᵀ + bias through this module's packed copy of ``w``: ``forward`` passes its own
         parameters; a tensor-parallel shard (:mod:`leanlm.parallel`) passes its local ones."""
+        if w.is_mkldnn:  # packed only (checked eligible by forward)
+            return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
         if not _eligible(w, x):
             if self._packed is not None and not torch.compiler.is_compiling():
                 self._packed = None  # e.g. training resumed after an evaluation: free the copy
@@ -81,8 +125,29 @@ class Linear(nn.Linear):
             return F.linear(x, w, bias)
         return torch.ops.mkldnn._linear_pointwise(x, self._packed[1], bias, "none", [], "")
 
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight.is_mkldnn:  # the plain layout, one tensor at a time (saving, merging)
+            destination[prefix + "weight"] = self.weight.to_dense()
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.unpack_()  # loading writes into (or assigns) a plain weight
+        super()._load_from_state_dict(*args, **kwargs)
+
     def __getstate__(self) -> dict[str, Any]:
-        # oneDNN's opaque tensors cannot be copied or pickled: copies pack again on first use
+        # oneDNN's opaque tensors cannot be copied or pickled: copies are plain, and pack again
         state = self.__dict__.copy()
         state.pop("_packed", None)
+        if self.weight.is_mkldnn:
+            params = dict(state["_parameters"])
+            params["weight"] = nn.Parameter(self.weight.to_dense(), requires_grad=False)
+            state["_parameters"] = params
         return state
+
+
+def _eligible_packed(weight: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether a packed-only weight can multiply ``x`` as it is (else it is unpacked first):
+    no autograd through it, no autocast, not compiling, prepacking not switched off."""
+    return (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == weight.dtype
+            and not (torch.is_grad_enabled() and x.requires_grad)
+            and not torch.is_autocast_enabled("cpu") and kernels.prepack())

@@ -63,13 +63,14 @@ class CoreSpec:
 
 def build_engine(spec: CoreSpec) -> LLMEngine:
     """The engine: the model in this process (``uniproc``), or in worker processes / Ray actors."""
-    draft = load_model(spec.draft_model, dtype=spec.dtype) if spec.draft_model else None
+    pack = not spec.engine.compile  # CPU inference on packed weights (compiled steps pack their own)
+    draft = load_model(spec.draft_model, dtype=spec.dtype, pack=pack) if spec.draft_model else None
     if spec.backend == "uniproc":
         if spec.tensor_parallel_size != 1:
             raise LeanLMError("--tensor-parallel-size > 1 needs the mp, ray or torchrun executor")
         if spec.threads:
             torch.set_num_threads(spec.threads)
-        engine = LLMEngine(load_model(spec.model, dtype=spec.dtype), spec.engine, draft)
+        engine = LLMEngine(load_model(spec.model, dtype=spec.dtype, pack=pack), spec.engine, draft)
     else:
         config = ModelConfig.from_json_file(Path(spec.model) / "config.json")
         dtype = resolve_dtype(spec.dtype) or resolve_dtype(config.torch_dtype) or torch.float32
