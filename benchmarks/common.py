@@ -8,6 +8,8 @@ those commands (``LEANLM_KEEP_FREED_MEMORY=0`` turns it off, as there).
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 import platform
 import socket
 import statistics
@@ -66,16 +68,34 @@ def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> 
     return statistics.median(times)
 
 
+ISA = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+@functools.cache
+def copy_bandwidth() -> float:
+    """Measured memory bandwidth in GB/s: bytes read + written by copying 256 MiB (median of 5)."""
+    src = torch.ones(1 << 28, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    seconds = median_time(lambda: dst.copy_(src), repeats=5, warmup=2)
+    return 2 * src.numel() / seconds / 1e9
+
+
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
+    """The CPU model, its ISA extensions that matter to the kernels, cores, torch threads,
+    measured copy bandwidth, torch version: every benchmark prints it, because a ratio holds
+    only on the machine it was measured on."""
+    cpu, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    isa = " ".join(f for f in ISA if f in flags) or "?"
+    return (f"{cpu} [{isa}], {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
+            f"copy {copy_bandwidth():.1f} GB/s, torch {torch.__version__}")
 
 
 def free_port() -> int:
