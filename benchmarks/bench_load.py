@@ -5,6 +5,9 @@ Each loader runs in a fresh subprocess; peak memory is the process's peak reside
 the safetensors file. Each loader then runs one forward pass, so that weights which are mapped
 lazily are counted once touched. leanlm builds on the meta device and reads each tensor once into
 its final buffer (or maps it with ``mmap=True``), so the target is under 1.3x the file size.
+``pack=True`` (what ``leanlm generate``/``serve``/``eval`` do) repacks each linear from the file
+mapping into oneDNN's layout; the other loaders' weights are packed by their first forward, which
+is not timed here (the whole process is: ``bench_cpu_start.py``).
 
     python benchmarks/bench_load.py [--preset llama-3.2-1b]
 """
@@ -36,7 +39,7 @@ with torch.inference_mode():  # one forward touches every weight: lazily mapped 
         m = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
         m(torch.zeros(1, 1, dtype=torch.long))
     else:
-        m = leanlm.load_model(path, mmap=(which == "leanlm-mmap"))
+        m = leanlm.load_model(path, mmap=(which == "leanlm-mmap"), pack=(which == "leanlm-pack"))
         m(torch.zeros(1, 1, dtype=torch.long))
 seconds = time.perf_counter() - t0
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -53,7 +56,7 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"checkpoint: {args.preset} bf16, {size / 2**30:.2f} GiB of safetensors")
     results = {}
-    for which in ("leanlm", "leanlm-mmap", "transformers"):
+    for which in ("leanlm", "leanlm-mmap", "leanlm-pack", "transformers"):
         out = subprocess.run([sys.executable, "-c", CHILD, which, str(path)], capture_output=True,
                              text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])

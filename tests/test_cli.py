@@ -35,9 +35,10 @@ def test_help_lists_commands():
     assert "Generate a completion" in run("generate", "--help").stdout
 
 
-def test_generate_prints_the_greedy_completion(model_dir):
+@pytest.mark.parametrize("weights", [[], ["--no-pack"], ["--mmap"]], ids=["packed", "plain", "mapped"])
+def test_generate_prints_the_greedy_completion(model_dir, weights):
     out = run("generate", str(model_dir), "--prompt", "def ", "--max-new-tokens", "12",
-              "--temperature", "0", "--seed", "1")
+              "--temperature", "0", "--seed", "1", *weights)
     assert out.returncode == 0, out.stderr
     expected = generate_text(load_model(model_dir), load_tokenizer(model_dir), "def ",
                              SamplingParams(max_tokens=12, temperature=0.0))

@@ -30,9 +30,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from leanlm import kernels
+from leanlm.allocator import drop_pages
 from leanlm.config import ModelConfig
 from leanlm.errors import LeanLMError
-from leanlm.allocator import drop_pages
 from leanlm.fsutil import staged_dir
 from leanlm.model import Transformer
 
@@ -295,10 +296,10 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype | None = N
             raise LeanLMError(f"{path}: quantization_config.quant_method {method!r} is not supported "
                               f"(expected one of {tuple(QUANTIZED_FORMATS)})")
         model = QUANTIZED_FORMATS[method](path, config, qcfg, want, mmap).to(device).eval()
-        if pack and torch.device(device).type == "cpu":
+        if pack and torch.device(device).type == "cpu" and kernels.prepack():
             model.pack_weights_()  # what stays plain: the head, unquantized layers
         return model
-    pack = pack and torch.device(device).type == "cpu"
+    pack = pack and torch.device(device).type == "cpu" and kernels.prepack()  # LEANLM_PREPACK=0: plain
     files, kind = weight_files(path, allow_pickle)
     with ExitStack() as stack:
         entries = open_tensors(files, kind, stack, mmap or pack)

@@ -33,8 +33,15 @@ def generate(
     dtype: Annotated[str | None, typer.Option(help="float32 | bfloat16 | float16.")] = None,
     stream: Annotated[bool, typer.Option(help="Print tokens as they are generated.")] = True,
     adapter: Annotated[Path | None, typer.Option(help="A peft adapter directory to apply.")] = None,
+    pack: Annotated[bool, typer.Option(
+        "--pack/--no-pack", help="Repack the weights at load for the CPU kernels, keeping that one copy "
+        "(--no-pack: plain weights, plain F.linear).")] = True,
+    mmap: Annotated[bool, typer.Option(
+        help="Keep the weights in the file mapping: no load time, pages shared with other processes; "
+        "slower CPU decode (implies --no-pack).")] = False,
 ) -> None:
     """Generate a completion of --prompt with MODEL and print it (streamed token by token)."""
+    from leanlm import kernels
     from leanlm.allocator import keep_freed_memory
     from leanlm.checkpoint import load_model
     from leanlm.generate import generate_text
@@ -46,7 +53,8 @@ def generate(
                          top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
                          seed=seed, stop=list(stop or []))
     keep_freed_memory()  # CPU decode steps reuse freed memory instead of page-faulting on it
-    lm = load_model(path, dtype=dtype, pack=adapter is None)  # an adapter may merge into plain weights
+    pack = pack and not mmap and adapter is None  # an adapter may merge into plain weights
+    lm = load_model(path, dtype=dtype, mmap=mmap, pack=pack)
     if adapter is not None:
         from leanlm.peft import load_adapter
 
@@ -58,7 +66,8 @@ def generate(
         sys.stdout.write(delta)
         sys.stdout.flush()
 
-    text = generate_text(lm, tok, messages or prompt, cfg, stream=write if stream else None)
+    with kernels.prepacking(pack or adapter is not None):  # --no-pack/--mmap: no packed copy either
+        text = generate_text(lm, tok, messages or prompt, cfg, stream=write if stream else None)
     if not stream:
         sys.stdout.write(text)
     sys.stdout.write("\n")
