@@ -83,7 +83,8 @@ def main() -> None:
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     print(f"# bench_cpu_start: {args.preset} bf16 ({size / 2**30:.2f} GiB of safetensors), whole process, "
           f"median of {args.rounds}; {machine()}", flush=True)
-    print("| new tokens | leanlm generate (s) | transformers (s) | speed-up | leanlm peak RSS | transformers peak RSS |")
+    print("| new tokens | leanlm generate (s) | transformers (s) | speed-up | leanlm peak RSS "
+          "| transformers peak RSS |")
     print("|---:|---:|---:|---:|---:|---:|")
     for new in args.new_tokens:
         times: dict[str, list[float]] = {"leanlm": [], "transformers": []}

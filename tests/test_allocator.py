@@ -90,3 +90,12 @@ def test_bounded_kernel_caches_keep_rss_from_growing_with_new_shapes() -> None:
     names, default = growth({**base, **dict.fromkeys(caches, "1024")})
     assert names == ""  # the user's settings stand
     assert capped < default / 3, (capped, default)
+
+
+def test_huge_pages_are_asked_for_unless_the_user_chose(monkeypatch):
+    from leanlm.allocator import use_huge_pages
+
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    assert use_huge_pages() and os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    assert not use_huge_pages() and os.environ["THP_MEM_ALLOC_ENABLE"] == "0"

@@ -38,6 +38,9 @@ creates a primitive in the process, so this runs before the first inference (``l
 calls it, before the model loads; its engine and worker processes inherit the variables); a
 capacity the user set in the environment stands.
 
+:func:`use_huge_pages` backs torch's large CPU tensors with transparent huge pages (``leanlm
+serve``: faster decode, slower load).
+
 :func:`drop_pages` hands the pages of a file mapping back to the kernel (``madvise(MADV_DONTNEED)``):
 the loader calls it on each weight it has repacked into memory of its own, so the file's pages
 it read stop counting against the process.
@@ -95,6 +98,22 @@ def drop_pages(start: int, end: int) -> bool:
         return False
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return libc.madvise(lo, hi - lo, MADV_DONTNEED) == 0
+
+
+def use_huge_pages() -> bool:
+    """Back torch's CPU tensors of 2 MiB and more with transparent huge pages: c10's allocator
+    aligns them to 2 MiB and ``madvise(MADV_HUGEPAGE)``s them when ``THP_MEM_ALLOC_ENABLE=1``,
+    which it reads at its first such allocation (so this runs before the model loads; exported,
+    so spawned processes get it too). A decode step streams every weight once, and with 4 KiB
+    pages it pays a TLB miss per page and the hardware prefetchers stop at every page boundary:
+    on 2 EPYC cores the 1B model decoded at 120 ms/token on 4 KiB pages and 107 on huge pages
+    (medians of 4 processes each, alternating). The price is paid at load: faulting in 2 MiB
+    pages (zeroed, compacted for) made a whole ``leanlm generate`` of 96 tokens 15.4 → 17.7 s.
+    So ``leanlm serve`` (long-lived) calls this and ``leanlm generate`` does not. Where the
+    kernel's THP mode is ``never`` this changes nothing. A value the user set stands; whether it
+    is on."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    return os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
 
 
 ONEDNN_CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")

@@ -248,7 +248,8 @@ class Transformer(nn.Module):
         n = 0
         # the largest first (the head): while one is repacked, its plain copy and its packed
         # copy are both resident, and that pair must not come on top of everything else
-        linears = sorted((m for m in self.modules() if isinstance(m, Linear)), key=lambda m: -m.weight.numel())
+        linears = sorted((m for m in self.modules() if isinstance(m, Linear)),
+                         key=lambda m: -m.weight.numel())
         for module in linears:
             plain = module.weight
             if not plain.is_mkldnn and module.pack_():

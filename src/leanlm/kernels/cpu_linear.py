@@ -100,7 +100,8 @@ class Linear(nn.Linear):
     def unpack_(self) -> None:
         """Back to a plain weight parameter (a no-op when not packed)."""
         if self.weight.is_mkldnn:
-            self.weight = nn.Parameter(self.weight.to_dense(), requires_grad=getattr(self, "_requires_grad", True))
+            requires_grad = getattr(self, "_requires_grad", True)
+            self.weight = nn.Parameter(self.weight.to_dense(), requires_grad=requires_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.is_mkldnn and not _eligible_packed(self.weight, x):

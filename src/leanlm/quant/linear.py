@@ -43,7 +43,7 @@ from torch import nn
 
 from leanlm import kernels
 from leanlm.errors import LeanLMError
-from leanlm.kernels import quant_gemm, quant_gemv
+from leanlm.kernels import cpu_int8, quant_gemm, quant_gemv
 from leanlm.kernels.packing import pack_codes, packed_bytes, pad_codes, unpack_codes
 from leanlm.quant.primitives import default_g_idx, dequantize_weight, num_groups
 
@@ -365,13 +365,18 @@ class W8A8Linear(nn.Module):
     """int8 weights (per output channel) x int8 activations (per token, dynamic) -> int32 GEMM.
 
     y = (X_q W_qᵀ) ⊙ (s_x s_wᵀ) + b, with X_q = round(X / s_x), s_x = max_k |X_tk| / 127 per
-    token, computed on the fly; the int8 x int8 -> int32 product runs in ``torch._int_mm``.
+    token, computed on the fly. The int8 x int8 -> int32 product runs in oneDNN's VNNI/AMX kernel
+    on CPU (:mod:`leanlm.kernels.cpu_int8`, on a copy of the weight packed once: the int8
+    ``weight`` buffer stays, for the state dict and for other devices), elsewhere in
+    ``torch._int_mm``; both are exact integer products, so they agree bit for bit.
     """
 
     quantized = True
     # Set on a row-parallel shard (:mod:`leanlm.quant.sharding`): this rank holds some input
     # columns, and the per-token scale s_x must be the maximum over all of them, on every rank.
     amax_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # (what was packed: the weight's and scales' data_ptr/version, oneDNN's copy, fp32 scales, zero points)
+    _packed: tuple[tuple[Any, ...], torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
@@ -397,9 +402,23 @@ class W8A8Linear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}")
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()  # oneDNN's packed copy is not copied or pickled: packed again
+        state.pop("_packed", None)
+        return state
+
     def int8_linear(self, x2: torch.Tensor) -> torch.Tensor:
         """fp32 [M, N] result of the int8 GEMM for activations x2 [M, K]."""
         xq, xs = absmax_int8(x2, self.amax_reduce)
+        if x2.device.type == "cpu" and cpu_int8.available():
+            w = self.weight
+            s = self.weight_scale
+            key = (w.data_ptr(), w._version, tuple(w.shape), s.data_ptr(), s._version)
+            if self._packed is None or self._packed[0] != key:
+                self._packed = (key, cpu_int8.pack(w), self.weight_scale.float(),
+                                torch.zeros(w.shape[0], dtype=torch.int64))
+            _, packed, scale, zeros = self._packed
+            return cpu_int8.int8_mm(xq, packed, scale, zeros) * xs
         if x2.shape[0] <= 16 and x2.device.type == "cuda":  # cuBLASLt int8 needs M > 16
             xq = torch.nn.functional.pad(xq, (0, 0, 0, 17 - x2.shape[0]))
         acc = torch._int_mm(xq, self.weight.t())[: x2.shape[0]]

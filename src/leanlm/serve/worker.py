@@ -86,7 +86,8 @@ def build_worker(rank: int, world: int, init_method: str, spec: WorkerSpec) -> W
         torch.set_num_threads(spec.threads)
     mesh = init_distributed(rank, world, init_method, spec.device) if world > 1 else None
     # one rank packs its weights at load; ranks of a tensor-parallel group shard plain ones
-    model = load_model(spec.model, dtype=spec.dtype, device=spec.device, pack=mesh is None and not spec.compile)
+    model = load_model(spec.model, dtype=spec.dtype, device=spec.device,
+                       pack=mesh is None and not spec.compile)
     if mesh is not None:
         tensor_parallel_(model, mesh)
     return Worker(model, spec)

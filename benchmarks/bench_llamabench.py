@@ -1,0 +1,129 @@
+"""Batch-1 decode against llama.cpp's own ``llama-bench``, same checkpoint, same machine, one run.
+
+llama.cpp is built from the sources vendored in the llama-cpp-python sdist (``llama-bench`` and
+``llama-quantize``, CMake, ``GGML_NATIVE``), the checkpoint converted with its own
+``convert_hf_to_gguf.py`` to f16 and quantized with its own ``llama-quantize`` to Q4_0 (4 bits,
+groups of 32, symmetric) and Q8_0 (8 bits, groups of 32). llama-bench's ``tg`` test (``-p 0 -n
+N``: N tokens generated one at a time from an empty context, ``-r`` repetitions, ``-t`` threads)
+against leanlm's decode of the same N tokens at batch 1 after a one-token prompt, per token
+(``(t(N) − t(1)) / (N − 1)``, so the prefill is excluded as llama-bench's tg excludes it), median of
+``--repeats``; leanlm in bf16 (packed at load), RTN W4 g32 symmetric (as Q4_0), RTN W8
+per-channel (bf16 activations) and SmoothQuant W8A8 (int8 activations per token, as Q8_0 × Q8).
+Differences the table does not hide: llama-quantize keeps the output/embedding tensor at Q6_K in
+Q4_0 files (leanlm keeps the head in bf16), and leanlm's weight-only kernels
+take bf16 activations where llama.cpp quantizes activations to 8 bits (the W8A8 row does too).
+
+    python benchmarks/bench_llamabench.py --llama-cpp-src bench_out/llama_cpp_python-0.3.36.tar.gz
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import torch
+
+import leanlm
+from bench_cpu_start import checkpoint
+from bench_generate import per_token
+from bench_llamacpp import CONVERT as CONVERT_GPT2
+from common import CACHE, machine
+from leanlm.generate import generate
+from leanlm.quant import RTNConfig, SmoothQuantConfig, quantize_
+from leanlm.sampling import SamplingParams
+
+# llama.cpp's converter tries a SentencePiece vocabulary first for Llama checkpoints and needs the
+# sentencepiece package only to find out there is none (the checkpoint has the default model's
+# byte-level BPE, Llama 3's kind): skip straight to its fallbacks.
+CONVERT = CONVERT_GPT2.replace("import conversion.base\n", """import conversion.base
+def _no_sentencepiece(self, *args, **kwargs):
+    raise FileNotFoundError("no tokenizer.model")
+conversion.base.TextModel._set_vocab_sentencepiece = _no_sentencepiece
+""")
+
+
+def build(src: Path) -> Path:
+    """llama.cpp's tree from the sdist, with llama-bench and llama-quantize built (cached)."""
+    root = CACHE / "llamacpp"
+    tree = next(root.glob("*/vendor/llama.cpp"), None)
+    if tree is None:
+        root.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(src) as tar:
+            tar.extractall(root, filter="data")
+        tree = next(root.glob("*/vendor/llama.cpp"))
+    if not (tree / "build/bin/llama-bench").is_file():
+        subprocess.run(["cmake", "-B", "build", "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
+                        "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                        "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=ON"], cwd=tree, check=True)
+        subprocess.run(["cmake", "--build", "build", "-j", "--target", "llama-bench", "llama-quantize"],
+                       cwd=tree, check=True)
+    return tree
+
+
+def ggufs(tree: Path, path: Path) -> dict[str, Path]:
+    out = {"f16": path / "model-f16.gguf", "Q4_0": path / "model-q4_0.gguf", "Q8_0": path / "model-q8_0.gguf"}
+    if not out["f16"].is_file():
+        subprocess.run([sys.executable, "-c", CONVERT, str(tree), str(path), "--outfile", str(out["f16"]),
+                        "--outtype", "f16"], check=True, capture_output=True)
+    for kind in ("Q4_0", "Q8_0"):
+        if not out[kind].is_file():
+            subprocess.run([str(tree / "build/bin/llama-quantize"), str(out["f16"]), str(out[kind]), kind],
+                           check=True, capture_output=True)
+    return out
+
+
+def llama_bench(tree: Path, gguf: Path, new: int, repeats: int, threads: int) -> float:
+    """Median seconds per generated token of llama-bench's tg test."""
+    out = subprocess.run([str(tree / "build/bin/llama-bench"), "-m", str(gguf), "-p", "0", "-n", str(new),
+                          "-r", str(repeats), "-t", str(threads), "-o", "json"], check=True,
+                         capture_output=True, text=True)
+    row = json.loads(out.stdout)[0]
+    return statistics.median(1e-9 * ns / new for ns in row["samples_ns"])
+
+
+def leanlm_decode(model: torch.nn.Module, new: int, repeats: int) -> float:
+    prompt = [[1]]
+    def run(n: int) -> list[list[int]]:
+        return generate(model, prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+
+    return per_token(run, new, repeats)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--llama-cpp-src", type=Path, default=CACHE / "llama_cpp_python-0.3.36.tar.gz")
+    ap.add_argument("--preset", default="llama-3.2-1b")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    threads = torch.get_num_threads()
+    path = checkpoint(args.preset)
+    tree = build(args.llama_cpp_src)
+    files = ggufs(tree, path)
+    print(f"# bench_llamabench: {args.preset} bf16 (random weights), batch 1, {args.new_tokens} tokens, "
+          f"median of {args.repeats}, {threads} threads; {machine()}", flush=True)
+    ours = {"bf16": leanlm_decode(leanlm.load_model(path, pack=True), args.new_tokens, args.repeats)}
+    calib = torch.randint(0, 8000, (4, 64), generator=torch.Generator().manual_seed(0))
+    for name, config in (("int4 (RTN W4 g32 sym)", RTNConfig(4, 32)),
+                         ("int8 (RTN W8 per channel, bf16 activations)", RTNConfig(8, -1)),
+                         ("int8 W8A8 (SmoothQuant, per-token int8 activations)", SmoothQuantConfig())):
+        model = leanlm.load_model(path)
+        quantize_(model, config, calib if isinstance(config, SmoothQuantConfig) else None)
+        model.pack_weights_()  # the head, which stays bf16
+        ours[name] = leanlm_decode(model, args.new_tokens, args.repeats)
+        del model
+    theirs = {kind: llama_bench(tree, files[kind], args.new_tokens, args.repeats, threads) for kind in files}
+    print("| weights | leanlm ms/token | llama.cpp | llama.cpp ms/token | leanlm speed-up | vs leanlm bf16 |")
+    print("|---|---:|---|---:|---:|---:|")
+    for (ours_name, s), kind in zip(ours.items(), ("f16", "Q4_0", "Q8_0", "Q8_0"), strict=True):
+        print(f"| {ours_name} | {s * 1e3:.1f} | {kind} | {theirs[kind] * 1e3:.1f} | "
+              f"**{theirs[kind] / s:.2f}x** | {ours['bf16'] / s:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
