@@ -4,7 +4,9 @@ the command in a subprocess, its engine core in a process of its own)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -57,6 +59,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def free_port_block(n: int) -> int:
+    """A port P such that P .. P+n-1 are all free, below Linux's ephemeral range (32768+), where
+    the OS hands out no ports to outgoing connections that could take one meanwhile (torchrun's
+    rendezvous at P, the engine's sockets at P+1 ...)."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 32000 - n)
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(base, base + n):
+                    s = stack.enter_context(socket.socket())
+                    s.bind(("0.0.0.0", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"no block of {n} free ports found")
 
 
 def start_split(path: object, *args: str, timeout: float = 180.0,

@@ -151,7 +151,7 @@ def test_ranks_launched_by_torchrun(model_path: Path) -> None:
     finally:
         serve_fixtures.stop_split(proc)
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                "--master-port", str(serve_fixtures.free_port()))
+                "--master-port", str(serve_fixtures.free_port_block(4)))  # + the ranks' sockets
     proc, url = serve_fixtures.start_split(model_path, "-tp", "2", "--distributed-executor-backend",
                                            "torchrun", launcher=torchrun)
     before = set(children(proc.pid))
