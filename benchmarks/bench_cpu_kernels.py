@@ -46,7 +46,8 @@ def layers(n: int, k: int, count: int) -> list[dict[str, object]]:
         codes = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=g)
         out.append({
             "plain": w, "packed": torch.ops.mkldnn._reorder_linear_weight(w), "w8": w8, "s8": s8,
-            "s8_bf16": s8.bfloat16(), "q8": cpu_int8.pack(w8), "zeros": torch.zeros(n, dtype=torch.int64),
+            "s8_bf16": s8.bfloat16(), "q8": cpu_int8.pack(w8),
+            "zeros": torch.zeros(n, dtype=torch.int64),
             "int4": torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2),
             **{f"sz{gs}": torch.randn(k // gs, n, 2, generator=g).bfloat16() for gs in (32, 128)},
         })
@@ -62,18 +63,27 @@ def kernels_for(n: int, k: int) -> dict[str, tuple[Callable[[dict, torch.Tensor]
     def w8a8_kernel(layer: dict, x: torch.Tensor) -> torch.Tensor:
         return cpu_int8.int8_mm(layer["xq"], layer["q8"], layer["s8"], layer["zeros"])
 
+    def int4(gs: int) -> Callable[[dict, torch.Tensor], torch.Tensor]:
+        return lambda L, x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, L["int4"], gs, L[f"sz{gs}"])
+
+    def packed_bf16(layer: dict, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, layer["packed"], None, "none", [], "")
+
     return {
         "bf16 F.linear": (lambda L, x: F.linear(x, L["plain"]), 2 * n * k),
-        "bf16 prepacked": (lambda L, x: torch.ops.mkldnn._linear_pointwise(x, L["packed"], None, "none", [], ""),
-                           2 * n * k),
+        "bf16 prepacked": (packed_bf16, 2 * n * k),
         "int8 weight-only (_weight_int8pack_mm)": (lambda L, x: torch.ops.aten._weight_int8pack_mm(
             x, L["w8"], L["s8_bf16"]), n * k + 2 * n),
         "int8 x int8 (oneDNN), kernel": (w8a8_kernel, n * k + 4 * n),
         "int8 x int8 (oneDNN), with per-token quantization": (w8a8, n * k + 4 * n),
-        **{f"int4 g{gs} (_weight_int4pack_mm_for_cpu)": (
-            (lambda gs: lambda L, x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, L["int4"], gs, L[f"sz{gs}"]))(gs),
-            n * k // 2 + 4 * n * (k // gs)) for gs in (32, 128)},
+        **{f"int4 g{gs} (_weight_int4pack_mm_for_cpu)": (int4(gs), n * k // 2 + 4 * n * (k // gs))
+           for gs in (32, 128)},
     }
+
+
+def one_pass(fn: Callable[[dict, torch.Tensor], torch.Tensor], ws: list[dict], x: torch.Tensor) -> None:
+    for layer in ws:
+        fn(layer, x)
 
 
 def main() -> None:
@@ -85,8 +95,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     bw = copy_bandwidth()
-    print(f"# bench_cpu_kernels: one pass over distinct weights (> cache), median of {args.repeats}; {machine()}")
-    print("| weight [out x in] | rows | kernel | µs per layer | weight GB/s | of copy bandwidth | vs bf16 prepacked |")
+    print(f"# bench_cpu_kernels: one pass over distinct weights (> cache), median of {args.repeats}; "
+          f"{machine()}")
+    print("| weight [out x in] | rows | kernel | µs per layer | weight GB/s | of copy bandwidth "
+          "| vs bf16 prepacked |")
     print("|---|---:|---|---:|---:|---:|---:|")
     with torch.inference_mode():
         for shape in args.shapes:
@@ -99,14 +111,11 @@ def main() -> None:
                     layer["xq"] = xq
                 times = {}
                 for name, (fn, nbytes) in kernels_for(n, k).items():
-                    def one_pass(fn: Callable = fn) -> None:
-                        for layer in ws:
-                            fn(layer, x)
-                    one_pass()
+                    one_pass(fn, ws, x)
                     samples = []
                     for _ in range(args.repeats):
                         t0 = time.perf_counter()
-                        one_pass()
+                        one_pass(fn, ws, x)
                         samples.append((time.perf_counter() - t0) / len(ws))
                     times[name] = (statistics.median(samples), nbytes)
                 base = times["bf16 prepacked"][0]

@@ -4,16 +4,17 @@ llama.cpp is built from the sources vendored in the llama-cpp-python sdist (``ll
 ``llama-quantize``, CMake, ``GGML_NATIVE``), the checkpoint converted with its own
 ``convert_hf_to_gguf.py`` to f16 and quantized with its own ``llama-quantize`` to Q4_0 (4 bits,
 groups of 32, symmetric) and Q8_0 (8 bits, groups of 32). llama-bench's ``tg`` test (``-p 0 -n
-N``: N tokens generated one at a time from an empty context, ``-r`` repetitions, ``-t`` threads)
-against leanlm's decode of the same N tokens at batch 1 after a one-token prompt, per token
-(``(t(N) − t(1)) / (N − 1)``, so the prefill is excluded as llama-bench's tg excludes it), median of
-``--repeats``; leanlm in bf16 (packed at load), RTN W4 g32 symmetric (as Q4_0), RTN W8
-per-channel (bf16 activations) and SmoothQuant W8A8 (int8 activations per token, as Q8_0 × Q8).
-Differences the table does not hide: llama-quantize keeps the output/embedding tensor at Q6_K in
-Q4_0 files (leanlm keeps the head in bf16), and leanlm's weight-only kernels
-take bf16 activations where llama.cpp quantizes activations to 8 bits (the W8A8 row does too).
+N``: N tokens generated one at a time from an empty context, ``-t`` threads) against leanlm's
+decode of the same N tokens at batch 1 after a one-token prompt, per token (``(t(N) − t(1)) /
+(N − 1)``, so the prefill is excluded as llama-bench's tg excludes it); median of ``--rounds``,
+leanlm and llama.cpp alternating so that the machine's noise hits both. leanlm runs bf16 (packed
+at load), RTN W4 g32 symmetric (as Q4_0), RTN W8 per-channel (bf16 activations) and SmoothQuant
+W8A8 (int8 activations per token, as Q8_0 × Q8). Differences the table shows rather than hides:
+the bytes each reads per token (llama-quantize stores the tied output/embedding tensor quantized
+too; leanlm keeps the head in bf16), and leanlm's weight-only kernels take bf16 activations where
+llama.cpp quantizes activations to 8 bits (the W8A8 row does too).
 
-    python benchmarks/bench_llamabench.py --llama-cpp-src bench_out/llama_cpp_python-0.3.36.tar.gz
+    python benchmarks/bench_llamabench.py [--llama-cpp-src llama_cpp_python-0.3.36.tar.gz] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -77,21 +78,35 @@ def ggufs(tree: Path, path: Path) -> dict[str, Path]:
     return out
 
 
-def llama_bench(tree: Path, gguf: Path, new: int, repeats: int, threads: int) -> float:
-    """Median seconds per generated token of llama-bench's tg test."""
+def llama_bench(tree: Path, gguf: Path, new: int, threads: int) -> tuple[float, int]:
+    """(seconds per generated token of one llama-bench tg run, the model's bytes)."""
     out = subprocess.run([str(tree / "build/bin/llama-bench"), "-m", str(gguf), "-p", "0", "-n", str(new),
-                          "-r", str(repeats), "-t", str(threads), "-o", "json"], check=True,
+                          "-r", "1", "-t", str(threads), "-o", "json"], check=True,
                          capture_output=True, text=True)
     row = json.loads(out.stdout)[0]
-    return statistics.median(1e-9 * ns / new for ns in row["samples_ns"])
+    return 1e-9 * row["samples_ns"][0] / new, int(row["model_size"])
 
 
-def leanlm_decode(model: torch.nn.Module, new: int, repeats: int) -> float:
-    prompt = [[1]]
+def leanlm_decode(model: torch.nn.Module, new: int) -> float:
     def run(n: int) -> list[list[int]]:
-        return generate(model, prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+        return generate(model, [[1]], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
 
-    return per_token(run, new, repeats)
+    return per_token(run, new, 1)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes a decode step reads: every parameter and buffer but the embedding (one row of it)
+    and the rotary table; a tied head counts once, as the head."""
+    seen, total = set(), 0
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if name.startswith("embed_tokens") or name == "inv_freq" or id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += torch.ops.mkldnn._nbytes(t) if t.is_mkldnn else t.numel() * t.element_size()
+    for m in model.modules():  # int4 layers hold their codes in torch's packed layout
+        for packed in getattr(m, "_kernels", {}).values():
+            total += sum(x.numel() * x.element_size() for x in packed if isinstance(x, torch.Tensor))
+    return total
 
 
 def main() -> None:
@@ -99,30 +114,41 @@ def main() -> None:
     ap.add_argument("--llama-cpp-src", type=Path, default=CACHE / "llama_cpp_python-0.3.36.tar.gz")
     ap.add_argument("--preset", default="llama-3.2-1b")
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     threads = torch.get_num_threads()
     path = checkpoint(args.preset)
     tree = build(args.llama_cpp_src)
     files = ggufs(tree, path)
     print(f"# bench_llamabench: {args.preset} bf16 (random weights), batch 1, {args.new_tokens} tokens, "
-          f"median of {args.repeats}, {threads} threads; {machine()}", flush=True)
-    ours = {"bf16": leanlm_decode(leanlm.load_model(path, pack=True), args.new_tokens, args.repeats)}
+          f"median of {args.rounds} rounds (leanlm and llama.cpp alternating), {threads} threads; "
+          f"{machine()}", flush=True)
     calib = torch.randint(0, 8000, (4, 64), generator=torch.Generator().manual_seed(0))
-    for name, config in (("int4 (RTN W4 g32 sym)", RTNConfig(4, 32)),
-                         ("int8 (RTN W8 per channel, bf16 activations)", RTNConfig(8, -1)),
-                         ("int8 W8A8 (SmoothQuant, per-token int8 activations)", SmoothQuantConfig())):
+    models = {("bf16", "f16"): leanlm.load_model(path, pack=True)}
+    for name, kind, config in (
+            ("int4 (RTN W4 g32 sym)", "Q4_0", RTNConfig(4, 32)),
+            ("int8 (RTN W8 per channel, bf16 activations)", "Q8_0", RTNConfig(8, -1)),
+            ("int8 W8A8 (SmoothQuant, per-token int8 activations)", "Q8_0", SmoothQuantConfig())):
         model = leanlm.load_model(path)
         quantize_(model, config, calib if isinstance(config, SmoothQuantConfig) else None)
         model.pack_weights_()  # the head, which stays bf16
-        ours[name] = leanlm_decode(model, args.new_tokens, args.repeats)
-        del model
-    theirs = {kind: llama_bench(tree, files[kind], args.new_tokens, args.repeats, threads) for kind in files}
-    print("| weights | leanlm ms/token | llama.cpp | llama.cpp ms/token | leanlm speed-up | vs leanlm bf16 |")
-    print("|---|---:|---|---:|---:|---:|")
-    for (ours_name, s), kind in zip(ours.items(), ("f16", "Q4_0", "Q8_0", "Q8_0"), strict=True):
-        print(f"| {ours_name} | {s * 1e3:.1f} | {kind} | {theirs[kind] * 1e3:.1f} | "
-              f"**{theirs[kind] / s:.2f}x** | {ours['bf16'] / s:.2f}x |")
+        models[name, kind] = model
+    ours: dict[str, list[float]] = {}
+    theirs: dict[str, list[float]] = {}
+    sizes: dict[str, int] = {}
+    for _ in range(args.rounds):
+        for (name, kind), model in models.items():
+            ours.setdefault(name, []).append(leanlm_decode(model, args.new_tokens))
+            seconds, sizes[kind] = llama_bench(tree, files[kind], args.new_tokens, threads)
+            theirs.setdefault(name, []).append(seconds)
+    print("| weights | leanlm ms/token | GB read | llama.cpp | ms/token | GB read | leanlm speed-up "
+          "| vs leanlm bf16 |")
+    print("|---|---:|---:|---|---:|---:|---:|---:|")
+    base = statistics.median(ours["bf16"])
+    for (name, kind), model in models.items():
+        a, b = statistics.median(ours[name]), statistics.median(theirs[name])
+        print(f"| {name} | {a * 1e3:.1f} | {weight_bytes(model) / 1e9:.2f} | {kind} | {b * 1e3:.1f} | "
+              f"{sizes[kind] / 1e9:.2f} | **{b / a:.2f}x** | {base / a:.2f}x |")
 
 
 if __name__ == "__main__":

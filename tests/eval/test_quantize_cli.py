@@ -64,6 +64,9 @@ def test_quantize_errors_are_one_line(tmp_path: Path, model_and_calib: tuple[Pat
         (["--calib", str(calib)], "--out DIR is required"),
         (["--bits", "5", "--out", str(tmp_path / "x")], "unsupported bits=5"),
         (["--group-size", "100", "--out", str(tmp_path / "x")], "unsupported group_size=100"),
+        (["--group-size", "many", "--out", str(tmp_path / "x")], "expected a number or auto"),
+        # K = 64 and 128 here: 128 leaves a partial group in the 64-input layers
+        (["--group-size", "128", "--out", str(tmp_path / "x")], "--group-size 64 (or auto)"),
         (["--calib", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "x")], "is empty"),
     ]
     for args, message in cases:
@@ -79,3 +82,20 @@ def test_quantize_errors_are_one_line(tmp_path: Path, model_and_calib: tuple[Pat
 
 def test_the_method_help_names_every_registered_method() -> None:
     assert sorted(QUANT_METHODS_HELP.rstrip(".").split(" | ")) == sorted(REGISTRY)
+
+
+def test_group_size_auto_divides_every_layer_and_partial_groups_need_asking(
+        tmp_path: Path, model_and_calib: tuple[Path, Path]) -> None:
+    """The default (auto) picks the largest of 128/64/32 dividing every K (here 64: K = 64, 128),
+    which GPTQModel, AutoAWQ and vLLM load; 128 leaves partial groups and needs the flag."""
+    model, _ = model_and_calib
+    out = run(str(model), "--method", "rtn", "--out", str(tmp_path / "auto"))
+    assert out.returncode == 0, out.stderr
+    assert "--group-size auto: 64" in out.stdout
+    config = json.loads((tmp_path / "auto" / "config.json").read_text())["quantization_config"]
+    assert config["group_size"] == 64
+    out = run(str(model), "--method", "rtn", "--group-size", "128", "--allow-partial-groups",
+              "--out", str(tmp_path / "partial"))
+    assert out.returncode == 0, out.stderr
+    config = json.loads((tmp_path / "partial" / "config.json").read_text())["quantization_config"]
+    assert config["group_size"] == 128

@@ -104,19 +104,21 @@ def test_state_dict_round_trip_and_device_moves_drop_kernel_caches() -> None:
     assert not m._kernels
 
 
-@pytest.mark.parametrize(("n", "k", "group", "act_order"), [(64, 128, 32, False), (128, 320, 128, True)])
-def test_int4_kernel_packing_is_the_only_copy_of_the_codes(n: int, k: int, group: int,
-                                                          act_order: bool) -> None:
-    m = make(n, k, 4, group, act_order=act_order)
+@pytest.mark.parametrize(("n", "k", "bits", "group", "act_order"),
+                         [(64, 128, 4, 32, False), (128, 320, 4, 128, True), (96, 320, 8, -1, False)])
+def test_the_cpu_kernel_holds_the_only_copy_of_the_codes(n: int, k: int, bits: int, group: int,
+                                                         act_order: bool) -> None:
+    m = make(n, k, bits, group, act_order=act_order)
     codes, state = m.codes(), {key: v.clone() for key, v in m.state_dict().items()}
     x1, x600 = torch.randn(1, k, dtype=torch.bfloat16), torch.randn(600, k, dtype=torch.bfloat16)
     want1, want600 = _forced(m, "reference")(x1), _forced(m, "reference")(x600)
-    m(x1)  # prepares the int4 kernel
+    m(x1)  # prepares the int4 / int8 kernel
+    assert ("int4pack" if bits == 4 else "int8pack") in m._kernels
     assert m.qweight.numel() == 0  # memory: only the kernel's packing holds the codes
     assert torch.equal(m.codes(), codes)
     assert torch.equal(m.state_dict()["qweight"], state["qweight"])
     assert rel_err(m(x600), want600) < 0.02 and rel_err(m(x1), want1) < 0.02  # dequant path too
-    m2 = QuantLinear(k, n, 4, group, bias=True)
+    m2 = QuantLinear(k, n, bits, group, bias=True)
     m2.load_state_dict(m.state_dict())
     m2(x1)
     m2.load_state_dict(state)  # loading into a layer whose codes live in the kernel

@@ -159,8 +159,12 @@ def quantize(
     model: ModelArg = None,
     method: Annotated[str, typer.Option(help=QUANT_METHODS_HELP)] = "gptq",
     bits: Annotated[int, typer.Option(help="Weight bits (2, 3, 4, 8) for gptq/awq/rtn.")] = 4,
-    group_size: Annotated[int, typer.Option(
-        help="Input columns per scale: 32/64/128/256, -1 = per channel.")] = 128,
+    group_size: Annotated[str, typer.Option(
+        help="Input columns per scale: 32/64/128/256, -1 = per channel, or auto: the largest of "
+             "128/64/32 that divides every layer's input size.")] = "auto",
+    allow_partial_groups: Annotated[bool, typer.Option(
+        help="Accept a group size that leaves a partial last group (GPTQModel, AutoAWQ and vLLM "
+             "will not load the result).")] = False,
     act_order: Annotated[bool, typer.Option(
         help="GPTQ: quantize columns in decreasing Hessian order.")] = False,
     static_groups: Annotated[bool, typer.Option(help="GPTQ: choose all group scales up front.")] = False,
@@ -185,17 +189,27 @@ def quantize(
     from leanlm.config import ModelConfig
     from leanlm.data.text import default_texts, read_texts
     from leanlm.quant import REGISTRY, calibration_tokens, method_config, quantize_
+    from leanlm.quant.api import choose_group_size
     from leanlm.quant.formats import save_quantized
     from leanlm.tokenizer import load_tokenizer
 
-    config = method_config(method, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
-                           static_groups=static_groups)
+    if group_size != "auto" and not group_size.lstrip("-").isdigit():
+        raise LeanLMError(f"--group-size {group_size!r}: expected a number or auto")
+    method_config(method, bits=bits, group_size=128 if group_size == "auto" else int(group_size), sym=sym,
+                  act_order=act_order, static_groups=static_groups)  # bad options fail before loading
     if out is None:
         raise LeanLMError("--out DIR is required (where the quantized checkpoint is written)")
     path = resolve_model(model)
     tok = load_tokenizer(path)
     texts = read_texts(calib) if calib is not None else None  # read before the slow work
     lm = load_model(path, dtype=dtype)
+    groups = 128
+    if hasattr(REGISTRY[method].config_cls, "group_size"):  # weight-only methods
+        groups = choose_group_size(lm, group_size, allow_partial_groups)
+        if group_size == "auto":
+            Console().print(f"--group-size auto: {groups}")
+    config = method_config(method, bits=bits, group_size=groups, sym=sym, act_order=act_order,
+                           static_groups=static_groups)
     saved_dtype = ModelConfig.from_json_file(path / "config.json").torch_dtype
     tokens = None
     if REGISTRY[method].calibrated:

@@ -165,6 +165,42 @@ class Method:
                                   "quantize_block")
 
 
+# the group sizes `--group-size auto` tries, largest first: what GPTQModel, AutoAWQ and vLLM load
+AUTO_GROUPS = (128, 64, 32)
+
+
+def quantized_in_features(model: nn.Module, filter_fn: FilterFn | None = None) -> dict[str, int]:
+    """name -> in_features (K) of every linear ``quantize_`` would quantize."""
+    keep = filter_fn or default_filter
+    return {n: m.in_features for n, m in model.named_modules() if isinstance(m, nn.Linear) and keep(n, m)}
+
+
+def choose_group_size(model: nn.Module, group_size: int | str, allow_partial: bool = False,
+                      filter_fn: FilterFn | None = None) -> int:
+    """The group size to quantize ``model`` with: ``"auto"`` is the largest of 128/64/32 that
+    divides every quantized layer's K (else one group per channel, -1); a number is checked.
+
+    leanlm reads and writes partial last groups (K not a multiple of the group size), but
+    GPTQModel's CPU kernel, its torch AWQ kernel, AutoAWQ and vLLM refuse such checkpoints, so a
+    group size that does not divide every K is refused unless ``allow_partial``.
+    """
+    ks = quantized_in_features(model, filter_fn)
+    if group_size == "auto":
+        return next((g for g in AUTO_GROUPS if all(k % g == 0 for k in ks.values())), -1)
+    group_size = int(group_size)
+    bad = {n: k for n, k in ks.items() if group_size > 0 and k % group_size}
+    if bad and not allow_partial:
+        name, k = next(iter(bad.items()))
+        fits = [g for g in AUTO_GROUPS if all(k % g == 0 for k in ks.values())]
+        raise LeanLMError(
+            f"group size {group_size} does not divide the input size of {len(bad)} layer(s), e.g. "
+            f"{name} (K = {k}): the last group would be partial, which GPTQModel, AutoAWQ and vLLM "
+            f"refuse to load. Use " + (f"--group-size {fits[0]} (or auto)" if fits else
+                                       "--group-size -1 (per channel)")
+            + ", or --allow-partial-groups for a checkpoint only leanlm will read")
+    return group_size
+
+
 def default_filter(name: str, module: nn.Module) -> bool:
     """Every linear inside the transformer blocks (embeddings and the LM head stay as they are)."""
     return name.startswith("layers.")

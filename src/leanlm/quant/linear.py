@@ -16,6 +16,7 @@ The forward picks a backend once per (device, M-regime), automatically:
   0.5 byte per weight in memory, not 1.
 - ``int8pack`` (CPU, 8 bits, per-channel): ``_weight_int8pack_mm`` on ``q - 128`` with bf16
   activations; an asymmetric zero point becomes a rank-1 correction ``-(Σ_k x_k)·s·(z - 128)``.
+  Like ``int4pack``, its ``q - 128`` is then the one copy of the codes (1 byte per weight).
 - ``triton`` (CUDA; 2/4/8 bits), for M ≤ ``TRITON_MAX_M`` rows: decode-shaped calls run
   :mod:`leanlm.kernels.quant_gemv` on an interleaved copy of the codes made once per layer (its
   chunk layout: K a multiple of 32·32/b; act-order columns sorted by group and the input gathered
@@ -107,7 +108,9 @@ class QuantLinear(nn.Module):
         self._kernels.clear()
 
     def codes(self) -> torch.Tensor:
-        if self.qweight.numel() == 0 and "int4pack" in self._kernels:  # held by the kernel only
+        if self.qweight.numel() == 0 and "int8pack" in self._kernels:  # held by the kernel only
+            return self._kernels["int8pack"][0].view(torch.uint8) ^ 0x80  # q - 128 back to q
+        if self.qweight.numel() == 0 and "int4pack" in self._kernels:
             packed, _, perm, pad = self._kernels["int4pack"]
             codes = int4pack_codes(packed, self.out_features, self.in_features + pad)
             codes = codes[:, :self.in_features]
@@ -116,7 +119,7 @@ class QuantLinear(nn.Module):
 
     def _restore_codes(self) -> None:
         """Rebuild ``qweight`` from the kernel's packing before the kernel tensors go away."""
-        if self.qweight.numel() == 0 and "int4pack" in self._kernels:
+        if self.qweight.numel() == 0 and ("int4pack" in self._kernels or "int8pack" in self._kernels):
             self.qweight = pack_codes(pad_codes(self.codes(), self.bits), self.bits)
 
     def _g_idx(self) -> torch.Tensor | None:
@@ -254,6 +257,7 @@ class QuantLinear(nn.Module):
             zero = self.zeros.float()[:, 0] - 128
             corr = None if bool((zero == 0).all()) else (s * zero).to(torch.bfloat16)
             w8 = (codes.int() - 128).to(torch.int8).contiguous()
+            self.qweight = self.qweight.new_empty(0)  # w8 is now the one copy (codes = w8 + 128)
             self._kernels[backend] = (w8, s.to(torch.bfloat16), corr)
         else:
             self._kernels[backend] = ()
