@@ -217,3 +217,27 @@ def test_packed_load_peaks_at_about_one_copy(tmp_path):
                                   check=True).stdout.split()[-1]) / size for p in ("1", "0")}
     assert peak["1"] <= 1.15, peak
     assert peak["0"] > 1.5, peak  # the lazily packed copy beside the plain one: what this avoids
+
+
+def test_quantizing_and_merging_a_packed_model_read_its_weights_plain(make_hf_checkpoint):
+    """What reads the weights themselves gets the plain layout: quantize_ unpacks the model, a
+    DoRA merge the layers it merges into (equal to merging into a plain load)."""
+    from leanlm.peft import LoRAConfig, apply_peft_, merge_
+    from leanlm.quant import RTNConfig, quantize_
+
+    path = make_hf_checkpoint("llama")
+    tokens = torch.tensor([[1, 5, 9, 2, 7]])
+    plain, packed = load_model(path, dtype="float32"), load_model(path, dtype="float32", pack=True)
+    with torch.inference_mode():
+        want = quantize_(plain, RTNConfig(4, 32))(tokens)
+        torch.testing.assert_close(quantize_(packed, RTNConfig(4, 32))(tokens), want, rtol=1e-5, atol=1e-6)
+    plain, packed = load_model(path, dtype="float32"), load_model(path, dtype="float32", pack=True)
+    for m in (plain, packed):
+        torch.manual_seed(0)
+        apply_peft_(m, LoRAConfig(r=4, targets=["q_proj", "v_proj"], use_dora=True))
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)  # a non-zero update
+        merge_(m)
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(tokens), plain(tokens), rtol=1e-5, atol=1e-5)

@@ -30,8 +30,9 @@ Two ways to hold the packed weight:
   resident. The plain layout comes back on demand — the reorder is lossless, ``to_dense()``
   undoes it — for whatever needs it: :meth:`Linear.unpack_` (a forward that cannot take the
   packed path, e.g. training, does it itself), the state dict (a plain copy per tensor, so
-  saving works), copies and pickles (plain). Code that reads ``weight`` itself (merging an
-  adapter, quantizing, sharding) calls ``unpack_weights_`` on the model first.
+  saving works), copies and pickles (plain). What reads or writes ``weight`` itself unpacks
+  first: ``quantize_`` and ``tensor_parallel_`` the whole model (``unpack_weights_``), merging an
+  adapter the layers it merges into; DoRA reads a plain copy of the rows it needs.
 - **A cache** beside a plain weight, for models not packed at load (a model being trained and
   evaluated in turns): made on the first forward in inference mode, made again whenever the
   weight changes (another tensor, or the same one modified in place), freed by the first forward

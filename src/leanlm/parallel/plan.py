@@ -163,6 +163,7 @@ def tensor_parallel_(model: Transformer, mesh: DeviceMesh) -> Transformer:
     returns the same tensors as before on every rank (logits over the whole vocabulary), and
     ``model.tp_mesh`` is ``mesh``.
     """
+    model.unpack_weights_()  # weights packed for CPU inference are sharded in their plain layout
     tp = mesh.size()
     plan = tp_plan(model.config, tp)
     _preflight(model, mesh, plan)

@@ -54,6 +54,8 @@ class IA3(Adapter):
     def _scale(self, module: nn.Module, inverse: bool) -> None:
         if not isinstance(module, nn.Linear):
             raise LeanLMError("merging (IA)³ into a quantized base would need re-quantization")
+        if getattr(module, "is_packed", False):
+            module.unpack_()  # merging writes the plain weight
         scale = self.ia3_l.detach().float()
         scale = 1 / scale if inverse else scale
         with torch.no_grad():

@@ -60,8 +60,8 @@ class LoRAConfig(PeftConfig):
 
 def base_weight(module: nn.Module) -> torch.Tensor:
     """W of a plain or quantized linear (dequantized), in fp32."""
-    if isinstance(module, nn.Linear):
-        return module.weight.float()
+    if isinstance(module, nn.Linear):  # a weight packed for CPU inference reads back plain
+        return (module.weight.to_dense() if module.weight.is_mkldnn else module.weight).float()
     if hasattr(module, "dequantize"):
         return module.dequantize(torch.float32)
     raise LeanLMError(f"LoRA targets linear layers; got {type(module).__name__}")
@@ -143,6 +143,8 @@ class LoRA(Adapter):
         if not isinstance(module, nn.Linear):
             raise LeanLMError("merging into a quantized base would need re-quantization: dequantize "
                               "the model first, or keep the adapter unmerged")
+        if getattr(module, "is_packed", False):
+            module.unpack_()  # merging writes the plain weight
         with torch.no_grad():
             module.weight.copy_(w.to(module.weight.dtype))
 

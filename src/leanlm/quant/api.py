@@ -224,6 +224,8 @@ def quantize_(model: nn.Module, config: Any, calib: torch.Tensor | None = None,
     if done:
         raise LeanLMError(f"the model is already quantized ({next(iter(done))} is "
                           f"{type(next(iter(done.values()))).__name__}); load the full-precision model")
+    if hasattr(model, "unpack_weights_"):
+        model.unpack_weights_()  # weights packed for CPU inference: quantization reads them plain
     method = handler_cls(config)
     keep = filter_fn or default_filter
     targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and keep(n, m)]
