@@ -13,7 +13,8 @@ to that limit on a GPU:
 - ``kv_store``: writing new K/V into their cache slots.
 
 Not Triton: ``cpu_linear`` is the model's ``nn.Linear``, which runs CPU inference on oneDNN's
-prepacked weight layout; ``packing`` is the bit-stream layout of quantized codes.
+prepacked weight layout; ``cpu_int8`` is oneDNN's int8 x int8 GEMM (VNNI/AMX) that W8A8 layers run
+on CPU; ``packing`` is the bit-stream layout of quantized codes.
 
 Dispatch (:func:`use_triton`): the model, the paged attention backend and the quantized linear ask
 here whether to launch a kernel. The mode is read once, from ``LEANLM_KERNELS`` at first use, and
