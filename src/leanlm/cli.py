@@ -21,7 +21,7 @@ from rich.console import Console
 from leanlm.commands import generate, info
 from leanlm.data.cli import corpus_app, data_app
 from leanlm.errors import LeanLMError
-from leanlm.eval.cli import compare, eval_, quantize
+from leanlm.eval.cli import compare, eval_, lm_eval_cmd, quantize
 from leanlm.peft.cli import merge
 from leanlm.serve.cli import bench_serve, serve
 from leanlm.train.cli import doremi_cmd, finetune, pretrain, tokenizer_app
@@ -37,6 +37,8 @@ app.command("merge")(merge)
 app.command("serve")(serve)
 app.command("eval")(eval_)
 app.command("compare")(compare)
+app.command("lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                         "help_option_names": []})(lm_eval_cmd)
 app.command()(pretrain)
 app.command()(quantize)
 data_app.command("doremi")(doremi_cmd)

@@ -223,3 +223,17 @@ def quantize(
     before, after = weights_bytes(path), weights_bytes(out)
     Console().print(f"{method}: {before / 2**20:,.1f} MiB -> {after / 2**20:,.1f} MiB "
                     f"({before / after:.2f}x smaller) in {elapsed:.1f} s; written to {out}")
+
+
+def lm_eval_cmd(ctx: typer.Context) -> None:
+    """lm-evaluation-harness's own command line with leanlm's model type registered: every
+    ``lm_eval`` option, e.g. ``leanlm lm-eval --model leanlm --model_args pretrained=DIR --tasks
+    piqa``. (lm-eval finds only the model types it ships, so ``lm_eval --model leanlm`` cannot.)"""
+    try:
+        from lm_eval.__main__ import cli_evaluate
+
+        import leanlm.eval.harness  # noqa: F401  (registers the "leanlm" model type)
+    except ImportError:
+        raise LeanLMError("lm-eval is not installed: pip install 'leanlm[eval]'") from None
+    sys.argv = ["lm_eval", *ctx.args]
+    cli_evaluate()

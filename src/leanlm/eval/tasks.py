@@ -9,9 +9,10 @@ A question has a context and choices; each choice is scored as the continuation
 ``acc`` is the fraction of questions whose prediction is the answer; ``acc_norm`` divides each
 ll by the choice's length in characters first (lm-eval's length normalisation, the delimiter not
 counted), which removes the bias toward short choices. Tokenization follows lm-eval's
-``_encode_pair``: trailing spaces of the context move to the continuation, the pair is encoded
-whole, and the continuation's tokens are those past the context's own encoding. Contexts longer
-than the model's window lose their oldest tokens.
+``_encode_pair`` as its ``hf`` model runs it: the context's trailing whitespace moves to the
+continuation, the pair is encoded whole with the tokenizer's special tokens (BOS where its config
+adds it), and the continuation's tokens are those past the context's own encoding. Contexts
+longer than the model's window lose their oldest tokens.
 
 Task files are JSONL, one question per line: ``{"question": str, "choices": [str, ...],
 "answer": int}`` ("context" may stand for "question"; an optional "delimiter" overrides " ").
@@ -23,6 +24,7 @@ answer the line that follows, the distractors lines of other documents of the do
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,12 +89,16 @@ def load_task(name_or_path: str | Path) -> Task:
     return Task(path.stem, questions)
 
 
-def encode_pair(tokenizer: object, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """lm-eval's ``_encode_pair``: (context tokens, continuation tokens)."""
-    spaces = len(context) - len(context.rstrip(" "))
-    if spaces:
-        context, continuation = context[:-spaces], context[-spaces:] + continuation
-    enc = lambda s: tokenizer.encode(s, add_special_tokens=False)  # type: ignore[attr-defined]
+def encode_pair(tokenizer: object, context: str, continuation: str,
+                encode: Callable[[str], list[int]] | None = None) -> tuple[list[int], list[int]]:
+    """lm-eval's ``_encode_pair``: (context tokens, continuation tokens). The context's trailing
+    whitespace (all of it) moves to the continuation; the two are encoded together with the
+    tokenizer's special tokens (BOS where its config adds it, as lm-eval's ``hf`` model and
+    ``leanlm generate`` do; ``encode`` overrides) and split after the context's tokens."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    enc = encode or (lambda s: tokenizer.encode(s))  # type: ignore[attr-defined]
     whole, ctx = enc(context + continuation), enc(context)
     return whole[:len(ctx)], whole[len(ctx):]
 
@@ -132,8 +138,9 @@ def score_task(model: nn.Module, tokenizer: object, task: Task, batch_size: int 
             ctx, cont = encode_pair(tokenizer, q.context, continuation)
             if not cont:
                 raise LeanLMError(f"task {task.name}, question {q_index + 1}: choice {choice!r} is empty")
-            if not ctx:  # lm-eval: an empty context is scored after the end-of-text token
-                ctx = [tokenizer.eos_token_id or 0]  # type: ignore[attr-defined]
+            if not ctx:  # lm-eval: an empty context is scored after BOS, else end-of-text
+                bos = tokenizer.bos_token_id  # type: ignore[attr-defined]
+                ctx = [bos if bos is not None else tokenizer.eos_token_id or 0]  # type: ignore[attr-defined]
             pairs.append((ctx, cont))
             lengths.append(max(1, len(choice)))
     lls = [ll for ll, _ in loglikelihoods(model, pairs, max_len, batch_size)]
