@@ -46,3 +46,22 @@ def test_bad_input_is_one_line(setup: tuple[Path, Path, Path], args: tuple, mess
     out = leanlm("eval", str(model), *args)
     assert out.returncode == 2 and out.stderr.startswith("error:") and message in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_quantized_model_says_what_its_layers_computed_in(setup: tuple[Path, Path, Path],
+                                                            tmp_path: Path) -> None:
+    """An fp32 model's quantized layers compute in fp32 unless --bf16-kernels; the output says so,
+    and the two give different figures (the bf16 kernels round)."""
+    model, text, _ = setup
+    q = tmp_path / "q"
+    assert leanlm("quantize", str(model), "--method", "rtn", "--out", str(q)).returncode == 0
+    runs = {}
+    for flags in ((), ("--bf16-kernels",)):
+        out = leanlm("eval", str(q), "--ppl", str(text), "--seq-len", "32", "--json", *flags)
+        assert out.returncode == 0, out.stderr
+        runs[flags] = json.loads(out.stdout)
+    assert runs[()]["quantized_compute"] == "fp32 (dequantized)"
+    assert runs[("--bf16-kernels",)]["quantized_compute"] == "bf16 (packed CPU kernels)"
+    assert runs[()]["perplexity"]["ppl"] != runs[("--bf16-kernels",)]["perplexity"]["ppl"]
+    plain = json.loads(leanlm("eval", str(model), "--ppl", str(text), "--seq-len", "32", "--json").stdout)
+    assert "quantized_compute" not in plain

@@ -94,7 +94,7 @@ def test_per_item_scores_equal_lm_evals_hf_model(tmp_path: Path) -> None:
     ``leanlm``, constructed as lm-eval constructs models (device, batch size): per-item
     loglikelihoods to 1e-4 (contexts ending in newlines and spaces, whose whitespace moves to the
     continuation), rolling loglikelihoods, and identical greedy generations."""
-    import lm_eval.models  # noqa: F401  (registers lm-eval's own model types, "hf" among them)
+    import lm_eval.models  # registers lm-eval's own model types, "hf" among them
     from lm_eval.tasks import TaskManager
 
     import leanlm.eval.harness  # noqa: F401  (registers the "leanlm" model type)

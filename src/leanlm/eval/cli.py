@@ -39,12 +39,19 @@ def eval_(
     max_windows: Annotated[int, typer.Option(help="Windows scored, evenly spaced (0 = all).")] = 0,
     dtype: Annotated[str | None, typer.Option(help="float32 | bfloat16.")] = "float32",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+    bf16_kernels: Annotated[bool, typer.Option(
+        "--bf16-kernels", help="Let quantized layers of an fp32 model run the packed int4/int8 CPU "
+        "kernels, which compute in bf16 (faster; the figures are then not fp32 figures).")] = False,
 ) -> None:
     """Evaluate MODEL: perplexity (GPTQ protocol), zero-shot tasks, agreement with a reference."""
+    import torch
+
+    from leanlm import kernels
     from leanlm.checkpoint import load_model
     from leanlm.data.text import read_texts
     from leanlm.eval.evaluate import evaluate
     from leanlm.eval.tasks import shipped_tasks
+    from leanlm.quant import quantized_linears
     from leanlm.tokenizer import load_tokenizer
 
     if ppl is None and tasks is None and data is None:
@@ -56,10 +63,16 @@ def eval_(
     lm = load_model(path, dtype=dtype, pack=True).eval()
     tok = load_tokenizer(path)
     ref = load_model(reference, dtype=dtype, pack=True).eval() if reference is not None else None
-    result = {"model": str(path), **evaluate(lm, tok, texts, names, seq_len, stride, max_windows, ref,
-                                             batch_size)}
-    if data is not None:
-        result["domains"] = _domain_losses(lm, tok, data, seq_len, batch_size, max_windows)
+    bf16 = bf16_kernels or kernels.bf16_kernels()
+    with kernels.allow_bf16_kernels(bf16):
+        result = {"model": str(path), **evaluate(lm, tok, texts, names, seq_len, stride, max_windows,
+                                                 ref, batch_size)}
+        if data is not None:
+            result["domains"] = _domain_losses(lm, tok, data, seq_len, batch_size, max_windows)
+    if quantized_linears(lm):  # what the figures are: fp32 results, or those of the bf16 kernels
+        fp32 = lm.embed_tokens.weight.dtype == torch.float32
+        result["quantized_compute"] = ("fp32 (dequantized)" if fp32 and not bf16
+                                       else "bf16 (packed CPU kernels)")
     if as_json:
         sys.stdout.write(json.dumps(result, indent=1) + "\n")
         return
@@ -99,6 +112,8 @@ def _print(result: dict) -> None:
         table.add_row(f"perplexity ({p['tokens']:,} tokens, {how})", f"{p['ppl']:.4f}")
     if "kl" in result:
         table.add_row("KL(reference || model), mean per token", f"{result['kl']:.5f}")
+    if "quantized_compute" in result:
+        table.add_row("quantized layers computed in", result["quantized_compute"])
     for name, t in result.get("tasks", {}).items():
         flips = f", flips {t['flips']:.3f}" if "flips" in t else ""
         table.add_row(f"{name} ({t['n']} questions)",
