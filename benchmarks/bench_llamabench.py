@@ -23,8 +23,6 @@ import argparse
 import json
 import statistics
 import subprocess
-import sys
-import tarfile
 from pathlib import Path
 
 import torch
@@ -32,50 +30,11 @@ import torch
 import leanlm
 from bench_cpu_start import checkpoint
 from bench_generate import per_token
-from bench_llamacpp import CONVERT as CONVERT_GPT2
-from common import CACHE, machine
+from common import machine
 from leanlm.generate import generate
 from leanlm.quant import RTNConfig, SmoothQuantConfig, quantize_
 from leanlm.sampling import SamplingParams
-
-# llama.cpp's converter tries a SentencePiece vocabulary first for Llama checkpoints and needs the
-# sentencepiece package only to find out there is none (the checkpoint has the default model's
-# byte-level BPE, Llama 3's kind): skip straight to its fallbacks.
-CONVERT = CONVERT_GPT2.replace("import conversion.base\n", """import conversion.base
-def _no_sentencepiece(self, *args, **kwargs):
-    raise FileNotFoundError("no tokenizer.model")
-conversion.base.TextModel._set_vocab_sentencepiece = _no_sentencepiece
-""")
-
-
-def build(src: Path) -> Path:
-    """llama.cpp's tree from the sdist, with llama-bench and llama-quantize built (cached)."""
-    root = CACHE / "llamacpp"
-    tree = next(root.glob("*/vendor/llama.cpp"), None)
-    if tree is None:
-        root.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(src) as tar:
-            tar.extractall(root, filter="data")
-        tree = next(root.glob("*/vendor/llama.cpp"))
-    if not (tree / "build/bin/llama-bench").is_file():
-        subprocess.run(["cmake", "-B", "build", "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
-                        "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-                        "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_TOOLS=ON"], cwd=tree, check=True)
-        subprocess.run(["cmake", "--build", "build", "-j", "--target", "llama-bench", "llama-quantize"],
-                       cwd=tree, check=True)
-    return tree
-
-
-def ggufs(tree: Path, path: Path) -> dict[str, Path]:
-    out = {"f16": path / "model-f16.gguf", "Q4_0": path / "model-q4_0.gguf", "Q8_0": path / "model-q8_0.gguf"}
-    if not out["f16"].is_file():
-        subprocess.run([sys.executable, "-c", CONVERT, str(tree), str(path), "--outfile", str(out["f16"]),
-                        "--outtype", "f16"], check=True, capture_output=True)
-    for kind in ("Q4_0", "Q8_0"):
-        if not out[kind].is_file():
-            subprocess.run([str(tree / "build/bin/llama-quantize"), str(out["f16"]), str(out[kind]), kind],
-                           check=True, capture_output=True)
-    return out
+from llamacpp import SDIST, build, ggufs
 
 
 def llama_bench(tree: Path, gguf: Path, new: int, threads: int) -> tuple[float, int]:
@@ -111,14 +70,14 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--llama-cpp-src", type=Path, default=CACHE / "llama_cpp_python-0.3.36.tar.gz")
+    ap.add_argument("--llama-cpp-src", type=Path, default=SDIST)
     ap.add_argument("--preset", default="llama-3.2-1b")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     threads = torch.get_num_threads()
     path = checkpoint(args.preset)
-    tree = build(args.llama_cpp_src)
+    tree = build(args.llama_cpp_src, ("llama-bench", "llama-quantize"))
     files = ggufs(tree, path)
     print(f"# bench_llamabench: {args.preset} bf16 (random weights), batch 1, {args.new_tokens} tokens, "
           f"median of {args.rounds} rounds (leanlm and llama.cpp alternating), {threads} threads; "

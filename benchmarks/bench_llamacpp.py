@@ -1,16 +1,17 @@
-"""leanlm's server against llama.cpp's (llama-cpp-python[server]) on the same model and workload.
+"""leanlm's server against llama.cpp's own ``llama-server`` (continuous batching over parallel
+slots) on the same model and workload.
 
-The default model is converted to GGUF with llama.cpp's own ``convert_hf_to_gguf.py`` (from the
-llama-cpp-python sdist; its BPE pre-tokenizer check does not know leanlm's tokenizer, which is
-GPT-2's byte-level BPE regex, so the lookup is pointed at "gpt-2"), at f16 and at Q4_0 (4-bit,
-groups of 32, symmetric). leanlm serves the same checkpoint in bf16 and quantized with RTN W4
-g32 (symmetric, as Q4_0). Each server runs alone on the machine's cores, and the same
-``leanlm bench serve`` workload (random prompts, fixed output length, EOS banned by logit
-bias so both make every token) runs at each concurrency level.
+llama.cpp is built from the sources vendored in the llama-cpp-python sdist (``llamacpp.py``), the
+checkpoint converted by its own converter to f16 and quantized by its ``llama-quantize`` to Q4_0
+(4-bit, groups of 32, symmetric); leanlm serves the same checkpoint in bf16 and quantized with
+RTN W4 g32 (symmetric, as Q4_0). ``llama-server`` runs with as many parallel slots as the highest
+concurrency (``-np``), each with room for a prompt and its output, and ``-t``/``-tb`` threads.
+Each server runs alone on the machine's cores, and the same ``leanlm bench serve`` workload
+(random prompts, fixed output length, EOS banned by logit bias and ``ignore_eos`` so both make
+every token) runs at each concurrency level. ``--preset default`` is the embedded default model;
+``--preset llama-3.2-1b`` a random-weight checkpoint of that shape with the default tokenizer.
 
-    python benchmarks/bench_llamacpp.py --llama-cpp-src /path/to/llama_cpp_python-0.3.36.tar.gz
-
-(``pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36`` fetches the sdist.)
+    python benchmarks/bench_llamacpp.py [--preset default|llama-3.2-1b] [--concurrency 1,8,32]
 """
 
 from __future__ import annotations
@@ -20,64 +21,28 @@ import asyncio
 import os
 import subprocess
 import sys
-import tarfile
 import tempfile
 from pathlib import Path
 
-from common import free_port, machine, start_server
+from bench_cpu_start import checkpoint
+from common import CACHE, free_port, machine, start_server
 from leanlm import DEFAULT_MODEL
 from leanlm.serve import bench
 from leanlm.tokenizer import load_tokenizer
-
-CONVERT = """
-import runpy, sys
-src = sys.argv.pop(1)
-sys.path[:0] = [src, src + "/gguf-py"]
-import conversion.base
-conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
-sys.argv[0] = src + "/convert_hf_to_gguf.py"
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
+from llamacpp import SDIST, build, ggufs
 
 
-def llama_cpp_dir(src: Path, work: Path) -> Path:
-    """The vendored llama.cpp directory of an sdist (a .tar.gz, or its extracted tree)."""
-    if src.is_dir():
-        found = next(src.glob("**/vendor/llama.cpp"), src)
-        return found
-    with tarfile.open(src) as tar:
-        members = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name and any(
-            part in m.name for part in ("convert_hf_to_gguf.py", "/gguf-py/", "/conversion/"))]
-        tar.extractall(work, members=members, filter="data")
-    return next(work.glob("*/vendor/llama.cpp"))
-
-
-def convert(src: Path, work: Path) -> dict[str, Path]:
-    f16 = work / "default-f16.gguf"
-    subprocess.run([sys.executable, "-c", CONVERT, str(src), str(DEFAULT_MODEL), "--outfile", str(f16),
-                    "--outtype", "f16"], check=True, capture_output=True)
-    import llama_cpp
-
-    q4 = work / "default-q4_0.gguf"
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
-    params.nthread = os.cpu_count() or 1
-    if llama_cpp.llama_model_quantize(str(f16).encode(), str(q4).encode(), params) != 0:
-        raise RuntimeError("llama.cpp quantization to Q4_0 failed")
-    return {"f16": f16, "q4_0": q4}
-
-
-def leanlm_int4(work: Path) -> Path:
-    out = work / "default-rtn-w4g32"
-    subprocess.run([sys.executable, "-m", "leanlm.cli", "quantize", str(DEFAULT_MODEL), "--method", "rtn",
-                    "--bits", "4", "--group-size", "32", "--sym", "--out", str(out)], check=True,
-                   capture_output=True)
+def leanlm_int4(model: Path, work: Path) -> Path:
+    out = work / "rtn-w4g32"
+    subprocess.run([sys.executable, "-m", "leanlm.cli", "quantize", str(model), "--method", "rtn",
+                    "--bits", "4", "--group-size", "32", "--out", str(out)], check=True, capture_output=True)
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--llama-cpp-src", type=Path, required=True, help="llama-cpp-python sdist or its tree")
+    ap.add_argument("--llama-cpp-src", type=Path, default=SDIST, help="llama-cpp-python sdist")
+    ap.add_argument("--preset", default="default", help="default (the embedded model) or a preset shape")
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=128)
@@ -85,32 +50,33 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
-    tok = load_tokenizer(DEFAULT_MODEL)
+    model = DEFAULT_MODEL if args.preset == "default" else checkpoint(args.preset)
+    tok = load_tokenizer(model)
     prompts = bench.random_prompts(tok, args.num_prompts, args.input_len, seed=0)
     eos = {str(t): -100 for t in ([tok.eos_token_id] if tok.eos_token_id is not None else [])}
     extra = {"temperature": 0, "ignore_eos": True, "logit_bias": eos}
-    print(f"# bench_llamacpp: default model, {args.num_prompts} requests per level, random prompts of "
+    print(f"# bench_llamacpp: {args.preset} model, {args.num_prompts} requests per level, random prompts of "
           f"{args.input_len} tokens, {args.output_len} tokens out, all arriving at once, concurrency "
-          f"capped at {levels}; {args.threads} threads each; {machine()}")
+          f"capped at {levels}; {args.threads} threads each; {machine()}", flush=True)
+    tree = build(args.llama_cpp_src, ("llama-server", "llama-quantize"))
+    gguf_dir = CACHE / f"{args.preset}-gguf"
+    gguf_dir.mkdir(parents=True, exist_ok=True)
+    files = ggufs(tree, model, ("Q4_0",), gguf_dir)
+    slots, slot_ctx = max(levels), args.input_len + args.output_len + 64
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        ggufs = convert(llama_cpp_dir(args.llama_cpp_src, work), work)
-        int4 = leanlm_int4(work)
+        int4 = leanlm_int4(model, Path(tmp))
+        llama_server = [str(tree / "build/bin/llama-server"), "--host", "127.0.0.1", "-t", str(args.threads),
+                        "-tb", str(args.threads), "-np", str(slots), "-c", str(slots * slot_ctx), "-cb"]
         servers = [
-            ("leanlm bf16", [sys.executable, "-m", "leanlm.cli", "serve", str(DEFAULT_MODEL)]),
-            ("llama.cpp f16", [sys.executable, "-m", "llama_cpp.server", "--model", str(ggufs["f16"])]),
+            ("leanlm bf16", [sys.executable, "-m", "leanlm.cli", "serve", str(model)]),
+            ("llama-server f16", [*llama_server, "-m", str(files["f16"])]),
             ("leanlm int4 (RTN g32)", [sys.executable, "-m", "leanlm.cli", "serve", str(int4)]),
-            ("llama.cpp Q4_0", [sys.executable, "-m", "llama_cpp.server", "--model", str(ggufs["q4_0"])]),
+            ("llama-server Q4_0", [*llama_server, "-m", str(files["Q4_0"])]),
         ]
         rows = []
         for name, cmd in servers:
             port = free_port()
-            if "llama_cpp.server" in cmd:
-                cmd += ["--port", str(port), "--n_ctx", "2048", "--n_threads", str(args.threads),
-                        "--n_threads_batch", str(args.threads), "--n_batch", "512", "--verbose", "false",
-                        "--interrupt_requests", "false"]  # queue concurrent requests, do not cut them off
-            else:
-                cmd += ["--port", str(port), "--max-num-seqs", "64"]
+            cmd = [*cmd, "--port", str(port)] + ([] if "llama-server" in cmd[0] else ["--max-num-seqs", "64"])
             url = f"http://127.0.0.1:{port}/v1"
             proc = start_server(cmd, url)
             try:
@@ -134,7 +100,7 @@ def main() -> None:
         print(f"| {name} | {level} | {s['output_throughput']:.1f} | {s['median_tpot_ms']:.1f} | "
               f"{s['median_ttft_ms']:.1f} | {s['p99_ttft_ms']:.1f} |")
     by = {(n, lv): s["output_throughput"] for n, lv, s in rows}
-    for ours, theirs in (("leanlm bf16", "llama.cpp f16"), ("leanlm int4 (RTN g32)", "llama.cpp Q4_0")):
+    for ours, theirs in (("leanlm bf16", "llama-server f16"), ("leanlm int4 (RTN g32)", "llama-server Q4_0")):
         print(f"{ours} / {theirs} output throughput: " + ", ".join(
             f"{by[(ours, lv)] / by[(theirs, lv)]:.2f}x at {lv}" for lv in levels))
 
