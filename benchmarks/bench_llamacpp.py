@@ -9,7 +9,8 @@ concurrency (``-np``), each with room for a prompt and its output, and ``-t``/``
 Each server runs alone on the machine's cores, and the same ``leanlm bench serve`` workload
 (random prompts, fixed output length, EOS banned by logit bias and ``ignore_eos`` so both make
 every token) runs at each concurrency level. ``--preset default`` is the embedded default model;
-``--preset llama-3.2-1b`` a random-weight checkpoint of that shape with the default tokenizer.
+``--preset llama-3.2-1b`` a random-weight checkpoint of that shape with the default tokenizer and
+its vocabulary (8,192 ids: the embedding and head are smaller than the real 128k ones).
 
     python benchmarks/bench_llamacpp.py [--preset default|llama-3.2-1b] [--concurrency 1,8,32]
 """
@@ -19,17 +20,33 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from bench_cpu_start import checkpoint
-from common import CACHE, free_port, machine, start_server
-from leanlm import DEFAULT_MODEL
+import torch
+
+from common import CACHE, free_port, machine, random_model, start_server
+from leanlm import DEFAULT_MODEL, save_model
 from leanlm.serve import bench
 from leanlm.tokenizer import load_tokenizer
 from llamacpp import SDIST, build, ggufs
+
+
+def preset_checkpoint(preset: str) -> Path:
+    """A random-weight bf16 checkpoint of ``preset``'s shape whose vocabulary is the default
+    tokenizer's (a random model with the preset's own 128k vocabulary samples ids the tokenizer
+    cannot decode, which a serving client sees as empty output), with that tokenizer."""
+    vocab = load_tokenizer(DEFAULT_MODEL).vocab_size
+    path = CACHE / f"{preset}-vocab{vocab}-bfloat16"
+    if not (path / "config.json").is_file():
+        save_model(random_model(preset, torch.bfloat16, vocab_size=vocab), path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if not (path / name).is_file():
+            shutil.copy(DEFAULT_MODEL / name, path / name)
+    return path
 
 
 def leanlm_int4(model: Path, work: Path) -> Path:
@@ -50,7 +67,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
-    model = DEFAULT_MODEL if args.preset == "default" else checkpoint(args.preset)
+    model = DEFAULT_MODEL if args.preset == "default" else preset_checkpoint(args.preset)
     tok = load_tokenizer(model)
     prompts = bench.random_prompts(tok, args.num_prompts, args.input_len, seed=0)
     eos = {str(t): -100 for t in ([tok.eos_token_id] if tok.eos_token_id is not None else [])}
