@@ -24,7 +24,7 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -187,6 +187,12 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16
               "U8": torch.uint8, "BOOL": torch.bool}
 
 
+def _read_header(fh: BinaryIO) -> tuple[dict[str, Any], int]:
+    """A (validated) safetensors file's JSON header and the offset its tensor data starts at."""
+    n = int.from_bytes(fh.read(8), "little")
+    return json.loads(fh.read(n)), 8 + n
+
+
 class _SafetensorsReader:
     """Reads tensors of a (validated) safetensors file into fresh, anonymous CPU memory.
 
@@ -198,9 +204,7 @@ class _SafetensorsReader:
 
     def __init__(self, path: Path) -> None:
         self.fh = open(path, "rb")  # noqa: SIM115 (closed in __exit__)
-        n = int.from_bytes(self.fh.read(8), "little")
-        self.header = json.loads(self.fh.read(n))
-        self.base = 8 + n
+        self.header, self.base = _read_header(self.fh)
 
     def read(self, name: str) -> torch.Tensor:
         info = self.header[name]
@@ -228,9 +232,7 @@ class _MappedFile:
 
     def __init__(self, path: Path) -> None:
         with open(path, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            self.header = json.loads(fh.read(n))
-        self.base = 8 + n
+            self.header, self.base = _read_header(fh)
         self.data = torch.from_file(str(path), shared=False, size=path.stat().st_size, dtype=torch.uint8)
         self.start = self.data.data_ptr()
         self.end = self.start + self.data.numel()

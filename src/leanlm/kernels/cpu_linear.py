@@ -57,19 +57,18 @@ PLAIN = (nn.Parameter, torch.Tensor)
 HEADROOM = 1 << 30  # bytes of available memory a packed copy must leave free
 
 
-def _eligible(weight: torch.Tensor, x: torch.Tensor) -> bool:
-    # is_compiling first: under dynamo the whole test folds to False before anything is traced
-    return (not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
-            and type(weight) in PLAIN and weight.device.type == "cpu" and weight.dtype in PACKABLE
-            and x.dtype == weight.dtype
-            and not weight.is_inference() and not torch.is_autocast_enabled("cpu")
-            and torch.backends.mkldnn.is_available() and kernels.prepack())
-
-
 def packable(weight: torch.Tensor) -> bool:
     """Whether ``weight`` can be packed: a plain CPU bf16/fp32 tensor, oneDNN present."""
     return (type(weight) in PLAIN and not weight.is_mkldnn and weight.device.type == "cpu"
             and weight.dtype in PACKABLE and weight.dim() == 2 and torch.backends.mkldnn.is_available())
+
+
+def _eligible(weight: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether a plain ``weight`` multiplies ``x`` through its cached packed copy."""
+    # is_compiling first: under dynamo the whole test folds to False before anything is traced
+    return (not torch.compiler.is_compiling() and torch.is_inference_mode_enabled() and packable(weight)
+            and x.dtype == weight.dtype and not weight.is_inference()
+            and not torch.is_autocast_enabled("cpu") and kernels.prepack())
 
 
 class Linear(nn.Linear):
