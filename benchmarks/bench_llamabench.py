@@ -9,10 +9,12 @@ decode of the same N tokens at batch 1 after a one-token prompt, per token (``(t
 (N − 1)``, so the prefill is excluded as llama-bench's tg excludes it); median of ``--rounds``,
 leanlm and llama.cpp alternating so that the machine's noise hits both. leanlm runs bf16 (packed
 at load), RTN W4 g32 symmetric (as Q4_0), RTN W8 per-channel (bf16 activations) and SmoothQuant
-W8A8 (int8 activations per token, as Q8_0 × Q8). Differences the table shows rather than hides:
-the bytes each reads per token (llama-quantize stores the tied output/embedding tensor quantized
-too; leanlm keeps the head in bf16), and leanlm's weight-only kernels take bf16 activations where
-llama.cpp quantizes activations to 8 bits (the W8A8 row does too).
+W8A8 (int8 activations per token, as Q8_0 × Q8), each with the head in bf16 (leanlm's default)
+and, for RTN, with the head quantized too (``quantize_(..., lm_head=True)``): llama-quantize
+stores the tied output/embedding tensor quantized (Q6_K for Q4_0, Q8_0 for Q8_0). Differences
+the table shows rather than hides: the bytes each reads per token, and leanlm's weight-only
+kernels take bf16 activations where llama.cpp quantizes activations to 8 bits (the W8A8 row does
+too).
 
     python benchmarks/bench_llamabench.py [--llama-cpp-src llama_cpp_python-0.3.36.tar.gz] [--rounds 3]
 """
@@ -84,13 +86,15 @@ def main() -> None:
           f"{machine()}", flush=True)
     calib = torch.randint(0, 8000, (4, 64), generator=torch.Generator().manual_seed(0))
     models = {("bf16", "f16"): leanlm.load_model(path, pack=True)}
-    for name, kind, config in (
-            ("int4 (RTN W4 g32 sym)", "Q4_0", RTNConfig(4, 32)),
-            ("int8 (RTN W8 per channel, bf16 activations)", "Q8_0", RTNConfig(8, -1)),
-            ("int8 W8A8 (SmoothQuant, per-token int8 activations)", "Q8_0", SmoothQuantConfig())):
+    for name, kind, config, head in (
+            ("int4 (RTN W4 g32 sym)", "Q4_0", RTNConfig(4, 32), False),
+            ("int4, head too (RTN W4 g32 sym)", "Q4_0", RTNConfig(4, 32), True),
+            ("int8 (RTN W8 per channel, bf16 activations)", "Q8_0", RTNConfig(8, -1), False),
+            ("int8, head too (RTN W8 per channel)", "Q8_0", RTNConfig(8, -1), True),
+            ("int8 W8A8 (SmoothQuant, per-token int8 activations)", "Q8_0", SmoothQuantConfig(), False)):
         model = leanlm.load_model(path)
-        quantize_(model, config, calib if isinstance(config, SmoothQuantConfig) else None)
-        model.pack_weights_()  # the head, which stays bf16
+        quantize_(model, config, calib if isinstance(config, SmoothQuantConfig) else None, lm_head=head)
+        model.pack_weights_()  # the head, where it stays bf16
         models[name, kind] = model
     ours: dict[str, list[float]] = {}
     theirs: dict[str, list[float]] = {}

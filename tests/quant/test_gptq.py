@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import random_model
-from leanlm.quant import GPTQConfig, QuantLinear, RTNConfig, quantize_
+from leanlm.errors import LeanLMError
+from leanlm.quant import AWQConfig, GPTQConfig, QuantLinear, RTNConfig, SmoothQuantConfig, quantize_
 from leanlm.quant.gptq import Hessian, gptq_quantize
 from leanlm.quant.primitives import dequantize_weight
 from leanlm.quant.rtn import rtn_quantize
@@ -95,3 +96,32 @@ def test_quantize_model_layer_by_layer(family: str) -> None:
         err = float((model(tokens) - ref).norm() / ref.norm())
         err_rtn = float((rtn(tokens) - ref).norm() / ref.norm())
     assert err < err_rtn, (err, err_rtn)
+
+
+def test_gptq_quantizes_the_head_on_the_last_blocks_outputs() -> None:
+    model = random_model("qwen2")  # tied embeddings: the head is quantized apart from them
+    rtn = random_model("qwen2")
+    embedding = model.embed_tokens.weight.detach().clone()
+    calib = torch.randint(0, model.config.vocab_size, (8, 32))
+    with torch.no_grad():
+        hidden = model.norm(model.hidden(calib[:4]))
+        ref = model.lm_head(hidden)
+    only_head = lambda n, m: False
+    quantize_(model, GPTQConfig(bits=4, group_size=32), calib, only_head, batch_size=4, progress=False,
+              lm_head=True)
+    quantize_(rtn, RTNConfig(bits=4, group_size=32), filter_fn=only_head, progress=False, lm_head=True)
+    assert isinstance(model.lm_head, QuantLinear) and isinstance(rtn.lm_head, QuantLinear)
+    assert torch.equal(model.embed_tokens.weight, embedding)  # the tied embedding is untouched
+    with torch.no_grad():  # the head alone, on the same (full-precision) hidden states
+        err = float((model.lm_head(hidden) - ref).pow(2).mean())
+        err_rtn = float((rtn.lm_head(hidden) - ref).pow(2).mean())
+    assert err < err_rtn, (err, err_rtn)
+
+
+@pytest.mark.parametrize("config", [AWQConfig(bits=4, group_size=32), SmoothQuantConfig()])
+def test_methods_that_fold_scales_refuse_the_head(config: object) -> None:
+    model = random_model("llama")
+    calib = torch.randint(0, model.config.vocab_size, (2, 16))
+    with pytest.raises(LeanLMError, match="cannot quantize the LM head"):
+        quantize_(model, config, calib, progress=False, lm_head=True)
+    assert isinstance(model.layers[0].self_attn.q_proj, torch.nn.Linear)  # refused before any work

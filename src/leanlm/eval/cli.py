@@ -183,6 +183,9 @@ def quantize(
     act_order: Annotated[bool, typer.Option(
         help="GPTQ: quantize columns in decreasing Hessian order.")] = False,
     static_groups: Annotated[bool, typer.Option(help="GPTQ: choose all group scales up front.")] = False,
+    lm_head: Annotated[bool, typer.Option(
+        "--lm-head", help="Quantize the LM head too (gptq, rtn, llm-int8): what a CPU decode step "
+                          "reads shrinks by the head's share (a tied embedding stays as it is).")] = False,
     sym: Annotated[bool | None, typer.Option(help="Symmetric codes (default: on, except AWQ).")] = None,
     calib: Annotated[Path | None, typer.Option(
         help="Calibration text: .jsonl (\"text\" field), a text file or a corpus directory; "
@@ -204,7 +207,7 @@ def quantize(
     from leanlm.config import ModelConfig
     from leanlm.data.text import default_texts, read_texts
     from leanlm.quant import REGISTRY, calibration_tokens, method_config, quantize_
-    from leanlm.quant.api import choose_group_size
+    from leanlm.quant.api import check_lm_head, choose_group_size
     from leanlm.quant.formats import save_quantized
     from leanlm.tokenizer import load_tokenizer
 
@@ -212,6 +215,8 @@ def quantize(
         raise LeanLMError(f"--group-size {group_size!r}: expected a number or auto")
     method_config(method, bits=bits, group_size=128 if group_size == "auto" else int(group_size), sym=sym,
                   act_order=act_order, static_groups=static_groups)  # bad options fail before loading
+    if lm_head:
+        check_lm_head(REGISTRY[method])
     if out is None:
         raise LeanLMError("--out DIR is required (where the quantized checkpoint is written)")
     path = resolve_model(model)
@@ -230,7 +235,7 @@ def quantize(
     if REGISTRY[method].calibrated:
         tokens = calibration_tokens(texts or default_texts(), tok, samples, seq_len, seed)
     start = time.perf_counter()
-    quantize_(lm, config, tokens)
+    quantize_(lm, config, tokens, lm_head=lm_head)
     elapsed = time.perf_counter() - start
     if saved_dtype in ("bfloat16", "float16", "float32"):
         lm.to(getattr(torch, saved_dtype))  # the unquantized tensors keep the checkpoint's dtype

@@ -91,6 +91,7 @@ def _group_normalised_mean(w: torch.Tensor, group_size: int) -> torch.Tensor:
 @register_method("awq", AWQConfig)
 class AWQ(Method):
     calibrated = True
+    quantizes_head = False
     propagate_quantized = False
 
     def quantize_block(self, block: nn.Module, inputs: LayerInputs, targets: set[str]) -> None:

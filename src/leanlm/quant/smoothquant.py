@@ -44,6 +44,7 @@ def smooth_scales(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: flo
 @register_method("smoothquant", SmoothQuantConfig)
 class SmoothQuant(Method):
     calibrated = True
+    quantizes_head = False
     propagate_quantized = False
 
     def quantize_block(self, block: nn.Module, inputs: LayerInputs, targets: set[str]) -> None:
