@@ -184,7 +184,7 @@ def open_tensors(files: list[Path], kind: str, stack: ExitStack, mmap: bool) -> 
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-              "U8": torch.uint8, "BOOL": torch.bool}
+              "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn}
 
 
 def _read_header(fh: BinaryIO) -> tuple[dict[str, Any], int]:

@@ -13,7 +13,7 @@ import torch
 from conftest import build_hf_model, write_tokenizer
 from leanlm.checkpoint import load_model
 from leanlm.eval.cli import QUANT_METHODS_HELP
-from leanlm.quant import REGISTRY, QuantLinear, W8A8Linear
+from leanlm.quant import REGISTRY, Fp8Linear, QuantLinear, W8A8Linear
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -36,6 +36,7 @@ def model_and_calib(tmp_path: Path) -> tuple[Path, Path]:
     ("gptq", ["--act-order", "--group-size", "32", "--lm-head"], QuantLinear),
     ("awq", ["--group-size", "32"], QuantLinear),
     ("smoothquant", [], W8A8Linear),
+    ("fp8", [], Fp8Linear),
 ])
 def test_quantize_writes_a_loadable_checkpoint(tmp_path: Path, model_and_calib: tuple[Path, Path],
                                                method: str, extra: list[str], kind: type) -> None:

@@ -27,7 +27,7 @@ from leanlm.model import Transformer
 from leanlm.parallel import local_kv_heads, shard_adapters_, tensor_parallel_, tp_mesh
 from leanlm.peft import IA3Config, LoRAConfig, apply_peft_, load_adapter, save_adapter
 from leanlm.peft.api import mark_trainable_, routed, set_adapter
-from leanlm.quant import GPTQConfig, RTNConfig, quantize_
+from leanlm.quant import FP8Config, GPTQConfig, RTNConfig, quantize_
 from leanlm.quant.linear import QuantLinear
 from leanlm.quant.llm_int8 import LLMInt8Config
 from leanlm.sampling import SamplingParams
@@ -95,8 +95,8 @@ def check_gqa_replicas() -> None:
 
 def check_quantized() -> None:
     """GPTQ int4 with act-order (row-parallel shards keep every group's scales) and LLM.int8()
-    W8A8 (global per-token scales) in fp32 match exactly; RTN int4 on the packed CPU kernel
-    matches at its bf16 precision, column-parallel shards still on it."""
+    W8A8 (global per-token scales) in fp32 match exactly, FP8 W8A8 to fp32 rounding; RTN int4 on
+    the packed CPU kernel matches at its bf16 precision, column-parallel shards still on it."""
     calib = torch.randint(2, VOCAB, (4, 32), generator=torch.Generator().manual_seed(2))
     gptq = random_model("llama")
     quantize_(gptq, GPTQConfig(bits=4, group_size=32, act_order=True, backend="dequant"), calib,
@@ -104,6 +104,9 @@ def check_quantized() -> None:
     assert not torch.equal(gptq.layers[0].mlp.down_proj.g_idx, torch.arange(128) // 32)
     same_after_sharding(gptq)
     same_after_sharding(quantize_(random_model("llama"), LLMInt8Config(threshold=0.5), progress=False))
+    # FP8: the same global per-token scales; the partial fp32 sums add in another order
+    same_after_sharding(quantize_(random_model("llama"), FP8Config(), progress=False),
+                        {"rtol": 1e-5, "atol": 1e-5})
     rtn = quantize_(random_model("llama"), RTNConfig(bits=4, group_size=32), progress=False)
     with kernels.allow_bf16_kernels(True):  # (an fp32 model's quantized layers compute fp32 otherwise)
         same_after_sharding(rtn, {"rtol": 0.05, "atol": 0.05})

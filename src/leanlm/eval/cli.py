@@ -167,7 +167,7 @@ def compare(
 
 
 # every name in leanlm.quant.REGISTRY (a test keeps them in step), most used first
-QUANT_METHODS_HELP = "gptq | awq | rtn | smoothquant | llm-int8."
+QUANT_METHODS_HELP = "gptq | awq | rtn | smoothquant | llm-int8 | fp8."
 
 
 def quantize(
@@ -184,7 +184,7 @@ def quantize(
         help="GPTQ: quantize columns in decreasing Hessian order.")] = False,
     static_groups: Annotated[bool, typer.Option(help="GPTQ: choose all group scales up front.")] = False,
     lm_head: Annotated[bool, typer.Option(
-        "--lm-head", help="Quantize the LM head too (gptq, rtn, llm-int8): what a CPU decode step "
+        "--lm-head", help="Quantize the LM head too (gptq, rtn, llm-int8, fp8): what a CPU decode step "
                           "reads shrinks by the head's share (a tied embedding stays as it is).")] = False,
     sym: Annotated[bool | None, typer.Option(help="Symmetric codes (default: on, except AWQ).")] = None,
     calib: Annotated[Path | None, typer.Option(
@@ -195,7 +195,8 @@ def quantize(
     seed: Annotated[int, typer.Option(help="Seed for the calibration windows.")] = 0,
     out: Annotated[Path | None, typer.Option(help="Output directory (required).")] = None,
     format: Annotated[str | None, typer.Option(
-        help="gptq | awq (weight-only; default gptq, awq for --method awq) | w8a8.")] = None,
+        help="gptq | awq (weight-only; default gptq, awq for --method awq) | w8a8 | fp8 (the "
+             "method's own format by default).")] = None,
     dtype: Annotated[str, typer.Option(help="dtype to calibrate in.")] = "float32",
 ) -> None:
     """Quantize MODEL with a post-training method and write the quantized checkpoint to --out."""

@@ -23,6 +23,12 @@ contiguous):
 SmoothQuant and LLM.int8() models are saved as ``quant_method: w8a8`` (leanlm's own config; the
 tensors follow compressed-tensors: ``weight`` int8 [N, K] and ``weight_scale`` [N, 1]).
 
+FP8 models are compressed-tensors checkpoints (``quant_method: compressed-tensors``, ``format:
+float-quantized``; what llm-compressor's ``FP8_DYNAMIC`` scheme writes and vLLM serves): one
+config group of ``Linear`` targets with 8-bit float weights per channel and 8-bit float input
+activations per token, dynamic; per linear ``weight`` float8_e4m3fn [N, K] and ``weight_scale``
+fp32 [N, 1]. Only that scheme is read; other compressed-tensors schemes are refused by name.
+
 ``config.json`` carries ``quantization_config`` (GPTQ also writes ``quantize_config.json``, which
 AutoGPTQ reads). Tensors that are not quantized keep their Hugging Face names and dtype.
 """
@@ -51,13 +57,15 @@ from leanlm.config import ModelConfig
 from leanlm.errors import LeanLMError
 from leanlm.kernels.packing import pack_codes, unpack_codes
 from leanlm.quant.api import set_module
+from leanlm.quant.fp8 import E4M3, Fp8Linear
 from leanlm.quant.linear import QuantLinear, W8A8Linear, quantized_linears
 from leanlm.quant.llm_int8 import Int8OutlierLinear
 from leanlm.quant.primitives import default_g_idx
 
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 AWQ_REVERSE = [0, 4, 1, 5, 2, 6, 3, 7]  # nibble i of a word holds output AWQ_ORDER[i]
-FORMATS = ("gptq", "awq", "w8a8")
+FORMATS = ("gptq", "awq", "w8a8", "fp8")
+CT = "compressed-tensors"  # the quant_method an fp8 checkpoint declares
 
 
 # ---- int32 bit streams --------------------------------------------------------------------------
@@ -126,6 +134,14 @@ def awq_decode(t: dict[str, torch.Tensor], k: int, n: int) -> tuple:
 def _quant_config(fmt: str, qlinears: dict[str, nn.Module], model: nn.Module) -> dict[str, Any]:
     """quantization_config as the readers expect it; desc_act and sym are read off the layers."""
     m = next(iter(qlinears.values()))
+    if fmt == "fp8":
+        fp8 = {"num_bits": 8, "type": "float", "symmetric": True}
+        return {"quant_method": CT, "format": "float-quantized", "quantization_status": "compressed",
+                "config_groups": {"group_0": {
+                    "targets": ["Linear"],
+                    "weights": {**fp8, "strategy": "channel", "dynamic": False, "observer": "minmax"},
+                    "input_activations": {**fp8, "strategy": "token", "dynamic": True, "observer": None}}},
+                "ignore": [] if "lm_head" in qlinears else ["lm_head"], "kv_cache_scheme": None}
     if fmt == "w8a8":
         out = {"quant_method": "w8a8", "weights": "int8 per output channel",
                "activations": "int8 per token, dynamic"}
@@ -157,22 +173,33 @@ def w8a8_tensors(m: W8A8Linear) -> dict[str, torch.Tensor]:
     return out
 
 
+def fp8_tensors(m: Fp8Linear) -> dict[str, torch.Tensor]:
+    """E4M3 ``weight`` [N, K] and fp32 ``weight_scale`` [N, 1] (compressed-tensors' layout)."""
+    return {**w8a8_tensors(m), "weight_scale": m.weight_scale.float()[:, None].contiguous()}
+
+
+def _format_of(m: nn.Module) -> str:
+    """The one format that can hold quantized layer ``m`` (weight-only layers: gptq or awq)."""
+    return "fp8" if isinstance(m, Fp8Linear) else "w8a8" if isinstance(m, W8A8Linear) else "gptq"
+
+
 def save_quantized(model: nn.Module, path: str | os.PathLike[str], tokenizer: Any | None = None,
                    format: str | None = None, max_shard_bytes: int = 4 * 1024**3) -> Path:
     """Write a quantized model (atomically): weight-only models as GPTQ (default) or AWQ
-    checkpoints, SmoothQuant / LLM.int8() models in leanlm's ``w8a8`` format."""
+    checkpoints, SmoothQuant / LLM.int8() models in leanlm's ``w8a8`` format, FP8 models as
+    compressed-tensors."""
     config: ModelConfig = model.config
     qlinears = quantized_linears(model)
     if not qlinears:
         raise LeanLMError("the model is not quantized (run quantize_ first, or use save_model)")
-    w8a8 = all(isinstance(m, W8A8Linear) for m in qlinears.values())
-    fmt = format or ("w8a8" if w8a8 else "gptq")
+    fmt = format or _format_of(next(iter(qlinears.values())))
     if fmt not in FORMATS:
         raise LeanLMError(f"unknown format {fmt!r}: expected one of {FORMATS}")
-    wrong = [n for n, m in qlinears.items() if isinstance(m, W8A8Linear) != (fmt == "w8a8")]
+    wrong = [n for n, m in qlinears.items() if _format_of(m) != ("gptq" if fmt == "awq" else fmt)]
     if wrong:
         raise LeanLMError(f"{wrong[0]} is {type(qlinears[wrong[0]]).__name__}, which the {fmt} format "
-                          "cannot hold (gptq/awq: RTN, GPTQ, AWQ models; w8a8: SmoothQuant, LLM.int8())")
+                          "cannot hold (gptq/awq: RTN, GPTQ, AWQ models; w8a8: SmoothQuant, LLM.int8(); "
+                          "fp8: FP8)")
     if config.model_type == "gpt2":
         raise LeanLMError("quantized checkpoints are written for Llama-layout families; GPT-2's fused "
                           "c_attn layout is not supported")
@@ -184,7 +211,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str], tokenizer: An
     state = {k: v for k, v in to_hf_state(config, {k: v.detach().cpu() for k, v in
                                                    model.state_dict().items()}).items()
              if not _is_quant_buffer(k, qset)}
-    encode = {"gptq": gptq_tensors, "awq": awq_tensors, "w8a8": w8a8_tensors}[fmt]
+    encode = {"gptq": gptq_tensors, "awq": awq_tensors, "w8a8": w8a8_tensors, "fp8": fp8_tensors}[fmt]
     for name, m in qlinears.items():
         state.update({f"{_hf(name)}.{k}": v for k, v in encode(m.cpu()).items()})
     state = {k: v.contiguous() for k, v in state.items()}
@@ -201,6 +228,14 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str], tokenizer: An
 def _build(method: str, qcfg: dict[str, Any], t: dict[str, torch.Tensor], linear: nn.Linear,
            dtype: torch.dtype) -> nn.Module:
     n, k = linear.out_features, linear.in_features
+    if method == CT:
+        m = Fp8Linear(k, n, "bias" in t, dtype)
+        if t["weight"].shape != (n, k) or t["weight"].dtype != E4M3:
+            raise LeanLMError(f"float8_e4m3fn weight of shape {list(t['weight'].shape)} {t['weight'].dtype}")
+        m.weight, m.weight_scale = t["weight"], t["weight_scale"].reshape(n).float()
+        if "bias" in t:
+            m.bias = nn.Parameter(t["bias"].to(dtype), requires_grad=False)
+        return m
     if method == "w8a8":
         threshold = qcfg.get("outlier_threshold")
         cls = Int8OutlierLinear if threshold else W8A8Linear
@@ -227,16 +262,18 @@ def load_quantized(path: Path, config: ModelConfig, qcfg: dict[str, Any], dtype:
                    mmap: bool = False) -> nn.Module:
     """Build the model of a GPTQ/AWQ/w8a8 checkpoint with quantized layers (called by load_model)."""
     method = qcfg.get("quant_method")
-    if method not in FORMATS:
+    if method == CT:
+        _check_fp8_dynamic(path, qcfg)
+    elif method not in FORMATS:
         raise LeanLMError(f"{path}: quantization_config.quant_method {method!r} is not supported "
-                          f"(expected one of {FORMATS})")
+                          f"(expected one of {(*FORMATS[:3], CT)})")
     gemm = str(qcfg.get("version", "gemm")).lower() == "gemm"
     if method == "awq" and (int(qcfg.get("bits", 4)) != 4 or not gemm):
         raise LeanLMError(f"{path}: only 4-bit AWQ checkpoints in the GEMM layout are supported")
     if config.model_type == "gpt2":
         raise LeanLMError(f"{path}: quantized GPT-2 checkpoints are not supported")
     model = meta_model(config)
-    marker = ".weight_scale" if method == "w8a8" else ".qweight"
+    marker = ".weight_scale" if method in ("w8a8", CT) else ".qweight"
     files, kind = weight_files(path, allow_pickle=False)
     with ExitStack() as stack:
         entries = open_tensors(files, kind, stack, mmap)
@@ -281,6 +318,24 @@ def load_quantized(path: Path, config: ModelConfig, qcfg: dict[str, Any], dtype:
     return model
 
 
+def _check_fp8_dynamic(path: Path, qcfg: dict[str, Any]) -> None:
+    """Refuse, by name, a compressed-tensors scheme other than FP8 W8A8 (channel / dynamic token)."""
+    groups = list((qcfg.get("config_groups") or {}).values())
+    want = {"weights": ("float", 8, "channel", False), "input_activations": ("float", 8, "token", True)}
+    for g in groups:
+        for role, (typ, bits, strategy, dynamic) in want.items():
+            spec = g.get(role) or {}
+            got = (spec.get("type"), spec.get("num_bits"), spec.get("strategy"), bool(spec.get("dynamic")))
+            if got != (typ, bits, strategy, dynamic):
+                raise LeanLMError(f"{path}: compressed-tensors {role} {got} (type, bits, strategy, "
+                                  f"dynamic) is not supported: leanlm reads the FP8 dynamic scheme, "
+                                  f"{role} {(typ, bits, strategy, dynamic)}")
+    if not groups or qcfg.get("format") != "float-quantized":
+        raise LeanLMError(f"{path}: compressed-tensors format {qcfg.get('format')!r} with "
+                          f"{len(groups)} config groups is not supported: leanlm reads float-quantized "
+                          f"FP8 dynamic checkpoints")
+
+
 def _is_quant_buffer(hf_name: str, names: set[str] | list[str]) -> bool:
     """Whether ``hf_name`` is a tensor of one of the quantized linears ``names``."""
     return hf_name.rpartition(".")[0].removeprefix("model.") in names
@@ -291,5 +346,5 @@ def _hf(name: str) -> str:
     return name if name.startswith("lm_head") else f"model.{name}"
 
 
-for _method in FORMATS:  # leanlm.load_model reads these through the core's loader registry
+for _method in (*FORMATS[:3], CT):  # leanlm.load_model reads these through the core's registry
     register_quantized_format(_method, load_quantized)

@@ -411,8 +411,8 @@ class W8A8Linear(nn.Module):
         state.pop("_packed", None)
         return state
 
-    def int8_linear(self, x2: torch.Tensor) -> torch.Tensor:
-        """fp32 [M, N] result of the int8 GEMM for activations x2 [M, K]."""
+    def w8a8_mm(self, x2: torch.Tensor) -> torch.Tensor:
+        """fp32 [M, N] result of the 8-bit GEMM for activations x2 [M, K] (scales applied)."""
         xq, xs = absmax_int8(x2, self.amax_reduce)
         if x2.device.type == "cpu" and cpu_int8.available():
             w = self.weight
@@ -430,7 +430,7 @@ class W8A8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        y = self.int8_linear(x2)
+        y = self.w8a8_mm(x2)
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)

@@ -46,9 +46,9 @@ class Int8OutlierLinear(W8A8Linear):
             idx = cols.nonzero().squeeze(1)
             w_out = self.weight[:, idx].float() * self.weight_scale.float()[:, None]
             y = F.linear(x2[:, idx].float(), w_out)
-            y = y + self.int8_linear(x2.masked_fill(cols, 0))
+            y = y + self.w8a8_mm(x2.masked_fill(cols, 0))
         else:
-            y = self.int8_linear(x2)
+            y = self.w8a8_mm(x2)
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
