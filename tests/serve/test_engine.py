@@ -131,28 +131,37 @@ def test_prompt_logprobs_equal_a_teacher_forced_forward(chunked: bool) -> None:
         assert [t for t, _ in top] == want[p - 1].topk(2).indices.tolist()
 
 
-def test_int8_kv_cache_doubles_capacity_and_stays_close() -> None:
+@pytest.mark.parametrize(("kv", "dtype", "ratio"), [("int8", torch.int8, 1.9),
+                                                  ("fp8", torch.float8_e4m3fn, 2.0)])
+def test_8bit_kv_cache_doubles_capacity_and_stays_close(kv: str, dtype: torch.dtype, ratio: float) -> None:
     from leanlm import DEFAULT_MODEL, ModelConfig
     from leanlm.serve.paged import kv_bytes_per_block
 
     c = ModelConfig.from_json_file(DEFAULT_MODEL / "config.json")
-    ratio = kv_bytes_per_block(c, 16, torch.bfloat16) / kv_bytes_per_block(c, 16, torch.int8)
-    assert ratio >= 1.9  # tokens per byte: 128 bytes per head in bf16, 64 + 2 in int8
+    # tokens per byte: 128 bytes per head in bf16, 64 + 2 (a scale) in int8, 64 in fp8
+    assert kv_bytes_per_block(c, 16, torch.bfloat16) / kv_bytes_per_block(c, 16, dtype) >= ratio
     model = random_model("llama")
     prompt = prompts(3)[1] * 3
     lps = {}
-    for dtype in ("auto", "int8"):
-        engine = LLM(model, EngineConfig(block_size=4, num_blocks=64, kv_cache_dtype=dtype,
+    for name in ("auto", kv):
+        engine = LLM(model, EngineConfig(block_size=4, num_blocks=64, kv_cache_dtype=name,
                                          scheduler=SchedulerConfig(max_num_batched_tokens=8,
                                                                    long_prefill_token_threshold=5))).engine
-        if dtype == "int8":
-            assert engine.runner.cache.k[0].dtype == torch.int8
+        if name == kv:
+            assert engine.runner.cache.k[0].dtype == dtype
         req = engine.add_request(prompt, SamplingParams(max_tokens=1, prompt_logprobs=0))
         while engine.has_unfinished_requests():
             engine.step()
-        lps[dtype] = torch.tensor([lp for lp, _ in req.prompt_logprobs[1:]])
-    assert (lps["int8"] - lps["auto"]).abs().max() < 0.05
-    assert not torch.equal(lps["int8"], lps["auto"])  # the int8 path really ran
+        lps[name] = torch.tensor([lp for lp, _ in req.prompt_logprobs[1:]])
+    assert (lps[kv] - lps["auto"]).abs().max() < 0.05
+    assert not torch.equal(lps[kv], lps["auto"])  # the 8-bit path really ran
+
+
+def test_kv_cache_dtype_is_checked() -> None:
+    from leanlm.errors import LeanLMError
+
+    with pytest.raises(LeanLMError, match="kv_cache_dtype 'fp4': expected auto, int8, fp8"):
+        LLM(random_model("llama"), EngineConfig(num_blocks=8, kv_cache_dtype="fp4"))
 
 
 def steps_to_first_token(policy: str, flood: bool) -> int:
@@ -187,11 +196,11 @@ def test_vtc_keeps_a_light_client_responsive_under_a_flood() -> None:
 @pytest.mark.parametrize("family", ["llama", "mistral"])  # mistral: a sliding window
 def test_compiled_decode_matches_eager(family: str) -> None:
     """Decode-only steps through torch.compile (batch and length padded to buckets, padding rows
-    writing to the scratch block) give the eager engine's tokens; int8 K/V too."""
+    writing to the scratch block) give the eager engine's tokens; int8 and fp8 K/V too."""
     model = random_model(family)
     ps = prompts(5, seed=4)
     params = SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)
-    for kv in ("auto", "int8"):
+    for kv in ("auto", "int8", "fp8"):
         eager = LLM(model, EngineConfig(block_size=4, num_blocks=128, kv_cache_dtype=kv)).generate(ps, params)
         llm = LLM(model, EngineConfig(block_size=4, num_blocks=128, kv_cache_dtype=kv, compile=True))
         assert llm.generate(ps, params) == eager

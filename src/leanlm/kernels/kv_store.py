@@ -19,8 +19,17 @@ def reference(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: 
     """k/v [T, Hkv, D] -> k_cache/v_cache[slot_mapping] (rows with a negative slot skipped)."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    k_cache.index_copy_(0, slots, k[keep].to(k_cache.dtype))
-    v_cache.index_copy_(0, slots, v[keep].to(v_cache.dtype))
+    write_rows(k_cache, slots, k[keep])
+    write_rows(v_cache, slots, v[keep])
+
+
+def write_rows(cache: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor) -> None:
+    """cache[slots] = rows in the cache's dtype; an FP8 cache through its bytes (CPU torch has no
+    FP8 ``index_copy_``; a cast and a byte copy are the same store)."""
+    rows = rows.to(cache.dtype)
+    if cache.dtype == torch.float8_e4m3fn:
+        cache, rows = cache.view(torch.uint8), rows.view(torch.uint8)
+    cache.index_copy_(0, slots, rows)
 
 
 @triton.jit

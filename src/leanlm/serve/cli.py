@@ -27,7 +27,8 @@ def serve(
     dtype: Annotated[str | None, typer.Option(help="float32 | bfloat16 | float16.")] = None,
     lora: Annotated[list[str] | None, typer.Option(
         help="NAME=ADAPTER_DIR: a peft adapter clients select with model=NAME (repeatable).")] = None,
-    kv_cache_dtype: Annotated[str, typer.Option(help="auto (the model's) or int8 (1.9x tokens).")] = "auto",
+    kv_cache_dtype: Annotated[str, typer.Option(
+        help="auto (the model's), int8 (1.9x tokens) or fp8 (E4M3, 2x tokens).")] = "auto",
     policy: Annotated[str, typer.Option(
         help="vtc (fair across clients: the `user` field, else each request with its n copies), "
              "fcfs, or priority.")] = "vtc",

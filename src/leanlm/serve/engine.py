@@ -19,7 +19,7 @@ from leanlm.serve.executor import Executor, UniProcExecutor
 from leanlm.serve.kv_cache import KVCacheManager
 from leanlm.serve.messages import EngineInfo, EngineStats
 from leanlm.serve.model_runner import ModelRunner
-from leanlm.serve.paged import kv_bytes_per_block
+from leanlm.serve.paged import kv_bytes_per_block, kv_cache_dtype
 from leanlm.serve.request import Request, check_request
 from leanlm.serve.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from leanlm.serve.speculative import AcceptanceTracker, DraftModelProposer, best_length, ngram_drafts
@@ -36,7 +36,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     scheduler: SchedulerConfig | None = None
     max_loras: int = 8  # adapters resident at once (least recently used ones are unloaded)
-    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | int8 (per-token, per-head scales)
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype) | int8 (per-token, per-head scales) | fp8
     speculative: str | None = None  # "ngram": prompt lookup | "draft": a draft model's guesses
     num_spec_tokens: int = 4  # most draft tokens per step and request
     spec_adaptive: bool = True  # per-request draft length from its acceptance rate and the draft's cost
@@ -49,7 +49,7 @@ def num_kv_blocks(model_config: ModelConfig, config: EngineConfig, dtype: torch.
                   draft_model: Transformer | None = None) -> int:
     """Blocks of the paged cache: ``num_blocks``, or as many as ``kv_cache_memory`` bytes hold on
     one rank (with the draft model's K/V, whose cache has as many blocks)."""
-    kv_dtype = torch.int8 if config.kv_cache_dtype == "int8" else dtype
+    kv_dtype = kv_cache_dtype(config.kv_cache_dtype, dtype)
     per_block = kv_bytes_per_block(model_config, config.block_size, kv_dtype, tp)
     if draft_model is not None:  # the draft's K/V take a share of the same budget
         per_block += kv_bytes_per_block(draft_model.config, config.block_size,
@@ -89,8 +89,7 @@ class LLMEngine:
     def _setup(self, model_config: ModelConfig, config: EngineConfig, dtype: torch.dtype, tp: int,
                draft_model: Transformer | None, make_executor: Callable[[WorkerSpec], Executor]) -> None:
         self.config, self.model_config = config, model_config
-        if config.kv_cache_dtype not in ("auto", "int8"):
-            raise LeanLMError(f"kv_cache_dtype {config.kv_cache_dtype!r}: expected auto or int8")
+        kv_cache_dtype(config.kv_cache_dtype, torch.float32)  # a bad name fails before any work
         if config.speculative not in SPECULATIVE:
             raise LeanLMError(f"speculative {config.speculative!r}: expected one of {SPECULATIVE}")
         if (config.speculative == "draft") != (draft_model is not None):

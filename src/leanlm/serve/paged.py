@@ -20,8 +20,22 @@ import torch
 
 from leanlm import kernels
 from leanlm.config import ModelConfig
+from leanlm.errors import LeanLMError
 from leanlm.kernels import kv_store, paged_attention
 from leanlm.parallel import local_kv_heads
+
+# --kv-cache-dtype: int8 codes with a scale per token and head, or FP8 E4M3 values (vLLM's
+# ``fp8``/``fp8_e4m3`` with its default scale of 1: |x| <= 448 and a relative error <= 2^-4 for
+# K/V in E4M3's normal range, no scales stored). "auto" is the model's dtype.
+KV_CACHE_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)
+
+
+def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The storage dtype of ``--kv-cache-dtype name`` for a model computing in ``model_dtype``."""
+    if name != "auto" and name not in KV_CACHE_DTYPES:
+        raise LeanLMError(f"kv_cache_dtype {name!r}: expected auto, {', '.join(KV_CACHE_DTYPES)}")
+    return KV_CACHE_DTYPES.get(name, model_dtype)
 
 
 def kv_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype,
@@ -60,6 +74,15 @@ class PagedKVCache:
     @property
     def quantized(self) -> bool:
         return self.k_scale is not None
+
+    @property
+    def torch_path(self) -> bool:
+        """Whether attention must run the torch references: no Triton kernel reads int8 or FP8 K/V."""
+        return self.quantized or self.k[0].dtype == torch.float8_e4m3fn
+
+    def storable(self, x: torch.Tensor) -> torch.Tensor:
+        """K/V rows as this cache stores them (FP8: clamped to E4M3's range, which has no inf)."""
+        return x.clamp(-FP8_MAX, FP8_MAX) if self.k[0].dtype == torch.float8_e4m3fn else x
 
 
 def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,6 +132,10 @@ class PagedMetadata:
             kv_store.reference(ks, vs, kscale, vscale, self.slot_mapping)
             out = paged_attention.reference(q_t, ck, cv, self.block_tables, self.seq_lens,
                                             self.query_start, bs, scale, window, (ks, vs))
+        elif self.cache.torch_path:  # FP8 K/V: upcast as they are read
+            kv_store.reference(ck, cv, self.cache.storable(k_t), self.cache.storable(v_t), self.slot_mapping)
+            out = paged_attention.reference(q_t, ck, cv, self.block_tables, self.seq_lens,
+                                            self.query_start, bs, scale, window)
         elif kernels.use_triton(q):
             kv_store.kv_store(ck, cv, k_t, v_t, self.slot_mapping)
             seq_lens, query_start = self.lengths()
@@ -144,7 +171,7 @@ class DecodeMetadata:
         ck, cv = self.cache.k[layer_idx], self.cache.v[layer_idx]
         q_t, k_t, v_t = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)
         window = self.sliding_window if sliding else None
-        if not self.cache.quantized and kernels.use_triton(q):
+        if not self.cache.torch_path and kernels.use_triton(q):
             kv_store.kv_store(ck, cv, k_t, v_t, self.slot_mapping)
             rows = q_t.shape[0]
             starts = torch.arange(rows + 1, dtype=torch.int32, device=q.device)
@@ -158,8 +185,8 @@ class DecodeMetadata:
             scales = (self.cache.k_scale[layer_idx], self.cache.v_scale[layer_idx])
             scales[0].index_copy_(0, self.slot_mapping, kscale)
             scales[1].index_copy_(0, self.slot_mapping, vscale)
-        ck.index_copy_(0, self.slot_mapping, k_t.to(ck.dtype))
-        cv.index_copy_(0, self.slot_mapping, v_t.to(cv.dtype))
+        kv_store.write_rows(ck, self.slot_mapping, self.cache.storable(k_t))
+        kv_store.write_rows(cv, self.slot_mapping, self.cache.storable(v_t))
         out = paged_attention.decode_reference(
             q_t, ck, cv, self.block_tables, self.lens, self.max_len, self.cache.block_size,
             q.shape[-1] ** -0.5, window, scales)

@@ -26,6 +26,7 @@ from leanlm.serve.lora import LoRAManager
 from leanlm.serve.messages import Execute, Stop, WorkerCall, WorkerReply, encode, worker_input
 from leanlm.serve.model_runner import ModelRunner
 from leanlm.serve.outputs import ModelRunnerOutput
+from leanlm.serve.paged import kv_cache_dtype
 from leanlm.serve.scheduler import SchedulerOutput
 
 
@@ -35,7 +36,7 @@ class WorkerSpec:
 
     num_blocks: int
     block_size: int
-    kv_cache_dtype: str  # auto | int8
+    kv_cache_dtype: str  # auto | int8 | fp8
     compile: bool
     max_loras: int
     model: str = ""  # a Hugging Face model directory (worker processes)
@@ -46,7 +47,7 @@ class WorkerSpec:
 
 class Worker:
     def __init__(self, model: Transformer, spec: WorkerSpec) -> None:
-        kv_dtype = torch.int8 if spec.kv_cache_dtype == "int8" else model.embed_tokens.weight.dtype
+        kv_dtype = kv_cache_dtype(spec.kv_cache_dtype, model.embed_tokens.weight.dtype)
         self.model = model.eval()
         self.runner = ModelRunner(model, spec.num_blocks, spec.block_size, kv_dtype, spec.compile)
         self.loras = LoRAManager(model, spec.max_loras)
