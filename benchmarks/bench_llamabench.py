@@ -7,7 +7,8 @@ groups of 32, symmetric) and Q8_0 (8 bits, groups of 32). llama-bench's ``tg`` t
 N``: N tokens generated one at a time from an empty context, ``-t`` threads) against leanlm's
 decode of the same N tokens at batch 1 after a one-token prompt, per token (``(t(N) − t(1)) /
 (N − 1)``, so the prefill is excluded as llama-bench's tg excludes it); median of ``--rounds``,
-leanlm and llama.cpp alternating so that the machine's noise hits both. leanlm runs bf16 (packed
+leanlm and llama.cpp alternating so that the machine's noise hits both (one row at a time: the
+bf16 column of later rows compares with the first row, measured minutes before). leanlm runs bf16 (packed
 at load), RTN W4 g32 symmetric (as Q4_0), RTN W8 per-channel (bf16 activations) and SmoothQuant
 W8A8 (int8 activations per token, as Q8_0 × Q8), each with the head in bf16 (leanlm's default)
 and, for RTN, with the head quantized too (``quantize_(..., lm_head=True)``): llama-quantize
@@ -22,6 +23,7 @@ too).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import subprocess
@@ -85,33 +87,33 @@ def main() -> None:
           f"median of {args.rounds} rounds (leanlm and llama.cpp alternating), {threads} threads; "
           f"{machine()}", flush=True)
     calib = torch.randint(0, 8000, (4, 64), generator=torch.Generator().manual_seed(0))
-    models = {("bf16", "f16"): leanlm.load_model(path, pack=True)}
-    for name, kind, config, head in (
+    rows = [("bf16", "f16", None, False),
             ("int4 (RTN W4 g32 sym)", "Q4_0", RTNConfig(4, 32), False),
             ("int4, head too (RTN W4 g32 sym)", "Q4_0", RTNConfig(4, 32), True),
             ("int8 (RTN W8 per channel, bf16 activations)", "Q8_0", RTNConfig(8, -1), False),
             ("int8, head too (RTN W8 per channel)", "Q8_0", RTNConfig(8, -1), True),
-            ("int8 W8A8 (SmoothQuant, per-token int8 activations)", "Q8_0", SmoothQuantConfig(), False)):
-        model = leanlm.load_model(path)
-        quantize_(model, config, calib if isinstance(config, SmoothQuantConfig) else None, lm_head=head)
-        model.pack_weights_()  # the head, where it stays bf16
-        models[name, kind] = model
-    ours: dict[str, list[float]] = {}
-    theirs: dict[str, list[float]] = {}
-    sizes: dict[str, int] = {}
-    for _ in range(args.rounds):
-        for (name, kind), model in models.items():
-            ours.setdefault(name, []).append(leanlm_decode(model, args.new_tokens))
-            seconds, sizes[kind] = llama_bench(tree, files[kind], args.new_tokens, threads)
-            theirs.setdefault(name, []).append(seconds)
+            ("int8 W8A8 (SmoothQuant, per-token int8 activations)", "Q8_0", SmoothQuantConfig(), False)]
     print("| weights | leanlm ms/token | GB read | llama.cpp | ms/token | GB read | leanlm speed-up "
           "| vs leanlm bf16 |")
-    print("|---|---:|---:|---|---:|---:|---:|---:|")
-    base = statistics.median(ours["bf16"])
-    for (name, kind), model in models.items():
-        a, b = statistics.median(ours[name]), statistics.median(theirs[name])
+    print("|---|---:|---:|---|---:|---:|---:|---:|", flush=True)
+    base = None
+    for name, kind, config, head in rows:  # one model in memory at a time (six 1B models do not fit)
+        model = leanlm.load_model(path, pack=config is None)
+        if config is not None:
+            quantize_(model, config, calib if isinstance(config, SmoothQuantConfig) else None, lm_head=head,
+                      progress=False)
+            model.pack_weights_()  # the head, where it stays bf16
+        ours, theirs = [], []
+        for _ in range(args.rounds):
+            ours.append(leanlm_decode(model, args.new_tokens))
+            seconds, size = llama_bench(tree, files[kind], args.new_tokens, threads)
+            theirs.append(seconds)
+        a, b = statistics.median(ours), statistics.median(theirs)
+        base = base or a
         print(f"| {name} | {a * 1e3:.1f} | {weight_bytes(model) / 1e9:.2f} | {kind} | {b * 1e3:.1f} | "
-              f"{sizes[kind] / 1e9:.2f} | **{b / a:.2f}x** | {base / a:.2f}x |")
+              f"{size / 1e9:.2f} | **{b / a:.2f}x** | {base / a:.2f}x |", flush=True)
+        del model
+        gc.collect()
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ time). Throughput runs send every request at once; ``--load`` takes a Poisson ``
 
     python benchmarks/bench_serve.py                   # throughput + prefix-cache TTFT
     python benchmarks/bench_serve.py --load [--rate R] # 500 streaming requests, 64 clients, HTTP
-    python benchmarks/bench_serve.py --kv-cache        # int8 K/V: capacity and perplexity
+    python benchmarks/bench_serve.py --kv-cache        # int8 and fp8 K/V: capacity and perplexity
     python benchmarks/bench_serve.py --speculative [--compile] [--draft-model DIR]  # batch-1 speculation
     python benchmarks/bench_serve.py --compile         # decode with and without torch.compile
     python benchmarks/bench_serve.py --fairness        # a light client's TTFT under a flood
@@ -213,9 +213,9 @@ def fairness(args: argparse.Namespace) -> None:
 
 
 def kv_cache(args: argparse.Namespace) -> None:
-    """int8 vs bf16 K/V: tokens at a fixed memory budget, and perplexity through the engine
-    (prompt logprobs of held-out windows, every attention reading the cached K/V)."""
-    from leanlm.serve.paged import kv_bytes_per_block
+    """int8 and fp8 vs bf16 K/V: tokens at a fixed memory budget, and perplexity through the
+    engine (prompt logprobs of held-out windows, every attention reading the cached K/V)."""
+    from leanlm.serve.paged import kv_bytes_per_block, kv_cache_dtype
 
     model = load_model(DEFAULT_MODEL, dtype="bfloat16").eval()
     budget = 256 * 2**20
@@ -223,10 +223,9 @@ def kv_cache(args: argparse.Namespace) -> None:
     print(f"# bench_serve --kv-cache: default model (bf16 weights), {len(windows)} windows x 512 tokens; "
           f"{machine()}")
     ppl = {}
-    for kind, dtype in (("bf16", torch.bfloat16), ("int8", torch.int8)):
-        blocks = budget // kv_bytes_per_block(model.config, 16, dtype)
-        engine = LLMEngine(model, EngineConfig(kv_cache_memory=budget, kv_cache_dtype=(
-            "int8" if kind == "int8" else "auto")))
+    for kind in ("auto", "int8", "fp8"):
+        blocks = budget // kv_bytes_per_block(model.config, 16, kv_cache_dtype(kind, torch.bfloat16))
+        engine = LLMEngine(model, EngineConfig(kv_cache_memory=budget, kv_cache_dtype=kind))
         reqs = [engine.add_request(w, SamplingParams(max_tokens=1, prompt_logprobs=0)) for w in windows]
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -236,7 +235,8 @@ def kv_cache(args: argparse.Namespace) -> None:
         ppl[kind] = float(np.exp(-np.mean(lps)))
         print(f"{kind}: {blocks * 16:,} tokens in {budget / 2**20:.0f} MiB; perplexity {ppl[kind]:.4f} "
               f"({len(lps):,} tokens, {dt:.1f} s)", flush=True)
-    print(f"int8 / bf16 perplexity: {ppl['int8'] / ppl['bf16']:.5f}")
+    for kind in ("int8", "fp8"):
+        print(f"{kind} / bf16 (auto) perplexity: {ppl[kind] / ppl['auto']:.5f}")
 
 
 def speculative(args: argparse.Namespace) -> None:
@@ -340,7 +340,7 @@ def main() -> None:
     ap.add_argument("--load-requests", type=int, default=500)
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--rate", type=float, default=float("inf"), help="Poisson arrivals, requests/s")
-    ap.add_argument("--kv-cache", action="store_true", help="int8 vs bf16 K/V: capacity, perplexity")
+    ap.add_argument("--kv-cache", action="store_true", help="int8, fp8 vs bf16 K/V: capacity, perplexity")
     ap.add_argument("--speculative", action="store_true", help="batch-1 decode: prompt lookup, draft model")
     ap.add_argument("--spec-tokens", type=int, default=4)
     ap.add_argument("--draft-model", help="--speculative: a draft model directory (default: the shipped one)")
