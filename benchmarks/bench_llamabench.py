@@ -11,8 +11,9 @@ leanlm and llama.cpp alternating so that the machine's noise hits both (one row 
 bf16 column of later rows compares with the first row, measured minutes before). leanlm runs bf16 (packed
 at load), RTN W4 g32 symmetric (as Q4_0), RTN W8 per-channel (bf16 activations) and SmoothQuant
 W8A8 (int8 activations per token, as Q8_0 × Q8), each with the head in bf16 (leanlm's default)
-and, for RTN, with the head quantized too (``quantize_(..., lm_head=True)``): llama-quantize
-stores the tied output/embedding tensor quantized (Q6_K for Q4_0, Q8_0 for Q8_0). Differences
+and, for RTN, with the head quantized too (``quantize_(..., lm_head=...)``: int4 at 8 or 4 bits,
+int8 at 8): llama-quantize stores the tied output/embedding tensor quantized (Q6_K for Q4_0, Q8_0
+for Q8_0). Differences
 the table shows rather than hides: the bytes each reads per token, and leanlm's weight-only
 kernels take bf16 activations where llama.cpp quantizes activations to 8 bits (the W8A8 row does
 too).
@@ -89,7 +90,9 @@ def main() -> None:
     calib = torch.randint(0, 8000, (4, 64), generator=torch.Generator().manual_seed(0))
     rows = [("bf16", "f16", None, False),
             ("int4 (RTN W4 g32 sym)", "Q4_0", RTNConfig(4, 32), False),
-            ("int4, head too (RTN W4 g32 sym)", "Q4_0", RTNConfig(4, 32), True),
+            ("int4, head int8 (RTN W4 g32 sym, head W8 per channel)", "Q4_0", RTNConfig(4, 32),
+             RTNConfig(8, -1)),
+            ("int4, head int4 (RTN W4 g32 sym)", "Q4_0", RTNConfig(4, 32), True),
             ("int8 (RTN W8 per channel, bf16 activations)", "Q8_0", RTNConfig(8, -1), False),
             ("int8, head too (RTN W8 per channel)", "Q8_0", RTNConfig(8, -1), True),
             ("int8 W8A8 (SmoothQuant, per-token int8 activations)", "Q8_0", SmoothQuantConfig(), False)]

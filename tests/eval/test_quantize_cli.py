@@ -34,6 +34,7 @@ def model_and_calib(tmp_path: Path) -> tuple[Path, Path]:
 
 @pytest.mark.parametrize(("method", "extra", "kind"), [
     ("gptq", ["--act-order", "--group-size", "32", "--lm-head"], QuantLinear),
+    ("rtn", ["--group-size", "32", "--lm-head-bits", "8"], QuantLinear),
     ("awq", ["--group-size", "32"], QuantLinear),
     ("smoothquant", [], W8A8Linear),
     ("fp8", [], Fp8Linear),
@@ -51,8 +52,11 @@ def test_quantize_writes_a_loadable_checkpoint(tmp_path: Path, model_and_calib: 
     assert cfg["torch_dtype"] == "float32"  # the source checkpoint's dtype, not the calibration dtype
     with torch.no_grad():
         assert torch.isfinite(q(torch.tensor([[1, 2, 3]]))).all()
-    assert isinstance(q.lm_head, QuantLinear) == ("--lm-head" in extra)
-    assert cfg["quantization_config"].get("lm_head", False) == ("--lm-head" in extra)
+    head = "--lm-head" in extra or "--lm-head-bits" in extra
+    assert isinstance(q.lm_head, QuantLinear) == head
+    assert cfg["quantization_config"].get("lm_head", False) == head
+    if "--lm-head-bits" in extra:
+        assert (q.lm_head.bits, q.lm_head.group_size, q.layers[0].mlp.down_proj.bits) == (8, -1, 4)
     if method == "gptq":
         info = subprocess.run([sys.executable, "-m", "leanlm.cli", "info", str(tmp_path / "q")],
                               capture_output=True, text=True, timeout=120)
@@ -72,6 +76,7 @@ def test_quantize_errors_are_one_line(tmp_path: Path, model_and_calib: tuple[Pat
         (["--group-size", "128", "--out", str(tmp_path / "x")], "--group-size 64 (or auto)"),
         (["--calib", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "x")], "is empty"),
         (["--method", "awq", "--lm-head", "--out", str(tmp_path / "x")], "awq cannot quantize the LM head"),
+        (["--lm-head-bits", "5", "--out", str(tmp_path / "x")], "unsupported bits=5"),
     ]
     for args, message in cases:
         out = run(str(model), *args)

@@ -282,3 +282,23 @@ def test_format_errors(tmp_path: Path) -> None:
     save_file(t, str(tmp_path / "q" / "model.safetensors"))
     with pytest.raises(LeanLMError, match="do not fit its shape"):
         load_model(tmp_path / "q")
+
+
+def test_an_8_bit_head_under_a_4_bit_body_is_a_dynamic_override(tmp_path: Path) -> None:
+    model = random_model("qwen2").to(torch.bfloat16)  # tied: the head is quantized apart
+    quantize_(model, RTNConfig(bits=4, group_size=32), progress=False,
+              lm_head=RTNConfig(bits=8, group_size=-1))
+    assert (model.lm_head.bits, model.lm_head.group_size) == (8, -1)
+    assert model.layers[0].mlp.up_proj.bits == 4
+    save_quantized(model, tmp_path / "q")
+    qcfg = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    assert (qcfg["bits"], qcfg["group_size"], qcfg["lm_head"]) == (4, 32, True)
+    assert qcfg["dynamic"] == {"+:lm_head": {"bits": 8, "group_size": -1}}  # GPTQModel's / vLLM's key
+    loaded = load_model(tmp_path / "q")
+    assert (loaded.lm_head.bits, loaded.lm_head.group_size) == (8, -1)
+    assert loaded.layers[0].mlp.up_proj.bits == 4
+    tokens = torch.randint(0, 300, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), model(tokens))
+    with pytest.raises(LeanLMError, match="the head's config must be a RTNConfig"):
+        quantize_(random_model("llama"), RTNConfig(), progress=False, lm_head=GPTQConfig())

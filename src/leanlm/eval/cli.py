@@ -186,6 +186,9 @@ def quantize(
     lm_head: Annotated[bool, typer.Option(
         "--lm-head", help="Quantize the LM head too (gptq, rtn, llm-int8, fp8): what a CPU decode step "
                           "reads shrinks by the head's share (a tied embedding stays as it is).")] = False,
+    lm_head_bits: Annotated[int | None, typer.Option(
+        help="Bits of the LM head (implies --lm-head; 8 is per channel, the int8 CPU kernel's "
+             "layout; llama.cpp keeps its head at 6-8 bits). Default: --bits.")] = None,
     sym: Annotated[bool | None, typer.Option(help="Symmetric codes (default: on, except AWQ).")] = None,
     calib: Annotated[Path | None, typer.Option(
         help="Calibration text: .jsonl (\"text\" field), a text file or a corpus directory; "
@@ -216,8 +219,12 @@ def quantize(
         raise LeanLMError(f"--group-size {group_size!r}: expected a number or auto")
     method_config(method, bits=bits, group_size=128 if group_size == "auto" else int(group_size), sym=sym,
                   act_order=act_order, static_groups=static_groups)  # bad options fail before loading
+    lm_head = lm_head or lm_head_bits is not None
     if lm_head:
         check_lm_head(REGISTRY[method])
+    if lm_head_bits is not None:
+        method_config(method, bits=lm_head_bits, group_size=-1, sym=sym, act_order=act_order,
+                      static_groups=static_groups)
     if out is None:
         raise LeanLMError("--out DIR is required (where the quantized checkpoint is written)")
     path = resolve_model(model)
@@ -236,7 +243,11 @@ def quantize(
     if REGISTRY[method].calibrated:
         tokens = calibration_tokens(texts or default_texts(), tok, samples, seq_len, seed)
     start = time.perf_counter()
-    quantize_(lm, config, tokens, lm_head=lm_head)
+    head = lm_head
+    if lm_head_bits is not None and lm_head_bits != bits:
+        head = method_config(method, bits=lm_head_bits, group_size=-1 if lm_head_bits == 8 else groups,
+                             sym=sym, act_order=act_order, static_groups=static_groups)
+    quantize_(lm, config, tokens, lm_head=head)
     elapsed = time.perf_counter() - start
     if saved_dtype in ("bfloat16", "float16", "float32"):
         lm.to(getattr(torch, saved_dtype))  # the unquantized tensors keep the checkpoint's dtype

@@ -244,12 +244,14 @@ def default_filter(name: str, module: nn.Module) -> bool:
 
 def quantize_(model: nn.Module, config: Any, calib: torch.Tensor | None = None,
               filter_fn: FilterFn | None = None, batch_size: int = 8, progress: bool = True,
-              lm_head: bool = False) -> nn.Module:
+              lm_head: bool | Any = False) -> nn.Module:
     """Quantize ``model`` in place with ``config`` (GPTQConfig, AWQConfig, RTNConfig, ...).
 
     ``calib``: token ids [n_samples, seq_len] (see ``calibration_tokens``), required by the
     calibrated methods. ``filter_fn(name, linear)`` selects the linears (default: all linears
-    of the blocks); ``lm_head`` adds the LM head. Returns the model.
+    of the blocks); ``lm_head`` adds the LM head: True quantizes it with ``config``, a config
+    of the same method with its own (e.g. 8 bits per channel under a 4-bit body, as llama.cpp
+    keeps its head at 6-8 bits; saved as a GPTQModel ``dynamic`` override). Returns the model.
     """
     from leanlm.quant.linear import quantized_linears
 
@@ -264,9 +266,14 @@ def quantize_(model: nn.Module, config: Any, calib: torch.Tensor | None = None,
     if hasattr(model, "unpack_weights_"):
         model.unpack_weights_()  # weights packed for CPU inference: quantization reads them plain
     method = handler_cls(config)
+    head_config = config if isinstance(lm_head, bool) else lm_head
+    if type(head_config) is not type(config):
+        raise LeanLMError(f"lm_head={head_config!r}: the head's config must be a {type(config).__name__} "
+                          f"(one method per checkpoint; bits and group size may differ)")
+    head_method = method if head_config is config else handler_cls(head_config)
     keep = filter_fn or default_filter
     targets = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and keep(n, m)]
-    if lm_head and "lm_head" not in targets:
+    if lm_head is not False and "lm_head" not in targets:
         if not isinstance(getattr(model, "lm_head", None), nn.Linear):
             raise LeanLMError("lm_head=True: the model has no nn.Linear named lm_head")
         targets.append("lm_head")
@@ -278,16 +285,17 @@ def quantize_(model: nn.Module, config: Any, calib: torch.Tensor | None = None,
         if not method.calibrated:
             task = bar.add_task(f"{type(config).__name__}", total=len(targets))
             for name in targets:
-                set_module(model, name, method.quantize_linear(name, model.get_submodule(name)))
+                handler = head_method if name == "lm_head" else method
+                set_module(model, name, handler.quantize_linear(name, model.get_submodule(name)))
                 bar.advance(task)
         else:
-            _quantize_layerwise(model, method, config, calib, targets, batch_size, bar)
+            _quantize_layerwise(model, method, config, calib, targets, batch_size, bar, head_method)
     model.quantization = config  # recorded in saved checkpoints' quantization_config
     return model
 
 
 def _quantize_layerwise(model: nn.Module, method: Method, config: Any, calib: torch.Tensor | None,
-                        targets: list[str], batch_size: int, bar: Progress) -> None:
+                        targets: list[str], batch_size: int, bar: Progress, head_method: Method) -> None:
     if calib is None or calib.numel() == 0:
         raise LeanLMError(f"{type(config).__name__} needs calibration data (calib=[n, seq] token ids)")
     outside = [n for n in targets if not n.startswith("layers.") and n != "lm_head"]
@@ -308,5 +316,5 @@ def _quantize_layerwise(model: nn.Module, method: Method, config: Any, calib: to
     if "lm_head" in targets:
         bar.update(task, description=f"{type(config).__name__} (LM head)")
         head = HeadBlock(model)
-        method.quantize_block(head, inputs, {"lm_head"})
+        head_method.quantize_block(head, inputs, {"lm_head"})
         model.lm_head = head.lm_head

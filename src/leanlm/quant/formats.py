@@ -29,6 +29,10 @@ config group of ``Linear`` targets with 8-bit float weights per channel and 8-bi
 activations per token, dynamic; per linear ``weight`` float8_e4m3fn [N, K] and ``weight_scale``
 fp32 [N, 1]. Only that scheme is read; other compressed-tensors schemes are refused by name.
 
+A quantized LM head with its own bits or group size (e.g. 8 bits per channel under a 4-bit
+body) is GPTQModel's ``dynamic`` override, which vLLM reads too: ``"dynamic": {"+:lm_head":
+{"bits": 8, "group_size": -1}}`` (a key is a regex matched at the start of the module's name).
+
 ``config.json`` carries ``quantization_config`` (GPTQ also writes ``quantize_config.json``, which
 AutoGPTQ reads). Tensors that are not quantized keep their Hugging Face names and dtype.
 """
@@ -36,6 +40,7 @@ AutoGPTQ reads). Tensors that are not quantized keep their Hugging Face names an
 from __future__ import annotations
 
 import os
+import re
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -152,6 +157,10 @@ def _quant_config(fmt: str, qlinears: dict[str, nn.Module], model: nn.Module) ->
         return {"quant_method": "awq", "bits": 4, "group_size": m.group_size,
                 "zero_point": True, "version": "gemm", "modules_to_not_convert": None}
     cfg = getattr(model, "quantization", None)
+    m = next((q for n, q in qlinears.items() if n != "lm_head"), m)  # the body's bits and groups
+    head = qlinears.get("lm_head")
+    dynamic = ({"+:lm_head": {"bits": head.bits, "group_size": head.group_size}}
+               if head is not None and (head.bits, head.group_size) != (m.bits, m.group_size) else None)
     desc_act = any(not torch.equal(q.g_idx.cpu(), default_g_idx(q.in_features, q.group_size))
                    for q in qlinears.values())
     sym = all(bool((q.zeros == 2 ** (q.bits - 1)).all()) for q in qlinears.values())
@@ -162,6 +171,7 @@ def _quant_config(fmt: str, qlinears: dict[str, nn.Module], model: nn.Module) ->
             "damp_percent": float(getattr(cfg, "damp_percent", 0.01)),
             "checkpoint_format": "gptq", "format": "gptq",  # AutoGPTQ/GPTQModel; transformers 5
             "lm_head": "lm_head" in qlinears,
+            **({"dynamic": dynamic} if dynamic else {}),
             "meta": {"quantizer": ["leanlm:0.1.0"]}}
 
 
@@ -203,10 +213,11 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str], tokenizer: An
     if config.model_type == "gpt2":
         raise LeanLMError("quantized checkpoints are written for Llama-layout families; GPT-2's fused "
                           "c_attn layout is not supported")
-    kinds = {(m.bits, m.group_size) for m in qlinears.values() if isinstance(m, QuantLinear)}
+    kinds = {(m.bits, m.group_size) for n, m in qlinears.items() if isinstance(m, QuantLinear)
+             and (n != "lm_head" or fmt == "awq")}
     if len(kinds) > 1:
         raise LeanLMError(f"layers are quantized with different (bits, group_size) {sorted(kinds)}; "
-                          "a GPTQ/AWQ checkpoint has one")
+                          "a GPTQ/AWQ checkpoint has one (the LM head may differ in GPTQ)")
     qset = set(qlinears)
     state = {k: v for k, v in to_hf_state(config, {k: v.detach().cpu() for k, v in
                                                    model.state_dict().items()}).items()
@@ -225,8 +236,17 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str], tokenizer: An
                             max_shard_bytes, extra)
 
 
+def _override(qcfg: dict[str, Any], hf_name: str) -> dict[str, Any]:
+    """GPTQModel's ``dynamic`` overrides of module ``hf_name`` (the first "+:" regex matching it)."""
+    for pattern, values in (qcfg.get("dynamic") or {}).items():
+        if not pattern.startswith("-:") and re.match(pattern.removeprefix("+:"), hf_name):
+            return values or {}
+    return {}
+
+
 def _build(method: str, qcfg: dict[str, Any], t: dict[str, torch.Tensor], linear: nn.Linear,
-           dtype: torch.dtype) -> nn.Module:
+           dtype: torch.dtype, hf_name: str) -> nn.Module:
+    qcfg = {**qcfg, **_override(qcfg, hf_name)}
     n, k = linear.out_features, linear.in_features
     if method == CT:
         m = Fp8Linear(k, n, "bias" in t, dtype)
@@ -291,7 +311,7 @@ def load_quantized(path: Path, config: ModelConfig, qcfg: dict[str, Any], dtype:
             prefix = f"{_hf(name)}."
             t = {k.removeprefix(prefix): e.load() for k, e in entries.items() if k.startswith(prefix)}
             try:
-                set_module(model, name, _build(method, qcfg, t, linear, target))
+                set_module(model, name, _build(method, qcfg, t, linear, target, _hf(name)))
             except (RuntimeError, KeyError, IndexError, LeanLMError) as e:
                 shape = [linear.out_features, linear.in_features]
                 raise LeanLMError(f"{path}: the {method} tensors of {name} do not fit its shape "
