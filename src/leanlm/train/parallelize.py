@@ -1,7 +1,19 @@
-"""Apply the training techniques to the one model, in place, in a fixed order: AC, compile, FSDP/DDP.
+"""Apply the training techniques to the one model, in place, in a fixed order: TP, AC, compile, FSDP/DDP.
 
-The order is torchtitan's (``parallelize_llama``) and each step depends on the previous one:
+The processes form a mesh ("dp", "tp") of dp × tp ranks (:func:`mesh_shape` checks it against the
+world size and the model before anything is built; ``parallel.pp`` stages are checked but not yet
+run). The order is torchtitan's (``parallelize_llama``) and each step depends on the previous one:
 
+0. **Tensor + sequence parallelism** over the "tp" dimension (Megatron-LM, Shoeybi et al. 2019;
+   Korthikanti et al. 2022): the one plan of :mod:`leanlm.parallel`, with sequence parallelism
+   and the vocabulary-parallel fused loss. Per block and per step each rank moves, forward and
+   backward, 2 × 2·(p-1)/p · b·s·h elements (attention and MLP: all-gather + reduce-scatter, or
+   all-reduce without SP), plus the embedding's and the head's gathers and the loss's 2·b·s
+   floats; FSDP over "dp" moves 3 × (dp-1)/dp of the parameters (two all-gathers, one
+   reduce-scatter) of its 1/tp share. TP goes first so that FSDP shards the DTensors it makes
+   (FSDP2 composes them into 2-D shards) and AC / compile wrap the sharded blocks. After
+   backward :func:`clip_grad_norm` sums the replicated parameters' partial gradients over "tp"
+   and takes the global norm over every shard of every dimension.
 1. **Activation checkpointing** (Chen et al. 2016; Korthikanti et al. 2022) wraps blocks so
    their activations are recomputed in backward instead of stored. ``full`` wraps every
    ``ac_every``-th block: a block then keeps only its input, so activation memory falls from
@@ -38,6 +50,8 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 from leanlm.errors import LeanLMError
 from leanlm.model import Transformer
+from leanlm.parallel import check_sequence_parallel, sum_partial_gradients_, tensor_parallel_
+from leanlm.parallel.plan import tp_problem
 from leanlm.train.config import TrainConfig
 
 # ops whose outputs selective AC keeps: matmuls and attention (recomputing them costs FLOPs)
@@ -99,42 +113,136 @@ def apply_ddp(model: Transformer, mesh: DeviceMesh) -> None:
     replicate(model, mesh=mesh)
 
 
+def mesh_shape(cfg: TrainConfig, world: int) -> tuple[int, int, int]:
+    """(pp, dp, tp) for ``world`` processes, or a one-line :class:`LeanLMError` saying what does
+    not fit: the product, the model's heads / K/V heads / MLP width over tp, the sequence over
+    tp (sequence parallelism), the layers over pp. Needs no model and no process group."""
+    p, m = cfg.parallel, cfg.model
+    tp, pp = p.tp, p.pp
+    dp = p.dp or world // (tp * pp)
+    if dp * tp * pp != world or dp < 1:
+        raise LeanLMError(f"parallel.dp·tp·pp = {p.dp or '(auto)'}·{tp}·{pp} does not make a mesh of the "
+                          f"{world} processes: set parallel.dp, parallel.tp and parallel.pp so that their "
+                          f"product is the world size")
+    if tp > 1:
+        problem = tp_problem(m, tp)
+        if problem is None and m.num_kv_heads % tp:
+            problem = (f"tensor parallel size {tp} does not divide the model's {m.num_kv_heads} key/value "
+                       "heads (training cannot share a K/V head between ranks)")
+        if problem is None and p.sequence_parallel:
+            problem = check_sequence_parallel(cfg.seq_len, tp, m.positional == "learned")
+        if problem:
+            raise LeanLMError(f"parallel.tp={tp}: {problem}")
+    if pp > m.num_layers:
+        raise LeanLMError(f"parallel.pp={pp} pipeline stages but the model has {m.num_layers} layers: "
+                          "each stage needs at least one")
+    if pp > 1:
+        raise LeanLMError(f"parallel.pp={pp}: pipeline parallelism is not implemented yet "
+                          "(use parallel.pp=1)")
+    return pp, dp, tp
+
+
 def parallel_mode(cfg: TrainConfig, world: int) -> str:
-    mode = cfg.parallel
+    _, dp, tp = mesh_shape(cfg, world)
+    mode = cfg.parallel.mode
     if mode == "auto":
-        mode = "fsdp" if world > 1 else "none"
-    if mode == "none" and world > 1:
-        raise LeanLMError(f"parallel=none with {world} processes would train {world} separate "
+        mode = "fsdp" if dp > 1 else "none"
+    if mode == "none" and dp > 1:
+        raise LeanLMError(f"parallel=none with {dp} data-parallel ranks would train {dp} separate "
                           "models: use parallel=ddp or parallel=fsdp")
+    if mode == "ddp" and tp > 1:
+        raise LeanLMError("parallel.tp > 1 composes with parallel=fsdp (FSDP2 over the dp ranks), "
+                          "not with parallel=ddp")
     if cfg.cpu_offload and mode != "fsdp":
         raise LeanLMError("cpu_offload needs parallel=fsdp")
     return mode
 
 
+def _dim(mesh: DeviceMesh, name: str) -> DeviceMesh:
+    """The "dp" or "tp" dimension of the run's mesh (a 1-D mesh is all "dp")."""
+    names = mesh.mesh_dim_names or ("dp",)
+    return mesh if mesh.ndim == 1 and names == (name,) else mesh[name]
+
+
 def parallelize(model: Transformer, cfg: TrainConfig, mesh: DeviceMesh | None, world: int,
                 materialize: Callable[[Transformer], None]) -> str:
-    """AC, then compile, then FSDP or DDP; returns the data-parallel mode used.
+    """TP, then AC, then compile, then FSDP or DDP; returns the data-parallel mode used.
 
-    ``model`` is on the meta device; ``materialize`` allocates and initializes it. FSDP shards
-    first and materializes only the local shards; DDP replicates already initialized weights.
+    ``model`` is on the meta device; ``materialize`` allocates and initializes it. TP and FSDP
+    shard first and materialize only the local shards; DDP replicates initialized weights.
     """
     mode = parallel_mode(cfg, world)
+    _, _, tp = mesh_shape(cfg, world)
     if cfg.cpu_offload and (mesh is None or mesh.device_type != "cuda"):
         raise LeanLMError("cpu_offload moves FSDP shards from the GPU to host memory: it needs "
                           "device=cuda")
+    if tp > 1:
+        assert mesh is not None
+        tensor_parallel_(model, _dim(mesh, "tp"), sequence_parallel=cfg.parallel.sequence_parallel,
+                         loss_parallel=cfg.parallel.loss_parallel)
     apply_ac(model, cfg.ac, cfg.ac_every)
     if cfg.compile:
         apply_compile(model)
     if mode == "fsdp":
         if mesh is None:
             raise LeanLMError("parallel=fsdp needs torch.distributed (run under torchrun)")
-        apply_fsdp(model, mesh, torch.bfloat16 if cfg.precision == "bf16" else None,
+        apply_fsdp(model, _dim(mesh, "dp"), torch.bfloat16 if cfg.precision == "bf16" else None,
                    cfg.reshard_after_forward, cfg.cpu_offload)
         materialize(model)
     else:
         materialize(model)
         if mode == "ddp":
             assert mesh is not None
-            apply_ddp(model, mesh)
+            apply_ddp(model, _dim(mesh, "dp"))
     register_fsdp_forward_method(model, "loss")  # (nothing to do without FSDP/replicate)
     return mode
+
+
+def global_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """‖g‖₂ over every parameter's whole gradient, whatever mix of plain tensors and DTensors on
+    whichever meshes holds them: each local shard's Σg² is summed over the mesh dimensions the
+    gradient is sharded on, and not over those it is replicated on (so a replicated tensor counts
+    once)."""
+    from torch.distributed.tensor import DTensor
+
+    sums: dict[tuple[int, tuple[int, ...]], list] = {}  # (mesh, sharded dims) -> [mesh, dims, Σg²]
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        mesh, dims, local = None, (), g
+        if isinstance(g, DTensor):
+            mesh, local = g.device_mesh, g.to_local()
+            if any(pl.is_partial() for pl in g.placements):
+                raise LeanLMError(f"a gradient with pending reductions ({g.placements}) cannot be clipped")
+            # (FSDP2's _StridedShard over a TP shard is not a Shard: anything not replicated is split)
+            dims = tuple(i for i, pl in enumerate(g.placements) if not pl.is_replicate())
+        sq = local.detach().double().pow(2).sum()
+        entry = sums.setdefault((id(mesh), dims), [mesh, dims, torch.zeros((), dtype=torch.float64,
+                                                                            device=sq.device)])
+        entry[2] = entry[2] + sq
+    total = torch.zeros((), dtype=torch.float64)
+    for mesh, dims, sq in sums.values():
+        for dim in dims:
+            torch.distributed.all_reduce(sq, group=mesh.get_group(dim))
+        total = total + sq.cpu()
+    return total.sqrt()
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+    """Finish the gradients and clip their global norm to ``max_norm`` (0: no clipping); returns the
+    norm before clipping. A tensor-parallel model first gets its replicated parameters' partial
+    gradients summed (:func:`~leanlm.parallel.sum_partial_gradients_`); its gradients mix plain
+    tensors and DTensors of several meshes, whose norm :func:`global_grad_norm` takes."""
+    params = list(model.parameters())
+    if getattr(model, "tp_mesh", None) is None:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"))
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    sum_partial_gradients_(model)
+    norm = global_grad_norm(params)
+    if max_norm:
+        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # as torch's clip_grad_norm_
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(coef.to(torch.float32).item())
+    return float(norm)

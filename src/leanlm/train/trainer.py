@@ -56,7 +56,7 @@ from leanlm.train import checkpointing as ckpt
 from leanlm.train.config import TrainConfig
 from leanlm.train.memory import check_fits
 from leanlm.train.metrics import MetricsLogger, flops_per_token, peak_flops
-from leanlm.train.parallelize import parallelize
+from leanlm.train.parallelize import clip_grad_norm, mesh_shape, parallelize
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -80,7 +80,9 @@ class DistInfo:
     world: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    mesh: Any = None
+    mesh: Any = None  # ("dp",) or ("dp", "tp")
+    dp_rank: int = 0  # which data-parallel replica this process is (the tp ranks of one share it)
+    dp: int = 1
 
     @classmethod
     def setup(cls, cfg: TrainConfig) -> DistInfo:
@@ -92,7 +94,8 @@ class DistInfo:
         device = torch.device("cuda", local) if want_cuda else torch.device("cpu")
         if want_cuda:
             torch.cuda.set_device(device)
-        needs_pg = world > 1 or cfg.parallel in ("ddp", "fsdp")
+        _, dp, tp = mesh_shape(cfg, world)  # a bad mesh fails here, before any collective
+        needs_pg = world > 1 or cfg.parallel.mode in ("ddp", "fsdp")
         if needs_pg and not dist.is_initialized():
             backend = "nccl" if want_cuda else "gloo"
             if "MASTER_ADDR" in os.environ:
@@ -104,9 +107,12 @@ class DistInfo:
         if dist.is_initialized():
             from torch.distributed.device_mesh import init_device_mesh
 
-            mesh = init_device_mesh(device.type, (dist.get_world_size(),))
             rank, world = dist.get_rank(), dist.get_world_size()
-        return cls(rank, world, local, device, mesh)
+            if tp > 1:  # tp innermost: a replica's tp ranks are neighbours (one node, fast links)
+                mesh = init_device_mesh(device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
+            else:
+                mesh = init_device_mesh(device.type, (world,))
+        return cls(rank, world, local, device, mesh, rank // tp, dp)
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         if self.world == 1:
@@ -136,6 +142,20 @@ def init_parameters(model: nn.Module, std: float, seed: int) -> None:
         p.copy_(full)
 
 
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW's groups: decay on matrices only, and one group per kind of tensor (plain, or
+    DTensors of one mesh), since one fused kernel cannot mix them (tensor parallelism leaves
+    norms plain beside sharded matrices; FSDP2 shards those over another mesh than these)."""
+    groups: dict[tuple[bool, int], dict[str, Any]] = {}
+    for p in model.parameters():
+        if p.requires_grad:  # (adapters: a few)
+            decay = p.ndim >= 2
+            key = (not decay, id(getattr(p, "device_mesh", None)))
+            groups.setdefault(key, {"params": [], "weight_decay": weight_decay if decay else 0.0})
+            groups[key]["params"].append(p)
+    return [groups[k] for k in sorted(groups, key=lambda k: k[0])]
+
+
 def domain_weights(value: dict[str, float] | str) -> dict[str, float]:
     """Weights given inline, or read from a JSON file (``{"domain_weights": {...}}`` or a plain dict)."""
     if isinstance(value, dict):
@@ -158,19 +178,17 @@ class Trainer:
         self.quiet = quiet
         self.out = Path(cfg.out)
         self.check_data()  # a missing or empty data dir fails here, before any other work
+        mesh_shape(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # and a mesh that does not fit
         self.d = DistInfo.setup(cfg)
         self.tok = self._tokenizer()
         self.eos_id = int(self.tok.eos_token_id)  # type: ignore[arg-type]
         cfg.model.bos_token_id = cfg.model.eos_token_id = self.eos_id
-        check_fits(cfg, self.d.world, self.d.device)
+        check_fits(cfg, self.d.dp, self.d.device)
         self._prepare_data()
         self.model = self._build_model()
         self.teacher = self._load_teacher()
-        trainable = [p for p in self.model.parameters() if p.requires_grad]  # (adapters: a few)
-        decay = [p for p in trainable if p.ndim >= 2]
-        no_decay = [p for p in trainable if p.ndim < 2]
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            param_groups(self.model, cfg.weight_decay),
             lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)  # one fused kernel per param
         self.step = 0
         self.losses: list[float] = []
@@ -219,7 +237,7 @@ class Trainer:
             self.files = tokenize_corpus(cfg.data, self.tok, cache, self.eos_id)  # cached: no work
         train = {dom: load_tokens(f["train"]) for dom, f in self.files.items()}
         self.val = {dom: load_tokens(f["val"]) for dom, f in self.files.items()}
-        args = (cfg.seq_len, self.eos_id, cfg.micro_batch, cfg.grad_accum, d.rank, d.world, cfg.seed,
+        args = (cfg.seq_len, self.eos_id, cfg.micro_batch, cfg.grad_accum, d.dp_rank, d.dp, cfg.seed,
                 cfg.document_masking)
         self.loader: PackedLoader | MixtureLoader
         if cfg.domain_weights is None:
@@ -261,8 +279,10 @@ class Trainer:
         return teacher
 
     def _materialize(self, model: Transformer) -> None:
+        from torch.distributed.fsdp import FSDPModule
+
         model.to_empty(device=self.d.device)
-        if not any(hasattr(p, "device_mesh") for p in model.parameters()):
+        if not isinstance(model, FSDPModule):
             model.tie_weights()  # to_empty gives each module its own tensor; FSDP keeps the tie
         model.init_buffers(self.d.device)
         init_parameters(model, self.cfg.init_std, self.cfg.seed)
@@ -292,9 +312,7 @@ class Trainer:
                     loss = self._distill_loss(batch)
             (loss / cfg.grad_accum).backward()
             total += float(loss.detach()) / cfg.grad_accum
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
+        norm = clip_grad_norm(self.model, cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -315,7 +333,7 @@ class Trainer:
         for domain, tokens in self.val.items():
             s, n = stream_loss(self.model, tokens, cfg.seq_len, self.eos_id, cfg.micro_batch,
                                cfg.eval_windows, cfg.document_masking,
-                               "fp32" if self.mode == "fsdp" else cfg.precision, d.rank, d.world, d.device)
+                               "fp32" if self.mode == "fsdp" else cfg.precision, d.dp_rank, d.dp, d.device)
             s, n = d.all_reduce_sum([s, float(n)])
             if n:
                 out[domain] = s / n
