@@ -16,7 +16,11 @@ forward and all-reduce backward (each rank's ∂L/∂x covers its rows of W only
 (:func:`reduce_from_tp`) behind a row-parallel layer, all-reduce forward and identity backward.
 So an attention block or an MLP costs one all-reduce forward and one backward. The head adds
 :func:`gather_from_tp` (the logits' last dimension all-gathered, so that every rank — and the
-sampler on it — sees the whole vocabulary; its own slice of the gradient backward).
+sampler on it — sees the whole vocabulary; its own slice of the gradient backward). Under
+sequence parallelism (``sequence_parallel=True``, :mod:`leanlm.parallel.sequence`) the pair
+becomes :func:`gather_sequence` (all-gather along the sequence forward, reduce-scatter
+backward) in front and :func:`scatter_sequence` (reduce-scatter forward, all-gather backward)
+behind: the same bytes, with the residual stream between blocks split by sequence.
 
 They are ``ParallelStyle``\\ s for ``parallelize_module`` like torch's ``ColwiseParallel`` and
 ``RowwiseParallel``, and shard an ``nn.Linear``'s parameters into the same DTensors (weight
