@@ -26,7 +26,9 @@ def test_mesh_settings_are_overrides_and_the_old_mode_still_works():
     assert cfg("parallel=fsdp").parallel == ParallelConfig(mode="fsdp")  # as before the mesh
     assert get_recipe("llama-3.2-1b").parallel.mode == "fsdp"  # (a recipe's parallel="fsdp")
     assert cfg().to_dict()["parallel"] == {"mode": "auto", "dp": 0, "tp": 1, "pp": 1,
-                                           "sequence_parallel": True, "loss_parallel": True}
+                                           "sequence_parallel": True, "loss_parallel": True,
+                                           "pp_schedule": "1f1b", "pp_microbatches": 0}
+    assert mesh_shape(cfg("parallel.pp=2", "eval_every=0"), 2) == (2, 1, 1)
     assert mesh_shape(cfg("parallel.tp=2"), 4) == (1, 2, 2)  # dp 0 = the rest of the world
     assert mesh_shape(cfg("parallel.dp=1", "parallel.tp=2"), 2) == (1, 1, 2)
     assert mesh_shape(cfg(), 1) == (1, 1, 1)
@@ -40,7 +42,9 @@ def test_mesh_settings_are_overrides_and_the_old_mode_still_works():
     (("parallel.tp=0",), "train config: parallel.tp must be >= 1, got 0"),
     (("parallel.foo=1",), "override 'parallel.foo=1': unknown setting 'parallel.foo' (known: "
                           "parallel.dp, parallel.loss_parallel, parallel.mode, parallel.pp, "
-                          "parallel.sequence_parallel, parallel.tp)"),
+                          "parallel.pp_microbatches, parallel.pp_schedule, parallel.sequence_parallel, "
+                          "parallel.tp)"),
+    (("parallel.pp_schedule=zb",), "train config: parallel.pp_schedule must be 'gpipe' or '1f1b', got 'zb'"),
 ])
 def test_bad_mesh_settings(overrides, message):
     with pytest.raises(LeanLMError) as e:
@@ -66,6 +70,14 @@ def test_bad_mesh_settings(overrides, message):
      "needs at least one"),
     (("parallel.tp=2", "parallel=ddp"), 4, "parallel.tp > 1 composes with parallel=fsdp (FSDP2 over "
      "the dp ranks), not with parallel=ddp"),
+    (("parallel.pp=2", "parallel.tp=2", "eval_every=0"), 4, "parallel.pp=2: pipeline stages do not "
+     "compose with data or tensor parallelism yet (set parallel.dp=1, parallel.tp=1)"),
+    (("parallel.pp=2", "parallel.pp_microbatches=1", "eval_every=0"), 2, "parallel.pp=2: 1F1B needs at "
+     "least as many micro-batches as stages: parallel.pp_microbatches=1"),
+    (("parallel.pp=2", "parallel.pp_microbatches=3", "eval_every=0"), 2, "parallel.pp=2: "
+     "parallel.pp_microbatches=3 does not divide micro_batch=4"),
+    (("parallel.pp=2",), 2, "parallel.pp=2: evaluation does not run through the pipeline yet: set "
+     "eval_every=0"),
     (("parallel=none",), 2, "parallel=none with 2 data-parallel ranks would train 2 separate models: "
      "use parallel=ddp or parallel=fsdp"),
 ])

@@ -1,8 +1,12 @@
 """Apply the training techniques to the one model, in place, in a fixed order: TP, AC, compile, FSDP/DDP.
 
-The processes form a mesh ("dp", "tp") of dp × tp ranks (:func:`mesh_shape` checks it against the
-world size and the model before anything is built; ``parallel.pp`` stages are checked but not yet
-run). The order is torchtitan's (``parallelize_llama``) and each step depends on the previous one:
+The processes form a mesh ("dp", "tp") of dp × tp ranks, or ("pp",) of pipeline stages
+(:func:`mesh_shape` checks it against the world size and the model before anything is built;
+stages do not yet compose with dp or tp). The order is torchtitan's (``parallelize_llama``) and
+each step depends on the previous one:
+
+(-1) **Pipeline stages** (:mod:`leanlm.train.pipeline`): the meta-device model cut to this
+   stage's layers, so that everything after applies to (and allocates) only those.
 
 0. **Tensor + sequence parallelism** over the "tp" dimension (Megatron-LM, Shoeybi et al. 2019;
    Korthikanti et al. 2022): the one plan of :mod:`leanlm.parallel`, with sequence parallelism
@@ -41,8 +45,10 @@ All of it works on gloo (CPU) and nccl (GPU) under ``torchrun``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
+from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import register_fsdp_forward_method
@@ -53,6 +59,7 @@ from leanlm.model import Transformer
 from leanlm.parallel import check_sequence_parallel, sum_partial_gradients_, tensor_parallel_
 from leanlm.parallel.plan import tp_problem
 from leanlm.train.config import TrainConfig
+from leanlm.train.pipeline import Skip, pipeline_grad_norm, split_model_
 
 # ops whose outputs selective AC keeps: matmuls and attention (recomputing them costs FLOPs)
 _SAVE_OPS = {
@@ -77,7 +84,7 @@ def apply_ac(model: Transformer, mode: str, every: int = 1) -> None:
     if mode == "none":
         return
     for i, block in enumerate(model.layers):
-        if i % every:
+        if i % every or isinstance(block, Skip):  # (another pipeline stage's block)
             continue
         if mode == "full":
             wrapped = checkpoint_wrapper(block, preserve_rng_state=False)
@@ -137,8 +144,21 @@ def mesh_shape(cfg: TrainConfig, world: int) -> tuple[int, int, int]:
         raise LeanLMError(f"parallel.pp={pp} pipeline stages but the model has {m.num_layers} layers: "
                           "each stage needs at least one")
     if pp > 1:
-        raise LeanLMError(f"parallel.pp={pp}: pipeline parallelism is not implemented yet "
-                          "(use parallel.pp=1)")
+        m_b = p.pp_microbatches or cfg.micro_batch
+        problem = None
+        if dp > 1 or tp > 1:
+            problem = ("pipeline stages do not compose with data or tensor parallelism yet (set "
+                       "parallel.dp=1, parallel.tp=1)")
+        elif cfg.micro_batch % m_b:
+            problem = f"parallel.pp_microbatches={m_b} does not divide micro_batch={cfg.micro_batch}"
+        elif p.pp_schedule == "1f1b" and m_b < pp:
+            problem = f"1F1B needs at least as many micro-batches as stages: parallel.pp_microbatches={m_b}"
+        elif cfg.eval_every:
+            problem = "evaluation does not run through the pipeline yet: set eval_every=0"
+        elif cfg.teacher or cfg.compile or cfg.init_from:
+            problem = "distillation, compile and init_from do not run through the pipeline yet"
+        if problem:
+            raise LeanLMError(f"parallel.pp={pp}: {problem}")
     return pp, dp, tp
 
 
@@ -172,10 +192,17 @@ def parallelize(model: Transformer, cfg: TrainConfig, mesh: DeviceMesh | None, w
     shard first and materialize only the local shards; DDP replicates initialized weights.
     """
     mode = parallel_mode(cfg, world)
-    _, _, tp = mesh_shape(cfg, world)
+    pp, _, tp = mesh_shape(cfg, world)
     if cfg.cpu_offload and (mesh is None or mesh.device_type != "cuda"):
         raise LeanLMError("cpu_offload moves FSDP shards from the GPU to host memory: it needs "
                           "device=cuda")
+    if pp > 1:
+        assert mesh is not None
+        pp_mesh = _dim(mesh, "pp")
+        split_model_(model, pp, pp_mesh.get_local_rank())
+        ends = [pp_mesh.mesh.tolist()[0], pp_mesh.mesh.tolist()[-1]]  # the tied copies' stages
+        model.pp_group = pp_mesh.get_group()
+        model.pp_tie_group = model.pp_group if pp == 2 else torch.distributed.new_group(ends)
     if tp > 1:
         assert mesh is not None
         tensor_parallel_(model, _dim(mesh, "tp"), sequence_parallel=cfg.parallel.sequence_parallel,
@@ -233,16 +260,35 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
     """Finish the gradients and clip their global norm to ``max_norm`` (0: no clipping); returns the
     norm before clipping. A tensor-parallel model first gets its replicated parameters' partial
     gradients summed (:func:`~leanlm.parallel.sum_partial_gradients_`); its gradients mix plain
-    tensors and DTensors of several meshes, whose norm :func:`global_grad_norm` takes."""
+    tensors and DTensors of several meshes, whose norm :func:`global_grad_norm` takes. A pipeline
+    stage first sums the tied embedding's two copies (:func:`pipeline_grad_norm`) and the norm
+    is taken over all stages."""
     params = list(model.parameters())
-    if getattr(model, "tp_mesh", None) is None:
+    if getattr(model, "pp_stage", None) is not None:
+        norm = pipeline_grad_norm(model, model.pp_group, model.pp_tie_group)
+    elif getattr(model, "tp_mesh", None) is None:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"))
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    sum_partial_gradients_(model)
-    norm = global_grad_norm(params)
+    else:
+        sum_partial_gradients_(model)
+        norm = global_grad_norm(params)
     if max_norm:
         coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # as torch's clip_grad_norm_
         for p in params:
             if p.grad is not None:
                 p.grad.mul_(coef.to(torch.float32).item())
     return float(norm)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW's groups: decay on matrices only, and one group per kind of tensor (plain, or
+    DTensors of one mesh), since one fused kernel cannot mix them (tensor parallelism leaves
+    norms plain beside sharded matrices; FSDP2 shards those over another mesh than these)."""
+    groups: dict[tuple[bool, int], dict[str, Any]] = {}
+    for p in model.parameters():
+        if p.requires_grad:  # (adapters: a few)
+            decay = p.ndim >= 2
+            key = (not decay, id(getattr(p, "device_mesh", None)))
+            groups.setdefault(key, {"params": [], "weight_decay": weight_decay if decay else 0.0})
+            groups[key]["params"].append(p)
+    return [groups[k] for k in sorted(groups, key=lambda k: k[0])]
