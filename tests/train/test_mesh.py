@@ -71,7 +71,9 @@ def test_bad_mesh_settings(overrides, message):
     (("parallel.tp=2", "parallel=ddp"), 4, "parallel.tp > 1 composes with parallel=fsdp (FSDP2 over "
      "the dp ranks), not with parallel=ddp"),
     (("parallel.pp=2", "parallel.tp=2", "eval_every=0"), 4, "parallel.pp=2: pipeline stages do not "
-     "compose with data or tensor parallelism yet (set parallel.dp=1, parallel.tp=1)"),
+     "compose with tensor parallelism yet (set parallel.tp=1)"),
+    (("parallel.pp=2", "parallel=ddp", "eval_every=0"), 4, "parallel.pp=2: pipeline stages compose "
+     "with parallel=fsdp over the dp ranks, not with ddp"),
     (("parallel.pp=2", "parallel.pp_microbatches=1", "eval_every=0"), 2, "parallel.pp=2: 1F1B needs at "
      "least as many micro-batches as stages: parallel.pp_microbatches=1"),
     (("parallel.pp=2", "parallel.pp_microbatches=3", "eval_every=0"), 2, "parallel.pp=2: "

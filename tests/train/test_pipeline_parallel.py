@@ -1,7 +1,7 @@
 """Pipeline parallelism on gloo under torchrun gives the single-process run: PP=2 with GPipe and
-1F1B matches 5 steps of the tiny recipe (tied embeddings: the two stages' copies stay one
-matrix) in losses and gradient norms to 1e-4, with gradient accumulation and AC too; its
-checkpoint resumes in one process; stages keep the whole model's parameter names."""
+1F1B, and PP×FSDP 2×2, match 5 steps of the tiny recipe (tied embeddings: the two stages' copies
+stay one matrix) in losses and gradient norms to 1e-4, with gradient accumulation and AC too;
+its checkpoint resumes in one process; stages keep the whole model's parameter names."""
 
 from __future__ import annotations
 
@@ -58,26 +58,32 @@ def records_of(out: Path) -> list[dict[str, Any]]:
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("sets", [
-    ("micro_batch=4", "parallel.pp_schedule=gpipe"),
-    ("micro_batch=4", "parallel.pp_schedule=1f1b"),
-    ("micro_batch=2", "grad_accum=2", "parallel.pp_microbatches=2", "ac=full"),
-], ids=["gpipe", "1f1b", "1f1b-accum-ac"])
-def test_two_stages_match_one_process(tiny_data, tmp_path, single_out, sets):
-    got = pretrain_records(tiny_data, tmp_path / "run", "parallel.pp=2", *sets, nproc=2)
+@pytest.mark.parametrize(("nproc", "sets"), [
+    (2, ("micro_batch=4", "parallel.pp_schedule=gpipe")),
+    (2, ("micro_batch=4", "parallel.pp_schedule=1f1b")),
+    (2, ("micro_batch=2", "grad_accum=2", "parallel.pp_microbatches=2", "ac=full")),
+    (4, ("micro_batch=2", "parallel.dp=2", "parallel.pp_microbatches=2")),
+], ids=["gpipe", "1f1b", "1f1b-accum-ac", "pp2xfsdp2"])
+def test_two_stages_match_one_process(tiny_data, tmp_path, single_out, nproc, sets):
+    """The same global batch of 4 sequences: one pipeline of 4 micro-batches, 2 steps of 2, or
+    (pp2xfsdp2) 2 replicas of the pipeline, each stage FSDP2-sharded over 2 ranks."""
+    got = pretrain_records(tiny_data, tmp_path / "run", "parallel.pp=2", *sets, nproc=nproc)
     single = records_of(single_out)
     assert len(got) == 5 and single[-1]["loss"] < single[0]["loss"] - 0.5
     assert_same_run(got, single)
 
 
 @pytest.mark.dist
-def test_pipeline_checkpoint_resumes_in_one_process(tiny_data, tmp_path, single_out):
-    """Each stage writes its own layers into one DCP checkpoint; one process loads them all (the
-    tied matrix from either copy) and continues with the same losses; the exported model (rank 0
-    gathers the stages) is the single-process run's."""
+@pytest.mark.parametrize(("nproc", "sets"), [(2, ("micro_batch=4",)),
+                                            (4, ("micro_batch=2", "parallel.dp=2"))],
+                         ids=["pp2", "pp2xfsdp2"])
+def test_pipeline_checkpoint_resumes_in_one_process(tiny_data, tmp_path, single_out, nproc, sets):
+    """Each stage writes its own layers (FSDP shards of them) into one DCP checkpoint; one process
+    loads them all (the tied matrix from either copy) and continues with the same losses; the
+    exported model (rank 0 gathers the stages) is the single-process run's."""
     from safetensors.torch import load_file
 
-    pretrain_records(tiny_data, tmp_path / "pp", "micro_batch=4", "parallel.pp=2", nproc=2)
+    pretrain_records(tiny_data, tmp_path / "pp", *sets, "parallel.pp=2", nproc=nproc)
     out = tmp_path / "resume"
     shutil.copytree(tmp_path / "pp" / "checkpoints" / "step-000003", out / "checkpoints" / "step-000003")
     rest = pretrain_records(tiny_data, out, "micro_batch=4")

@@ -8,7 +8,8 @@ gloo on CPUs; a group of one when a single process asks for FSDP or DDP). The me
     ("dp",)         dp = world        data parallelism alone (FSDP2 / DDP), as before meshes
     ("dp", "tp")    dp × tp           tp innermost: rank = d·tp + t, so a replica's tp ranks are
                                       neighbours (one node, its fast links)
-    ("pp",)         pp = world        pipeline stages (alone, for now)
+    ("pp", "dp")    pp × dp           pipeline stages, each FSDP2-sharded over its dp ranks (if
+                                      dp > 1)
 
 and ``dp_rank`` says which data-parallel replica a process belongs to: the loader gives every
 replica its own sequences and the tp ranks (and pipeline stages) of one replica the same ones.
@@ -34,7 +35,7 @@ class DistInfo:
     world: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    mesh: Any = None  # ("dp",), ("dp", "tp") or ("pp",): see the module docstring
+    mesh: Any = None  # ("dp",), ("dp", "tp") or ("pp", "dp"): see the module docstring
     dp_rank: int = 0  # which data-parallel replica this process is (the tp ranks of one share it)
     dp: int = 1
     pp: int = 1  # pipeline stages (each process runs one)
@@ -63,8 +64,8 @@ class DistInfo:
             from torch.distributed.device_mesh import init_device_mesh
 
             rank, world = dist.get_rank(), dist.get_world_size()
-            if pp > 1:  # (alone, for now: mesh_shape refuses pp with dp or tp)
-                mesh = init_device_mesh(device.type, (pp,), mesh_dim_names=("pp",))
+            if pp > 1:  # (mesh_shape refuses pp with tp, for now)
+                mesh = init_device_mesh(device.type, (pp, dp), mesh_dim_names=("pp", "dp"))
             elif tp > 1:  # tp innermost: a replica's tp ranks are neighbours (one node, fast links)
                 mesh = init_device_mesh(device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
             else:

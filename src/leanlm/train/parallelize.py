@@ -1,8 +1,8 @@
 """Apply the training techniques to the one model, in place, in a fixed order: TP, AC, compile, FSDP/DDP.
 
-The processes form a mesh ("dp", "tp") of dp × tp ranks, or ("pp",) of pipeline stages
+The processes form a mesh ("dp", "tp") of dp × tp ranks, or ("pp", "dp") of pipeline stages
 (:func:`mesh_shape` checks it against the world size and the model before anything is built;
-stages do not yet compose with dp or tp). The order is torchtitan's (``parallelize_llama``) and
+stages compose with FSDP over dp, not yet with tp). The order is torchtitan's (``parallelize_llama``) and
 each step depends on the previous one:
 
 (-1) **Pipeline stages** (:mod:`leanlm.train.pipeline`): the meta-device model cut to this
@@ -59,7 +59,7 @@ from leanlm.model import Transformer
 from leanlm.parallel import check_sequence_parallel, sum_partial_gradients_, tensor_parallel_
 from leanlm.parallel.plan import tp_problem
 from leanlm.train.config import TrainConfig
-from leanlm.train.pipeline import Skip, pipeline_grad_norm, split_model_
+from leanlm.train.pipeline import Skip, split_model_, sum_tied_gradients_
 
 # ops whose outputs selective AC keeps: matmuls and attention (recomputing them costs FLOPs)
 _SAVE_OPS = {
@@ -105,6 +105,8 @@ def apply_fsdp(model: Transformer, mesh: DeviceMesh, param_dtype: torch.dtype | 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     for block in model.layers:
+        if isinstance(block, Skip):  # (another pipeline stage's block)
+            continue
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward,
                     mp_policy=mp, offload_policy=offload)
     # the root holds embeddings, final norm and the (possibly tied) head; its parameters are
@@ -146,9 +148,10 @@ def mesh_shape(cfg: TrainConfig, world: int) -> tuple[int, int, int]:
     if pp > 1:
         m_b = p.pp_microbatches or cfg.micro_batch
         problem = None
-        if dp > 1 or tp > 1:
-            problem = ("pipeline stages do not compose with data or tensor parallelism yet (set "
-                       "parallel.dp=1, parallel.tp=1)")
+        if tp > 1:
+            problem = "pipeline stages do not compose with tensor parallelism yet (set parallel.tp=1)"
+        elif dp > 1 and p.mode == "ddp":
+            problem = "pipeline stages compose with parallel=fsdp over the dp ranks, not with ddp"
         elif cfg.micro_batch % m_b:
             problem = f"parallel.pp_microbatches={m_b} does not divide micro_batch={cfg.micro_batch}"
         elif p.pp_schedule == "1f1b" and m_b < pp:
@@ -200,9 +203,14 @@ def parallelize(model: Transformer, cfg: TrainConfig, mesh: DeviceMesh | None, w
         assert mesh is not None
         pp_mesh = _dim(mesh, "pp")
         split_model_(model, pp, pp_mesh.get_local_rank())
-        ends = [pp_mesh.mesh.tolist()[0], pp_mesh.mesh.tolist()[-1]]  # the tied copies' stages
         model.pp_group = pp_mesh.get_group()
-        model.pp_tie_group = model.pp_group if pp == 2 else torch.distributed.new_group(ends)
+        model.pp_tie_group = model.pp_group
+        if pp > 2:  # the first and last stage of each replica (every rank creates every group)
+            columns = mesh.mesh.reshape(pp, -1)
+            for d in range(columns.shape[1]):
+                group = torch.distributed.new_group([int(columns[0, d]), int(columns[-1, d])])
+                if torch.distributed.get_rank() in (int(columns[0, d]), int(columns[-1, d])):
+                    model.pp_tie_group = group
     if tp > 1:
         assert mesh is not None
         tensor_parallel_(model, _dim(mesh, "tp"), sequence_parallel=cfg.parallel.sequence_parallel,
@@ -261,11 +269,14 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
     norm before clipping. A tensor-parallel model first gets its replicated parameters' partial
     gradients summed (:func:`~leanlm.parallel.sum_partial_gradients_`); its gradients mix plain
     tensors and DTensors of several meshes, whose norm :func:`global_grad_norm` takes. A pipeline
-    stage first sums the tied embedding's two copies (:func:`pipeline_grad_norm`) and the norm
+    stage first sums the tied embedding's two copies (:func:`sum_tied_gradients_`) and the norm
     is taken over all stages."""
     params = list(model.parameters())
     if getattr(model, "pp_stage", None) is not None:
-        norm = pipeline_grad_norm(model, model.pp_group, model.pp_tie_group)
+        copy = sum_tied_gradients_(model)
+        sq = global_grad_norm([p for p in params if p is not copy]).square()
+        torch.distributed.all_reduce(sq, group=model.pp_group)
+        norm = sq.sqrt()
     elif getattr(model, "tp_mesh", None) is None:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"))
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)

@@ -21,6 +21,10 @@ Tied embeddings (the ``tiny`` recipe's): the first stage's embedding and the las
 two copies of one matrix, initialised alike; after backward their gradients are summed between
 the two stages (Megatron-LM's embedding all-reduce, Narayanan et al. 2021 §2.2), so AdamW keeps
 them equal, and the gradient norm counts the matrix once.
+
+With dp > 1 the mesh is ("pp", "dp"): each stage is a group of dp ranks that FSDP2 shards it
+over (torchtitan's PP × FSDP), each replica of the pipeline reads its own sequences, and the
+schedule leaves FSDP's gradient reduce-scatter to the last micro-batch's backward.
 """
 
 from __future__ import annotations
@@ -101,22 +105,21 @@ def tied_weight(model: nn.Module) -> nn.Parameter | None:
     return model.lm_head.weight if stage == pp - 1 else None
 
 
-def pipeline_grad_norm(model: nn.Module, pp_group: dist.ProcessGroup, tie_group: Any) -> torch.Tensor:
-    """Sum the tied copies' gradients between the first and last stage, then the global norm over
-    the stages (the last stage's copy not counted)."""
+def sum_tied_gradients_(model: nn.Module) -> nn.Parameter | None:
+    """Sum the tied embedding / head copies' gradients between the first and last stage (the local
+    FSDP shards: both copies are sharded alike over the same dp ranks); returns the last stage's
+    copy, which the gradient norm must not count a second time (None elsewhere)."""
+    from torch.distributed.tensor import DTensor
+
     stage, pp = model.pp_stage
     tied = tied_weight(model)
-    if tied is not None:
-        grad = tied.grad if tied.grad is not None else torch.zeros_like(tied)
-        dist.all_reduce(grad, group=tie_group)
-        tied.grad = grad
-    skip = tied if stage == pp - 1 else None
-    sq = torch.zeros((), dtype=torch.float64)
-    for p in model.parameters():
-        if p.grad is not None and p is not skip:
-            sq += p.grad.detach().double().pow(2).sum().cpu()
-    dist.all_reduce(sq, group=pp_group)
-    return sq.sqrt()
+    if tied is None:
+        return None
+    if tied.grad is None:
+        tied.grad = torch.zeros_like(tied)
+    local = tied.grad.to_local() if isinstance(tied.grad, DTensor) else tied.grad
+    dist.all_reduce(local, group=model.pp_tie_group)  # in place: the gradient's own storage
+    return tied if stage == pp - 1 else None
 
 
 def build_schedule(model: Transformer, pp_group: dist.ProcessGroup, device: torch.device,
@@ -167,7 +170,10 @@ def pipeline_step(schedule: Any, model: nn.Module, batch: Any) -> float:
 
 def gathered_stages(model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole model's state on rank 0 (each stage's whole tensors, gathered; empty elsewhere)."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.tensor import DTensor
+
+    state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()  # (FSDP shards)
+             for k, v in model.state_dict().items()}
     rank, world = dist.get_rank(), dist.get_world_size()
     parts: list[Any] = [None] * world if rank == 0 else []
     dist.gather_object(state, parts if rank == 0 else None, dst=0)
