@@ -168,6 +168,29 @@ def tiny_config(data: tuple[Path, Path], out: Path, *overrides: str) -> Any:
     return apply_overrides(get_recipe("tiny"), base + list(overrides))
 
 
+def pretrain_records(data: tuple[Path, Path], out: Path, *sets: str, nproc: int = 1, steps: int = 5,
+                     extra: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """``leanlm pretrain --recipe tiny`` (fp32, a checkpoint every 3 steps) on the tiny data, in one
+    process or under ``torchrun --nproc-per-node nproc`` on gloo; the step records of its
+    metrics.jsonl (loss, grad_norm, ...)."""
+    import json
+    import subprocess
+    import sys
+
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 f"--nproc-per-node={nproc}"] if nproc > 1 else [sys.executable])
+    args = [*launcher, "-m", "leanlm.cli", "pretrain", "--recipe", "tiny", "--quiet",
+            "--data", str(data[0]), "--tokenizer", str(data[1]), "--out", str(out),
+            "--max-steps", str(steps), *extra]
+    for s in ("precision=fp32", "eval_every=0", "log_every=1", "ckpt_every=3", *sets):
+        args += ["--set", s]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss" in r]
+
+
 def random_model(family: str = "llama", seed: int = 0, outliers: float = 0.0) -> Any:
     """A tiny random leanlm Transformer (fp32, eval) of ``family``; ``outliers`` > 0 multiplies
     a few channels of every norm weight by that factor (LLM-like activation outliers)."""

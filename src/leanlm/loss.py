@@ -86,7 +86,12 @@ def linear_cross_entropy(h: torch.Tensor, head: nn.Module, targets: torch.Tensor
     Fused and chunked (``chunk`` rows; by default ``CHUNK``, or ``CUDA_CHUNK`` on CUDA) for a
     plain bias-free ``nn.Linear`` (the model's ``Linear`` included) head when gradients are
     wanted; any other head (quantized, with adapters), or no-grad scoring, takes the plain path.
+    A head that brings its own fused loss (``head.cross_entropy(h, targets, chunk)``: a
+    vocabulary-parallel head, :mod:`leanlm.parallel.loss`) computes it when gradients are wanted.
     """
+    own = getattr(head, "cross_entropy", None)
+    if own is not None and torch.is_grad_enabled():
+        return own(h, targets, chunk)
     hooked = bool(head._forward_hooks or head._forward_pre_hooks)  # e.g. a LoRA on lm_head
     if (type(head) in (nn.Linear, Linear) and head.bias is None and not hooked and torch.is_grad_enabled()
             and not head.weight.is_mkldnn):  # a packed head (CPU inference) runs its own forward

@@ -294,12 +294,18 @@ class Transformer(nn.Module):
                 raise LeanLMError(f"position {int(pos.max())} is past the model's context of "
                                   f"{self.config.max_position_embeddings} (learned positions)")
             return x + self.embed_positions(pos), LayerContext(attn)
-        freqs = pos[..., None].float() * self.inv_freq.float()
-        emb = torch.cat((freqs, freqs), dim=-1)
         # rotate q/k in the dtype they come out of their projections in (bf16 under autocast),
         # so rotary does not promote them to fp32 only to be cast back for SDPA
-        dtype = compute_dtype(x)
-        return x, LayerContext(attn, emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None])
+        return x, self.layer_context(pos, attn, compute_dtype(x))
+
+    def layer_context(self, positions: torch.Tensor, attn: Any, dtype: torch.dtype) -> LayerContext:
+        """The blocks' context for ``positions`` (>= 0): ``attn`` and, with rotary positions, the
+        cos/sin tables in ``dtype`` (a pipeline stage after the first builds it from the positions)."""
+        if self.config.positional == "learned":
+            return LayerContext(attn)
+        freqs = positions[..., None].float() * self.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return LayerContext(attn, emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None])
 
     def hidden(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
                attn: Any = None) -> torch.Tensor:

@@ -36,15 +36,16 @@ def test_two_ranks_match_one() -> None:
     """Llama (GQA), Qwen3, Mistral, Qwen2 (tied head), biases, GPT-2; GPTQ act-order int4, W8A8
     and RTN int4 on the CPU kernel; two LoRA adapters routed per token, attached before or
     loaded after sharding, on a full-precision and an int4 base; training gradients (base and
-    LoRA); refusals of a 2-D mesh, DoRA, IA3 and odd head counts."""
-    torchrun(2, "families", "quantized", "lora", "training", "errors")
+    LoRA), with sequence parallelism and the vocabulary-parallel loss too; refusals of a 2-D mesh,
+    DoRA, IA3 and odd head counts."""
+    torchrun(2, "families", "quantized", "lora", "training", "sequence", "errors")
 
 
 @pytest.mark.dist
 def test_four_ranks_with_fewer_kv_heads_than_ranks() -> None:
     """Llama with 2 K/V heads on 4 ranks: each rank keeps a copy of the head its queries read."""
     assert hf_config("llama").num_key_value_heads == 2
-    torchrun(4, "gqa_replicas", "families", "quantized", "lora", "training")
+    torchrun(4, "gqa_replicas", "families", "quantized", "lora", "training", "sequence")
 
 
 def config(**changes: int) -> ModelConfig:

@@ -24,7 +24,13 @@ from leanlm.config import ModelConfig
 from leanlm.errors import LeanLMError
 from leanlm.generate import generate
 from leanlm.model import Transformer
-from leanlm.parallel import local_kv_heads, shard_adapters_, tensor_parallel_, tp_mesh
+from leanlm.parallel import (
+    local_kv_heads,
+    shard_adapters_,
+    sum_partial_gradients_,
+    tensor_parallel_,
+    tp_mesh,
+)
 from leanlm.peft import IA3Config, LoRAConfig, apply_peft_, load_adapter, save_adapter
 from leanlm.peft.api import mark_trainable_, routed, set_adapter
 from leanlm.quant import FP8Config, GPTQConfig, RTNConfig, quantize_
@@ -247,6 +253,35 @@ def check_training() -> None:
             assert err < 2e-4, (name, err)
 
 
+def check_sequence() -> None:
+    """Sequence parallelism and the vocabulary-parallel loss: loss, every gradient (norms' and
+    row-parallel biases' partial ones summed after backward) and the logits of a no-grad forward
+    match the unsharded model's; Qwen3's per-head q/k norms get whole gradients with or without
+    sequence parallelism; learned positions are refused."""
+    tokens, targets = TOKENS[:, :8], TOKENS[:, 1:9]  # 8 tokens: split by 2 and by 4
+    for family, sp in (("llama", True), ("qwen3", False), ("qwen3", True), ("llama-linear-rope", True)):
+        ref, model = random_model(family), random_model(family)
+        if ref.config.num_kv_heads % MESH.size():
+            continue
+        ref_loss = ref.loss(tokens, targets)
+        ref_loss.backward()
+        tensor_parallel_(model, MESH, sequence_parallel=sp, loss_parallel=True)
+        assert model.lm_head.cross_entropy is not None
+        loss = model.loss(tokens, targets)
+        loss.backward()
+        assert sum_partial_gradients_(model) > 0
+        torch.testing.assert_close(loss, ref_loss.detach(), **EXACT)
+        refs = dict(ref.named_parameters())
+        for name, p in model.named_parameters():
+            want = refs[name].grad
+            err = float((whole_grad(p) - want).abs().max() / want.abs().max())
+            assert err < 2e-4, (family, sp, name, err)
+        with torch.inference_mode():
+            torch.testing.assert_close(model(tokens), ref(tokens), **EXACT)
+    with expect_error("rotary positions"):
+        tensor_parallel_(random_model("gpt2"), MESH, sequence_parallel=True)
+
+
 def check_errors() -> None:
     """Bad input is refused in one line before anything is sharded."""
     tp = MESH.size()
@@ -271,7 +306,7 @@ def check_errors() -> None:
 
 CHECKS: dict[str, Callable[[], None]] = {
     "families": check_families, "gqa_replicas": check_gqa_replicas, "quantized": check_quantized,
-    "lora": check_lora, "training": check_training, "errors": check_errors,
+    "lora": check_lora, "training": check_training, "errors": check_errors, "sequence": check_sequence,
 }
 
 if __name__ == "__main__":

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import pretrain_records
 
 pytestmark = pytest.mark.dist
 
@@ -17,18 +15,7 @@ STEPS = 5
 
 def pretrain(data: tuple[Path, Path], out: Path, *sets: str, nproc: int = 1,
              extra: tuple[str, ...] = ()) -> list[float]:
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                 f"--nproc-per-node={nproc}"] if nproc > 1 else [sys.executable])
-    args = [*launcher, "-m", "leanlm.cli", "pretrain", "--recipe", "tiny", "--quiet",
-            "--data", str(data[0]), "--tokenizer", str(data[1]), "--out", str(out),
-            "--max-steps", str(STEPS), *extra]
-    for s in ("precision=fp32", "eval_every=0", "log_every=1", "ckpt_every=3", *sets):
-        args += ["--set", s]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    records = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if "loss" in r]
+    return [r["loss"] for r in pretrain_records(data, out, *sets, nproc=nproc, steps=STEPS, extra=extra)]
 
 
 @pytest.fixture(scope="module")

@@ -36,9 +36,21 @@ rank's slice of the features.
 
 Training: an ``nn.Linear``'s weights are ``Shard(0)`` / ``Shard(1)`` DTensors, as torch's styles
 make them, so FSDP2 over another dimension of the mesh composes; Megatron's f / g make the
-gradients those of the unsharded model (the replicated LoRA factors' too, all-reduced). The loss
-goes through the gathered logits (no loss-parallel cross-entropy yet), and norms see the whole
-sequence (no sequence parallelism yet).
+gradients those of the unsharded model (the replicated LoRA factors' too, all-reduced; Qwen3's
+per-head q/k norms, whose gradient each rank has for its heads only, are summed by
+:func:`~leanlm.parallel.sequence.sum_partial_gradients_` after backward). Two options for
+training (``leanlm.train.parallelize`` turns both on):
+
+- ``sequence_parallel=True`` (:mod:`leanlm.parallel.sequence`; Korthikanti et al. 2022): the
+  residual stream and the norms split by sequence, [B, S/p, h] per rank; the embedding
+  reduce-scatters instead of all-reducing, ``self_attn`` and ``mlp`` all-gather their input once,
+  o_proj / down_proj reduce-scatter, the head gathers the final norm's chunks; norm weights (and
+  row-parallel biases) get their partial gradients summed after backward. The same bytes move as
+  without it; norms and residual adds store and compute S/p tokens. Needs S divisible by p and
+  rotary positions.
+- ``loss_parallel=True`` (:mod:`leanlm.parallel.loss`): ``model.loss`` runs the fused chunked
+  cross-entropy on each rank's vocabulary shard of the head, with per-row max / sum all-reduces
+  instead of all-gathering [N, V] logits. ``model(...)`` still returns whole logits.
 
 Refused before anything changes, in one line (:class:`LeanLMError`): heads or the MLP width not
 divisible by p, K/V heads that neither divide nor are divided by p, a mesh that is not 1-D (pass
@@ -51,18 +63,21 @@ the copies, and a forward with gradients raises instead.
 from __future__ import annotations
 
 import os
+import types
 from fnmatch import fnmatch
 
 import torch
 import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import Replicate
+from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import ParallelStyle, RowwiseParallel, parallelize_module
 
 from leanlm.config import ModelConfig
 from leanlm.errors import LeanLMError
 from leanlm.model import Attention, Transformer
+from leanlm.parallel.loss import vocab_parallel_cross_entropy
+from leanlm.parallel.sequence import GatherSequence, SumGradients
 from leanlm.parallel.styles import (
     SHARDABLE,
     ColumnParallel,
@@ -112,33 +127,45 @@ def tp_mesh(size: int | None = None) -> DeviceMesh:
     return init_device_mesh(device, (size,), mesh_dim_names=("tp",))
 
 
-def tp_plan(config: ModelConfig, tp: int) -> dict[str, ParallelStyle]:
+def tp_plan(config: ModelConfig, tp: int, sequence_parallel: bool = False) -> dict[str, ParallelStyle]:
     """The plan for ``parallelize_module``: module name pattern -> style (the embedding apart)."""
     kv_replicas = max(1, tp // config.num_kv_heads)
+    sp = sequence_parallel
     plan: dict[str, ParallelStyle] = {
-        "layers.*.self_attn.q_proj": ColumnParallel(),
-        "layers.*.self_attn.k_proj": ColumnParallel(replicas=kv_replicas),
-        "layers.*.self_attn.v_proj": ColumnParallel(replicas=kv_replicas),
-        "layers.*.self_attn.o_proj": RowParallel(),
-        "layers.*.mlp.up_proj": ColumnParallel(),
-        "layers.*.mlp.down_proj": RowParallel(),
-        "lm_head": ColumnParallel(gather=True),
+        "layers.*.self_attn.q_proj": ColumnParallel(sequence_parallel=sp),
+        "layers.*.self_attn.k_proj": ColumnParallel(replicas=kv_replicas, sequence_parallel=sp),
+        "layers.*.self_attn.v_proj": ColumnParallel(replicas=kv_replicas, sequence_parallel=sp),
+        "layers.*.self_attn.o_proj": RowParallel(sequence_parallel=sp),
+        "layers.*.mlp.up_proj": ColumnParallel(sequence_parallel=sp),
+        "layers.*.mlp.down_proj": RowParallel(sequence_parallel=sp),
+        "lm_head": ColumnParallel(gather=True, sequence_parallel=sp),
     }
     if config.gated_mlp:
-        plan["layers.*.mlp.gate_proj"] = ColumnParallel()
+        plan["layers.*.mlp.gate_proj"] = ColumnParallel(sequence_parallel=sp)
+    if config.qk_norm:  # per-head norms: each rank sees its own heads
+        plan["layers.*.self_attn.q_norm"] = plan["layers.*.self_attn.k_norm"] = SumGradients()
+    if sp:
+        plan["layers.*.self_attn"] = plan["layers.*.mlp"] = GatherSequence()
+        for norm in ("layers.*.input_layernorm", "layers.*.post_attention_layernorm", "norm"):
+            plan[norm] = SumGradients()
     return plan
 
 
 def _planned(model: nn.Module, plan: dict[str, ParallelStyle]) -> dict[str, nn.Module]:
-    return {n: m for n, m in model.named_modules() if any(fnmatch(n, p) for p in plan)}
+    linear = [p for p, style in plan.items() if isinstance(style, (ColumnParallel, RowParallel))]
+    return {n: m for n, m in model.named_modules() if any(fnmatch(n, p) for p in linear)}
 
 
-def _preflight(model: Transformer, mesh: DeviceMesh, plan: dict[str, ParallelStyle]) -> None:
+def _preflight(model: Transformer, mesh: DeviceMesh, plan: dict[str, ParallelStyle],
+               sequence_parallel: bool) -> None:
     """Every reason not to shard, found before anything is sharded."""
     if mesh.ndim != 1:
         raise LeanLMError(f"tensor_parallel_ takes a 1-D mesh (the tensor-parallel dimension, e.g. "
                           f"mesh['tp']); got a {mesh.ndim}-D mesh of shape {tuple(mesh.shape)}")
     check_tensor_parallel(model.config, mesh.size())
+    if sequence_parallel and model.embed_positions is not None:
+        raise LeanLMError("sequence parallelism needs rotary positions: this model adds learned "
+                          "position embeddings to the whole sequence")
     if getattr(model, "tp_mesh", None) is not None:
         raise LeanLMError("the model is already sharded for tensor parallelism")
     for name, module in _planned(model, plan).items():
@@ -155,24 +182,30 @@ def _wait_output(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Ten
     return funcol.wait_tensor(out)
 
 
-def tensor_parallel_(model: Transformer, mesh: DeviceMesh) -> Transformer:
+def tensor_parallel_(model: Transformer, mesh: DeviceMesh, sequence_parallel: bool = False,
+                     loss_parallel: bool = False) -> Transformer:
     """Shard ``model`` in place over the 1-D ``mesh`` (see the module docstring); returns it.
 
     Every rank must have built the same whole model (the same checkpoint or seed), adapters
     included: each keeps its own slices and nothing is sent. Afterwards ``model(...)`` takes and
     returns the same tensors as before on every rank (logits over the whole vocabulary), and
-    ``model.tp_mesh`` is ``mesh``.
+    ``model.tp_mesh`` is ``mesh``. ``sequence_parallel`` and ``loss_parallel`` are the training
+    options of the module docstring (a model built on the meta device may be sharded too).
     """
     model.unpack_weights_()  # weights packed for CPU inference are sharded in their plain layout
     tp = mesh.size()
-    plan = tp_plan(model.config, tp)
-    _preflight(model, mesh, plan)
-    parallelize_module(model.embed_tokens, mesh, RowwiseParallel(input_layouts=Replicate()),
+    plan = tp_plan(model.config, tp, sequence_parallel)
+    _preflight(model, mesh, plan, sequence_parallel)
+    embed_out = Shard(1) if sequence_parallel else Replicate()  # (a reduce-scatter by sequence)
+    parallelize_module(model.embed_tokens, mesh,
+                       RowwiseParallel(input_layouts=Replicate(), output_layouts=embed_out),
                        src_data_rank=None)
     model.embed_tokens.register_forward_hook(_wait_output)  # a plain tensor, not an async one
     if model.config.tie_word_embeddings and isinstance(model.lm_head, nn.Linear):
         model.lm_head.weight = model.embed_tokens.weight  # both Shard(0) over the vocabulary
     parallelize_module(model, mesh, plan, src_data_rank=None)
+    if loss_parallel and hasattr(model.lm_head, "tp_shard") and isinstance(model.lm_head, nn.Linear):
+        model.lm_head.cross_entropy = types.MethodType(vocab_parallel_cross_entropy, model.lm_head)
     kv = local_kv_heads(model.config, tp)
     for m in model.modules():
         if isinstance(m, Attention):

@@ -16,7 +16,11 @@ forward and all-reduce backward (each rank's ∂L/∂x covers its rows of W only
 (:func:`reduce_from_tp`) behind a row-parallel layer, all-reduce forward and identity backward.
 So an attention block or an MLP costs one all-reduce forward and one backward. The head adds
 :func:`gather_from_tp` (the logits' last dimension all-gathered, so that every rank — and the
-sampler on it — sees the whole vocabulary; its own slice of the gradient backward).
+sampler on it — sees the whole vocabulary; its own slice of the gradient backward). Under
+sequence parallelism (``sequence_parallel=True``, :mod:`leanlm.parallel.sequence`) the pair
+becomes :func:`gather_sequence` (all-gather along the sequence forward, reduce-scatter
+backward) in front and :func:`scatter_sequence` (reduce-scatter forward, all-gather backward)
+behind: the same bytes, with the residual stream between blocks split by sequence.
 
 They are ``ParallelStyle``\\ s for ``parallelize_module`` like torch's ``ColwiseParallel`` and
 ``RowwiseParallel``, and shard an ``nn.Linear``'s parameters into the same DTensors (weight
@@ -113,6 +117,42 @@ class _GatherFromTP(torch.autograd.Function):
         return grad[..., start:start + ctx.local].contiguous(), None, None, None
 
 
+class _GatherSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+        ctx.mesh = mesh
+        return wait(funcol.all_gather_single(x.contiguous(), 1, mesh))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return wait(funcol.reduce_scatter_single(grad.contiguous(), "sum", 1, ctx.mesh)), None
+
+
+class _ScatterSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+        ctx.mesh = mesh
+        return wait(funcol.reduce_scatter_single(x.contiguous(), "sum", 1, mesh))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return wait(funcol.all_gather_single(grad.contiguous(), 1, ctx.mesh)), None
+
+
+def gather_sequence(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """Sequence parallelism's ``g``-bar (Korthikanti et al. 2022): [B, S/p, ...] chunks -> the
+    whole [B, S, ...] on every rank; backward, the ranks' partial gradients reduce-scattered
+    back to each one's chunk (so it also sums the gradients, as Megatron's ``f`` does)."""
+    return _GatherSequence.apply(x, mesh)
+
+
+def scatter_sequence(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """Sequence parallelism's ``g``: the ranks' partial [B, S, ...] outputs summed and cut to
+    this rank's [B, S/p, ...] chunk (a reduce-scatter); backward, the chunks' gradients
+    all-gathered."""
+    return _ScatterSequence.apply(x, mesh)
+
+
 def copy_to_tp(x: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
     """Megatron's ``f``: x forward, the sum of the ranks' gradients backward."""
     return _CopyToTP.apply(x, mesh)
@@ -157,6 +197,7 @@ class TPShard:
     size: int  # the whole size along it
     replicas: int = 1  # consecutive ranks holding the same rows (K/V heads fewer than ranks)
     gather: bool = False
+    sequence_parallel: bool = False  # the residual stream around it is split by sequence
     post: RemovableHandle | None = field(default=None, repr=False)
 
 
@@ -187,22 +228,32 @@ def _local_forward_columns(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return self.linear(x, w, None) if isinstance(self, Linear) else F.linear(x, w)
 
 
+def whole_input(shard: TPShard, x: torch.Tensor) -> torch.Tensor:
+    """The input a column-parallel layer multiplies: with sequence parallelism, the head's
+    sequence chunks gathered (the blocks' layers get theirs gathered by their module,
+    :class:`leanlm.parallel.sequence.GatherSequence`, once for q/k/v or gate/up); else, when
+    gradients flow, Megatron's f."""
+    if shard.sequence_parallel:
+        return gather_sequence(x, shard.mesh) if shard.gather else x
+    return copy_to_tp(x, shard.mesh) if torch.is_grad_enabled() and x.requires_grad else x
+
+
 def _pre(module: nn.Module, args: tuple) -> tuple | None:
-    """Runs first of the module's pre-hooks: refuse adapters that were not sharded; Megatron's f
-    in front of a column-parallel layer when gradients flow."""
+    """Runs first of the module's pre-hooks: refuse adapters that were not sharded; the whole
+    input of a column-parallel layer (:func:`whole_input`)."""
     for name, a in getattr(module, "adapters", {}).items():
         if not getattr(a, "tp_sharded", False):
             raise LeanLMError(f"adapter {name!r} was attached to a tensor-parallel model after it was "
                               "sharded: call leanlm.parallel.shard_adapters_(model) before running it")
     shard: TPShard = module.tp_shard
-    if not torch.is_grad_enabled():
-        return None
-    if shard.replicas > 1 and any(p.requires_grad for p in module.parameters()):
+    if (torch.is_grad_enabled() and shard.replicas > 1
+            and any(p.requires_grad for p in module.parameters())):
         raise LeanLMError(f"gradients through K/V heads shared by {shard.replicas} tensor-parallel ranks "
                           "are not supported (the copies' gradients would need summing): run under "
                           "torch.inference_mode(), or use a tensor-parallel size that divides the K/V heads")
-    if shard.split == "rows" and args[0].requires_grad:
-        return (copy_to_tp(args[0], shard.mesh), *args[1:])
+    if shard.split == "rows":
+        x = whole_input(shard, args[0])
+        return None if x is args[0] else (x, *args[1:])
     return None
 
 
@@ -212,7 +263,7 @@ def _post(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
     shard: TPShard = module.tp_shard
     if shard.gather:
         return gather_from_tp(out, shard.mesh, shard.chunk, shard.size)
-    out = reduce_from_tp(out, shard.mesh)
+    out = scatter_sequence(out, shard.mesh) if shard.sequence_parallel else reduce_from_tp(out, shard.mesh)
     bias = module.bias
     if isinstance(bias, DTensor):  # an nn.Linear's; a quantized shard added it on rank 0
         out = out + bias.to_local().to(out.dtype)
@@ -231,9 +282,9 @@ def register_post(module: nn.Module) -> None:
 class _LocalStyle(ParallelStyle):
     split = ""
 
-    def __init__(self, replicas: int = 1, gather: bool = False) -> None:
+    def __init__(self, replicas: int = 1, gather: bool = False, sequence_parallel: bool = False) -> None:
         super().__init__()
-        self.replicas, self.gather = replicas, gather
+        self.replicas, self.gather, self.sequence_parallel = replicas, gather, sequence_parallel
 
     def index(self, module: nn.Module, mesh: DeviceMesh) -> tuple[slice, int, int]:
         size = module.out_features if self.split == "rows" else module.in_features
@@ -254,7 +305,8 @@ class _LocalStyle(ParallelStyle):
         else:
             self.shard_linear(module, index, device_mesh)
         module.unsharded_features = whole
-        module.tp_shard = TPShard(self.split, index, device_mesh, chunk, size, self.replicas, self.gather)
+        module.tp_shard = TPShard(self.split, index, device_mesh, chunk, size, self.replicas, self.gather,
+                                  self.sequence_parallel)
         module.register_forward_pre_hook(_pre, prepend=True)
         for a in getattr(module, "adapters", {}).values():
             shard_adapter(module, a)
@@ -274,6 +326,8 @@ class ColumnParallel(_LocalStyle):
     ``replicas`` > 1 gives ``replicas`` consecutive ranks the same rows (GQA with fewer K/V heads
     than ranks: vLLM's ``QKVParallelLinear`` keeps on each rank the K/V head its query heads use).
     ``gather`` all-gathers the output so that every rank has the whole of it (the head's logits).
+    ``sequence_parallel``: the input arrives whole (gathered by the module around, for a block's
+    layers) or as sequence chunks that the layer gathers first (the head).
     An ``nn.Linear``'s weight becomes a ``Shard(0)`` DTensor whose whole tensor, with replicas, is
     the weight with each row block repeated ``replicas`` times.
     """
@@ -301,7 +355,9 @@ class RowParallel(_LocalStyle):
     """Row-parallel: this rank keeps input columns and takes its slice of the input; the partial
     outputs (adapters' included) are all-reduced into the whole output on every rank. An
     ``nn.Linear``'s weight becomes a ``Shard(1)`` DTensor and its bias a ``Replicate()`` one,
-    added after the reduction."""
+    added after the reduction. ``sequence_parallel``: the reduction is a reduce-scatter, each rank
+    keeping its chunk of the sequence (the bias's gradient is then partial: see
+    :class:`leanlm.parallel.sequence.SumGradients`)."""
 
     split = "columns"
 
@@ -311,6 +367,8 @@ class RowParallel(_LocalStyle):
         if module.bias is not None:
             b = module.bias
             module.bias = _dtensor(b, mesh, Replicate(), tuple(b.shape), b.requires_grad)
+            if self.sequence_parallel:  # added to S/p tokens: a partial gradient, summed after
+                module.partial_grads = (mesh, ("bias",))  # backward (leanlm.parallel.sequence)
         module.forward = types.MethodType(_local_forward_columns, module)
 
     def shard_quantized(self, module: nn.Module, index: slice, mesh: DeviceMesh) -> None:

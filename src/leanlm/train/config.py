@@ -3,7 +3,8 @@
 A recipe (``recipes.py``) is a function returning one of these; the CLI applies ``--set
 key=value`` overrides on top (``model.<field>=value`` reaches into the model config), so a run
 is fully described by its recipe name plus overrides, which the trainer writes to
-``OUT/train_config.json``.
+``OUT/train_config.json``. ``parallel.<field>=value`` sets the process mesh
+(:class:`ParallelConfig`); ``parallel=fsdp`` is ``parallel.mode=fsdp``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,43 @@ from typing import Any
 
 from leanlm.config import ModelConfig
 from leanlm.errors import LeanLMError
+
+
+@dataclass
+class ParallelConfig:
+    """How the processes share the work: a mesh of pp × dp × tp ranks, whose product must be the
+    world size (``train.parallelize.mesh_shape`` checks it, and the model's divisibility by
+    ``tp`` and ``pp``, before any process builds the model).
+
+    ``mode`` is the data parallelism over the dp ranks: ``auto`` (FSDP2 when dp > 1), ``none``,
+    ``ddp`` or ``fsdp``. ``tp`` > 1 shards every block with the one tensor-parallel plan
+    (:mod:`leanlm.parallel`) inside each data-parallel replica; ``sequence_parallel`` splits
+    the norms and the residual stream by sequence between the tp ranks (Korthikanti et al.
+    2022), ``loss_parallel`` computes the cross-entropy on each rank's vocabulary shard
+    without gathering the logits.
+    """
+
+    mode: str = "auto"  # auto (fsdp when dp > 1) | none | ddp | fsdp
+    dp: int = 0  # data-parallel ranks; 0 = world size / (tp · pp)
+    tp: int = 1  # tensor-parallel ranks
+    pp: int = 1  # pipeline stages
+    sequence_parallel: bool = True  # with tp > 1
+    loss_parallel: bool = True  # with tp > 1
+    pp_schedule: str = "1f1b"  # with pp > 1: gpipe | 1f1b
+    pp_microbatches: int = 0  # with pp > 1: pipeline micro-batches per micro_batch; 0 = micro_batch
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("auto", "none", "ddp", "fsdp"):
+            raise LeanLMError(f"train config: parallel.mode must be 'auto', 'none', 'ddp' or 'fsdp', "
+                              f"got {self.mode!r}")
+        if self.pp_schedule not in ("gpipe", "1f1b"):
+            raise LeanLMError(f"train config: parallel.pp_schedule must be 'gpipe' or '1f1b', "
+                              f"got {self.pp_schedule!r}")
+        for name, low in (("dp", 0), ("tp", 1), ("pp", 1), ("pp_microbatches", 0)):
+            if getattr(self, name) < low:
+                raise LeanLMError(f"train config: parallel.{name} must be >= {low}"
+                                  f"{' (0: derived)' if low == 0 else ''}, "
+                                  f"got {getattr(self, name)}")
 
 
 @dataclass
@@ -56,7 +94,8 @@ class TrainConfig:
     ac: str = "none"  # none | full | selective (op-level: keep matmul outputs, recompute the rest)
     ac_every: int = 1  # checkpoint every n-th block (layer-selective AC)
     compile: bool = False
-    parallel: str = "auto"  # auto (fsdp when world > 1) | none | ddp | fsdp
+    # the process mesh and data parallelism (a plain string is its mode: "fsdp" = mode fsdp)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     reshard_after_forward: bool = True  # True = ZeRO-3, False = ZeRO-2
     cpu_offload: bool = False
     device: str = "auto"  # auto | cpu | cuda
@@ -72,12 +111,14 @@ class TrainConfig:
     check_memory: bool = True  # refuse to start when the memory estimate exceeds what is free
 
     def __post_init__(self) -> None:
+        if isinstance(self.parallel, str):
+            self.parallel = ParallelConfig(mode=self.parallel)
+        elif isinstance(self.parallel, dict):  # (as written to train_config.json)
+            self.parallel = ParallelConfig(**self.parallel)
         checks = [
             (self.schedule in ("cosine", "wsd"), "schedule must be 'cosine' or 'wsd'"),
             (self.precision in ("bf16", "fp32"), "precision must be 'bf16' or 'fp32'"),
             (self.ac in ("none", "full", "selective"), "ac must be 'none', 'full' or 'selective'"),
-            (self.parallel in ("auto", "none", "ddp", "fsdp"),
-             "parallel must be 'auto', 'none', 'ddp' or 'fsdp'"),
             (self.device in ("auto", "cpu", "cuda"), "device must be 'auto', 'cpu' or 'cuda'"),
             (self.seq_len >= 2 and self.micro_batch >= 1 and self.grad_accum >= 1,
              "seq_len >= 2, micro_batch >= 1 and grad_accum >= 1 are required"),
@@ -132,22 +173,27 @@ def _parse(value: str, current: Any) -> Any:
 
 
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
-    """``["lr=1e-3", "model.num_layers=4"]`` -> a new, validated config."""
+    """``["lr=1e-3", "model.num_layers=4", "parallel.tp=2"]`` -> a new, validated config."""
     top: dict[str, Any] = {}
     model: dict[str, Any] = {}
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    mfields = {f.name for f in dataclasses.fields(ModelConfig)}
+    par: dict[str, Any] = {}
+    nested = {"model.": (model, cfg.model, {f.name for f in dataclasses.fields(ModelConfig)}),
+              "parallel.": (par, cfg.parallel, {f.name for f in dataclasses.fields(ParallelConfig)})}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"model", "parallel"}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise LeanLMError(f"override {item!r}: expected key=value")
         key = key.strip().replace("-", "_")
-        target, name, current = (model, key[6:], getattr(cfg.model, key[6:], None)) \
-            if key.startswith("model.") else (top, key, getattr(cfg, key, None))
-        valid = mfields if target is model else fields
-        if name not in valid or name == "model":
+        if key == "parallel":  # the data-parallel mode, as before the mesh had dimensions
+            key = "parallel.mode"
+        prefix = next((p for p in nested if key.startswith(p)), "")
+        target, obj, valid = nested[prefix] if prefix else (top, cfg, fields)
+        name = key[len(prefix):]
+        current = getattr(obj, name, None)
+        if name not in valid:
             raise LeanLMError(f"override {item!r}: unknown setting {key!r} (known: "
-                              f"{', '.join(sorted(valid - {'model'}))})")
+                              f"{', '.join(prefix + v for v in sorted(valid))})")
         try:
             target[name] = _parse(value, current)
         except ValueError as e:
@@ -157,4 +203,5 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     if {"hidden_size", "num_heads"} & model.keys():
         model.setdefault("head_dim", None)
     model_cfg = dataclasses.replace(cfg.model, **model) if model else cfg.model
-    return dataclasses.replace(cfg, model=model_cfg, **top)
+    par_cfg = dataclasses.replace(cfg.parallel, **par) if par else cfg.parallel
+    return dataclasses.replace(cfg, model=model_cfg, parallel=par_cfg, **top)

@@ -33,7 +33,8 @@ GiB = 2**30
 def estimate_bytes(cfg: TrainConfig, world: int) -> dict[str, float]:
     m = cfg.model
     p = m.num_parameters()
-    shard = world if cfg.parallel in ("fsdp", "auto") and world > 1 else 1
+    # ``world``: the data-parallel ranks; FSDP shards states over them, TP over its ranks
+    shard = (world if cfg.parallel.mode in ("fsdp", "auto") and world > 1 else 1) * cfg.parallel.tp
     states = 16 * p / shard
     t, b, h, layers = cfg.seq_len, cfg.micro_batch, m.hidden_size, m.num_layers
     per_layer = 34 * t * b * h * (1 if cfg.precision == "bf16" else 2)

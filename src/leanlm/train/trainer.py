@@ -10,6 +10,9 @@ steps with the learning rate of the schedule:
     cosine:  lr · (r + (1 - r) · ½(1 + cos(π · p)))            p = progress after warmup
     wsd:     lr until the last ``decay_fraction`` of steps, then linear to r · lr   (Hu et al. 2024)
 
+Processes form a mesh (``train/dist.py``): data-parallel replicas, tensor-parallel ranks within
+each, or pipeline stages (``train/pipeline.py``), whose step is its schedule's.
+
 bf16 autocast keeps fp32 master weights and optimizer state (Micikevicius et al. 2018); under
 FSDP the mixed-precision policy does the casting instead. The model is built on the meta
 device, parallelized (``parallelize.py``), materialized with ``to_empty`` and initialized
@@ -33,7 +36,6 @@ import os
 import time
 import zlib
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,9 +56,11 @@ from leanlm.model import Transformer, init_param_
 from leanlm.tokenizer import Tokenizer, load_tokenizer
 from leanlm.train import checkpointing as ckpt
 from leanlm.train.config import TrainConfig
+from leanlm.train.dist import DistInfo
 from leanlm.train.memory import check_fits
 from leanlm.train.metrics import MetricsLogger, flops_per_token, peak_flops
-from leanlm.train.parallelize import parallelize
+from leanlm.train.parallelize import clip_grad_norm, mesh_shape, parallelize, param_groups
+from leanlm.train.pipeline import build_schedule, gathered_stages, pipeline_step
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -74,60 +78,16 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
 
 
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    mesh: Any = None
-
-    @classmethod
-    def setup(cls, cfg: TrainConfig) -> DistInfo:
-        want_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-        if want_cuda and not torch.cuda.is_available():
-            raise LeanLMError("device=cuda but no CUDA GPU is visible")
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device("cuda", local) if want_cuda else torch.device("cpu")
-        if want_cuda:
-            torch.cuda.set_device(device)
-        needs_pg = world > 1 or cfg.parallel in ("ddp", "fsdp")
-        if needs_pg and not dist.is_initialized():
-            backend = "nccl" if want_cuda else "gloo"
-            if "MASTER_ADDR" in os.environ:
-                dist.init_process_group(backend)
-            else:  # one process asked for FSDP/DDP: a group of one
-                store = dist.HashStore()
-                dist.init_process_group(backend, store=store, rank=0, world_size=1)
-        mesh = None
-        if dist.is_initialized():
-            from torch.distributed.device_mesh import init_device_mesh
-
-            mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-            rank, world = dist.get_rank(), dist.get_world_size()
-        return cls(rank, world, local, device, mesh)
-
-    def all_reduce_sum(self, values: list[float]) -> list[float]:
-        if self.world == 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return t.tolist()
-
-    def barrier(self) -> None:
-        if dist.is_initialized():
-            dist.barrier()
-
-
 @torch.no_grad()
 def init_parameters(model: nn.Module, std: float, seed: int) -> None:
     """Normal(0, std) matrices, ones for norms, zeros for biases — each from its own seeded
     generator, and sliced to the local shard for FSDP parameters (identical for any world size)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
+    aliases = getattr(model, "param_aliases", {})  # (a pipeline's last stage: its tied head)
     for name, p in model.named_parameters():
         name = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+        name = aliases.get(name, name)
         g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
         full = torch.empty(p.shape)
         init_param_(name, full, std, g)  # the model's own rule, on the whole fp32 tensor
@@ -158,19 +118,23 @@ class Trainer:
         self.quiet = quiet
         self.out = Path(cfg.out)
         self.check_data()  # a missing or empty data dir fails here, before any other work
+        mesh_shape(cfg, int(os.environ.get("WORLD_SIZE", "1")))  # and a mesh that does not fit
         self.d = DistInfo.setup(cfg)
         self.tok = self._tokenizer()
         self.eos_id = int(self.tok.eos_token_id)  # type: ignore[arg-type]
         cfg.model.bos_token_id = cfg.model.eos_token_id = self.eos_id
-        check_fits(cfg, self.d.world, self.d.device)
+        check_fits(cfg, self.d.dp, self.d.device)
         self._prepare_data()
         self.model = self._build_model()
         self.teacher = self._load_teacher()
-        trainable = [p for p in self.model.parameters() if p.requires_grad]  # (adapters: a few)
-        decay = [p for p in trainable if p.ndim >= 2]
-        no_decay = [p for p in trainable if p.ndim < 2]
+        self.schedule = None
+        if self.d.pp > 1:
+            compute = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+            self.schedule = build_schedule(self.model, self.model.pp_group, self.d.device, cfg.micro_batch,
+                                           cfg.seq_len, cfg.parallel.pp_microbatches or cfg.micro_batch,
+                                           cfg.parallel.pp_schedule, cfg.grad_accum, compute)
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            param_groups(self.model, cfg.weight_decay),
             lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)  # one fused kernel per param
         self.step = 0
         self.losses: list[float] = []
@@ -219,7 +183,7 @@ class Trainer:
             self.files = tokenize_corpus(cfg.data, self.tok, cache, self.eos_id)  # cached: no work
         train = {dom: load_tokens(f["train"]) for dom, f in self.files.items()}
         self.val = {dom: load_tokens(f["val"]) for dom, f in self.files.items()}
-        args = (cfg.seq_len, self.eos_id, cfg.micro_batch, cfg.grad_accum, d.rank, d.world, cfg.seed,
+        args = (cfg.seq_len, self.eos_id, cfg.micro_batch, cfg.grad_accum, d.dp_rank, d.dp, cfg.seed,
                 cfg.document_masking)
         self.loader: PackedLoader | MixtureLoader
         if cfg.domain_weights is None:
@@ -261,8 +225,10 @@ class Trainer:
         return teacher
 
     def _materialize(self, model: Transformer) -> None:
+        from torch.distributed.fsdp import FSDPModule
+
         model.to_empty(device=self.d.device)
-        if not any(hasattr(p, "device_mesh") for p in model.parameters()):
+        if not isinstance(model, FSDPModule) and not hasattr(model, "pp_stage"):
             model.tie_weights()  # to_empty gives each module its own tensor; FSDP keeps the tie
         model.init_buffers(self.d.device)
         init_parameters(model, self.cfg.init_std, self.cfg.seed)
@@ -284,6 +250,10 @@ class Trainer:
             if self.mode == "ddp":  # all-reduce gradients once, after the last micro-batch
                 self.model.set_requires_gradient_sync(i == len(batches) - 1)  # type: ignore[operator]
             batch = batch.to(self.d.device)
+            if self.schedule is not None:  # forward and backward of this stage's micro-batches
+                with self._autocast():
+                    total += pipeline_step(self.schedule, self.model, batch)
+                continue
             with self._autocast():
                 if self.teacher is None:
                     loss = self.model.loss(batch.inputs, batch.targets, batch.positions,
@@ -292,14 +262,12 @@ class Trainer:
                     loss = self._distill_loss(batch)
             (loss / cfg.grad_accum).backward()
             total += float(loss.detach()) / cfg.grad_accum
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip or float("inf"))
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
+        norm = clip_grad_norm(self.model, cfg.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        (loss_avg,) = self.d.all_reduce_sum([total])
-        return loss_avg / self.d.world, float(norm)
+        (loss_avg,) = self.d.all_reduce_sum([total])  # (a pipeline: its last stages' losses)
+        return loss_avg / (self.d.world // self.d.pp), float(norm)
 
     def _distill_loss(self, batch: Any) -> torch.Tensor:
         attn = SDPAMetadata.packed(batch.documents, self.model.sliding_window)
@@ -315,7 +283,7 @@ class Trainer:
         for domain, tokens in self.val.items():
             s, n = stream_loss(self.model, tokens, cfg.seq_len, self.eos_id, cfg.micro_batch,
                                cfg.eval_windows, cfg.document_masking,
-                               "fp32" if self.mode == "fsdp" else cfg.precision, d.rank, d.world, d.device)
+                               "fp32" if self.mode == "fsdp" else cfg.precision, d.dp_rank, d.dp, d.device)
             s, n = d.all_reduce_sum([s, float(n)])
             if n:
                 out[domain] = s / n
@@ -336,7 +304,7 @@ class Trainer:
 
     def export(self) -> Path | None:
         """Write the trained model as a Hugging Face checkpoint to OUT/model (rank 0)."""
-        state = ckpt.full_model_state(self.model)
+        state = gathered_stages(self.model) if self.d.pp > 1 else ckpt.full_model_state(self.model)
         path = self.out / "model"
         if self.d.rank == 0:
             with torch.device("meta"):
