@@ -7,16 +7,15 @@ groups of 32, symmetric) and Q8_0 (8 bits, groups of 32). llama-bench's ``tg`` t
 N``: N tokens generated one at a time from an empty context, ``-t`` threads) against leanlm's
 decode of the same N tokens at batch 1 after a one-token prompt, per token (``(t(N) − t(1)) /
 (N − 1)``, so the prefill is excluded as llama-bench's tg excludes it); median of ``--rounds``,
-leanlm and llama.cpp alternating so that the machine's noise hits both (one row at a time: the
-bf16 column of later rows compares with the first row, measured minutes before). leanlm runs bf16 (packed
-at load), RTN W4 g32 symmetric (as Q4_0), RTN W8 per-channel (bf16 activations) and SmoothQuant
-W8A8 (int8 activations per token, as Q8_0 × Q8), each with the head in bf16 (leanlm's default)
-and, for RTN, with the head quantized too (``quantize_(..., lm_head=...)``: int4 at 8 or 4 bits,
-int8 at 8): llama-quantize stores the tied output/embedding tensor quantized (Q6_K for Q4_0, Q8_0
-for Q8_0). Differences
-the table shows rather than hides: the bytes each reads per token, and leanlm's weight-only
-kernels take bf16 activations where llama.cpp quantizes activations to 8 bits (the W8A8 row does
-too).
+leanlm and llama.cpp alternating so that the machine's noise hits both; each quantized row's
+rounds decode with the bf16 model too, so its "vs leanlm bf16" ratio is measured alongside.
+leanlm runs bf16 (packed at load), RTN W4 g32 symmetric (as Q4_0), RTN W8 per-channel (bf16
+activations) and SmoothQuant W8A8 (int8 activations per token, as Q8_0 × Q8), each with the head
+in bf16 (leanlm's default) and, for RTN, with the head quantized too (``quantize_(...,
+lm_head=...)``: int4 with an 8- or 4-bit head, int8 with an 8-bit one): llama-quantize stores the
+tied output/embedding tensor quantized (Q6_K for Q4_0, Q8_0 for Q8_0). Differences the table
+shows rather than hides: the bytes each reads per token, and leanlm's weight-only kernels take
+bf16 activations where llama.cpp quantizes activations to 8 bits (the W8A8 row does too).
 
     python benchmarks/bench_llamabench.py [--llama-cpp-src llama_cpp_python-0.3.36.tar.gz] [--rounds 3]
 """
@@ -97,24 +96,27 @@ def main() -> None:
             ("int8, head too (RTN W8 per channel)", "Q8_0", RTNConfig(8, -1), True),
             ("int8 W8A8 (SmoothQuant, per-token int8 activations)", "Q8_0", SmoothQuantConfig(), False)]
     print("| weights | leanlm ms/token | GB read | llama.cpp | ms/token | GB read | leanlm speed-up "
-          "| vs leanlm bf16 |")
+          "| vs leanlm bf16 (same rounds) |")
     print("|---|---:|---:|---|---:|---:|---:|---:|", flush=True)
-    base = None
-    for name, kind, config, head in rows:  # one model in memory at a time (six 1B models do not fit)
-        model = leanlm.load_model(path, pack=config is None)
+    bf16 = leanlm.load_model(path, pack=True)  # decoded in every row's rounds: "vs leanlm bf16"
+    for name, kind, config, head in rows:  # one quantized model in memory at a time
+        model = bf16
         if config is not None:
+            model = leanlm.load_model(path)
             quantize_(model, config, calib if isinstance(config, SmoothQuantConfig) else None, lm_head=head,
                       progress=False)
             model.pack_weights_()  # the head, where it stays bf16
-        ours, theirs = [], []
+        ours, base, theirs = [], [], []
         for _ in range(args.rounds):
+            if model is not bf16:
+                base.append(leanlm_decode(bf16, args.new_tokens))
             ours.append(leanlm_decode(model, args.new_tokens))
             seconds, size = llama_bench(tree, files[kind], args.new_tokens, threads)
             theirs.append(seconds)
         a, b = statistics.median(ours), statistics.median(theirs)
-        base = base or a
+        ref = statistics.median(base) if base else a
         print(f"| {name} | {a * 1e3:.1f} | {weight_bytes(model) / 1e9:.2f} | {kind} | {b * 1e3:.1f} | "
-              f"{size / 1e9:.2f} | **{b / a:.2f}x** | {base / a:.2f}x |", flush=True)
+              f"{size / 1e9:.2f} | **{b / a:.2f}x** | {ref / a:.2f}x |", flush=True)
         del model
         gc.collect()
 
