@@ -168,27 +168,38 @@ def tiny_config(data: tuple[Path, Path], out: Path, *overrides: str) -> Any:
     return apply_overrides(get_recipe("tiny"), base + list(overrides))
 
 
-def pretrain_records(data: tuple[Path, Path], out: Path, *sets: str, nproc: int = 1, steps: int = 5,
-                     extra: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    """``leanlm pretrain --recipe tiny`` (fp32, a checkpoint every 3 steps) on the tiny data, in one
-    process or under ``torchrun --nproc-per-node nproc`` on gloo; the step records of its
-    metrics.jsonl (loss, grad_norm, ...)."""
-    import json
-    import subprocess
+def pretrain_command(data: tuple[Path, Path], out: Path, *sets: str, nproc: int = 1, steps: int = 5,
+                     extra: tuple[str, ...] = (), max_restarts: int = 0) -> tuple[list[str], dict[str, str]]:
+    """(argv, env) of ``leanlm pretrain --recipe tiny`` (fp32, a checkpoint every 3 steps) on the
+    tiny data, in one process or under ``torchrun --nproc-per-node nproc`` on gloo."""
     import sys
 
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                 f"--nproc-per-node={nproc}"] if nproc > 1 else [sys.executable])
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                 f"--max-restarts={max_restarts}"] if nproc > 1 else [sys.executable])
     args = [*launcher, "-m", "leanlm.cli", "pretrain", "--recipe", "tiny", "--quiet",
             "--data", str(data[0]), "--tokenizer", str(data[1]), "--out", str(out),
             "--max-steps", str(steps), *extra]
     for s in ("precision=fp32", "eval_every=0", "log_every=1", "ckpt_every=3", *sets):
         args += ["--set", s]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return args, {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def step_records(out: Path) -> list[dict[str, Any]]:
+    """The step records (loss, grad_norm, ...) of a run's metrics.jsonl."""
+    import json
+
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def pretrain_records(data: tuple[Path, Path], out: Path, *sets: str, nproc: int = 1, steps: int = 5,
+                     extra: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """Run :func:`pretrain_command` to the end; the step records of its metrics.jsonl."""
+    import subprocess
+
+    args, env = pretrain_command(data, out, *sets, nproc=nproc, steps=steps, extra=extra)
     proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    records = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if "loss" in r]
+    return step_records(out)
 
 
 def random_model(family: str = "llama", seed: int = 0, outliers: float = 0.0) -> Any:

@@ -61,6 +61,7 @@ def pretrain(
     """
     from leanlm.train import get_recipe
     from leanlm.train.config import apply_overrides
+    from leanlm.train.elastic import EXIT_PREEMPTED, Preempted
     from leanlm.train.trainer import Trainer
 
     overrides = list(set_ or [])
@@ -70,6 +71,13 @@ def pretrain(
     trainer = Trainer(cfg, quiet=quiet)
     try:
         result = trainer.run(stop_after=stop_after)
+    except Preempted as e:
+        if trainer.d.rank == 0:
+            Console(stderr=True).print(str(e), highlight=False)
+        trainer.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_PREEMPTED)  # as a process killed by SIGTERM, after the checkpoint
     finally:
         trainer.close()
     if result.get("model") is not None and not quiet:

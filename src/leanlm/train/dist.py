@@ -29,6 +29,18 @@ from leanlm.train.config import TrainConfig
 from leanlm.train.parallelize import mesh_shape
 
 
+def attempt_store(world: int) -> dist.Store:
+    """The torchrun agent's store, with keys of this restart attempt only.
+
+    Under ``torchrun`` the workers share the agent's TCPStore across restarts (torch 2.13 no
+    longer prefixes it per attempt), so a restarted rank can read a dead rank's gloo/nccl
+    address left by the previous attempt and wait for it forever. A prefix per
+    ``TORCHELASTIC_RESTART_COUNT`` makes every attempt's keys its own (what older torch did).
+    """
+    tcp = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False)
+    return dist.PrefixStore(f"leanlm/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", tcp)
+
+
 @dataclass
 class DistInfo:
     rank: int = 0
@@ -54,7 +66,9 @@ class DistInfo:
         needs_pg = world > 1 or cfg.parallel.mode in ("ddp", "fsdp")
         if needs_pg and not dist.is_initialized():
             backend = "nccl" if want_cuda else "gloo"
-            if "MASTER_ADDR" in os.environ:
+            if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+                dist.init_process_group(backend, store=attempt_store(world), rank=rank, world_size=world)
+            elif "MASTER_ADDR" in os.environ:
                 dist.init_process_group(backend)
             else:  # one process asked for FSDP/DDP: a group of one
                 store = dist.HashStore()

@@ -57,6 +57,7 @@ from leanlm.tokenizer import Tokenizer, load_tokenizer
 from leanlm.train import checkpointing as ckpt
 from leanlm.train.config import TrainConfig
 from leanlm.train.dist import DistInfo
+from leanlm.train.elastic import Preempted, Preemption, truncate_metrics
 from leanlm.train.memory import check_fits
 from leanlm.train.metrics import MetricsLogger, flops_per_token, peak_flops
 from leanlm.train.parallelize import clip_grad_norm, mesh_shape, parallelize, param_groups
@@ -143,6 +144,8 @@ class Trainer:
         if latest:
             state = ckpt.load_checkpoint(latest[-1], self.model, self.optimizer)
             self.restore(state)
+            if self.d.rank == 0:  # a restart redoes the steps after the checkpoint: so does the log
+                truncate_metrics(self.out / "metrics.jsonl", self.step)
             self.log(f"resumed from {latest[-1]} at step {self.step}")
 
     # --- setup ----------------------------------------------------------------------------
@@ -335,7 +338,7 @@ class Trainer:
         self.log(f"{self.mode} x{d.world} on {d.device.type}, {cfg.model.num_parameters() / 1e6:.1f}M "
                  f"params, {tokens_per_step:,} tokens/step, steps {self.step}->{end}")
         evals: dict[str, float] = {}
-        with logger:
+        with logger, Preemption(d.device) as preemption:
             while self.step < end:
                 t0 = time.perf_counter()
                 loss, norm = self.train_step()
@@ -351,8 +354,9 @@ class Trainer:
                 if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
                     evals = self.evaluate()
                     logger.record({"step": self.step, "eval": evals})
-                if self.step % cfg.ckpt_every == 0 or self.step == end:
-                    self.save()
+                saved = self.save() if self.step % cfg.ckpt_every == 0 or self.step == end else None
+                if preemption.requested():  # SIGTERM: every rank stops after this same step
+                    raise Preempted(self.step, saved or self.save())
         result: dict[str, Any] = {"step": self.step, "losses": self.losses, "eval": evals}
         if self.step >= cfg.max_steps:
             result["model"] = self.export()
