@@ -9,6 +9,7 @@ the same non-overlapping windows for every row; everything is evaluated in bf16.
     python benchmarks/bench_quant.py --speed     # random llama-3.2-1b shape, decode tokens/s
     python benchmarks/bench_quant.py --memory    # GPTQ on the llama-3.2-1b shape, peak RSS
     python benchmarks/bench_quant.py --resident  # RSS of the int4 model while decoding
+    python benchmarks/bench_quant.py --peers     # GPTQ/AWQ against GPTQModel's (quant_peers.py)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -127,20 +129,31 @@ ROWS: list[tuple[str, str, int, int, Build]] = [
 ]
 
 
-def quality(args: argparse.Namespace) -> None:
+def eval_data(args: argparse.Namespace) -> tuple[Any, dict[str, np.ndarray], torch.Tensor]:
+    """(tokenizer, validation tokens per domain, calibration windows [samples, seq_len]): seeded
+    windows of the corpus's train split, scored on every domain's validation split."""
     corpus = corpus_dir(args.corpus)
     tok = load_tokenizer(DEFAULT_MODEL)
     files = tokenize_corpus(corpus, tok, CACHE / "quant-tokens", tok.eos_token_id)
     val = {d: load_tokens(f["val"]) for d, f in files.items()}
     train = np.concatenate([load_tokens(f["train"]) for f in files.values()]).astype(np.int64)
-    calib = sample_windows(torch.from_numpy(train), args.samples, args.seq_len, seed=0)
+    return tok, val, sample_windows(torch.from_numpy(train), args.samples, args.seq_len, seed=0)
+
+
+def perplexity(model: nn.Module, tok: Any, val: dict[str, np.ndarray], args: argparse.Namespace) -> float:
+    """exp(mean loss) over all validation windows of every domain (document-masked)."""
+    s = n = 0
+    for tokens in val.values():
+        ds, dn = stream_loss(model, tokens, args.eval_len, tok.eos_token_id, 8, args.max_windows)
+        s, n = s + ds, n + dn
+    return math.exp(s / n)
+
+
+def quality(args: argparse.Namespace) -> None:
+    tok, val, calib = eval_data(args)
 
     def score(model: nn.Module) -> float:
-        s = n = 0
-        for tokens in val.values():
-            ds, dn = stream_loss(model, tokens, args.eval_len, tok.eos_token_id, 8, args.max_windows)
-            s, n = s + ds, n + dn
-        return math.exp(s / n)
+        return perplexity(model, tok, val, args)
 
     fp = load_model(DEFAULT_MODEL, dtype="bfloat16")
     fp_ppl, fp_size = score(fp), model_bytes(fp)
@@ -280,15 +293,26 @@ def main() -> None:
     ap.add_argument("--speed", action="store_true")
     ap.add_argument("--memory", action="store_true")
     ap.add_argument("--resident", action="store_true", help="RSS of the int4 model while decoding")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--peers", action="store_true", help="GPTQ/AWQ against GPTQModel (quant_peers.py)")
+    ap.add_argument("--peer-child", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--rounds", type=int, default=None, help="--speed: 3, --peers: 1")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.resident:
+    if args.peers or args.peer_child:
+        import quant_peers
+
+        args.samples, args.seq_len, args.rounds = args.samples or 128, args.seq_len or 512, args.rounds or 1
+        if args.peer_child:
+            quant_peers.child(args.peer_child)
+        else:
+            quant_peers.peers(args, eval_data, perplexity)
+    elif args.resident:
         resident(args)
     elif args.memory:
         args.samples, args.seq_len = args.samples or 16, args.seq_len or 512
         memory(args)
     elif args.speed:
+        args.rounds = args.rounds or 3
         speed(args)
     else:
         args.samples, args.seq_len = args.samples or 128, args.seq_len or 512
