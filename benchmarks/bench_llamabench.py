@@ -18,6 +18,11 @@ shows rather than hides: the bytes each reads per token, and leanlm's weight-onl
 bf16 activations where llama.cpp quantizes activations to 8 bits (the W8A8 row does too).
 
     python benchmarks/bench_llamabench.py [--llama-cpp-src llama_cpp_python-0.3.36.tar.gz] [--rounds 3]
+    python benchmarks/bench_llamabench.py --own   # leanlm only: int4/int8 bodies x head formats vs bf16
+
+``--own`` holds the bf16 model and one int4 and one int8 body in memory and swaps the head module
+(bf16 packed, int8 per channel, int4 g32) between decodes, every variant in every round, so the
+ratios to bf16 come from interleaved measurements.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from bench_generate import per_token
 from common import machine
 from leanlm.generate import generate
 from leanlm.quant import RTNConfig, SmoothQuantConfig, quantize_
+from leanlm.quant.rtn import RTN
 from leanlm.sampling import SamplingParams
 from llamacpp import SDIST, build, ggufs
 
@@ -72,15 +78,48 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def own(path: Path, new: int, rounds: int) -> None:
+    """Interleaved leanlm-only decode: bf16, and int4 / int8 bodies with each head format."""
+    bf16 = leanlm.load_model(path, pack=True)
+    variants: dict[str, tuple[torch.nn.Module, torch.nn.Module]] = {"bf16": (bf16, bf16.lm_head)}
+    bodies = (("int4 (RTN W4 g32)", RTNConfig(4, 32), (RTNConfig(8, -1), RTNConfig(4, 32))),
+              ("int8 (RTN W8 per channel)", RTNConfig(8, -1), (RTNConfig(8, -1),)))
+    for body, config, head_configs in bodies:
+        model = quantize_(leanlm.load_model(path), config, progress=False)
+        variants[f"{body}, head bf16"] = (model, model.lm_head)
+        for hc in head_configs:
+            head = RTN(hc).quantize_linear("lm_head", model.lm_head)
+            groups = "per channel" if hc.group_size < 0 else f"g{hc.group_size}"
+            variants[f"{body}, head W{hc.bits} {groups}"] = (model, head)
+        model.lm_head.pack_()
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(rounds):
+        for name, (model, head) in variants.items():
+            model.lm_head = head
+            times[name].append(leanlm_decode(model, new))
+    base = statistics.median(times["bf16"])
+    print("| weights | ms/token | GB read | vs bf16 |\n|---|---:|---:|---:|")
+    for name, (model, head) in variants.items():
+        model.lm_head = head
+        t = statistics.median(times[name])
+        print(f"| {name} | {t * 1e3:.1f} | {weight_bytes(model) / 1e9:.2f} | {base / t:.2f}x |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--llama-cpp-src", type=Path, default=SDIST)
     ap.add_argument("--preset", default="llama-3.2-1b")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--own", action="store_true", help="leanlm only: quantized bodies and heads vs bf16")
     args = ap.parse_args()
     threads = torch.get_num_threads()
     path = checkpoint(args.preset)
+    if args.own:
+        print(f"# bench_llamabench --own: {args.preset} (random weights), batch 1, {args.new_tokens} tokens, "
+              f"median of {args.rounds} interleaved rounds, {threads} threads; {machine()}", flush=True)
+        own(path, args.new_tokens, args.rounds)
+        return
     tree = build(args.llama_cpp_src, ("llama-bench", "llama-quantize"))
     files = ggufs(tree, path)
     print(f"# bench_llamabench: {args.preset} bf16 (random weights), batch 1, {args.new_tokens} tokens, "

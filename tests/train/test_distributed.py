@@ -25,13 +25,28 @@ def single(tiny_data, tmp_path_factory) -> list[float]:
 
 @pytest.mark.parametrize("sets", [("parallel=fsdp",), ("parallel=fsdp", "reshard_after_forward=false"),
                                   ("parallel=fsdp", "ac=selective"), ("parallel=ddp",),
-                                  ("parallel=ddp", "micro_batch=1", "grad_accum=2")],
-                         ids=["fsdp-zero3", "fsdp-zero2", "fsdp-selective-ac", "ddp", "ddp-grad-accum"])
+                                  ("parallel=ddp", "micro_batch=1", "grad_accum=2"),
+                                  ("parallel=fsdp", "async_checkpoint=true", "ckpt_every=1")],
+                         ids=["fsdp-zero3", "fsdp-zero2", "fsdp-selective-ac", "ddp", "ddp-grad-accum",
+                              "fsdp-async-checkpoint-every-step"])
 def test_two_processes_match_one(tiny_data, tmp_path, single, sets):
     two = pretrain(tiny_data, tmp_path / "run", "micro_batch=2", *sets, nproc=2)
     assert len(two) == len(single) == STEPS
     for a, b in zip(two, single, strict=True):
         assert a == pytest.approx(b, rel=1e-4)
+
+
+def test_async_checkpoints_complete_and_resume(tiny_data, tmp_path, single):
+    """Background saves every step: the newest ones are complete when the run ends, and a run
+    stopped after 3 steps resumes from its (background-written) checkpoint to the same losses."""
+    out = tmp_path / "run"
+    first = pretrain(tiny_data, out, "micro_batch=4", "async_checkpoint=true", "ckpt_every=1",
+                     extra=("--stop-after", "3"))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
+    assert all((p / "trainer_state.json").is_file() for p in (out / "checkpoints").iterdir())
+    (out / "metrics.jsonl").unlink()
+    rest = pretrain(tiny_data, out, "micro_batch=4", "async_checkpoint=true", "ckpt_every=1")
+    assert first + rest == single
 
 
 def test_checkpoint_saved_by_two_processes_resumes_in_one(tiny_data, tmp_path, single):

@@ -13,6 +13,11 @@ Atomicity: everything is written to ``step-N.tmp-<nonce>/``; after a barrier ran
 mid-save (even by SIGKILL) leaves the previous checkpoint as the latest complete one and the
 partial directory is ignored (and later removed).
 
+Asynchronous saves (``async_checkpoint``; DCP's ``async_save``, as torchtitan's): the step loop
+waits only for a copy of the state in host memory; a background thread writes the shards while
+the next steps run, and the rename that completes the checkpoint happens when the trainer next
+saves (or finishes). A crash meanwhile leaves the previous checkpoint as the latest complete one.
+
 Safety: only tensors are stored through DCP (AdamW's hyper-parameters are rebuilt from the
 config, not unpickled), and DCP's pickled ``.metadata`` is read with an unpickler that admits an
 explicit list of globals (DCP's metadata records, ``torch.Size``, dtypes, a path) and nothing
@@ -109,9 +114,44 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
+class PendingSave:
+    """A checkpoint whose shards are being written in the background (:func:`save_checkpoint` with
+    ``background=True``); :meth:`finish` waits for them and makes the checkpoint complete."""
+
+    def __init__(self, future: Any, finish: Any, path: Path) -> None:
+        self._future, self._finish, self.path = future, finish, path
+
+    def finish(self) -> Path:
+        """Wait for the shards, then (all ranks, collectively) write the trainer state and rename."""
+        if self._future is not None:
+            self._future.result()
+            self._future = None
+            self._finish()
+        return self.path
+
+
+_SAVE_GROUP: list[Any] = []
+
+
+def _save_group() -> Any:
+    """A gloo group of all ranks for background saves (None in one process): DCP's thread runs its
+    collectives there, never concurrently with the step's on the default group (torchtitan's way)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    if not _SAVE_GROUP:
+        _SAVE_GROUP.append(dist.new_group(backend="gloo"))
+    return _SAVE_GROUP[0]
+
+
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict[str, Any], keep: int = 2, nonce: str = "") -> Path:
-    """Write ``root/step-NNNNNN`` atomically from all ranks; keep the newest ``keep``."""
+                    trainer_state: dict[str, Any], keep: int = 2, nonce: str = "",
+                    background: bool = False) -> Path | PendingSave:
+    """Write ``root/step-NNNNNN`` atomically from all ranks; keep the newest ``keep``.
+
+    ``background``: DCP's ``async_save`` — the state is copied to host memory (the only part the
+    step loop waits for) and the shards are written by a background thread; the checkpoint is
+    complete once :meth:`PendingSave.finish` has run (the trainer calls it before the next save
+    and at the end), and until then the previous one is the latest complete checkpoint."""
     final = root / f"step-{step:06d}"
     tmp = root / f"{final.name}.tmp-{nonce or os.getpid()}"
     model_sd, _, optim_tensors = _tensor_state(model, optimizer)
@@ -120,20 +160,27 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # a same-named leftover of a killed run
     _barrier()
+
+    def finish() -> None:
+        _barrier()
+        if _rank() == 0:
+            with open(tmp / "trainer_state.json", "w") as f:
+                f.write(json.dumps(trainer_state, indent=2) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            replace_dir(tmp, final)
+            fsync_dir(root)  # make the rename itself durable
+            for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+            for partial in root.glob("step-*.tmp-*"):
+                shutil.rmtree(partial, ignore_errors=True)
+        _barrier()
+
+    if background:
+        future = dcp.async_save(state, storage_writer=dcp.FileSystemWriter(tmp), process_group=_save_group())
+        return PendingSave(future, finish, final)
     dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp))  # fsyncs its files
-    _barrier()
-    if _rank() == 0:
-        with open(tmp / "trainer_state.json", "w") as f:
-            f.write(json.dumps(trainer_state, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        replace_dir(tmp, final)
-        fsync_dir(root)  # make the rename itself durable
-        for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-        for partial in root.glob("step-*.tmp-*"):
-            shutil.rmtree(partial, ignore_errors=True)
-    _barrier()
+    finish()
     return final
 
 

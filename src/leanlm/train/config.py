@@ -104,6 +104,7 @@ class TrainConfig:
     eval_windows: int = 0  # per domain; 0 = the whole validation split
     ckpt_every: int = 200
     keep_checkpoints: int = 2
+    async_checkpoint: bool = False  # write checkpoints in the background (DCP async_save)
     log_every: int = 10
     peak_tflops: float = 0.0  # for MFU; 0 = the device's known peak (or none on CPU)
     progress: bool = True

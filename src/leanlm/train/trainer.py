@@ -140,6 +140,7 @@ class Trainer:
         self.step = 0
         self.losses: list[float] = []
         self.ckpt_root = self.out / "checkpoints"
+        self._pending: ckpt.PendingSave | None = None  # a checkpoint being written in the background
         latest = ckpt.complete_checkpoints(self.ckpt_root)
         if latest:
             state = ckpt.load_checkpoint(latest[-1], self.model, self.optimizer)
@@ -300,10 +301,22 @@ class Trainer:
         self.step = int(state["step"])
         self.loader.load_state_dict(state["data"])
 
-    def save(self) -> Path:
+    def save(self, background: bool = False) -> Path:
+        """Checkpoint this step; in the background (``async_checkpoint``) the previous background
+        save completes first, and the returned path is complete only after :meth:`wait_saved`."""
+        self.wait_saved()
         state = self.checkpoint_state()
-        return ckpt.save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, state,
-                                    self.cfg.keep_checkpoints, nonce=str(self.step))
+        out = ckpt.save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, state,
+                                   self.cfg.keep_checkpoints, nonce=str(self.step), background=background)
+        if isinstance(out, ckpt.PendingSave):
+            self._pending, out = out, out.path
+        return out
+
+    def wait_saved(self) -> None:
+        """Complete the checkpoint being written in the background, if any."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.finish()
 
     def export(self) -> Path | None:
         """Write the trained model as a Hugging Face checkpoint to OUT/model (rank 0)."""
@@ -354,9 +367,13 @@ class Trainer:
                 if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.max_steps):
                     evals = self.evaluate()
                     logger.record({"step": self.step, "eval": evals})
-                saved = self.save() if self.step % cfg.ckpt_every == 0 or self.step == end else None
+                due = self.step % cfg.ckpt_every == 0 or self.step == end
+                saved = self.save(background=cfg.async_checkpoint and self.step < end) if due else None
                 if preemption.requested():  # SIGTERM: every rank stops after this same step
-                    raise Preempted(self.step, saved or self.save())
+                    path = saved or self.save()
+                    self.wait_saved()
+                    raise Preempted(self.step, path)
+            self.wait_saved()
         result: dict[str, Any] = {"step": self.step, "losses": self.losses, "eval": evals}
         if self.step >= cfg.max_steps:
             result["model"] = self.export()
