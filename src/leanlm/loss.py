@@ -24,6 +24,8 @@ distilled from its target accepts more of its guesses (Zhou et al. 2024, "Distil
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,24 +61,37 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 lse = torch.logsumexp(z, dim=-1)
                 rows = torch.arange(z.shape[0], device=z.device)
                 loss += ((lse - z[rows, tc]) * vc).sum()
-                z.sub_(lse[:, None]).exp_()  # softmax, in place
-                z[rows, tc] -= 1.0
-                z.mul_((vc / n)[:, None])
-                g = z.to(dtype)
-                grad_h[s:s + chunk] = g @ wc
-                if grad_w is not None:
-                    grad_w += (g.t() @ hc).float()
+                grad_h[s:s + chunk] = chunk_grads_(z, lse, (rows, tc), vc / n, hc, wc, grad_w)
         ctx.save_for_backward(grad_h, grad_w if grad_w is not None else torch.empty(0))
         ctx.in_dtypes = in_dtypes
         return loss / n
 
     @staticmethod
     def backward(ctx: object, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        grad_h, grad_w = ctx.saved_tensors
-        h_dtype, w_dtype = ctx.in_dtypes
-        gh = (grad_h * grad_out).to(h_dtype) if ctx.needs_input_grad[0] else None
-        gw = (grad_w * grad_out).to(w_dtype) if ctx.needs_input_grad[1] else None
-        return gh, gw, None, None
+        return (*scaled_grads(ctx, grad_out), None, None)
+
+
+def chunk_grads_(z: torch.Tensor, lse: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor],
+                 weight: torch.Tensor, hc: torch.Tensor, wc: torch.Tensor,
+                 grad_w: torch.Tensor | None) -> torch.Tensor:
+    """One chunk's ∂loss/∂h (returned) and ∂loss/∂w (added into ``grad_w``) from its fp32 logits
+    ``z`` (overwritten: softmax − one-hot at ``targets`` = (rows, columns), each row ⋅ ``weight``)."""
+    z.sub_(lse[:, None]).exp_()  # softmax, in place
+    z[targets] -= 1.0
+    z.mul_(weight[:, None])
+    g = z.to(hc.dtype)
+    if grad_w is not None:
+        grad_w += (g.t() @ hc).float()
+    return g @ wc
+
+
+def scaled_grads(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The backward of the fused losses: the gradients saved by forward, times ``grad_out``."""
+    grad_h, grad_w = ctx.saved_tensors
+    h_dtype, w_dtype = ctx.in_dtypes
+    gh = (grad_h * grad_out).to(h_dtype) if ctx.needs_input_grad[0] else None
+    gw = (grad_w * grad_out).to(w_dtype) if ctx.needs_input_grad[1] else None
+    return gh, gw
 
 
 def linear_cross_entropy(h: torch.Tensor, head: nn.Module, targets: torch.Tensor,

@@ -30,7 +30,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from leanlm.attention import compute_dtype
-from leanlm.loss import CHUNK, CUDA_CHUNK, IGNORE_INDEX
+from leanlm.loss import CHUNK, CUDA_CHUNK, IGNORE_INDEX, chunk_grads_, scaled_grads
 from leanlm.parallel.styles import TPShard, wait, whole_input
 
 
@@ -68,24 +68,15 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
                 sums = _all_reduce(torch.stack([(z - m[:, None]).exp().sum(-1), target]), "sum", mesh)
                 lse = m + sums[0].log()
                 loss += ((lse - sums[1]) * vc).sum()
-                z.sub_(lse[:, None]).exp_()  # this rank's columns of the softmax, in place
-                z[rows[mc], tc[mc]] -= 1.0
-                z.mul_((vc / n)[:, None])
-                g = z.to(dtype)
-                grad_h[s:s + chunk] = g @ wc  # partial: this rank's vocabulary only
-                if grad_w is not None:
-                    grad_w += (g.t() @ hc).float()
+                # this rank's columns of the softmax; the h gradient is partial (its vocabulary only)
+                grad_h[s:s + chunk] = chunk_grads_(z, lse, (rows[mc], tc[mc]), vc / n, hc, wc, grad_w)
         ctx.save_for_backward(grad_h, grad_w if grad_w is not None else torch.empty(0))
         ctx.in_dtypes = in_dtypes
         return loss / n
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        grad_h, grad_w = ctx.saved_tensors
-        h_dtype, w_dtype = ctx.in_dtypes
-        gh = (grad_h * grad_out).to(h_dtype) if ctx.needs_input_grad[0] else None
-        gw = (grad_w * grad_out).to(w_dtype) if ctx.needs_input_grad[1] else None
-        return gh, gw, None, None, None, None
+        return (*scaled_grads(ctx, grad_out), None, None, None, None)
 
 
 def vocab_parallel_cross_entropy(head: nn.Module, h: torch.Tensor, targets: torch.Tensor,
