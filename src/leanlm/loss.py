@@ -45,15 +45,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx: object, h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor,
                 chunk: int) -> torch.Tensor:
         in_dtypes = (h.dtype, w.dtype)
-        dtype = compute_dtype(h)
-        h, wc = h.to(dtype), w.to(dtype)
-        valid = targets != IGNORE_INDEX
-        n = valid.sum().clamp(min=1).to(torch.float32)
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h)
-        grad_w = None
-        if ctx.needs_input_grad[1]:  # accumulated over chunks in fp32
-            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        h, wc, valid, n, loss, grad_h, grad_w = fused_loss_setup(ctx, h, w, targets)
         with torch.autocast(h.device.type, enabled=False):
             for s in range(0, h.shape[0], chunk):
                 hc, tc, vc = h[s:s + chunk], targets[s:s + chunk].clamp(min=0), valid[s:s + chunk]
@@ -69,6 +61,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: object, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         return (*scaled_grads(ctx, grad_out), None, None)
+
+
+def fused_loss_setup(ctx: Any, h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor) -> tuple:
+    """What the fused losses' forward starts from: h and w in the compute dtype, the valid-target
+    mask and its count n, a zero fp32 loss, ∂loss/∂h's buffer and ∂loss/∂w's fp32 accumulator
+    (None when w needs no gradient)."""
+    dtype = compute_dtype(h)
+    h, wc = h.to(dtype), w.to(dtype)
+    valid = targets != IGNORE_INDEX
+    n = valid.sum().clamp(min=1).to(torch.float32)
+    loss = torch.zeros((), dtype=torch.float32, device=h.device)
+    grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if ctx.needs_input_grad[1] else None
+    return h, wc, valid, n, loss, torch.empty_like(h), grad_w
 
 
 def chunk_grads_(z: torch.Tensor, lse: torch.Tensor, targets: tuple[torch.Tensor, torch.Tensor],

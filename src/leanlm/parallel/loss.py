@@ -29,8 +29,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from leanlm.attention import compute_dtype
-from leanlm.loss import CHUNK, CUDA_CHUNK, IGNORE_INDEX, chunk_grads_, scaled_grads
+from leanlm.loss import CHUNK, CUDA_CHUNK, chunk_grads_, fused_loss_setup, scaled_grads
 from leanlm.parallel.styles import TPShard, wait, whole_input
 
 
@@ -43,19 +42,11 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def forward(ctx: Any, h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, start: int,
                 chunk: int, mesh: DeviceMesh) -> torch.Tensor:
         in_dtypes = (h.dtype, w.dtype)
-        dtype = compute_dtype(h)
-        h, wc = h.to(dtype), w.to(dtype)
+        h, wc, valid, n, loss, grad_h, grad_w = fused_loss_setup(ctx, h, w, targets)
         local_vocab = w.shape[0]
-        valid = targets != IGNORE_INDEX
-        n = valid.sum().clamp(min=1).to(torch.float32)
         local_t = targets - start
         mine = valid & (local_t >= 0) & (local_t < local_vocab)  # targets in this rank's rows
         local_t = local_t.clamp(0, max(0, local_vocab - 1))
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h)
-        grad_w = None
-        if ctx.needs_input_grad[1]:  # accumulated over chunks in fp32
-            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
         with torch.autocast(h.device.type, enabled=False):
             for s in range(0, h.shape[0], chunk):
                 hc, vc = h[s:s + chunk], valid[s:s + chunk]
