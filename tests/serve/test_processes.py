@@ -100,8 +100,9 @@ def test_data_parallel_cores_give_the_outputs_of_one(model_path: Path) -> None:
         metrics = httpx.get(f"{url}/metrics", headers=AUTH, timeout=30).text
         assert 'leanlm_num_requests_running{engine="0"}' in metrics and 'engine="1"' in metrics
         # one engine core killed: the other keeps serving new requests
-        cores = named(children(proc.pid), "leanlm-core-")
-        assert len(cores) == 2 and len(named(children(proc.pid), "leanlm-api-")) == 1
+        cores = wait_named(proc.pid, "leanlm-core-", 2)
+        # the second API server serves nothing /health needs: it may still be importing
+        assert len(cores) == 2 and len(wait_named(proc.pid, "leanlm-api-", 1)) == 1
         os.kill(cores[0], signal.SIGKILL)
         time.sleep(1.5)
         assert httpx.get(f"{url}/health", timeout=10).status_code == 200
@@ -121,6 +122,15 @@ def named(pids: list[int], prefix: str) -> list[int]:
         except OSError:
             continue
     return sorted(out)
+
+
+def wait_named(root: int, prefix: str, count: int, wait: float = 60.0) -> list[int]:
+    """The descendants of ``root`` named ``prefix``..., once there are ``count`` of them (or
+    whatever there are after ``wait`` seconds: a process names itself only once it has started)."""
+    deadline = time.monotonic() + wait
+    while len(found := named(children(root), prefix)) != count and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return found
 
 
 def alive(pids: set[int], wait: float = 5.0) -> list[str]:
