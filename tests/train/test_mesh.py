@@ -27,8 +27,10 @@ def test_mesh_settings_are_overrides_and_the_old_mode_still_works():
     assert get_recipe("llama-3.2-1b").parallel.mode == "fsdp"  # (a recipe's parallel="fsdp")
     assert cfg().to_dict()["parallel"] == {"mode": "auto", "dp": 0, "tp": 1, "pp": 1,
                                            "sequence_parallel": True, "loss_parallel": True,
-                                           "pp_schedule": "1f1b", "pp_microbatches": 0}
+                                           "pp_schedule": "1f1b", "pp_microbatches": 0, "pp_virtual": 1}
     assert mesh_shape(cfg("parallel.pp=2", "eval_every=0"), 2) == (2, 1, 1)
+    interleaved = ("parallel.pp_schedule=interleaved", "parallel.pp_virtual=2", "model.num_layers=4")
+    assert mesh_shape(cfg("parallel.pp=2", *interleaved, "micro_batch=3", "eval_every=0"), 2) == (2, 1, 1)
     assert mesh_shape(cfg("parallel.tp=2"), 4) == (1, 2, 2)  # dp 0 = the rest of the world
     assert mesh_shape(cfg("parallel.dp=1", "parallel.tp=2"), 2) == (1, 1, 2)
     assert mesh_shape(cfg(), 1) == (1, 1, 1)
@@ -42,9 +44,13 @@ def test_mesh_settings_are_overrides_and_the_old_mode_still_works():
     (("parallel.tp=0",), "train config: parallel.tp must be >= 1, got 0"),
     (("parallel.foo=1",), "override 'parallel.foo=1': unknown setting 'parallel.foo' (known: "
                           "parallel.dp, parallel.loss_parallel, parallel.mode, parallel.pp, "
-                          "parallel.pp_microbatches, parallel.pp_schedule, parallel.sequence_parallel, "
-                          "parallel.tp)"),
-    (("parallel.pp_schedule=zb",), "train config: parallel.pp_schedule must be 'gpipe' or '1f1b', got 'zb'"),
+                          "parallel.pp_microbatches, parallel.pp_schedule, parallel.pp_virtual, "
+                          "parallel.sequence_parallel, parallel.tp)"),
+    (("parallel.pp_schedule=zb",), "train config: parallel.pp_schedule must be 'gpipe', '1f1b' or "
+                                   "'interleaved', got 'zb'"),
+    (("parallel.pp_virtual=2",), "train config: parallel.pp_virtual=2 stages per rank needs "
+                                 "parallel.pp_schedule=interleaved"),
+    (("parallel.pp_virtual=0",), "train config: parallel.pp_virtual must be >= 1, got 0"),
 ])
 def test_bad_mesh_settings(overrides, message):
     with pytest.raises(LeanLMError) as e:
@@ -78,6 +84,13 @@ def test_bad_mesh_settings(overrides, message):
      "least as many micro-batches as stages: parallel.pp_microbatches=1"),
     (("parallel.pp=2", "parallel.pp_microbatches=3", "eval_every=0"), 2, "parallel.pp=2: "
      "parallel.pp_microbatches=3 does not divide micro_batch=4"),
+    (("parallel.pp=2", "parallel.pp_schedule=interleaved", "parallel.pp_virtual=2"), 2, "parallel.pp=2 × "
+     "pp_virtual=2 = 4 pipeline stages but the model has 2 layers: each stage needs at least one"),
+    (("parallel.pp=2", "parallel.pp_schedule=interleaved", "micro_batch=5", "eval_every=0"), 2,
+     "parallel.pp=2: interleaved 1F1B runs the micro-batches in max(1, m // pp) = 2 rounds of equal "
+     "size: parallel.pp_microbatches=5 is not divisible by 2"),
+    (("parallel.pp=2", "parallel.pp_schedule=interleaved", "eval_every=0"), 4, "parallel.pp=2: "
+     "interleaved stages do not compose with FSDP over dp ranks yet (set parallel.dp=1)"),
     (("parallel.pp=2",), 2, "parallel.pp=2: evaluation does not run through the pipeline yet: set "
      "eval_every=0"),
     (("parallel=none",), 2, "parallel=none with 2 data-parallel ranks would train 2 separate models: "

@@ -1,7 +1,8 @@
-"""Pipeline parallelism on gloo under torchrun gives the single-process run: PP=2 with GPipe and
-1F1B, and PP×FSDP 2×2, match 5 steps of the tiny recipe (tied embeddings: the two stages' copies
-stay one matrix) in losses and gradient norms to 1e-4, with gradient accumulation and AC too;
-its checkpoint resumes in one process; stages keep the whole model's parameter names."""
+"""Pipeline parallelism on gloo under torchrun gives the single-process run: PP=2 with GPipe,
+1F1B and interleaved 1F1B (2 stages per rank, on 4 layers), and PP×FSDP 2×2, match 5 steps of
+the tiny recipe (tied embeddings: the two stages' copies stay one matrix) in losses and gradient
+norms to 1e-4, with gradient accumulation and AC too; its checkpoint resumes in one process;
+stages keep the whole model's parameter names."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from conftest import pretrain_records
 from leanlm.model import Transformer
 from leanlm.train import get_recipe
+from leanlm.train.config import apply_overrides
 from leanlm.train.pipeline import Skip, split_model_, stage_layers
 
 REL = 1e-4
@@ -43,6 +45,17 @@ def test_stages_split_the_layers_and_keep_their_names():
     assert names[0] & names[1] == set()
     assert names[0] | names[1] == whole | {"lm_head.weight"}  # the last stage's copy of the tied matrix
     assert "embed_tokens.weight" in names[0] and "layers.1.mlp.up_proj.weight" in names[1]
+
+
+def test_interleaved_ranks_hold_every_pp_th_stage():
+    """4 layers, 2 ranks × 2 stages: rank 0 runs stages 0 and 2 (layers 0 and 2), rank 1 stages
+    1 and 3; the whole model's names still."""
+    cfg = apply_overrides(get_recipe("tiny"), [DEEP]).model
+    with torch.device("meta"):
+        models = [split_model_(Transformer(cfg), 2, rank, virtual=2) for rank in range(2)]
+    assert [[list(c) for c in m.pp_chunks] for m in models] == [[[0], [2]], [[1], [3]]]
+    assert [isinstance(layer, Skip) for layer in models[0].layers] == [False, True, False, True]
+    assert "layers.2.mlp.up_proj.weight" in dict(models[0].named_parameters())
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +106,28 @@ def test_pipeline_checkpoint_resumes_in_one_process(tiny_data, tmp_path, single_
     assert got.keys() == want.keys()
     for k, w in want.items():
         assert float((got[k] - w).abs().max()) <= 1e-4 * float(w.abs().max()) + 1e-6, k
+
+
+DEEP = "model.num_layers=4"  # (two stages on each of two ranks: a layer each)
+INTERLEAVED = ("parallel.pp=2", "parallel.pp_schedule=interleaved", "parallel.pp_virtual=2")
+
+
+@pytest.mark.dist
+def test_interleaved_stages_match_one_process_and_resume(tiny_data, tmp_path):
+    """Interleaved 1F1B, 2 ranks × 2 stages, 4 micro-batches: the single-process run's losses and
+    gradient norms; its checkpoint (each rank's two stages, one model's names) resumes in one
+    process, and the gathered export is the single-process run's model."""
+    from safetensors.torch import load_file
+
+    single = pretrain_records(tiny_data, tmp_path / "single", DEEP, "micro_batch=4")
+    got = pretrain_records(tiny_data, tmp_path / "pp", DEEP, "micro_batch=4", *INTERLEAVED, nproc=2)
+    assert single[-1]["loss"] < single[0]["loss"] - 0.5
+    assert_same_run(got, single)
+    out = tmp_path / "resume"
+    shutil.copytree(tmp_path / "pp" / "checkpoints" / "step-000003", out / "checkpoints" / "step-000003")
+    assert_same_run(pretrain_records(tiny_data, out, DEEP, "micro_batch=4"), single[3:])
+    got_model = load_file(tmp_path / "pp" / "model" / "model.safetensors")
+    want = load_file(tmp_path / "single" / "model" / "model.safetensors")
+    assert got_model.keys() == want.keys()
+    for k, w in want.items():
+        assert float((got_model[k] - w).abs().max()) <= 1e-4 * float(w.abs().max()) + 1e-6, k

@@ -38,17 +38,21 @@ class ParallelConfig:
     pp: int = 1  # pipeline stages
     sequence_parallel: bool = True  # with tp > 1
     loss_parallel: bool = True  # with tp > 1
-    pp_schedule: str = "1f1b"  # with pp > 1: gpipe | 1f1b
+    pp_schedule: str = "1f1b"  # with pp > 1: gpipe | 1f1b | interleaved (interleaved 1F1B)
     pp_microbatches: int = 0  # with pp > 1: pipeline micro-batches per micro_batch; 0 = micro_batch
+    pp_virtual: int = 1  # with pp_schedule=interleaved: stages per rank (rank r runs r, r+pp, ...)
 
     def __post_init__(self) -> None:
         if self.mode not in ("auto", "none", "ddp", "fsdp"):
             raise LeanLMError(f"train config: parallel.mode must be 'auto', 'none', 'ddp' or 'fsdp', "
                               f"got {self.mode!r}")
-        if self.pp_schedule not in ("gpipe", "1f1b"):
-            raise LeanLMError(f"train config: parallel.pp_schedule must be 'gpipe' or '1f1b', "
-                              f"got {self.pp_schedule!r}")
-        for name, low in (("dp", 0), ("tp", 1), ("pp", 1), ("pp_microbatches", 0)):
+        if self.pp_schedule not in ("gpipe", "1f1b", "interleaved"):
+            raise LeanLMError(f"train config: parallel.pp_schedule must be 'gpipe', '1f1b' or "
+                              f"'interleaved', got {self.pp_schedule!r}")
+        if self.pp_virtual > 1 and self.pp_schedule != "interleaved":
+            raise LeanLMError(f"train config: parallel.pp_virtual={self.pp_virtual} stages per rank "
+                              "needs parallel.pp_schedule=interleaved")
+        for name, low in (("dp", 0), ("tp", 1), ("pp", 1), ("pp_microbatches", 0), ("pp_virtual", 1)):
             if getattr(self, name) < low:
                 raise LeanLMError(f"train config: parallel.{name} must be >= {low}"
                                   f"{' (0: derived)' if low == 0 else ''}, "

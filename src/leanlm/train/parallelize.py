@@ -142,8 +142,10 @@ def mesh_shape(cfg: TrainConfig, world: int) -> tuple[int, int, int]:
             problem = check_sequence_parallel(cfg.seq_len, tp, m.positional == "learned")
         if problem:
             raise LeanLMError(f"parallel.tp={tp}: {problem}")
-    if pp > m.num_layers:
-        raise LeanLMError(f"parallel.pp={pp} pipeline stages but the model has {m.num_layers} layers: "
+    if pp * p.pp_virtual > m.num_layers:
+        stages = f"parallel.pp={pp}" + (f" × pp_virtual={p.pp_virtual} = {pp * p.pp_virtual}"
+                                        if p.pp_virtual > 1 else "")
+        raise LeanLMError(f"{stages} pipeline stages but the model has {m.num_layers} layers: "
                           "each stage needs at least one")
     if pp > 1:
         m_b = p.pp_microbatches or cfg.micro_batch
@@ -156,6 +158,11 @@ def mesh_shape(cfg: TrainConfig, world: int) -> tuple[int, int, int]:
             problem = f"parallel.pp_microbatches={m_b} does not divide micro_batch={cfg.micro_batch}"
         elif p.pp_schedule == "1f1b" and m_b < pp:
             problem = f"1F1B needs at least as many micro-batches as stages: parallel.pp_microbatches={m_b}"
+        elif p.pp_schedule == "interleaved" and m_b % max(1, m_b // pp):  # (torch's rounds)
+            problem = (f"interleaved 1F1B runs the micro-batches in max(1, m // pp) = {m_b // pp} rounds of "
+                       f"equal size: parallel.pp_microbatches={m_b} is not divisible by {m_b // pp}")
+        elif p.pp_schedule == "interleaved" and dp > 1:
+            problem = "interleaved stages do not compose with FSDP over dp ranks yet (set parallel.dp=1)"
         elif cfg.eval_every:
             problem = "evaluation does not run through the pipeline yet: set eval_every=0"
         elif cfg.teacher or cfg.compile or cfg.init_from:
@@ -202,7 +209,7 @@ def parallelize(model: Transformer, cfg: TrainConfig, mesh: DeviceMesh | None, w
     if pp > 1:
         assert mesh is not None
         pp_mesh = _dim(mesh, "pp")
-        split_model_(model, pp, pp_mesh.get_local_rank())
+        split_model_(model, pp, pp_mesh.get_local_rank(), cfg.parallel.pp_virtual)
         model.pp_group = pp_mesh.get_group()
         model.pp_tie_group = model.pp_group
         if pp > 2:  # the first and last stage of each replica (every rank creates every group)

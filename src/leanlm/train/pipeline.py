@@ -1,21 +1,26 @@
 """Pipeline parallelism with ``torch.distributed.pipelining``: the one ``Transformer`` cut by
-layers into ``pp`` stages, one per process, run by a GPipe or 1F1B schedule.
+layers into ``pp · v`` stages, ``v`` per process, run by a GPipe, 1F1B or interleaved 1F1B schedule.
 
-Stage s keeps blocks [a_s, b_s) (the first stages one more when pp does not divide L), the first
-stage also the embedding(s), the last the final norm and the head; every other module is dropped
-before the model is materialised (built on the meta device, so a stage allocates only its own
-layers), and dropped blocks become parameter-free :class:`Skip` placeholders so that every name
-stays the whole model's (``layers.7.mlp.up_proj.weight`` on whichever stage holds it): DCP
-checkpoints are then written by the stages side by side and load under any other layout.
+Stage s of n = pp · v keeps blocks [a_s, b_s) (the first stages one more when n does not divide
+L), the first stage also the embedding(s), the last the final norm and the head; rank r runs the
+stages r, r + pp, ..., r + (v-1)·pp (its *chunks*: v = 1 but for interleaved 1F1B). Every other
+module is dropped before the model is materialised (built on the meta device, so a rank
+allocates only its own layers), and dropped blocks become parameter-free :class:`Skip`
+placeholders, so that a rank's stages are one model whose names stay the whole model's
+(``layers.7.mlp.up_proj.weight`` on whichever rank holds it): DCP checkpoints are then written by
+the ranks side by side and load under any other layout, and :func:`gathered_stages` unions them.
 
 A step cuts each micro-batch [B, S] into m micro-batches of B/m sequences (GPipe, Huang et al.
 2019, or 1F1B, PipeDream-Flush, Narayanan et al. 2021: the same gradients, a bubble of
 (pp - 1)/(m + pp - 1) of the step either way, but 1F1B holds at most pp micro-batches' activations
-instead of m). Between neighbouring stages one [B/m, S, h] activation goes forward and its
-gradient back per micro-batch: 2·B·S·h elements per step and stage boundary, against FSDP's
-all-gathers of the weights. Positions and document ids go to every stage as keyword arguments
-(each stage builds its own attention metadata and rotary tables), the targets to the last, whose
-loss function is the fused head + cross-entropy, divided by m and by the accumulation steps.
+instead of m). Interleaved 1F1B (Narayanan et al. 2021 §2.2) gives each rank v chunks of L/(pp·v)
+layers: the bubble shrinks v-fold, to (pp - 1)/(v·m + pp - 1), for v times as many sends, since
+every micro-batch now crosses pp·v - 1 stage boundaries instead of pp - 1. Between neighbouring
+stages one [B/m, S, h] activation goes forward and its gradient back per micro-batch: 2·B·S·h
+elements per step and stage boundary, against FSDP's all-gathers of the weights. Positions and
+document ids go to every stage as keyword arguments (each stage builds its own attention metadata
+and rotary tables), the targets to the last, whose loss function is the fused head +
+cross-entropy, divided by m and by the accumulation steps.
 
 Tied embeddings (the ``tiny`` recipe's): the first stage's embedding and the last stage's head are
 two copies of one matrix, initialised alike; after backward their gradients are summed between
@@ -41,7 +46,7 @@ from leanlm.errors import LeanLMError
 from leanlm.loss import linear_cross_entropy
 from leanlm.model import Transformer
 
-SCHEDULES = ("gpipe", "1f1b")
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
 
 
 class Skip(nn.Module):
@@ -59,27 +64,45 @@ def stage_layers(num_layers: int, pp: int, stage: int) -> range:
 
 
 def _stage_forward(self: Transformer, x: torch.Tensor, positions: torch.Tensor,
-                   documents: torch.Tensor | None = None) -> torch.Tensor:
-    """Token ids (first stage) or hidden states (the others) -> hidden states (the last stage:
-    through the final norm; its loss function applies the head)."""
+                   documents: torch.Tensor | None = None, chunk: int = 0) -> torch.Tensor:
+    """Token ids (the first stage) or hidden states (the others) -> hidden states (the last stage:
+    through the final norm; its loss function applies the head), through this rank's ``chunk``."""
     attn = SDPAMetadata.packed(documents, self.sliding_window)
-    if self.embed_tokens is not None:
+    if self.embed_tokens is not None and chunk == 0:
         x, ctx = self.embed(x, positions, attn)
     else:
         ctx = self.layer_context(positions.clamp(min=0), attn, compute_dtype(x))
-    for layer in self.layers:
-        x = layer(x, ctx)
-    return self.norm(x) if self.norm is not None else x
+    for i in self.pp_chunks[chunk]:
+        x = self.layers[i](x, ctx)
+    last = self.norm is not None and chunk == len(self.pp_chunks) - 1
+    return self.norm(x) if last else x
 
 
-def split_model_(model: Transformer, pp: int, stage: int) -> Transformer:
-    """Keep in ``model`` (on the meta device) only what ``stage`` of ``pp`` runs; its forward
-    becomes the stage's. Sets ``model.pp_stage`` = (stage, pp) and, on the last stage of a tied
-    model, ``model.param_aliases`` (its head is initialised as the embedding)."""
+class Chunk(nn.Module):
+    """One of a rank's interleaved stages: its model's ``chunk``-th run of layers. The model is
+    referenced, not registered, so that its parameters keep their one owner and their names."""
+
+    def __init__(self, model: Transformer, chunk: int) -> None:
+        super().__init__()
+        self.__dict__["model"] = model  # (outside nn.Module's registry: not a submodule)
+        self.chunk = chunk
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor,
+                documents: torch.Tensor | None = None) -> torch.Tensor:
+        return _stage_forward(self.model, x, positions, documents, self.chunk)
+
+
+def split_model_(model: Transformer, pp: int, stage: int, virtual: int = 1) -> Transformer:
+    """Keep in ``model`` (on the meta device) only what rank ``stage`` of ``pp`` runs: the stages
+    stage, stage + pp, ... of pp · ``virtual``; its forward becomes the first one's. Sets
+    ``model.pp_stage`` = (stage, pp), ``model.pp_chunks`` (each stage's layers) and, on the last
+    rank of a tied model, ``model.param_aliases`` (its head is initialised as the embedding)."""
     if any(p.device.type != "meta" for p in model.parameters()):
         raise LeanLMError("split_model_ takes a model built on the meta device")
-    keep = stage_layers(len(model.layers), pp, stage)
-    for i in range(len(model.layers)):
+    num = len(model.layers)
+    model.pp_chunks = [stage_layers(num, pp * virtual, stage + k * pp) for k in range(virtual)]
+    keep = {i for chunk in model.pp_chunks for i in chunk}
+    for i in range(num):
         if i not in keep:
             model.layers[i] = Skip()
     if stage > 0:
@@ -125,28 +148,38 @@ def sum_tied_gradients_(model: nn.Module) -> nn.Parameter | None:
 def build_schedule(model: Transformer, pp_group: dist.ProcessGroup, device: torch.device,
                    micro_batch: int, seq_len: int, microbatches: int, kind: str, grad_accum: int,
                    compute: torch.dtype) -> Any:
-    """The stage of ``model`` (split by :func:`split_model_`) in a ``kind`` schedule cutting each
+    """The stages of ``model`` (split by :func:`split_model_`) in a ``kind`` schedule cutting each
     [micro_batch, seq_len] batch into ``microbatches``; the last stage's loss is the fused head +
     cross-entropy / ``grad_accum``. Shapes are given, not inferred at the first step (the
     residual stream is fp32; the last stage's output, the final norm's, in ``compute``)."""
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+    from torch.distributed import pipelining
 
-    stage, pp = model.pp_stage
+    rank, pp = model.pp_stage
+    num = pp * len(model.pp_chunks)
     shape = (micro_batch // microbatches, seq_len)
     # (hidden states that require grad: a stage sends back its input's gradient only for those)
     hidden = torch.empty(*shape, model.config.hidden_size, device=device, requires_grad=True)
-    inputs = torch.zeros(shape, dtype=torch.long, device=device) if stage == 0 else hidden
-    output = hidden.detach().to(compute).requires_grad_() if stage == pp - 1 else hidden
-    pipe_stage = PipelineStage(model, stage, pp, device, input_args=(inputs,), output_args=(output,),
-                               group=pp_group)
+    stages = []
+    for k in range(len(model.pp_chunks)):
+        index = rank + k * pp
+        inputs = torch.zeros(shape, dtype=torch.long, device=device) if index == 0 else hidden
+        output = hidden.detach().to(compute).requires_grad_() if index == num - 1 else hidden
+        # (one stage: the model itself, so that the schedule defers FSDP's reduce-scatter)
+        module = Chunk(model, k) if kind == "interleaved" else model
+        stages.append(pipelining.PipelineStage(module, index, num, device, input_args=(inputs,),
+                                               output_args=(output,), group=pp_group))
+
     def loss_fn(h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # (run by the last stage;
         scale = microbatches * grad_accum  # given to all: a stage without one runs no backward)
         return linear_cross_entropy(h, model.lm_head, targets) / scale
 
-    cls = ScheduleGPipe if kind == "gpipe" else Schedule1F1B
     # scale_grads=False: the schedule would divide all the gradients, those of earlier
     # accumulation steps too, by the micro-batch count; the loss carries the scale instead
-    return cls(pipe_stage, n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)
+    if kind == "interleaved":
+        return pipelining.ScheduleInterleaved1F1B(stages, n_microbatches=microbatches,
+                                                  loss_fn=loss_fn, scale_grads=False)
+    cls = pipelining.ScheduleGPipe if kind == "gpipe" else pipelining.Schedule1F1B
+    return cls(stages[0], n_microbatches=microbatches, loss_fn=loss_fn, scale_grads=False)
 
 
 def pipeline_step(schedule: Any, model: nn.Module, batch: Any) -> float:
@@ -169,7 +202,8 @@ def pipeline_step(schedule: Any, model: nn.Module, batch: Any) -> float:
 
 
 def gathered_stages(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's state on rank 0 (each stage's whole tensors, gathered; empty elsewhere)."""
+    """The whole model's state on rank 0 (each rank's stages' whole tensors, gathered: their names
+    are the whole model's, whichever chunks a rank holds; empty elsewhere)."""
     from torch.distributed.tensor import DTensor
 
     state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu()  # (FSDP shards)
