@@ -8,8 +8,11 @@ checkpoint after every step (``dcp.save``: the loop waits for the shards), and a
 writes the shards while the next steps run). Reported: median wall time per step of the loop
 (the trainer's own step records do not include the save), and each setting's overhead over no
 checkpointing. The issue's target: background overhead at most a third of synchronous overhead.
+``--threads N`` gives the step N intra-op threads (default: every core); with fewer threads than
+cores the background writer has a core of its own, as on a GPU host, where the step does not
+run on the host's cores.
 
-    python benchmarks/bench_checkpoint.py [--steps 8] [--rounds 3]
+    python benchmarks/bench_checkpoint.py [--steps 8] [--rounds 3] [--threads N]
 """
 
 from __future__ import annotations
@@ -59,9 +62,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="intra-op threads of the step")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"# bench_checkpoint: default recipe (10M params), fp32, micro-batch 4 x 512, one process, "
-          f"{args.steps} steps x {args.rounds} rounds; {machine()}, torch {torch.__version__}", flush=True)
+          f"{args.steps} steps x {args.rounds} rounds, {torch.get_num_threads()} intra-op threads; "
+          f"{machine()}, torch {torch.__version__}", flush=True)
     with tempfile.TemporaryDirectory() as root:
         data = corpus(Path(root))
         times: dict[str, list[float]] = {s: [] for s in SETTINGS}

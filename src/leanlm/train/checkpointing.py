@@ -13,10 +13,11 @@ Atomicity: everything is written to ``step-N.tmp-<nonce>/``; after a barrier ran
 mid-save (even by SIGKILL) leaves the previous checkpoint as the latest complete one and the
 partial directory is ignored (and later removed).
 
-Asynchronous saves (``async_checkpoint``; DCP's ``async_save``, as torchtitan's): the step loop
-waits only for a copy of the state in host memory; a background thread writes the shards while
-the next steps run, and the rename that completes the checkpoint happens when the trainer next
-saves (or finishes). A crash meanwhile leaves the previous checkpoint as the latest complete one.
+Asynchronous saves (``async_checkpoint``; DCP's ``async_save``, as torchtitan's;
+:class:`BackgroundSaver`): the step loop waits only for a copy of the state into host buffers kept
+from save to save; background threads write the shards and then complete the checkpoint (the
+rename) while the next steps run. A crash meanwhile leaves the previous checkpoint as the latest
+complete one.
 
 Safety: only tensors are stored through DCP (AdamW's hyper-parameters are rebuilt from the
 config, not unpickled), and DCP's pickled ``.metadata`` is read with an unpickler that admits an
@@ -31,12 +32,14 @@ import json
 import os
 import pickle
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (
@@ -94,9 +97,9 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _barrier() -> None:
+def _barrier(group: Any = None) -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def _tensor_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict, dict]:
@@ -114,74 +117,118 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
-class PendingSave:
-    """A checkpoint whose shards are being written in the background (:func:`save_checkpoint` with
-    ``background=True``); :meth:`finish` waits for them and makes the checkpoint complete."""
-
-    def __init__(self, future: Any, finish: Any, path: Path) -> None:
-        self._future, self._finish, self.path = future, finish, path
-
-    def finish(self) -> Path:
-        """Wait for the shards, then (all ranks, collectively) write the trainer state and rename."""
-        if self._future is not None:
-            self._future.result()
-            self._future = None
-            self._finish()
-        return self.path
-
-
-_SAVE_GROUP: list[Any] = []
+_SAVE_GROUPS: dict[Any, Any] = {}
 
 
 def _save_group() -> Any:
     """A gloo group of all ranks for background saves (None in one process): DCP's thread runs its
-    collectives there, never concurrently with the step's on the default group (torchtitan's way)."""
+    collectives there, never concurrently with the step's on the default group (torchtitan's way).
+    One per default group (a process that re-initialises torch.distributed gets a fresh one)."""
     if not (dist.is_available() and dist.is_initialized()):
         return None
-    if not _SAVE_GROUP:
-        _SAVE_GROUP.append(dist.new_group(backend="gloo"))
-    return _SAVE_GROUP[0]
+    world = dist.group.WORLD
+    if world not in _SAVE_GROUPS:
+        _SAVE_GROUPS.clear()
+        _SAVE_GROUPS[world] = dist.new_group(backend="gloo")
+    return _SAVE_GROUPS[world]
 
 
-def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict[str, Any], keep: int = 2, nonce: str = "",
-                    background: bool = False) -> Path | PendingSave:
-    """Write ``root/step-NNNNNN`` atomically from all ranks; keep the newest ``keep``.
-
-    ``background``: DCP's ``async_save`` — the state is copied to host memory (the only part the
-    step loop waits for) and the shards are written by a background thread; the checkpoint is
-    complete once :meth:`PendingSave.finish` has run (the trainer calls it before the next save
-    and at the end), and until then the previous one is the latest complete checkpoint."""
+def _prepare(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             nonce: str) -> tuple[Path, Path, dict[str, Any]]:
+    """The final and temporary directories of checkpoint ``step`` (a leftover temporary one of a
+    killed run removed) and the state DCP writes."""
     final = root / f"step-{step:06d}"
     tmp = root / f"{final.name}.tmp-{nonce or os.getpid()}"
     model_sd, _, optim_tensors = _tensor_state(model, optimizer)
     state = {"model": model_sd, "optim": optim_tensors, "rng": {"cpu": torch.get_rng_state()}}
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # a same-named leftover of a killed run
+        shutil.rmtree(tmp, ignore_errors=True)
     _barrier()
+    return final, tmp, state
 
-    def finish() -> None:
-        _barrier()
-        if _rank() == 0:
-            with open(tmp / "trainer_state.json", "w") as f:
-                f.write(json.dumps(trainer_state, indent=2) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            replace_dir(tmp, final)
-            fsync_dir(root)  # make the rename itself durable
-            for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
-            for partial in root.glob("step-*.tmp-*"):
-                shutil.rmtree(partial, ignore_errors=True)
-        _barrier()
 
-    if background:
-        future = dcp.async_save(state, storage_writer=dcp.FileSystemWriter(tmp), process_group=_save_group())
-        return PendingSave(future, finish, final)
+def _complete(tmp: Path, final: Path, trainer_state: dict[str, Any], keep: int, group: Any = None) -> None:
+    """Once every rank's shards are written (a barrier on ``group``): rank 0 writes the trainer
+    state, renames ``tmp`` to ``final`` durably and prunes to the newest ``keep``."""
+    _barrier(group)
+    if _rank() == 0:
+        root = final.parent
+        with open(tmp / "trainer_state.json", "w") as f:
+            f.write(json.dumps(trainer_state, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        replace_dir(tmp, final)
+        fsync_dir(root)  # make the rename itself durable
+        for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        for partial in root.glob("step-*.tmp-*"):
+            shutil.rmtree(partial, ignore_errors=True)
+    _barrier(group)
+
+
+def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    trainer_state: dict[str, Any], keep: int = 2, nonce: str = "") -> Path:
+    """Write ``root/step-NNNNNN`` atomically from all ranks; keep the newest ``keep``."""
+    final, tmp, state = _prepare(root, step, model, optimizer, nonce)
     dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp))  # fsyncs its files
-    finish()
+    _complete(tmp, final, trainer_state, keep)
     return final
+
+
+class _StagingWriter(dcp.FileSystemWriter):
+    """DCP's file writer, staging into host buffers that outlive it (:class:`BackgroundSaver`'s):
+    DCP's own cache (``cache_staged_state_dict``) pins its buffers, which needs an accelerator."""
+
+    def __init__(self, path: Path, cache: dict[str, Any]) -> None:
+        super().__init__(path)
+        self._cache = cache
+
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        self.per_thread_copy_ahead = 0  # (as DCP's: the staged state is in host memory already)
+        staged = self._cache.get("state")
+        if staged is not None:
+            try:
+                return _copy_state_dict(state_dict, staged)
+            except (AssertionError, RuntimeError, KeyError, ValueError):  # another structure
+                pass
+        self._cache["state"] = _create_cpu_state_dict(state_dict)
+        return _copy_state_dict(state_dict, self._cache["state"])
+
+
+class BackgroundSaver:
+    """Checkpoints written while the step loop goes on (``async_checkpoint``; DCP's ``async_save``,
+    as torchtitan's). :meth:`save` waits for the previous save, copies the state into host buffers
+    reused from save to save (no fresh allocation to page-fault in each time), and returns; DCP's
+    thread writes the shards, and a thread of this saver then completes the checkpoint (trainer
+    state, rename, pruning), its barriers on DCP's gloo group, not the step's. Until
+    :meth:`wait` has returned, the previous checkpoint is the latest complete one."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, Any] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="leanlm-checkpoint")
+        self._pending: Future | None = None
+
+    def save(self, root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             trainer_state: dict[str, Any], keep: int = 2, nonce: str = "") -> Path:
+        """Start checkpoint ``root/step-NNNNNN``; it is complete once :meth:`wait` returns."""
+        self.wait()
+        final, tmp, state = _prepare(root, step, model, optimizer, nonce)
+        group = _save_group()
+        shards = dcp.async_save(state, storage_writer=_StagingWriter(tmp, self._cache), process_group=group)
+
+        def complete() -> None:
+            shards.result()
+            _complete(tmp, final, trainer_state, keep, group)
+
+        self._pending = self._pool.submit(complete)
+        return final
+
+    def wait(self) -> None:
+        """Wait for the save in flight, if any (its error, if it failed, is raised here)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

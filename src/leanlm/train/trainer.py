@@ -140,7 +140,7 @@ class Trainer:
         self.step = 0
         self.losses: list[float] = []
         self.ckpt_root = self.out / "checkpoints"
-        self._pending: ckpt.PendingSave | None = None  # a checkpoint being written in the background
+        self._saver = ckpt.BackgroundSaver() if cfg.async_checkpoint else None
         latest = ckpt.complete_checkpoints(self.ckpt_root)
         if latest:
             state = ckpt.load_checkpoint(latest[-1], self.model, self.optimizer)
@@ -305,18 +305,16 @@ class Trainer:
         """Checkpoint this step; in the background (``async_checkpoint``) the previous background
         save completes first, and the returned path is complete only after :meth:`wait_saved`."""
         self.wait_saved()
-        state = self.checkpoint_state()
-        out = ckpt.save_checkpoint(self.ckpt_root, self.step, self.model, self.optimizer, state,
-                                   self.cfg.keep_checkpoints, nonce=str(self.step), background=background)
-        if isinstance(out, ckpt.PendingSave):
-            self._pending, out = out, out.path
-        return out
+        args = (self.ckpt_root, self.step, self.model, self.optimizer, self.checkpoint_state(),
+                self.cfg.keep_checkpoints, str(self.step))
+        if background and self._saver is not None:
+            return self._saver.save(*args)
+        return ckpt.save_checkpoint(*args)
 
     def wait_saved(self) -> None:
         """Complete the checkpoint being written in the background, if any."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.finish()
+        if self._saver is not None:
+            self._saver.wait()
 
     def export(self) -> Path | None:
         """Write the trained model as a Hugging Face checkpoint to OUT/model (rank 0)."""
