@@ -68,7 +68,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"# bench_checkpoint: default recipe (10M params), fp32, micro-batch 4 x 512, one process, "
           f"{args.steps} steps x {args.rounds} rounds, {torch.get_num_threads()} intra-op threads; "
-          f"{machine()}, torch {torch.__version__}", flush=True)
+          f"{machine()}", flush=True)
     with tempfile.TemporaryDirectory() as root:
         data = corpus(Path(root))
         times: dict[str, list[float]] = {s: [] for s in SETTINGS}

@@ -8,7 +8,7 @@ import torch
 from conftest import random_model
 from leanlm.errors import LeanLMError
 from leanlm.quant import AWQConfig, GPTQConfig, QuantLinear, RTNConfig, SmoothQuantConfig, quantize_
-from leanlm.quant.gptq import Hessian, gptq_quantize
+from leanlm.quant.gptq import Hessian, gptq_quantize, group_aware_order
 from leanlm.quant.primitives import dequantize_weight
 from leanlm.quant.rtn import rtn_quantize
 
@@ -27,8 +27,10 @@ def layer_error(w: torch.Tensor, what: torch.Tensor, x: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("bits", [4, 3])
-@pytest.mark.parametrize(("act_order", "static"), [(False, False), (True, False), (True, True)])
-def test_gptq_has_lower_output_error_than_rtn(bits: int, act_order: bool, static: bool) -> None:
+@pytest.mark.parametrize(("act_order", "static", "gar"), [(False, False, False), (True, False, False),
+                                                         (True, True, False), (False, False, True),
+                                                         (False, True, True)])
+def test_gptq_has_lower_output_error_than_rtn(bits: int, act_order: bool, static: bool, gar: bool) -> None:
     torch.manual_seed(bits)
     n, k = 96, 256
     w = torch.randn(n, k) * 0.05
@@ -37,8 +39,10 @@ def test_gptq_has_lower_output_error_than_rtn(bits: int, act_order: bool, static
     for chunk in x.split(300):  # the running average over batches equals 2/n Σ x xᵀ
         h.add(chunk)
     torch.testing.assert_close(h.h, 2 * x.t() @ x / x.shape[0], rtol=1e-4, atol=1e-3)
-    cfg = GPTQConfig(bits=bits, group_size=64, act_order=act_order, static_groups=static)
+    cfg = GPTQConfig(bits=bits, group_size=64, act_order=act_order, static_groups=static, group_aware=gar)
     codes, scales, zeros, g_idx = gptq_quantize(w, h.h, cfg)
+    if gar:  # every group keeps its own columns
+        assert torch.equal(g_idx, (torch.arange(k) // 64).int())
     gptq = layer_error(w, dequantize_weight(codes, scales, zeros, g_idx), x)
     rtn = layer_error(w, dequantize_weight(*rtn_quantize(w, RTNConfig(bits, 64))), x)
     assert gptq < 0.7 * rtn, (gptq, rtn)
@@ -64,6 +68,38 @@ def test_act_order_with_groups_gives_a_valid_g_idx() -> None:
     # static groups keep the natural assignment even with act-order
     _, _, _, g_static = gptq_quantize(w, h, GPTQConfig(4, gs, act_order=True, static_groups=True))
     assert torch.equal(g_static, (torch.arange(k) // gs).int())
+
+
+def test_group_aware_order_is_gars() -> None:
+    """GAR's order, as its reference (GPTQModel's gar_ref.py) builds it: groups by decreasing max
+    H_kk, columns by decreasing H_kk within each; a partial last group stays last."""
+    torch.manual_seed(0)
+    k, gs = 100, 16
+    diag = torch.rand(k)
+    want = []
+    full = k // gs
+    for g in sorted(range(full), key=lambda g: -float(diag[g * gs:(g + 1) * gs].max())):
+        want += [g * gs + int(i) for i in torch.argsort(diag[g * gs:(g + 1) * gs], descending=True)]
+    want += list(range(full * gs, k))
+    assert group_aware_order(diag, gs).tolist() == want
+
+
+def test_group_aware_parameters_stay_with_their_groups() -> None:
+    """With GAR the groups are quantized out of order; each group's scale and zero must still be
+    the ones its own columns were quantized with: requantizing the dequantized weight with them
+    gives back the codes, and the result is closer to W than a shuffled assignment."""
+    torch.manual_seed(1)
+    k, gs = 200, 32  # a partial last group of 8
+    w = torch.randn(48, k) * torch.linspace(0.01, 1, k)  # groups of very different ranges
+    x = correlated_inputs(1024, k)
+    h = 2 * x.t() @ x / x.shape[0]
+    codes, scales, zeros, g_idx = gptq_quantize(w, h, GPTQConfig(4, gs, group_aware=True))
+    assert torch.equal(g_idx, (torch.arange(k) // gs).int()) and scales.shape == (48, 7)
+    what = dequantize_weight(codes, scales, zeros, g_idx)
+    assert (what - w).abs().max() < scales[:, g_idx.long()].max(0).values.max()
+    err = layer_error(w, what, x)
+    plain = layer_error(w, dequantize_weight(*gptq_quantize(w, h, GPTQConfig(4, gs))[:4]), x)
+    assert err < 2 * plain, (err, plain)
 
 
 def test_dead_inputs_and_rank_deficient_hessians() -> None:

@@ -182,6 +182,11 @@ def quantize(
              "will not load the result).")] = False,
     act_order: Annotated[bool, typer.Option(
         help="GPTQ: quantize columns in decreasing Hessian order.")] = False,
+    group_aware: Annotated[bool, typer.Option(
+        help="GPTQ without act-order: visit whole groups, and the columns in each, in decreasing "
+             "Hessian order (GAR, GPTQModel's default); the checkpoint needs no act-order kernel.")] = True,
+    damp_percent: Annotated[float, typer.Option(help="GPTQ: Hessian dampening, a fraction of its mean "
+                                                     "diagonal.")] = 0.01,
     static_groups: Annotated[bool, typer.Option(help="GPTQ: choose all group scales up front.")] = False,
     lm_head: Annotated[bool, typer.Option(
         "--lm-head", help="Quantize the LM head too (gptq, rtn, llm-int8, fp8): what a CPU decode step "
@@ -215,16 +220,18 @@ def quantize(
     from leanlm.quant.formats import save_quantized
     from leanlm.tokenizer import load_tokenizer
 
+    gptq_options = {"group_aware": group_aware, "damp_percent": damp_percent}
     if group_size != "auto" and not group_size.lstrip("-").isdigit():
         raise LeanLMError(f"--group-size {group_size!r}: expected a number or auto")
     method_config(method, bits=bits, group_size=128 if group_size == "auto" else int(group_size), sym=sym,
-                  act_order=act_order, static_groups=static_groups)  # bad options fail before loading
+                  act_order=act_order, static_groups=static_groups,
+                  **gptq_options)  # bad options fail before loading
     lm_head = lm_head or lm_head_bits is not None
     if lm_head:
         check_lm_head(REGISTRY[method])
     if lm_head_bits is not None:
         method_config(method, bits=lm_head_bits, group_size=-1, sym=sym, act_order=act_order,
-                      static_groups=static_groups)
+                      static_groups=static_groups, **gptq_options)
     if out is None:
         raise LeanLMError("--out DIR is required (where the quantized checkpoint is written)")
     path = resolve_model(model)
@@ -237,7 +244,7 @@ def quantize(
         if group_size == "auto":
             Console().print(f"--group-size auto: {groups}")
     config = method_config(method, bits=bits, group_size=groups, sym=sym, act_order=act_order,
-                           static_groups=static_groups)
+                           static_groups=static_groups, **gptq_options)
     saved_dtype = ModelConfig.from_json_file(path / "config.json").torch_dtype
     tokens = None
     if REGISTRY[method].calibrated:
@@ -246,7 +253,7 @@ def quantize(
     head = lm_head
     if lm_head_bits is not None and lm_head_bits != bits:
         head = method_config(method, bits=lm_head_bits, group_size=-1 if lm_head_bits == 8 else groups,
-                             sym=sym, act_order=act_order, static_groups=static_groups)
+                             sym=sym, act_order=act_order, static_groups=static_groups, **gptq_options)
     quantize_(lm, config, tokens, lm_head=head)
     elapsed = time.perf_counter() - start
     if saved_dtype in ("bfloat16", "float16", "float32"):

@@ -65,7 +65,8 @@ def handler_for(config: Any) -> type[Method] | None:
 
 def method_config(name: str, **options: Any) -> Any:
     """The config of the method registered as ``name``, from command-line options (``bits``,
-    ``group_size``, ``sym``, ``act_order``, ``static_groups``): each config takes those it has."""
+    ``group_size``, ``sym``, ``act_order``, ``static_groups``, ``group_aware``, ``damp_percent``): each
+    config takes those it has."""
     _builtins()
     handler = REGISTRY.get(name)
     if handler is None:

@@ -169,6 +169,7 @@ def _quant_config(fmt: str, qlinears: dict[str, nn.Module], model: nn.Module) ->
             "static_groups": bool(getattr(cfg, "static_groups", False)),
             "true_sequential": bool(getattr(cfg, "true_sequential", True)),
             "damp_percent": float(getattr(cfg, "damp_percent", 0.01)),
+            "act_group_aware": bool(getattr(cfg, "group_aware", False)) and not desc_act,  # (GPTQModel's key)
             "checkpoint_format": "gptq", "format": "gptq",  # AutoGPTQ/GPTQModel; transformers 5
             "lm_head": "lm_head" in qlinears,
             **({"dynamic": dynamic} if dynamic else {}),

@@ -17,6 +17,11 @@ on the not-yet-quantized columns by  W[:, k+1:] -= e · [H⁻¹]_{k, k+1:}.  The
   its first column is reached; with ``static_groups`` they are all chosen up front from W;
 - act-order ("desc_act"): columns are visited in decreasing H_kk; the resulting ``g_idx``
   maps every column to the group it was quantized in;
+- group-aware reordering (GAR; Gafni et al., "Dual Precision Quantization for Efficient and
+  Accurate Deep Neural Networks Inference", CVPRW 2025; GPTQModel's default without act-order):
+  the groups are visited in decreasing max H_kk and the columns of each group in decreasing H_kk,
+  so the most salient inputs are quantized first, as with act-order, while every group keeps its
+  own columns: the checkpoint has the plain ``g_idx`` and needs no act-order kernel;
 - true-sequential: within a block, q/k/v, then o, then gate/up, then down, each calibrated on
   inputs produced by the already-quantized earlier sub-layers.
 """
@@ -39,6 +44,7 @@ from leanlm.quant.rtn import to_quant_linear
 @dataclass
 class GPTQConfig(WeightOnlyConfig):
     act_order: bool = False
+    group_aware: bool = True  # GAR when not act_order (GPTQModel's default)
     static_groups: bool = False
     true_sequential: bool = True
     damp_percent: float = 0.01
@@ -85,6 +91,9 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, config: GPTQConfig
     perm = None
     if config.act_order:
         perm = torch.argsort(torch.diag(h), descending=True)
+    elif config.group_aware and gs != -1:
+        perm = group_aware_order(torch.diag(h), gs)
+    if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
 
     damp = config.damp_percent * torch.mean(torch.diag(h))
@@ -128,13 +137,29 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, config: GPTQConfig
         pos = torch.arange(k, device=w.device)
         g_idx = (pos // gs).to(torch.int32)  # group of the column at each processing position
     if perm is not None:
-        inv = torch.argsort(perm)
-        codes = codes[:, inv]
-        if not config.static_groups:
-            g_idx = g_idx[inv]
-        else:
+        codes = codes[:, torch.argsort(perm)]
+        if config.act_order and not config.static_groups:
+            g_idx = g_idx[torch.argsort(perm)]
+        else:  # every group quantized from its own columns: the plain g_idx
             g_idx = (torch.arange(k, device=w.device) // gs).to(torch.int32)
+            if not config.static_groups:  # (GAR) the parameters back in group order
+                visited = perm[::gs] // gs  # the group visited j-th
+                scales, zeros = scales.clone(), zeros.clone()
+                scales[:, visited], zeros[:, visited] = scales.clone(), zeros.clone()
     return codes, scales, zeros, g_idx
+
+
+def group_aware_order(diag: torch.Tensor, gs: int) -> torch.Tensor:
+    """GAR's column order: whole groups by decreasing max H_kk, each group's columns by
+    decreasing H_kk; a partial last group stays last, in its own order (as GPTQModel's)."""
+    k = diag.numel()
+    full = k // gs * gs
+    if full == 0:
+        return torch.arange(k, device=diag.device)
+    local = torch.argsort(diag[:full].view(-1, gs), dim=1, descending=True)  # [groups, gs]
+    order = torch.argsort(diag[:full].view(-1, gs).amax(1), descending=True)
+    cols = (local + torch.arange(0, full, gs, device=diag.device)[:, None])[order].reshape(-1)
+    return torch.cat([cols, torch.arange(full, k, device=diag.device)])
 
 
 def _inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
