@@ -31,8 +31,9 @@ the training objective through the fused head + cross-entropy. The blocks receiv
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,11 +41,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanlm import kernels
+from leanlm import fusion, kernels
 from leanlm.attention import KVCache, SDPAMetadata, compute_dtype
 from leanlm.config import ModelConfig
 from leanlm.errors import LeanLMError
-from leanlm.kernels import rmsnorm, rotary
+from leanlm.kernels import rmsnorm, rotary, silu_mul
 from leanlm.kernels.cpu_linear import Linear
 from leanlm.loss import linear_cross_entropy
 
@@ -132,9 +133,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        qkv = fusion.fused(self, "qkv")
+        if qkv is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:  # one product, split (views of its output)
+            q, k, v = qkv[0](x).split(qkv[1], dim=-1)
+        q = q.view(b, s, self.num_heads, self.head_dim)
+        k = k.view(b, s, self.num_kv_heads, self.head_dim)
+        v = v.view(b, s, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -158,7 +164,17 @@ class MLP(nn.Module):
             return F.silu(x)
         return F.gelu(x, approximate="tanh" if self.activation == "gelu_tanh" else "none")
 
+    def act_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """act(gate) ⊙ up of the fused gate/up output [..., 2I]: one kernel for SiLU on CUDA."""
+        if self.activation == "silu" and kernels.use_triton(gate_up):
+            return silu_mul.silu_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.act(gate) * up
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = fusion.fused(self, "gate_up")
+        if gate_up is not None:
+            return self.down_proj(self.act_mul(gate_up[0](x)))
         if self.gate_proj is not None:
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(self.act(self.up_proj(x)))
@@ -264,6 +280,37 @@ class Transformer(nn.Module):
             if isinstance(module, Linear):
                 module.unpack_()
         self.tie_weights()
+
+    def fuse_projections_(self, after: Callable[[torch.Tensor], None] | None = None) -> int:
+        """Make each layer's q/k/v one ``qkv`` linear and its gate/up one ``gate_up`` linear for
+        inference (:mod:`leanlm.fusion`: plain and weight-only quantized layers; a packed model
+        stays packed); returns how many groups were fused. ``after(plain)`` is called with each
+        part's plain weight once the fused copy exists (the loader hands its pages back). Layers
+        with adapters, tensor-parallel shards and quantized parts of different input layouts
+        (act-order ``g_idx``) stay apart. The state dict keeps the Hugging Face names;
+        :meth:`unfuse_projections_` (which training, quantizing, adapters and sharding need)
+        undoes it."""
+        n = 0
+        for layer in self.layers:
+            n += fusion.fuse_(layer.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv", after)
+            n += fusion.fuse_(layer.mlp, ("gate_proj", "up_proj"), "gate_up", after)
+        return n
+
+    def unfuse_projections_(self) -> int:
+        """q/k/v and gate/up as separate linears again, equal to what was fused (packed ones
+        stay packed); returns how many groups were split."""
+        return sum(fusion.unfuse_(m) for m in self.modules() if fusion.groups(m))
+
+    @contextlib.contextmanager
+    def projections_unfused(self) -> Iterator[Transformer]:
+        """``with model.projections_unfused(): ...`` runs the block on the separate linears
+        (e.g. writing a checkpoint format that names each one) and fuses them again after."""
+        fused = self.unfuse_projections_()
+        try:
+            yield self
+        finally:
+            if fused:
+                self.fuse_projections_()
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
         """Random init of every parameter with :func:`init_param_`."""
