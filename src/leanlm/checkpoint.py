@@ -305,10 +305,10 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype | None = N
             raise LeanLMError(f"{path}: quantization_config.quant_method {method!r} is not supported "
                               f"(expected one of {tuple(QUANTIZED_FORMATS)})")
         model = QUANTIZED_FORMATS[method](path, config, qcfg, want, mmap).to(device).eval()
-        if fuse:
-            model.fuse_projections_()
         if pack and torch.device(device).type == "cpu" and kernels.prepack():
-            model.pack_weights_()  # what stays plain: the head, unquantized layers
+            model.pack_weights_(fuse=fuse)  # what stays plain: the head, unquantized layers
+        elif fuse:
+            model.fuse_projections_()
         return model
     pack = pack and torch.device(device).type == "cpu" and kernels.prepack()  # LEANLM_PREPACK=0: plain
     files, kind = weight_files(path, allow_pickle)
@@ -336,10 +336,10 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype | None = N
     del state
     mappings = {e.mapping for e in entries.values() if e.mapping is not None}
     release = (lambda w: [m.release(w) for m in mappings]) if pack else None
-    if fuse:  # the parts' pages go back to the file as their stacked copy is made
+    if pack:  # fused layers hand their parts' pages back as their stacked copy is made
+        model.pack_weights_(after=release, fuse=fuse)
+    elif fuse:
         model.fuse_projections_(after=release)
-    if pack:
-        model.pack_weights_(after=release)
     return model.to(device).eval()
 
 

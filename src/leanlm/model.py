@@ -219,6 +219,27 @@ def embedding(num: int, dim: int) -> nn.Embedding:
     return emb
 
 
+def _pack(module: nn.Module, after: Callable[[torch.Tensor], None] | None) -> int:
+    """Pack the linears of ``module`` (see :meth:`Transformer.pack_weights_`)."""
+    n = 0
+    # the largest first (the head): while one is repacked, its plain copy and its packed
+    # copy are both resident, and that pair must not come on top of everything else
+    linears = sorted((m for m in module.modules() if isinstance(m, Linear)), key=lambda m: -m.weight.numel())
+    for linear in linears:
+        plain = linear.weight
+        if not plain.is_mkldnn and linear.pack_():
+            n += 1
+            if after is not None:
+                after(plain)
+    return n
+
+
+def _fuse_layer(layer: Block, after: Callable[[torch.Tensor], None] | None) -> int:
+    """Fuse the q/k/v and gate/up of ``layer`` (see :meth:`Transformer.fuse_projections_`)."""
+    return (fusion.fuse_(layer.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv", after)
+            + fusion.fuse_(layer.mlp, ("gate_proj", "up_proj"), "gate_up", after))
+
+
 class Transformer(nn.Module):
     """The one model. ``model(tokens)`` -> logits [batch, seq, vocab]."""
 
@@ -254,24 +275,23 @@ class Transformer(nn.Module):
         if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):  # not quantized
             self.lm_head.weight = self.embed_tokens.weight
 
-    def pack_weights_(self, after: Callable[[torch.Tensor], None] | None = None) -> int:
+    def pack_weights_(self, after: Callable[[torch.Tensor], None] | None = None, fuse: bool = False) -> int:
         """Keep each linear's weight only in oneDNN's packed layout for CPU inference
         (:meth:`~leanlm.kernels.cpu_linear.Linear.pack_`); returns how many were packed.
         ``after(plain)`` is called with each plain weight once its packed copy exists (the loader
         hands its pages back to the file). A tied head is packed apart from the embedding, which
         keeps the plain tensor for its lookups: load with ``pack=True`` to keep that one in the
-        file mapping instead of memory. :meth:`unpack_weights_` undoes it."""
-        n = 0
-        # the largest first (the head): while one is repacked, its plain copy and its packed
-        # copy are both resident, and that pair must not come on top of everything else
-        linears = sorted((m for m in self.modules() if isinstance(m, Linear)),
-                         key=lambda m: -m.weight.numel())
-        for module in linears:
-            plain = module.weight
-            if not plain.is_mkldnn and module.pack_():
-                n += 1
-                if after is not None:
-                    after(plain)
+        file mapping instead of memory. ``fuse`` (the loader) fuses each layer's projections
+        (:meth:`fuse_projections_`) just before packing it, after the head. :meth:`unpack_weights_`
+        undoes the packing."""
+        if not fuse:
+            return _pack(self, after)
+        # the head first, then a layer at a time: one layer's stacked plain copies are resident
+        # beside the packed weights, not every layer's
+        n = _pack(self.lm_head, after)
+        for layer in self.layers:
+            _fuse_layer(layer, after)
+            n += _pack(layer, after)
         return n
 
     def unpack_weights_(self) -> None:
@@ -290,11 +310,7 @@ class Transformer(nn.Module):
         (act-order ``g_idx``) stay apart. The state dict keeps the Hugging Face names;
         :meth:`unfuse_projections_` (which training, quantizing, adapters and sharding need)
         undoes it."""
-        n = 0
-        for layer in self.layers:
-            n += fusion.fuse_(layer.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv", after)
-            n += fusion.fuse_(layer.mlp, ("gate_proj", "up_proj"), "gate_up", after)
-        return n
+        return sum(_fuse_layer(layer, after) for layer in self.layers)
 
     def unfuse_projections_(self) -> int:
         """q/k/v and gate/up as separate linears again, equal to what was fused (packed ones
