@@ -265,7 +265,7 @@ def register_quantized_format(method: str, loader: QuantizedLoader) -> None:
 
 def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype | None = None,
                device: str | torch.device = "cpu", allow_pickle: bool = False,
-               mmap: bool = False, pack: bool = False) -> Transformer:
+               mmap: bool = False, pack: bool = False, fuse: bool | None = None) -> Transformer:
     """Load a Hugging Face checkpoint directory into a :class:`Transformer` (eval mode).
 
     ``dtype``: float32/bfloat16/float16 (default: the checkpoint's). By default each tensor is
@@ -279,7 +279,13 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype | None = N
     norms and biases stay in the mapping, read as they are touched. One copy of the weights is
     resident (the tied head of small models is the one packed copy of its embedding), and there
     is no second pass to pack them on the first forward. ``model.unpack_weights_()`` gives plain
-    weights back (for training, merging, quantizing). Ignored off CPU. A config.json with a
+    weights back (for training, merging, quantizing). Ignored off CPU.
+
+    ``fuse`` (default: as ``pack``, on any device; off with ``LEANLM_FUSE=0`` or
+    :func:`leanlm.kernels.fusing`) makes each layer's q/k/v one linear and gate/up one linear
+    before packing (:meth:`Transformer.fuse_projections_`), so a decode step runs one product
+    per group; the state dict keeps the Hugging Face names, and ``model.unfuse_projections_()``
+    gives the separate linears back. A config.json with a
     ``quantization_config`` (GPTQ, AWQ, leanlm w8a8) loads with quantized layers, through the
     loader registered for its ``quant_method`` (:func:`register_quantized_format`;
     :mod:`leanlm.quant.formats` registers its formats, and ``import leanlm`` imports it).
@@ -291,6 +297,7 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype | None = N
         raise LeanLMError(f"{path}: no config.json (expected a Hugging Face model directory)")
     config = ModelConfig.from_json_file(path / "config.json")
     want = resolve_dtype(dtype)
+    fuse = (pack if fuse is None else fuse) and kernels.fuse()
     qcfg = json.loads((path / "config.json").read_text()).get("quantization_config")
     if qcfg:
         method = qcfg.get("quant_method")
@@ -299,7 +306,9 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype | None = N
                               f"(expected one of {tuple(QUANTIZED_FORMATS)})")
         model = QUANTIZED_FORMATS[method](path, config, qcfg, want, mmap).to(device).eval()
         if pack and torch.device(device).type == "cpu" and kernels.prepack():
-            model.pack_weights_()  # what stays plain: the head, unquantized layers
+            model.pack_weights_(fuse=fuse)  # what stays plain: the head, unquantized layers
+        elif fuse:
+            model.fuse_projections_()
         return model
     pack = pack and torch.device(device).type == "cpu" and kernels.prepack()  # LEANLM_PREPACK=0: plain
     files, kind = weight_files(path, allow_pickle)
@@ -325,9 +334,12 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype | None = N
     model.init_buffers("cpu")
     config.torch_dtype = str(target).removeprefix("torch.")
     del state
-    if pack:
-        mappings = {e.mapping for e in entries.values() if e.mapping is not None}
-        model.pack_weights_(after=lambda w: [m.release(w) for m in mappings])
+    mappings = {e.mapping for e in entries.values() if e.mapping is not None}
+    release = (lambda w: [m.release(w) for m in mappings]) if pack else None
+    if pack:  # fused layers hand their parts' pages back as their stacked copy is made
+        model.pack_weights_(after=release, fuse=fuse)
+    elif fuse:
+        model.fuse_projections_(after=release)
     return model.to(device).eval()
 
 

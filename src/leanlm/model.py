@@ -31,8 +31,9 @@ the training objective through the fused head + cross-entropy. The blocks receiv
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,11 +41,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanlm import kernels
+from leanlm import fusion, kernels
 from leanlm.attention import KVCache, SDPAMetadata, compute_dtype
 from leanlm.config import ModelConfig
 from leanlm.errors import LeanLMError
-from leanlm.kernels import rmsnorm, rotary
+from leanlm.kernels import rmsnorm, rotary, silu_mul
 from leanlm.kernels.cpu_linear import Linear
 from leanlm.loss import linear_cross_entropy
 
@@ -132,9 +133,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim)
+        qkv = fusion.fused(self, "qkv")
+        if qkv is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:  # one product, split (views of its output)
+            q, k, v = qkv[0](x).split(qkv[1], dim=-1)
+        q = q.view(b, s, self.num_heads, self.head_dim)
+        k = k.view(b, s, self.num_kv_heads, self.head_dim)
+        v = v.view(b, s, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -158,7 +164,17 @@ class MLP(nn.Module):
             return F.silu(x)
         return F.gelu(x, approximate="tanh" if self.activation == "gelu_tanh" else "none")
 
+    def act_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """act(gate) ⊙ up of the fused gate/up output [..., 2I]: one kernel for SiLU on CUDA."""
+        if self.activation == "silu" and kernels.use_triton(gate_up):
+            return silu_mul.silu_mul(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.act(gate) * up
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up = fusion.fused(self, "gate_up")
+        if gate_up is not None:
+            return self.down_proj(self.act_mul(gate_up[0](x)))
         if self.gate_proj is not None:
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(self.act(self.up_proj(x)))
@@ -203,6 +219,27 @@ def embedding(num: int, dim: int) -> nn.Embedding:
     return emb
 
 
+def _pack(module: nn.Module, after: Callable[[torch.Tensor], None] | None) -> int:
+    """Pack the linears of ``module`` (see :meth:`Transformer.pack_weights_`)."""
+    n = 0
+    # the largest first (the head): while one is repacked, its plain copy and its packed
+    # copy are both resident, and that pair must not come on top of everything else
+    linears = sorted((m for m in module.modules() if isinstance(m, Linear)), key=lambda m: -m.weight.numel())
+    for linear in linears:
+        plain = linear.weight
+        if not plain.is_mkldnn and linear.pack_():
+            n += 1
+            if after is not None:
+                after(plain)
+    return n
+
+
+def _fuse_layer(layer: Block, after: Callable[[torch.Tensor], None] | None) -> int:
+    """Fuse the q/k/v and gate/up of ``layer`` (see :meth:`Transformer.fuse_projections_`)."""
+    return (fusion.fuse_(layer.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv", after)
+            + fusion.fuse_(layer.mlp, ("gate_proj", "up_proj"), "gate_up", after))
+
+
 class Transformer(nn.Module):
     """The one model. ``model(tokens)`` -> logits [batch, seq, vocab]."""
 
@@ -238,24 +275,23 @@ class Transformer(nn.Module):
         if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):  # not quantized
             self.lm_head.weight = self.embed_tokens.weight
 
-    def pack_weights_(self, after: Callable[[torch.Tensor], None] | None = None) -> int:
+    def pack_weights_(self, after: Callable[[torch.Tensor], None] | None = None, fuse: bool = False) -> int:
         """Keep each linear's weight only in oneDNN's packed layout for CPU inference
         (:meth:`~leanlm.kernels.cpu_linear.Linear.pack_`); returns how many were packed.
         ``after(plain)`` is called with each plain weight once its packed copy exists (the loader
         hands its pages back to the file). A tied head is packed apart from the embedding, which
         keeps the plain tensor for its lookups: load with ``pack=True`` to keep that one in the
-        file mapping instead of memory. :meth:`unpack_weights_` undoes it."""
-        n = 0
-        # the largest first (the head): while one is repacked, its plain copy and its packed
-        # copy are both resident, and that pair must not come on top of everything else
-        linears = sorted((m for m in self.modules() if isinstance(m, Linear)),
-                         key=lambda m: -m.weight.numel())
-        for module in linears:
-            plain = module.weight
-            if not plain.is_mkldnn and module.pack_():
-                n += 1
-                if after is not None:
-                    after(plain)
+        file mapping instead of memory. ``fuse`` (the loader) fuses each layer's projections
+        (:meth:`fuse_projections_`) just before packing it, after the head. :meth:`unpack_weights_`
+        undoes the packing."""
+        if not fuse:
+            return _pack(self, after)
+        # the head first, then a layer at a time: one layer's stacked plain copies are resident
+        # beside the packed weights, not every layer's
+        n = _pack(self.lm_head, after)
+        for layer in self.layers:
+            _fuse_layer(layer, after)
+            n += _pack(layer, after)
         return n
 
     def unpack_weights_(self) -> None:
@@ -264,6 +300,33 @@ class Transformer(nn.Module):
             if isinstance(module, Linear):
                 module.unpack_()
         self.tie_weights()
+
+    def fuse_projections_(self, after: Callable[[torch.Tensor], None] | None = None) -> int:
+        """Make each layer's q/k/v one ``qkv`` linear and its gate/up one ``gate_up`` linear for
+        inference (:mod:`leanlm.fusion`: plain and weight-only quantized layers; a packed model
+        stays packed); returns how many groups were fused. ``after(plain)`` is called with each
+        part's plain weight once the fused copy exists (the loader hands its pages back). Layers
+        with adapters, tensor-parallel shards and quantized parts of different input layouts
+        (act-order ``g_idx``) stay apart. The state dict keeps the Hugging Face names;
+        :meth:`unfuse_projections_` (which training, quantizing, adapters and sharding need)
+        undoes it."""
+        return sum(_fuse_layer(layer, after) for layer in self.layers)
+
+    def unfuse_projections_(self) -> int:
+        """q/k/v and gate/up as separate linears again, equal to what was fused (packed ones
+        stay packed); returns how many groups were split."""
+        return sum(fusion.unfuse_(m) for m in self.modules() if fusion.groups(m))
+
+    @contextlib.contextmanager
+    def projections_unfused(self) -> Iterator[Transformer]:
+        """``with model.projections_unfused(): ...`` runs the block on the separate linears
+        (e.g. writing a checkpoint format that names each one) and fuses them again after."""
+        fused = self.unfuse_projections_()
+        try:
+            yield self
+        finally:
+            if fused:
+                self.fuse_projections_()
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
         """Random init of every parameter with :func:`init_param_`."""

@@ -261,3 +261,16 @@ def test_seeds_outside_torchs_range_and_empty_stop_strings_are_refused() -> None
     out = LLM(random_model("llama"), EngineConfig(block_size=4, num_blocks=64)).generate(
         [[1, 2, 3]], SamplingParams(max_tokens=3, seed=2**64 - 1, temperature=1.0))
     assert len(out[0]) == 3
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_fused_projections_give_the_same_greedy_outputs(family: str) -> None:
+    """The engine on a model with q/k/v and gate/up fused and packed (as ``serve`` loads it)
+    decodes what the unfused reference generator does."""
+    model = random_model(family).bfloat16()
+    ps = prompts(12)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    want = [generate(model, [p], params)[0] for p in ps]
+    model.pack_weights_(fuse=True)
+    assert "qkv" in model.layers[0].self_attn._modules
+    assert LLM(model, EngineConfig(block_size=4, num_blocks=256)).generate(ps, params) == want

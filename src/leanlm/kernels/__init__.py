@@ -10,6 +10,7 @@ to that limit on a GPU:
 - ``int4_gemm``: weight-only GEMM/GEMV on :class:`~leanlm.quant.linear.QuantLinear`'s packed codes,
   dequantized in registers (GPTQ's g_idx included);
 - ``rmsnorm``: fused residual-add + RMSNorm;  ``rotary``: rotary embedding of q or k;
+- ``silu_mul``: SiLU(gate) ⊙ up of the MLP's fused gate/up output;
 - ``kv_store``: writing new K/V into their cache slots.
 
 Not Triton: ``cpu_linear`` is the model's ``nn.Linear``, which runs CPU inference on oneDNN's
@@ -28,7 +29,9 @@ changed for a block of code with :func:`kernel_mode` (tests, benchmarks):
 Without Triton installed (``_triton.HAS_TRITON`` false) the references always run, and the core
 still imports. The oneDNN prepacking of ``cpu_linear`` is a switch of its own
 (``LEANLM_PREPACK=0`` or :func:`prepacking`), independent of the Triton mode; so is whether an
-fp32 model's quantized layers may use the bf16 CPU kernels (:func:`bf16_kernels`).
+fp32 model's quantized layers may use the bf16 CPU kernels (:func:`bf16_kernels`), and so is
+whether an inference load fuses q/k/v and gate/up into one linear each (``LEANLM_FUSE=0`` or
+:func:`fusing`; :mod:`leanlm.fusion`).
 
 Kernels have no backward: whenever autograd is recording through an input, the reference runs.
 Under ``torch.compile`` the references are traced too: inductor fuses them into kernels of its own.
@@ -48,7 +51,7 @@ from leanlm.kernels._triton import HAS_TRITON
 
 MODES = ("auto", "reference", "triton")
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
-_switches: dict[str, str | bool] = {}  # "mode" and "prepack", once read or set
+_switches: dict[str, str | bool] = {}  # "mode", "prepack", "fuse" ..., once read or set
 
 
 def mode_from_env() -> str:
@@ -87,6 +90,13 @@ def prepack() -> bool:
     return bool(_switches["prepack"])
 
 
+def fuse() -> bool:
+    """Whether inference loads fuse q/k/v and gate/up projections (``LEANLM_FUSE``, default on)."""
+    if "fuse" not in _switches:
+        _switches["fuse"] = os.environ.get("LEANLM_FUSE", "1") != "0"
+    return bool(_switches["fuse"])
+
+
 @contextlib.contextmanager
 def _switched(name: str, value: str | bool) -> Iterator[None]:
     old = _switches.get(name)
@@ -110,6 +120,11 @@ def kernel_mode(value: str) -> contextlib.AbstractContextManager[None]:
 def prepacking(enabled: bool) -> contextlib.AbstractContextManager[None]:
     """``with prepacking(False): ...`` runs CPU inference through plain ``F.linear``."""
     return _switched("prepack", enabled)
+
+
+def fusing(enabled: bool) -> contextlib.AbstractContextManager[None]:
+    """``with fusing(False): ...`` loads models with their q/k/v and gate/up linears apart."""
+    return _switched("fuse", enabled)
 
 
 def interpreting() -> bool:

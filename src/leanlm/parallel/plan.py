@@ -192,6 +192,7 @@ def tensor_parallel_(model: Transformer, mesh: DeviceMesh, sequence_parallel: bo
     ``model.tp_mesh`` is ``mesh``. ``sequence_parallel`` and ``loss_parallel`` are the training
     options of the module docstring (a model built on the meta device may be sharded too).
     """
+    model.unfuse_projections_()  # the plan shards q/k/v and gate/up each by heads / columns
     model.unpack_weights_()  # weights packed for CPU inference are sharded in their plain layout
     tp = mesh.size()
     plan = tp_plan(model.config, tp, sequence_parallel)

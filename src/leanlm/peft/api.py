@@ -251,6 +251,8 @@ def apply_peft_(model: nn.Module, config: PeftConfig, name: str = "default") -> 
     if name in configs:
         raise LeanLMError(f"the model already has an adapter named {name!r}")
     adapter_cls = method.adapter_cls
+    if hasattr(model, "unfuse_projections_"):  # adapters target q_proj, up_proj ... by name
+        model.unfuse_projections_()
     shared: dict[str, Any] = {}  # parameters an adapter type shares across modules (Compacter)
     for mname, module in find_targets(model, config.resolved_targets()).items():
         _install(module)

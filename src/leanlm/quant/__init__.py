@@ -9,6 +9,7 @@ Each method's handler is registered under its command-line name in :data:`REGIST
 config by that name.
 """
 
+from leanlm.quant import fused  # noqa: F401  (registers how QuantLinear layers fuse)
 from leanlm.quant.api import (
     REGISTRY,
     MethodConfig,

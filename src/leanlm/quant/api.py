@@ -265,6 +265,7 @@ def quantize_(model: nn.Module, config: Any, calib: torch.Tensor | None = None,
         raise LeanLMError(f"the model is already quantized ({next(iter(done))} is "
                           f"{type(next(iter(done.values()))).__name__}); load the full-precision model")
     if hasattr(model, "unpack_weights_"):
+        model.unfuse_projections_()  # each projection is quantized (and saved) under its own name
         model.unpack_weights_()  # weights packed for CPU inference: quantization reads them plain
     method = handler_cls(config)
     head_config = config if isinstance(lm_head, bool) else lm_head

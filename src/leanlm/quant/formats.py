@@ -198,7 +198,16 @@ def save_quantized(model: nn.Module, path: str | os.PathLike[str], tokenizer: An
                    format: str | None = None, max_shard_bytes: int = 4 * 1024**3) -> Path:
     """Write a quantized model (atomically): weight-only models as GPTQ (default) or AWQ
     checkpoints, SmoothQuant / LLM.int8() models in leanlm's ``w8a8`` format, FP8 models as
-    compressed-tensors."""
+    compressed-tensors. A model with fused projections (:mod:`leanlm.fusion`) is written from its
+    separate linears, as these formats name each one, and fused again after."""
+    if hasattr(model, "projections_unfused"):
+        with model.projections_unfused():
+            return _save_quantized(model, path, tokenizer, format, max_shard_bytes)
+    return _save_quantized(model, path, tokenizer, format, max_shard_bytes)
+
+
+def _save_quantized(model: nn.Module, path: str | os.PathLike[str], tokenizer: Any | None,
+                    format: str | None, max_shard_bytes: int) -> Path:
     config: ModelConfig = model.config
     qlinears = quantized_linears(model)
     if not qlinears:
