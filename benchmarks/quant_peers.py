@@ -56,12 +56,14 @@ class Row:
     method: str  # gptq | awq
     bits: int
     act_order: bool = False
-    matched: bool = False  # GPTQModel with leanlm's damp 0.01 and no GAR
+    matched: bool = False  # with the other tool's GPTQ settings (GPTQModel: damp 0.05, GAR)
 
     @property
     def label(self) -> str:
         name = self.method.upper() + (" act-order" if self.act_order else "")
-        return name + (" (damp 0.01, no GAR)" if self.matched else "")
+        if not self.matched:
+            return name
+        return name + (" (damp 0.01, no GAR)" if self.tool == "GPTQModel" else " (damp 0.05, GAR)")
 
     @property
     def slug(self) -> str:
@@ -74,7 +76,7 @@ def rows() -> list[Row]:
     for bits in (4, 3):
         for act in (False, True):
             out += [Row("leanlm", "gptq", bits, act), Row("GPTQModel", "gptq", bits, act)]
-        out.append(Row("GPTQModel", "gptq", bits, matched=True))
+        out += [Row("GPTQModel", "gptq", bits, matched=True), Row("leanlm", "gptq", bits, matched=True)]
     # GPTQModel's AWQ is 4-bit only (so is AutoAWQ's GEMM format): no W3 AWQ pair to compare
     return [*out, Row("leanlm", "awq", 4), Row("GPTQModel", "awq", 4)]
 
@@ -97,7 +99,8 @@ def child(spec: str) -> None:
     calib = load_file(job["calib"])["calib"]
     if row.tool == "leanlm":
         model = load_model(DEFAULT_MODEL, dtype="float32")
-        config = (GPTQConfig(row.bits, group, act_order=row.act_order) if row.method == "gptq"
+        gptqmodels = dict(damp_percent=0.05, group_aware=True) if row.matched else {}
+        config = (GPTQConfig(row.bits, group, act_order=row.act_order, **gptqmodels) if row.method == "gptq"
                   else AWQConfig(row.bits, group))
         loaded = rss()
         seconds = _timed(lambda: quantize_(model, config, calib, progress=False))
@@ -186,7 +189,8 @@ def verdicts(results: dict[Row, tuple[float, float]]) -> None:
     for row, (ours, secs) in results.items():
         if row.tool != "leanlm":
             continue
-        for matched in (False, True):
+        # each tool's own settings, then one tool's on both (leanlm's on GPTQModel, or GPTQModel's)
+        for matched in (False,) if row.matched else (False, True):
             twin = Row("GPTQModel", row.method, row.bits, row.act_order, matched)
             if twin not in results:
                 continue

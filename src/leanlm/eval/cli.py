@@ -184,7 +184,7 @@ def quantize(
         help="GPTQ: quantize columns in decreasing Hessian order.")] = False,
     group_aware: Annotated[bool, typer.Option(
         help="GPTQ without act-order: visit whole groups, and the columns in each, in decreasing "
-             "Hessian order (GAR, GPTQModel's default); the checkpoint needs no act-order kernel.")] = True,
+             "Hessian order (GAR, GPTQModel's default); the checkpoint needs no act-order kernel.")] = False,
     damp_percent: Annotated[float, typer.Option(help="GPTQ: Hessian dampening, a fraction of its mean "
                                                      "diagonal.")] = 0.01,
     static_groups: Annotated[bool, typer.Option(help="GPTQ: choose all group scales up front.")] = False,

@@ -44,7 +44,7 @@ from leanlm.quant.rtn import to_quant_linear
 @dataclass
 class GPTQConfig(WeightOnlyConfig):
     act_order: bool = False
-    group_aware: bool = True  # GAR when not act_order (GPTQModel's default)
+    group_aware: bool = False  # GAR when not act_order (GPTQModel's default, with damp 0.05)
     static_groups: bool = False
     true_sequential: bool = True
     damp_percent: float = 0.01
