@@ -155,16 +155,15 @@ def test_public_contract(make_hf_checkpoint):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_packed_load_keeps_one_copy_of_each_weight(family, make_hf_checkpoint, tmp_path):
-    """``pack=True``: every linear's weight is only the packed tensor (q/k/v and gate/up fused
-    into one each), the embedding stays in the file mapping, the logits are the plain load's, and
-    saving gives the checkpoint back."""
+    """``pack=True``: every linear's weight is only the packed tensor, the embedding stays in the
+    file mapping, the logits are the plain load's, and saving gives the checkpoint back."""
     from leanlm.kernels.cpu_linear import Linear
 
     path = make_hf_checkpoint(family)
     plain = load_model(path, dtype="float32")
     packed = load_model(path, dtype="float32", pack=True)
     linears = [m for m in packed.modules() if isinstance(m, Linear)]
-    assert len(linears) == 4 * packed.config.num_layers + 1 if family == "llama" else len(linears) > 0
+    assert len(linears) == 7 * packed.config.num_layers + 1 if family == "llama" else len(linears) > 0
     assert all(m.is_packed and m._packed is None for m in linears)
     tokens = torch.tensor([[1, 5, 9, 2, 7]])
     with torch.inference_mode():
@@ -198,9 +197,8 @@ print(status("VmHWM") - base)
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's /proc")
 def test_packed_load_peaks_at_about_one_copy(tmp_path):
     """Peak resident memory of a packed load + forward, over the safetensors' size: one copy (a
-    plain load followed by packing on the first forward held two), plus one layer's stacked
-    gate/up while it is packed (fused loads: 1.16 here, against 1.10 with LEANLM_FUSE=0; this
-    small model's gate/up is 7% of its weights)."""
+    plain load followed by packing on the first forward held two). (A CPU load does not fuse
+    projections by default; one that does peaks at 1.16 here, with a layer's stacked gate/up.)"""
     import subprocess
     import sys
 
@@ -218,7 +216,7 @@ def test_packed_load_peaks_at_about_one_copy(tmp_path):
     size = (path / "model.safetensors").stat().st_size
     peak = {p: int(subprocess.run([sys.executable, "-c", PEAK, str(path), p], capture_output=True, text=True,
                                   check=True).stdout.split()[-1]) / size for p in ("1", "0")}
-    assert peak["1"] <= 1.2, peak
+    assert peak["1"] <= 1.15, peak
     assert peak["0"] > 1.5, peak  # the lazily packed copy beside the plain one: what this avoids
 
 

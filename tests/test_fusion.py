@@ -77,11 +77,12 @@ def test_loading_hugging_face_names_into_a_fused_model() -> None:
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_packed_load_packs_the_fused_weights_only(family: str, make_hf_checkpoint, tmp_path) -> None:
-    """``pack=True`` fuses before packing: one packed tensor per group and no plain copy beside
-    it; ``kernels.fusing(False)`` (LEANLM_FUSE=0) loads the projections apart."""
+    """A fusing packed load fuses before packing: one packed tensor per group and no plain copy
+    beside it; by default a CPU load keeps the projections apart, as ``fusing(False)`` does."""
     path = make_hf_checkpoint(family)
     plain = load_model(path, dtype="bfloat16")
-    packed = load_model(path, dtype="bfloat16", pack=True)
+    with kernels.fusing(True):  # (on the CPU only when asked)
+        packed = load_model(path, dtype="bfloat16", pack=True)
     layers = packed.config.num_layers
     linears = [m for m in packed.modules() if isinstance(m, Linear)]
     assert len(linears) == 4 * layers + 1  # qkv, o_proj, gate_up, down_proj; the head
@@ -96,6 +97,8 @@ def test_packed_load_packs_the_fused_weights_only(family: str, make_hf_checkpoin
     with kernels.fusing(False):
         apart = load_model(path, dtype="bfloat16", pack=True)
     assert "q_proj" in apart.layers[0].self_attn._modules
+    assert "q_proj" in load_model(path, dtype="bfloat16", pack=True).layers[0].self_attn._modules
+    assert kernels.fuse("cuda") and not kernels.fuse("cpu")
     assert load_model(path, dtype="bfloat16", pack=False).layers[0].self_attn.q_proj is not None
 
 

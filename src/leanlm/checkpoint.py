@@ -281,14 +281,17 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype | None = N
     is no second pass to pack them on the first forward. ``model.unpack_weights_()`` gives plain
     weights back (for training, merging, quantizing). Ignored off CPU.
 
-    ``fuse`` (default: as ``pack``, on any device; off with ``LEANLM_FUSE=0`` or
-    :func:`leanlm.kernels.fusing`) makes each layer's q/k/v one linear and gate/up one linear
-    before packing (:meth:`Transformer.fuse_projections_`), so a decode step runs one product
-    per group; the state dict keeps the Hugging Face names, and ``model.unfuse_projections_()``
-    gives the separate linears back. A config.json with a
-    ``quantization_config`` (GPTQ, AWQ, leanlm w8a8) loads with quantized layers, through the
-    loader registered for its ``quant_method`` (:func:`register_quantized_format`;
-    :mod:`leanlm.quant.formats` registers its formats, and ``import leanlm`` imports it).
+    ``fuse`` makes each layer's q/k/v one linear and gate/up one linear (before packing;
+    :meth:`Transformer.fuse_projections_`), so a decode step runs one product per group; the
+    state dict keeps the Hugging Face names, and ``model.unfuse_projections_()`` gives the
+    separate linears back. Default: with ``pack`` on a GPU (:func:`leanlm.kernels.fuse` says why
+    not on the CPU; ``LEANLM_FUSE=1``/``0`` or :func:`leanlm.kernels.fusing` decide for any
+    device).
+
+    A config.json with a ``quantization_config`` (GPTQ, AWQ, leanlm w8a8) loads with quantized
+    layers, through the loader registered for its ``quant_method``
+    (:func:`register_quantized_format`; :mod:`leanlm.quant.formats` registers its formats, and
+    ``import leanlm`` imports it).
     """
     path = Path(path)
     if not path.is_dir():
@@ -297,7 +300,7 @@ def load_model(path: str | os.PathLike[str], dtype: str | torch.dtype | None = N
         raise LeanLMError(f"{path}: no config.json (expected a Hugging Face model directory)")
     config = ModelConfig.from_json_file(path / "config.json")
     want = resolve_dtype(dtype)
-    fuse = (pack if fuse is None else fuse) and kernels.fuse()
+    fuse = pack and kernels.fuse(device) if fuse is None else fuse
     qcfg = json.loads((path / "config.json").read_text()).get("quantization_config")
     if qcfg:
         method = qcfg.get("quant_method")

@@ -35,8 +35,7 @@ def generate(
     adapter: Annotated[Path | None, typer.Option(help="A peft adapter directory to apply.")] = None,
     pack: Annotated[bool, typer.Option(
         "--pack/--no-pack", help="Repack the weights at load for the CPU kernels, keeping that one copy "
-        "and stacking q/k/v and gate/up into one linear each (--no-pack: plain weights, plain F.linear, "
-        "each projection apart).")] = True,
+        "(--no-pack: plain weights, plain F.linear).")] = True,
     mmap: Annotated[bool, typer.Option(
         help="Keep the weights in the file mapping: no load time, pages shared with other processes; "
         "slower CPU decode (implies --no-pack).")] = False,

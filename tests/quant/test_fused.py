@@ -64,7 +64,7 @@ def test_save_quantized_of_a_fused_model_writes_the_same_checkpoint(tmp_path) ->
     fused = save_quantized(model, tmp_path / "fused")
     assert (fused / "model.safetensors").read_bytes() == (apart / "model.safetensors").read_bytes()
     assert "qkv" in model.layers[0].self_attn._modules  # fused again after writing
-    loaded = load_model(fused, pack=True)  # an inference load of the checkpoint fuses it
+    loaded = load_model(fused, pack=True, fuse=True)  # (a GPU load's default)
     assert isinstance(loaded.layers[0].mlp.gate_up, QuantLinear)
     with torch.inference_mode():
         assert torch.equal(loaded(TOKENS), load_model(fused)(TOKENS))

@@ -30,8 +30,8 @@ Without Triton installed (``_triton.HAS_TRITON`` false) the references always ru
 still imports. The oneDNN prepacking of ``cpu_linear`` is a switch of its own
 (``LEANLM_PREPACK=0`` or :func:`prepacking`), independent of the Triton mode; so is whether an
 fp32 model's quantized layers may use the bf16 CPU kernels (:func:`bf16_kernels`), and so is
-whether an inference load fuses q/k/v and gate/up into one linear each (``LEANLM_FUSE=0`` or
-:func:`fusing`; :mod:`leanlm.fusion`).
+whether an inference load fuses q/k/v and gate/up into one linear each (by default on GPUs only;
+``LEANLM_FUSE=1``/``0`` or :func:`fusing`; :mod:`leanlm.fusion`).
 
 Kernels have no backward: whenever autograd is recording through an input, the reference runs.
 Under ``torch.compile`` the references are traced too: inductor fuses them into kernels of its own.
@@ -90,11 +90,17 @@ def prepack() -> bool:
     return bool(_switches["prepack"])
 
 
-def fuse() -> bool:
-    """Whether inference loads fuse q/k/v and gate/up projections (``LEANLM_FUSE``, default on)."""
+def fuse(device: torch.device | str) -> bool:
+    """Whether inference loads onto ``device`` fuse q/k/v and gate/up projections: ``LEANLM_FUSE``
+    1 or 0 (or :func:`fusing`) everywhere; by default on GPUs only, where it saves kernel launches.
+    On the CPU it saves nothing measurable (one oneDNN call per projection is no bottleneck) and
+    the stacked copy raises a packed load's peak memory (llama-3.2-1b: 1.21x the checkpoint
+    against 1.13x; benchmarks/RESULTS.md)."""
     if "fuse" not in _switches:
-        _switches["fuse"] = os.environ.get("LEANLM_FUSE", "1") != "0"
-    return bool(_switches["fuse"])
+        env = os.environ.get("LEANLM_FUSE", "auto")
+        _switches["fuse"] = "auto" if env not in ("0", "1") else env == "1"
+    value = _switches["fuse"]
+    return torch.device(device).type != "cpu" if value == "auto" else bool(value)
 
 
 @contextlib.contextmanager
@@ -123,7 +129,8 @@ def prepacking(enabled: bool) -> contextlib.AbstractContextManager[None]:
 
 
 def fusing(enabled: bool) -> contextlib.AbstractContextManager[None]:
-    """``with fusing(False): ...`` loads models with their q/k/v and gate/up linears apart."""
+    """``with fusing(False): ...`` loads models with their q/k/v and gate/up linears apart (and
+    ``fusing(True)`` fused, on the CPU too)."""
     return _switched("fuse", enabled)
 
 
