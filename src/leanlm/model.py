@@ -272,7 +272,9 @@ class Transformer(nn.Module):
         return self
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):  # not quantized
+        # (not quantized; a pipeline's last stage has no embedding: its head is its own copy)
+        if (self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear)
+                and self.embed_tokens is not None):
             self.lm_head.weight = self.embed_tokens.weight
 
     def pack_weights_(self, after: Callable[[torch.Tensor], None] | None = None, fuse: bool = False) -> int:

@@ -52,6 +52,10 @@ training (``leanlm.train.parallelize`` turns both on):
   cross-entropy on each rank's vocabulary shard of the head, with per-row max / sum all-reduces
   instead of all-gathering [N, V] logits. ``model(...)`` still returns whole logits.
 
+A pipeline stage (:mod:`leanlm.train.pipeline`: no embedding after the first stage, no head
+before the last, parameter-free blocks for the other stages' layers) is sharded alike: the plan
+applies to the modules it holds.
+
 Refused before anything changes, in one line (:class:`LeanLMError`): heads or the MLP width not
 divisible by p, K/V heads that neither divide nor are divided by p, a mesh that is not 1-D (pass
 ``mesh["tp"]`` of a larger mesh), DoRA and non-LoRA adapters on sharded layers, layers of another
@@ -198,12 +202,17 @@ def tensor_parallel_(model: Transformer, mesh: DeviceMesh, sequence_parallel: bo
     plan = tp_plan(model.config, tp, sequence_parallel)
     _preflight(model, mesh, plan, sequence_parallel)
     embed_out = Shard(1) if sequence_parallel else Replicate()  # (a reduce-scatter by sequence)
-    parallelize_module(model.embed_tokens, mesh,
-                       RowwiseParallel(input_layouts=Replicate(), output_layouts=embed_out),
-                       src_data_rank=None)
-    model.embed_tokens.register_forward_hook(_wait_output)  # a plain tensor, not an async one
-    if model.config.tie_word_embeddings and isinstance(model.lm_head, nn.Linear):
-        model.lm_head.weight = model.embed_tokens.weight  # both Shard(0) over the vocabulary
+    if model.embed_tokens is not None:  # (a pipeline stage after the first has none)
+        parallelize_module(model.embed_tokens, mesh,
+                           RowwiseParallel(input_layouts=Replicate(), output_layouts=embed_out),
+                           src_data_rank=None)
+        model.embed_tokens.register_forward_hook(_wait_output)  # a plain tensor, not an async one
+        if model.config.tie_word_embeddings and isinstance(model.lm_head, nn.Linear):
+            model.lm_head.weight = model.embed_tokens.weight  # both Shard(0) over the vocabulary
+    # each pattern spelled out as the modules it names: a pipeline stage holds some of them (no
+    # head before the last stage, parameter-free Skip blocks), which parallelize_module would warn of
+    names = [n for n, _ in model.named_modules()]
+    plan = {n: style for k, style in plan.items() for n in names if fnmatch(n, k)}
     parallelize_module(model, mesh, plan, src_data_rank=None)
     if loss_parallel and hasattr(model.lm_head, "tp_shard") and isinstance(model.lm_head, nn.Linear):
         model.lm_head.cross_entropy = types.MethodType(vocab_parallel_cross_entropy, model.lm_head)
