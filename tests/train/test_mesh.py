@@ -31,6 +31,7 @@ def test_mesh_settings_are_overrides_and_the_old_mode_still_works():
     assert mesh_shape(cfg("parallel.pp=2", "eval_every=0"), 2) == (2, 1, 1)
     interleaved = ("parallel.pp_schedule=interleaved", "parallel.pp_virtual=2", "model.num_layers=4")
     assert mesh_shape(cfg("parallel.pp=2", *interleaved, "micro_batch=3", "eval_every=0"), 2) == (2, 1, 1)
+    assert mesh_shape(cfg("parallel.pp=2", "parallel.tp=2", "eval_every=0"), 4) == (2, 1, 2)
     assert mesh_shape(cfg("parallel.tp=2"), 4) == (1, 2, 2)  # dp 0 = the rest of the world
     assert mesh_shape(cfg("parallel.dp=1", "parallel.tp=2"), 2) == (1, 1, 2)
     assert mesh_shape(cfg(), 1) == (1, 1, 1)
@@ -76,8 +77,8 @@ def test_bad_mesh_settings(overrides, message):
      "needs at least one"),
     (("parallel.tp=2", "parallel=ddp"), 4, "parallel.tp > 1 composes with parallel=fsdp (FSDP2 over "
      "the dp ranks), not with parallel=ddp"),
-    (("parallel.pp=2", "parallel.tp=2", "eval_every=0"), 4, "parallel.pp=2: pipeline stages do not "
-     "compose with tensor parallelism yet (set parallel.tp=1)"),
+    (("parallel.pp=2", "parallel.tp=2", "eval_every=0"), 8, "parallel.pp=2: stages compose with tensor "
+     "parallelism or with FSDP over dp ranks, not both yet (set parallel.dp=1 or parallel.tp=1)"),
     (("parallel.pp=2", "parallel=ddp", "eval_every=0"), 4, "parallel.pp=2: pipeline stages compose "
      "with parallel=fsdp over the dp ranks, not with ddp"),
     (("parallel.pp=2", "parallel.pp_microbatches=1", "eval_every=0"), 2, "parallel.pp=2: 1F1B needs at "

@@ -1,8 +1,9 @@
 """Pipeline parallelism on gloo under torchrun gives the single-process run: PP=2 with GPipe,
-1F1B and interleaved 1F1B (2 stages per rank, on 4 layers), and PP×FSDP 2×2, match 5 steps of
-the tiny recipe (tied embeddings: the two stages' copies stay one matrix) in losses and gradient
-norms to 1e-4, with gradient accumulation and AC too; its checkpoint resumes in one process;
-stages keep the whole model's parameter names."""
+1F1B and interleaved 1F1B (2 stages per rank, on 4 layers), PP×FSDP 2×2 and PP×TP 2×2 (sequence
+parallel, vocabulary-parallel loss; GPipe, 1F1B and interleaved) match 5 steps of the tiny recipe
+(tied embeddings: the two stages' copies stay one matrix, sharded alike under TP) in losses and
+gradient norms to 1e-4, with gradient accumulation and AC too; its checkpoint resumes in one
+process; stages keep the whole model's parameter names."""
 
 from __future__ import annotations
 
@@ -76,10 +77,14 @@ def records_of(out: Path) -> list[dict[str, Any]]:
     (2, ("micro_batch=4", "parallel.pp_schedule=1f1b")),
     (2, ("micro_batch=2", "grad_accum=2", "parallel.pp_microbatches=2", "ac=full")),
     (4, ("micro_batch=2", "parallel.dp=2", "parallel.pp_microbatches=2")),
-], ids=["gpipe", "1f1b", "1f1b-accum-ac", "pp2xfsdp2"])
+    (4, ("micro_batch=4", "parallel.tp=2", "parallel.pp_schedule=gpipe")),
+    (4, ("micro_batch=4", "parallel.tp=2", "parallel.sequence_parallel=false")),
+], ids=["gpipe", "1f1b", "1f1b-accum-ac", "pp2xfsdp2", "pp2xtp2-gpipe", "pp2xtp2-1f1b-nosp"])
 def test_two_stages_match_one_process(tiny_data, tmp_path, single_out, nproc, sets):
     """The same global batch of 4 sequences: one pipeline of 4 micro-batches, 2 steps of 2, or
-    (pp2xfsdp2) 2 replicas of the pipeline, each stage FSDP2-sharded over 2 ranks."""
+    (pp2xfsdp2) 2 replicas of the pipeline, each stage FSDP2-sharded over 2 ranks, or (pp2xtp2)
+    one pipeline whose stages are tensor-parallel over 2 ranks each (sending sequence chunks
+    between stages, or whole activations without sequence parallelism)."""
     got = pretrain_records(tiny_data, tmp_path / "run", "parallel.pp=2", *sets, nproc=nproc)
     single = records_of(single_out)
     assert len(got) == 5 and single[-1]["loss"] < single[0]["loss"] - 0.5
@@ -88,15 +93,17 @@ def test_two_stages_match_one_process(tiny_data, tmp_path, single_out, nproc, se
 
 @pytest.mark.dist
 @pytest.mark.parametrize(("nproc", "sets"), [(2, ("micro_batch=4",)),
-                                            (4, ("micro_batch=2", "parallel.dp=2"))],
-                         ids=["pp2", "pp2xfsdp2"])
+                                            (4, ("micro_batch=2", "parallel.dp=2")),
+                                            (4, ("micro_batch=4", "parallel.tp=2"))],
+                         ids=["pp2", "pp2xfsdp2", "pp2xtp2"])
 def test_pipeline_checkpoint_resumes_in_one_process(tiny_data, tmp_path, single_out, nproc, sets):
-    """Each stage writes its own layers (FSDP shards of them) into one DCP checkpoint; one process
+    """Each stage writes its own layers (FSDP or TP shards of them) into one DCP checkpoint; one process
     loads them all (the tied matrix from either copy) and continues with the same losses; the
     exported model (rank 0 gathers the stages) is the single-process run's."""
     from safetensors.torch import load_file
 
-    pretrain_records(tiny_data, tmp_path / "pp", *sets, "parallel.pp=2", nproc=nproc)
+    got = pretrain_records(tiny_data, tmp_path / "pp", *sets, "parallel.pp=2", nproc=nproc)
+    assert_same_run(got, records_of(single_out))
     out = tmp_path / "resume"
     shutil.copytree(tmp_path / "pp" / "checkpoints" / "step-000003", out / "checkpoints" / "step-000003")
     rest = pretrain_records(tiny_data, out, "micro_batch=4")
@@ -113,14 +120,17 @@ INTERLEAVED = ("parallel.pp=2", "parallel.pp_schedule=interleaved", "parallel.pp
 
 
 @pytest.mark.dist
-def test_interleaved_stages_match_one_process_and_resume(tiny_data, tmp_path):
-    """Interleaved 1F1B, 2 ranks × 2 stages, 4 micro-batches: the single-process run's losses and
-    gradient norms; its checkpoint (each rank's two stages, one model's names) resumes in one
-    process, and the gathered export is the single-process run's model."""
+@pytest.mark.parametrize("tp", [1, 2], ids=["pp2", "pp2xtp2"])
+def test_interleaved_stages_match_one_process_and_resume(tiny_data, tmp_path, tp):
+    """Interleaved 1F1B, 2 ranks × 2 stages (each over ``tp`` ranks), 4 micro-batches: the
+    single-process run's losses and gradient norms; its checkpoint (each rank's two stages, one
+    model's names) resumes in one process, and the gathered export is the single-process run's
+    model."""
     from safetensors.torch import load_file
 
     single = pretrain_records(tiny_data, tmp_path / "single", DEEP, "micro_batch=4")
-    got = pretrain_records(tiny_data, tmp_path / "pp", DEEP, "micro_batch=4", *INTERLEAVED, nproc=2)
+    got = pretrain_records(tiny_data, tmp_path / "pp", DEEP, "micro_batch=4", *INTERLEAVED,
+                           f"parallel.tp={tp}", nproc=2 * tp)
     assert single[-1]["loss"] < single[0]["loss"] - 0.5
     assert_same_run(got, single)
     out = tmp_path / "resume"

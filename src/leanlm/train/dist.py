@@ -10,6 +10,8 @@ gloo on CPUs; a group of one when a single process asks for FSDP or DDP). The me
                                       neighbours (one node, its fast links)
     ("pp", "dp")    pp × dp           pipeline stages, each FSDP2-sharded over its dp ranks (if
                                       dp > 1)
+    ("pp", "dp", "tp")  pp × dp × tp  pipeline stages, each tensor-parallel over its tp ranks
+                                      (dp = 1 for now: :func:`mesh_shape` refuses PP × TP × FSDP)
 
 and ``dp_rank`` says which data-parallel replica a process belongs to: the loader gives every
 replica its own sequences and the tp ranks (and pipeline stages) of one replica the same ones.
@@ -47,7 +49,7 @@ class DistInfo:
     world: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    mesh: Any = None  # ("dp",), ("dp", "tp") or ("pp", "dp"): see the module docstring
+    mesh: Any = None  # ("dp",), ("dp", "tp"), ("pp", "dp") or ("pp", "dp", "tp"): see the module docstring
     dp_rank: int = 0  # which data-parallel replica this process is (the tp ranks of one share it)
     dp: int = 1
     pp: int = 1  # pipeline stages (each process runs one)
@@ -78,7 +80,9 @@ class DistInfo:
             from torch.distributed.device_mesh import init_device_mesh
 
             rank, world = dist.get_rank(), dist.get_world_size()
-            if pp > 1:  # (mesh_shape refuses pp with tp, for now)
+            if pp > 1 and tp > 1:  # each stage tensor-parallel over its tp ranks (neighbours)
+                mesh = init_device_mesh(device.type, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
+            elif pp > 1:
                 mesh = init_device_mesh(device.type, (pp, dp), mesh_dim_names=("pp", "dp"))
             elif tp > 1:  # tp innermost: a replica's tp ranks are neighbours (one node, fast links)
                 mesh = init_device_mesh(device.type, (dp, tp), mesh_dim_names=("dp", "tp"))

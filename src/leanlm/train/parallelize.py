@@ -1,12 +1,13 @@
 """Apply the training techniques to the one model, in place, in a fixed order: TP, AC, compile, FSDP/DDP.
 
-The processes form a mesh ("dp", "tp") of dp × tp ranks, or ("pp", "dp") of pipeline stages
-(:func:`mesh_shape` checks it against the world size and the model before anything is built;
-stages compose with FSDP over dp, not yet with tp). The order is torchtitan's (``parallelize_llama``) and
-each step depends on the previous one:
+The processes form a mesh ("dp", "tp") of dp × tp ranks, or ("pp", "dp") / ("pp", "dp", "tp") of
+pipeline stages (:func:`mesh_shape` checks it against the world size and the model before
+anything is built; stages compose with FSDP over dp or with TP over tp, not yet with both). The
+order is torchtitan's (``parallelize_llama``) and each step depends on the previous one:
 
 (-1) **Pipeline stages** (:mod:`leanlm.train.pipeline`): the meta-device model cut to this
-   stage's layers, so that everything after applies to (and allocates) only those.
+   stage's layers, so that everything after applies to (and allocates) only those: a stage's tp
+   ranks shard its layers alone (torchtitan's PP × TP).
 
 0. **Tensor + sequence parallelism** over the "tp" dimension (Megatron-LM, Shoeybi et al. 2019;
    Korthikanti et al. 2022): the one plan of :mod:`leanlm.parallel`, with sequence parallelism
@@ -150,8 +151,9 @@ def mesh_shape(cfg: TrainConfig, world: int) -> tuple[int, int, int]:
     if pp > 1:
         m_b = p.pp_microbatches or cfg.micro_batch
         problem = None
-        if tp > 1:
-            problem = "pipeline stages do not compose with tensor parallelism yet (set parallel.tp=1)"
+        if tp > 1 and dp > 1:
+            problem = ("stages compose with tensor parallelism or with FSDP over dp ranks, not both yet "
+                       "(set parallel.dp=1 or parallel.tp=1)")
         elif dp > 1 and p.mode == "ddp":
             problem = "pipeline stages compose with parallel=fsdp over the dp ranks, not with ddp"
         elif cfg.micro_batch % m_b:
@@ -280,6 +282,8 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
     is taken over all stages."""
     params = list(model.parameters())
     if getattr(model, "pp_stage", None) is not None:
+        if getattr(model, "tp_mesh", None) is not None:  # (a tensor-parallel stage's norms)
+            sum_partial_gradients_(model)
         copy = sum_tied_gradients_(model)
         sq = global_grad_norm([p for p in params if p is not copy]).square()
         torch.distributed.all_reduce(sq, group=model.pp_group)

@@ -30,6 +30,25 @@ them equal, and the gradient norm counts the matrix once.
 With dp > 1 the mesh is ("pp", "dp"): each stage is a group of dp ranks that FSDP2 shards it
 over (torchtitan's PP × FSDP), each replica of the pipeline reads its own sequences, and the
 schedule leaves FSDP's gradient reduce-scatter to the last micro-batch's backward.
+
+With tp > 1 the mesh is ("pp", "dp", "tp") (dp = 1 for now) and each stage's layers are sharded
+by the one tensor-parallel plan over its tp ranks (torchtitan's PP × TP); the stage boundary
+connects tp rank t of stage s to tp rank t of stage s + 1 only (the "pp" group of a (dp, tp)
+coordinate). The plan hands plain local tensors between blocks, so what crosses the boundary is
+what a block boundary holds on that rank. Under sequence parallelism that is the rank's chunk
+x[:, t·S/tp : (t+1)·S/tp, :] of the residual stream, and so it is sent: [B/m, S/tp, h] forward
+and its gradient [B/m, S/tp, h] back, 2·B·S·h/tp elements per step and boundary from each of the
+tp ranks — 2·B·S·h in all, the same as without TP, in tp parallel messages of 1/tp the size, and
+no collective at the boundary (the next stage's first block all-gathers the sequence anyway;
+its reduce-scatter backward makes each chunk's gradient whole before it is sent back).
+Gathering the whole activation instead would send tp copies of the same [B/m, S, h]. Without
+sequence parallelism every tp rank holds the whole replicated [B/m, S, h] (its gradient is
+whole too: Megatron's f all-reduces it) and sends it, tp times the bytes. Token ids go whole to
+every tp rank of the first stage (the vocabulary-parallel embedding reduce-scatters them into
+chunks); the last stage's final norm output stays a chunk, which the vocabulary-parallel fused
+loss (:mod:`leanlm.parallel.loss`) gathers along the sequence, and every tp rank of it returns
+the same loss. The tied embedding and head are Shard(0) over the vocabulary alike on both
+stages, so :func:`sum_tied_gradients_` all-reduces tp rank t's rows with tp rank t's rows.
 """
 
 from __future__ import annotations
@@ -140,6 +159,10 @@ def sum_tied_gradients_(model: nn.Module) -> nn.Parameter | None:
         return None
     if tied.grad is None:
         tied.grad = torch.zeros_like(tied)
+    if isinstance(tied.grad, DTensor) and tied.grad.placements != tied.placements:
+        # (torch's vocabulary-parallel embedding leaves a Replicate() gradient on its Shard(0)
+        # weight: cut to the weight's rows, a local slice, so that both stages add like shards)
+        tied.grad = tied.grad.redistribute(placements=tied.placements)
     local = tied.grad.to_local() if isinstance(tied.grad, DTensor) else tied.grad
     dist.all_reduce(local, group=model.pp_tie_group)  # in place: the gradient's own storage
     return tied if stage == pp - 1 else None
@@ -147,18 +170,21 @@ def sum_tied_gradients_(model: nn.Module) -> nn.Parameter | None:
 
 def build_schedule(model: Transformer, pp_group: dist.ProcessGroup, device: torch.device,
                    micro_batch: int, seq_len: int, microbatches: int, kind: str, grad_accum: int,
-                   compute: torch.dtype) -> Any:
+                   compute: torch.dtype, seq_shards: int = 1) -> Any:
     """The stages of ``model`` (split by :func:`split_model_`) in a ``kind`` schedule cutting each
     [micro_batch, seq_len] batch into ``microbatches``; the last stage's loss is the fused head +
-    cross-entropy / ``grad_accum``. Shapes are given, not inferred at the first step (the
-    residual stream is fp32; the last stage's output, the final norm's, in ``compute``)."""
+    cross-entropy / ``grad_accum`` (the vocabulary-parallel one on a tensor-parallel head). Shapes
+    are given, not inferred at the first step (the residual stream is fp32; the last stage's
+    output, the final norm's, in ``compute``); between stages it is this rank's 1/``seq_shards``
+    of the sequence (sequence parallelism's chunk: see the module docstring)."""
     from torch.distributed import pipelining
 
     rank, pp = model.pp_stage
     num = pp * len(model.pp_chunks)
     shape = (micro_batch // microbatches, seq_len)
     # (hidden states that require grad: a stage sends back its input's gradient only for those)
-    hidden = torch.empty(*shape, model.config.hidden_size, device=device, requires_grad=True)
+    hidden = torch.empty(shape[0], seq_len // seq_shards, model.config.hidden_size, device=device,
+                         requires_grad=True)
     stages = []
     for k in range(len(model.pp_chunks)):
         index = rank + k * pp
@@ -195,10 +221,11 @@ def pipeline_step(schedule: Any, model: nn.Module, batch: Any) -> float:
     if batch.documents is not None:
         kwargs["documents"] = batch.documents
     losses: list[torch.Tensor] = []
-    args = (batch.inputs,) if stage == 0 else ()
+    # (the loader's inputs are views of [B, S+1] tokens: contiguous, as the stage's metadata says)
+    args = (batch.inputs.contiguous(),) if stage == 0 else ()
     target = batch.targets if stage == pp - 1 else None
     schedule.step(*args, target=target, losses=losses, **kwargs)
-    return float(sum(float(x) for x in losses))
+    return float(sum(float(x.detach()) for x in losses))
 
 
 def gathered_stages(model: nn.Module) -> dict[str, torch.Tensor]:

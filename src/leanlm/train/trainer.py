@@ -133,7 +133,8 @@ class Trainer:
             compute = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
             self.schedule = build_schedule(self.model, self.model.pp_group, self.d.device, cfg.micro_batch,
                                            cfg.seq_len, cfg.parallel.pp_microbatches or cfg.micro_batch,
-                                           cfg.parallel.pp_schedule, cfg.grad_accum, compute)
+                                           cfg.parallel.pp_schedule, cfg.grad_accum, compute,
+                                           cfg.parallel.tp if cfg.parallel.sequence_parallel else 1)
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, cfg.weight_decay),
             lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)  # one fused kernel per param
