@@ -26,10 +26,10 @@ class ParallelConfig:
 
     ``mode`` is the data parallelism over the dp ranks: ``auto`` (FSDP2 when dp > 1), ``none``,
     ``ddp`` or ``fsdp``. ``tp`` > 1 shards every block with the one tensor-parallel plan
-    (:mod:`leanlm.parallel`) inside each data-parallel replica; ``sequence_parallel`` splits
-    the norms and the residual stream by sequence between the tp ranks (Korthikanti et al.
-    2022), ``loss_parallel`` computes the cross-entropy on each rank's vocabulary shard
-    without gathering the logits.
+    (:mod:`leanlm.parallel`) inside each data-parallel replica and pipeline stage;
+    ``sequence_parallel`` splits the norms and the residual stream by sequence between the tp
+    ranks (Korthikanti et al. 2022), ``loss_parallel`` computes the cross-entropy on each rank's
+    vocabulary shard without gathering the logits.
     """
 
     mode: str = "auto"  # auto (fsdp when dp > 1) | none | ddp | fsdp
