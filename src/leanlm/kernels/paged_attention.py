@@ -97,13 +97,27 @@ def decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if window is not None:
         valid &= j[None, :] >= lens[:, None] - window
     slots = block_tables[:, j // block_size].long() * block_size + j % block_size
-    slots = torch.where(valid, slots, 0)  # padding reads slot 0 and is masked out
-    k, v = _gather(k_cache, v_cache, slots, acc, kv_scales)  # [R, L, kv_heads, D]
+    slots = torch.where(valid, slots, 0).reshape(-1)  # padding reads slot 0 and is masked out
+    scales = kv_scales or (None, None)
+    # gathered [R, L, kv_heads, D], laid out for the two batched products in the copy that
+    # converts them: keys [R, kv_heads, D, L], values [R, kv_heads, L, D]
+    k = _gather_as(k_cache, scales[0], slots, (r, max_len, kv_heads, d), (0, 2, 3, 1), acc)
+    v = _gather_as(v_cache, scales[1], slots, (r, max_len, kv_heads, d), (0, 2, 1, 3), acc)
     qg = q.to(acc).view(r, kv_heads, h // kv_heads, d)
-    scores = torch.einsum("rkgd,rlkd->rkgl", qg, k) * scale
+    scores = (qg @ k) * scale
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    out = torch.einsum("rkgl,rlkd->rkgd", scores.softmax(-1), v)
-    return out.reshape(r, h, d).to(q.dtype)
+    return (scores.softmax(-1) @ v).reshape(r, h, d).to(q.dtype)
+
+
+def _gather_as(cache: torch.Tensor, scales: torch.Tensor | None, slots: torch.Tensor,
+               shape: tuple[int, ...], order: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``slots`` of ``cache`` viewed as ``shape``, permuted to ``order``, contiguous in
+    ``dtype`` (one copy; dequantized with the [slots, kv_heads] ``scales`` of an int8 cache)."""
+    rows = cache.index_select(0, slots).view(shape).permute(order)
+    if scales is None:
+        return rows.to(dtype, memory_format=torch.contiguous_format)
+    s = scales.index_select(0, slots).view(*shape[:-1], 1).permute(order).to(dtype)
+    return (rows.to(dtype) * s).contiguous()
 
 
 @triton.jit
