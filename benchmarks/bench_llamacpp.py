@@ -3,9 +3,10 @@ slots) on the same model and workload.
 
 llama.cpp is built from the sources vendored in the llama-cpp-python sdist (``llamacpp.py``), the
 checkpoint converted by its own converter to f16 and quantized by its ``llama-quantize`` to Q4_0
-(4-bit, groups of 32, symmetric); leanlm serves the same checkpoint in bf16 and quantized with
-RTN W4 g32 (symmetric, as Q4_0). ``llama-server`` runs with as many parallel slots as the highest
-concurrency (``-np``), each with room for a prompt and its output, and ``-t``/``-tb`` threads.
+(4-bit, groups of 32, symmetric); leanlm serves the same checkpoint in bf16 (eager, and with
+``--compile``) and quantized with RTN W4 g32 (symmetric, as Q4_0). ``llama-server`` runs with as
+many parallel slots as the highest concurrency (``-np``), each with room for a prompt and its
+output, and ``-t``/``-tb`` threads.
 Each server runs alone on the machine's cores, and the same ``leanlm bench serve`` workload
 (random prompts, fixed output length, EOS banned by logit bias and ``ignore_eos`` so both make
 every token) runs at each concurrency level. ``--preset default`` is the embedded default model;
@@ -86,6 +87,7 @@ def main() -> None:
                         "-tb", str(args.threads), "-np", str(slots), "-c", str(slots * slot_ctx), "-cb"]
         servers = [
             ("leanlm bf16", [sys.executable, "-m", "leanlm.cli", "serve", str(model)]),
+            ("leanlm bf16 --compile", [sys.executable, "-m", "leanlm.cli", "serve", str(model), "--compile"]),
             ("llama-server f16", [*llama_server, "-m", str(files["f16"])]),
             ("leanlm int4 (RTN g32)", [sys.executable, "-m", "leanlm.cli", "serve", str(int4)]),
             ("llama-server Q4_0", [*llama_server, "-m", str(files["Q4_0"])]),
@@ -97,8 +99,9 @@ def main() -> None:
             url = f"http://127.0.0.1:{port}/v1"
             proc = start_server(cmd, url)
             try:
-                warm = bench.schedule(prompts, 2, 8, float("inf"))
-                asyncio.run(bench.run(url, warm, extra=extra))
+                for level in levels:  # each level's batch shape once (--compile compiles it)
+                    warm = bench.schedule(prompts, level, 8, float("inf"))
+                    asyncio.run(bench.run(url, warm, max_concurrency=level, extra=extra))
                 for level in levels:
                     reqs = bench.schedule(prompts, args.num_prompts, args.output_len, float("inf"))
                     results, wall = asyncio.run(bench.run(url, reqs, max_concurrency=level, extra=extra))
@@ -117,7 +120,8 @@ def main() -> None:
         print(f"| {name} | {level} | {s['output_throughput']:.1f} | {s['median_tpot_ms']:.1f} | "
               f"{s['median_ttft_ms']:.1f} | {s['p99_ttft_ms']:.1f} |")
     by = {(n, lv): s["output_throughput"] for n, lv, s in rows}
-    for ours, theirs in (("leanlm bf16", "llama-server f16"), ("leanlm int4 (RTN g32)", "llama-server Q4_0")):
+    for ours, theirs in (("leanlm bf16", "llama-server f16"), ("leanlm bf16 --compile", "llama-server f16"),
+                         ("leanlm int4 (RTN g32)", "llama-server Q4_0")):
         print(f"{ours} / {theirs} output throughput: " + ", ".join(
             f"{by[(ours, lv)] / by[(theirs, lv)]:.2f}x at {lv}" for lv in levels))
 
