@@ -123,6 +123,11 @@ class SDPAMetadata:
             sliding = full & ((idx[:, None] - idx[None, :]) < sliding_window)
         return cls(None, 0, seq, full, False, sliding)
 
+    def fuses_rotary(self, q: torch.Tensor) -> bool:
+        """Whether :meth:`attend` takes q/k unrotated with their rotary tables: never here (the
+        model rotates them; the serving engine's paged batches fuse it on CUDA)."""
+        return False
+
     def attend(self, layer_idx: int, sliding: bool, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> torch.Tensor:
         """q [B, H, S, D], k/v [B, Hkv, S, D] -> [B, H, S, D]."""

@@ -109,8 +109,10 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 @dataclass(frozen=True)
 class LayerContext:
     """What every block of one forward shares: the caller's attention metadata (anything with
-    ``attend(layer_idx, sliding, q, k, v)``) and the rotary tables [B, 1, S, D] of the positions
-    (None for learned positions)."""
+    ``attend(layer_idx, sliding, q, k, v)`` and ``fuses_rotary(q)``) and the rotary tables
+    [B, 1, S, D] of the positions (None for learned positions). A backend whose ``fuses_rotary``
+    is true receives q and k unrotated with ``attend(..., rotary=(cos, sin))`` and rotates them
+    as it stores K/V (the serving engine's paged batches on CUDA: :mod:`leanlm.kernels.rotary_store`)."""
 
     attn: Any
     cos: torch.Tensor | None = None
@@ -144,9 +146,12 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if ctx.cos is not None:
-            q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
-        out = ctx.attn.attend(self.layer_idx, self.sliding, q, k, v)
+        if ctx.cos is not None and ctx.attn.fuses_rotary(q):  # rotary in the backend's K/V store
+            out = ctx.attn.attend(self.layer_idx, self.sliding, q, k, v, rotary=(ctx.cos, ctx.sin))
+        else:
+            if ctx.cos is not None:
+                q, k = apply_rotary(q, ctx.cos, ctx.sin), apply_rotary(k, ctx.cos, ctx.sin)
+            out = ctx.attn.attend(self.layer_idx, self.sliding, q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 

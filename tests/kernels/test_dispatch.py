@@ -141,6 +141,24 @@ def test_decode_metadata_kernels_match_the_batched_reference(device: str, mode: 
     torch.testing.assert_close(logits(mode), logits("reference"), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float8_e4m3fn])
+def test_paged_batches_fuse_rotary_only_where_the_kernels_run(dtype: torch.dtype) -> None:
+    """The model hands q/k unrotated to a paged batch (rotary fused into the KV store) only where
+    the kernels run on a float cache; on CPU by default, and for FP8, it rotates them as before."""
+    from leanlm.attention import SDPAMetadata
+    from leanlm.serve.paged import DecodeMetadata, PagedKVCache
+
+    cache = PagedKVCache.allocate(1, 4, 4, 2, 8, dtype)
+    one = torch.zeros(1, dtype=torch.long)
+    meta = DecodeMetadata(cache, one, one.view(1, 1).int(), one + 1, 4)
+    q = torch.zeros(1, 4, 1, 8)
+    with kernels.kernel_mode("auto"):
+        assert not meta.fuses_rotary(q)
+    with kernels.kernel_mode("triton"):
+        assert meta.fuses_rotary(q) == (dtype == torch.float32)
+        assert not SDPAMetadata.causal(torch.zeros(1, 1, dtype=torch.long)).fuses_rotary(q)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("speculative", [None, "draft"])

@@ -11,7 +11,9 @@ to that limit on a GPU:
   dequantized in registers (GPTQ's g_idx included);
 - ``rmsnorm``: fused residual-add + RMSNorm;  ``rotary``: rotary embedding of q or k;
 - ``silu_mul``: SiLU(gate) ⊙ up of the MLP's fused gate/up output;
-- ``kv_store``: writing new K/V into their cache slots.
+- ``kv_store``: writing new K/V into their cache slots;
+- ``rotary_store``: rotary of a step's q and k fused with the store of k and v (the paged decode
+  path's one launch before attention).
 
 Not Triton: ``cpu_linear`` is the model's ``nn.Linear``, which runs CPU inference on oneDNN's
 prepacked weight layout; ``cpu_int8`` is oneDNN's int8 x int8 GEMM (VNNI/AMX) that W8A8 layers run

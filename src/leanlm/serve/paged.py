@@ -9,7 +9,10 @@ mixed), :class:`DecodeMetadata` a decode-only batch whose shapes are fixed by a 
 compiled decode step traces or captures). Both implement the model's attention signature
 (``meta.attend(layer_idx, sliding, q, k, v)``, :mod:`leanlm.attention`) with the Triton kernels
 of :mod:`leanlm.kernels.paged_attention` and :mod:`leanlm.kernels.kv_store` on CUDA and their
-torch references elsewhere.
+torch references elsewhere. Where the kernels run on a float cache, ``fuses_rotary`` is true: the
+model hands q and k over unrotated with their rotary tables, and one launch of
+:mod:`leanlm.kernels.rotary_store` rotates q and k and stores k and v (a layer's rotary of q, of
+k and its KV store in one kernel); elsewhere the model rotates them as before.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ import torch
 from leanlm import kernels
 from leanlm.config import ModelConfig
 from leanlm.errors import LeanLMError
-from leanlm.kernels import kv_store, paged_attention
+from leanlm.kernels import kv_store, paged_attention, rotary_store
+from leanlm.kernels.rotary import reference as rope_reference
 from leanlm.parallel import local_kv_heads
 
 # --kv-cache-dtype: int8 codes with a scale per token and head, or FP8 E4M3 values (vLLM's
@@ -92,6 +96,33 @@ def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, scale
 
 
+Tables = tuple[torch.Tensor, torch.Tensor]  # the model's rotary cos/sin [1, 1, T, D]
+
+
+def fuses_rotary(cache: PagedKVCache, q: torch.Tensor) -> bool:
+    """Whether a paged batch rotates q/k itself: where the kernels run on a float cache."""
+    return not cache.torch_path and kernels.use_triton(q)
+
+
+def rotated(q: torch.Tensor, k: torch.Tensor, tables: Tables | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q/k [1, heads, T, D] rotated by the reference (for a caller that passed tables where the
+    batch does not fuse rotary), or as they are without tables."""
+    if tables is None:
+        return q, k
+    return rope_reference(q, *tables), rope_reference(k, *tables)
+
+
+def store(ck: torch.Tensor, cv: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor,
+          v_t: torch.Tensor, slot_mapping: torch.Tensor, tables: Tables | None) -> torch.Tensor:
+    """The kernel path's K/V store of q_t, k_t, v_t [T, heads, D]: with rotary tables, fused with
+    the rotary of q and k (one launch); returns q (rotated when tables are given)."""
+    if tables is None:
+        kv_store.kv_store(ck, cv, k_t, v_t, slot_mapping)
+        return q_t
+    cos, sin = tables
+    return rotary_store.rotary_store(q_t, k_t, v_t, cos[0, 0], sin[0, 0], ck, cv, slot_mapping)
+
+
 @dataclass
 class PagedMetadata:
     """A varlen batch for the paged backend: Triton kernels on CUDA, their torch references elsewhere.
@@ -118,9 +149,16 @@ class PagedMetadata:
                              torch.tensor(self.query_start, dtype=torch.int32, device=dev))
         return self._lengths
 
+    def fuses_rotary(self, q: torch.Tensor) -> bool:
+        return fuses_rotary(self.cache, q)
+
     def attend(self, layer_idx: int, sliding: bool, q: torch.Tensor, k: torch.Tensor,
-               v: torch.Tensor) -> torch.Tensor:
-        """q [1, H, T, D], k/v [1, Hkv, T, D] -> [1, H, T, D]."""
+               v: torch.Tensor, rotary: Tables | None = None) -> torch.Tensor:
+        """q [1, H, T, D], k/v [1, Hkv, T, D] -> [1, H, T, D] (q/k unrotated when ``rotary``
+        tables come with them)."""
+        fused = rotary is not None and self.fuses_rotary(q)
+        if not fused:
+            q, k = rotated(q, k, rotary)
         ck, cv = self.cache.k[layer_idx], self.cache.v[layer_idx]
         q_t, k_t, v_t = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)  # [T, heads, D]
         bs, scale = self.cache.block_size, q.shape[-1] ** -0.5
@@ -137,7 +175,7 @@ class PagedMetadata:
             out = paged_attention.reference(q_t, ck, cv, self.block_tables, self.seq_lens,
                                             self.query_start, bs, scale, window)
         elif kernels.use_triton(q):
-            kv_store.kv_store(ck, cv, k_t, v_t, self.slot_mapping)
+            q_t = store(ck, cv, q_t, k_t, v_t, self.slot_mapping, rotary if fused else None)
             seq_lens, query_start = self.lengths()
             max_query = max(b - a for a, b in zip(self.query_start, self.query_start[1:], strict=False))
             out = paged_attention.paged_attention(q_t, ck, cv, self.block_tables, seq_lens, query_start,
@@ -165,14 +203,21 @@ class DecodeMetadata:
     max_len: int
     sliding_window: int | None = None
 
+    def fuses_rotary(self, q: torch.Tensor) -> bool:
+        return fuses_rotary(self.cache, q)
+
     def attend(self, layer_idx: int, sliding: bool, q: torch.Tensor, k: torch.Tensor,
-               v: torch.Tensor) -> torch.Tensor:
-        """q [1, H, B, D], k/v [1, Hkv, B, D] -> [1, H, B, D]."""
+               v: torch.Tensor, rotary: Tables | None = None) -> torch.Tensor:
+        """q [1, H, B, D], k/v [1, Hkv, B, D] -> [1, H, B, D] (q/k unrotated when ``rotary``
+        tables come with them)."""
+        kernel = self.fuses_rotary(q)  # the kernels run (and then rotary is fused too)
+        if not kernel:
+            q, k = rotated(q, k, rotary)
         ck, cv = self.cache.k[layer_idx], self.cache.v[layer_idx]
         q_t, k_t, v_t = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1)
         window = self.sliding_window if sliding else None
-        if not self.cache.torch_path and kernels.use_triton(q):
-            kv_store.kv_store(ck, cv, k_t, v_t, self.slot_mapping)
+        if kernel:
+            q_t = store(ck, cv, q_t, k_t, v_t, self.slot_mapping, rotary)
             rows = q_t.shape[0]
             starts = torch.arange(rows + 1, dtype=torch.int32, device=q.device)
             out = paged_attention.paged_attention(
