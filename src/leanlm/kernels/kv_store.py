@@ -51,14 +51,11 @@ def _kv_store_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, n_heads, head_dim,
         tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=mask)
 
 
-def kv_store(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Launch the kernel: k/v [T, Hkv, D] (unit stride on D), caches [slots, Hkv, D] contiguous."""
+def check_caches(k: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+    """The caches [slots, Hkv, D] (contiguous, float) and ``slot_mapping`` [T] that new K/V rows
+    k [T, Hkv, D] are stored through (here and by :mod:`leanlm.kernels.rotary_store`)."""
     dev = k.device
-    check_runnable(dev)
-    for name, t in (("k", k), ("v", v)):
-        check_tensor(name, t, 3, FLOATS, dev)
-    check(k.shape == v.shape, f"k {tuple(k.shape)} and v {tuple(v.shape)} differ in shape")
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         check_tensor(name, c, 3, FLOATS, dev)
         check(c.is_contiguous(), f"{name} must be contiguous")
@@ -69,6 +66,17 @@ def kv_store(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     check_tensor("slot_mapping", slot_mapping, 1, (torch.int32, torch.int64), dev)
     check(slot_mapping.shape[0] == k.shape[0],
           f"slot_mapping has {slot_mapping.shape[0]} entries for {k.shape[0]} tokens")
+
+
+def kv_store(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Launch the kernel: k/v [T, Hkv, D] (unit stride on D), caches [slots, Hkv, D] contiguous."""
+    dev = k.device
+    check_runnable(dev)
+    for name, t in (("k", k), ("v", v)):
+        check_tensor(name, t, 3, FLOATS, dev)
+    check(k.shape == v.shape, f"k {tuple(k.shape)} and v {tuple(v.shape)} differ in shape")
+    check_caches(k, k_cache, v_cache, slot_mapping)
     if k.shape[0]:
         _kv_store_kernel[(k.shape[0],)](
             k, v, k_cache, v_cache, slot_mapping, k.shape[1], k.shape[2], k.stride(0), k.stride(1),

@@ -29,8 +29,6 @@ from leanlm import kernels
 from leanlm.kernels import FLOATS, check, check_runnable, check_tensor, kv_store, rotary
 from leanlm.kernels._triton import tl, triton
 
-INDEX = (torch.int32, torch.int64)
-
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
               sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -113,15 +111,7 @@ def rotary_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.T
         check_tensor(name, x, 2, FLOATS, dev)
         check(tuple(x.shape) == (t, d), f"{name} must be [{t}, {d}], got {tuple(x.shape)}")
     check(cos.stride() == sin.stride(), "cos and sin must have the same strides")
-    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-        check_tensor(name, c, 3, FLOATS, dev)
-        check(c.is_contiguous(), f"{name} must be contiguous")
-        check(tuple(c.shape[1:]) == tuple(k.shape[1:]),
-              f"{name} holds [{c.shape[1]}, {c.shape[2]}] per slot, new K/V are "
-              f"[{k.shape[1]}, {k.shape[2]}]")
-    check(k_cache.shape == v_cache.shape, "k_cache and v_cache differ in shape")
-    check_tensor("slot_mapping", slot_mapping, 1, INDEX, dev)
-    check(slot_mapping.shape[0] == t, f"slot_mapping has {slot_mapping.shape[0]} entries for {t} tokens")
+    kv_store.check_caches(k, k_cache, v_cache, slot_mapping)
     y = torch.empty_like(q) if q_out is None else q_out
     for name, out, like in (("q_out", y, q), ("k_out", k_out, k)):
         if out is not None:
