@@ -8,8 +8,9 @@ request's block table lists its blocks, so token p of the request lives in slot
 mixed), :class:`DecodeMetadata` a decode-only batch whose shapes are fixed by a bucket (what the
 compiled decode step traces or captures). Both implement the model's attention signature
 (``meta.attend(layer_idx, sliding, q, k, v)``, :mod:`leanlm.attention`) with the Triton kernels
-of :mod:`leanlm.kernels.paged_attention` and :mod:`leanlm.kernels.kv_store` on CUDA and their
-torch references elsewhere. Where the kernels run on a float cache, ``fuses_rotary`` is true: the
+of :mod:`leanlm.kernels.paged_attention` and :mod:`leanlm.kernels.kv_store` on CUDA, the C++
+decode kernel of :mod:`leanlm.kernels.cpu_attention` for the one-query requests of a CPU batch,
+and the torch references elsewhere. Where the kernels run on a float cache, ``fuses_rotary`` is true: the
 model hands q and k over unrotated with their rotary tables, and one launch of
 :mod:`leanlm.kernels.rotary_store` rotates q and k and stores k and v (a layer's rotary of q, of
 k and its KV store in one kernel); elsewhere the model rotates them as before.
@@ -24,7 +25,7 @@ import torch
 from leanlm import kernels
 from leanlm.config import ModelConfig
 from leanlm.errors import LeanLMError
-from leanlm.kernels import kv_store, paged_attention, rotary_store
+from leanlm.kernels import cpu_attention, kv_store, paged_attention, rotary_store
 from leanlm.kernels.rotary import reference as rope_reference
 from leanlm.parallel import local_kv_heads
 
@@ -73,6 +74,7 @@ class PagedKVCache:
         make = lambda shape, dt: [torch.zeros(shape, dtype=dt, device=device) for _ in range(num_layers)]
         scales = (make(shape[:2], torch.float16), make(shape[:2], torch.float16)) \
             if dtype == torch.int8 else (None, None)
+        cpu_attention.prepare(dtype, device)  # build the C++ decode kernel now, not on a request
         return cls(make(shape, dtype), make(shape, dtype), block_size, *scales)
 
     @property
@@ -180,10 +182,10 @@ class PagedMetadata:
             max_query = max(b - a for a, b in zip(self.query_start, self.query_start[1:], strict=False))
             out = paged_attention.paged_attention(q_t, ck, cv, self.block_tables, seq_lens, query_start,
                                                   bs, scale, max_query, max(self.seq_lens), window)
-        else:
+        else:  # the C++ decode kernel where it runs (cpu_attention), else the torch reference
             kv_store.reference(ck, cv, k_t, v_t, self.slot_mapping)
-            out = paged_attention.reference(q_t, ck, cv, self.block_tables, self.seq_lens,
-                                            self.query_start, bs, scale, window)
+            out = cpu_attention.attention(q_t, ck, cv, self.block_tables, self.seq_lens,
+                                          self.query_start, bs, scale, window)
         return out.transpose(0, 1)[None]
 
 

@@ -1,0 +1,170 @@
+// Decode attention over the serving engine's paged K/V cache, on the CPU.
+//
+// One query per request (the engine's steady state). Work item (request r, K/V head g) reads
+// the request's keys through its block table straight from the cache, in the cache's dtype,
+// once for the whole query-head group of g; no gathered copy of K/V is ever made. Scores,
+// softmax and the weighted sum of values are fp32, in the order of the torch reference
+// (leanlm.kernels.paged_attention.decode_reference): s_j = (q · k_j)·scale, p_j = e^{s_j − max s}
+// / Σ_j e^{s_j − max s}, o = Σ_j p_j v_j. Work items run in parallel on ATen's thread pool.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::Half x) { return static_cast<float>(x); }
+inline float to_float(c10::BFloat16 x) {  // bf16 is the high half of an fp32
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+constexpr int64_t kLanes = 16;
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+#endif
+
+// a row of n elements to fp32
+template <typename T>
+inline void widen(const T* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + kLanes <= n; i += kLanes) _mm512_storeu_ps(dst + i, load16(src + i));
+#endif
+  for (; i < n; ++i) dst[i] = to_float(src[i]);
+}
+
+// q · k, q in fp32, k converted as it is read
+template <typename T>
+inline float dot(const float* q, const T* k, int64_t n) {
+  int64_t i = 0;
+  float s = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + kLanes <= n; i += kLanes) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), load16(k + i), acc);
+  s = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < n; ++i) s += q[i] * to_float(k[i]);
+  return s;
+}
+
+// y += p·x, x converted as it is read
+template <typename T>
+inline void axpy(float p, const T* x, float* y, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 pv = _mm512_set1_ps(p);
+  for (; i + kLanes <= n; i += kLanes)
+    _mm512_storeu_ps(y + i, _mm512_fmadd_ps(pv, load16(x + i), _mm512_loadu_ps(y + i)));
+#endif
+  for (; i < n; ++i) y[i] += p * to_float(x[i]);
+}
+
+template <typename scalar_t>
+void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+            const at::Tensor& tables, const at::Tensor& lens, int64_t block_size, double scale,
+            int64_t window, at::Tensor& out) {
+  const int64_t requests = q.size(0), heads = q.size(1), d = q.size(2);
+  const int64_t group = heads / k_cache.size(1), width = tables.size(1);
+  const int64_t qs0 = q.stride(0), qs1 = q.stride(1), os0 = out.stride(0), os1 = out.stride(1);
+  const int64_t ks0 = k_cache.stride(0), ks1 = k_cache.stride(1);
+  const int64_t vs0 = v_cache.stride(0), vs1 = v_cache.stride(1);
+  const scalar_t* qp = q.data_ptr<scalar_t>();
+  const scalar_t* kp = k_cache.data_ptr<scalar_t>();
+  const scalar_t* vp = v_cache.data_ptr<scalar_t>();
+  const int32_t* tp = tables.data_ptr<int32_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  scalar_t* op = out.data_ptr<scalar_t>();
+  const float fscale = static_cast<float>(scale);
+
+  // One request per work item: a slot's K (or V) row holds every K/V head side by side, and a
+  // block's slots are contiguous, so the request's keys are read as whole, sequential rows.
+  at::parallel_for(0, requests, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(heads * d), acc(heads * d), scores;
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = lp[r];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, n - window) : 0, len = n - first;
+      scores.resize(heads * len);
+      for (int64_t h = 0; h < heads; ++h) widen(qp + r * qs0 + h * qs1, qf.data() + h * d, d);
+      const int32_t* table = tp + r * width;
+      auto slot_of = [&](int64_t pos) {
+        return static_cast<int64_t>(table[pos / block_size]) * block_size + pos % block_size;
+      };
+      for (int64_t j = 0; j < len; ++j) {
+        const scalar_t* row = kp + slot_of(first + j) * ks0;
+        for (int64_t h = 0; h < heads; ++h)
+          scores[h * len + j] = dot(qf.data() + h * d, row + (h / group) * ks1, d) * fscale;
+      }
+      for (int64_t h = 0; h < heads; ++h) {
+        float* s = scores.data() + h * len;
+        float top = -std::numeric_limits<float>::infinity();
+        for (int64_t j = 0; j < len; ++j) top = std::max(top, s[j]);
+        float total = 0.f;
+        for (int64_t j = 0; j < len; ++j) {
+          s[j] = std::exp(s[j] - top);
+          total += s[j];
+        }
+        for (int64_t j = 0; j < len; ++j) s[j] /= total;
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j = 0; j < len; ++j) {
+        const scalar_t* row = vp + slot_of(first + j) * vs0;
+        for (int64_t h = 0; h < heads; ++h) axpy(scores[h * len + j], row + (h / group) * vs1, acc.data() + h * d, d);
+      }
+      for (int64_t h = 0; h < heads; ++h) {
+        scalar_t* o = op + r * os0 + h * os1;
+        for (int64_t i = 0; i < d; ++i) o[i] = static_cast<scalar_t>(acc[h * d + i]);
+      }
+    }
+  });
+}
+
+// q [R, H, D]; caches [slots, kv_heads, D] (q's dtype, unit stride on D); block_tables [R, W]
+// int32; seq_lens [R] int64 (keys per request, ≥ 1); window ≤ 0: none. -> [R, H, D].
+at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                        const at::Tensor& block_tables, const at::Tensor& seq_lens, int64_t block_size,
+                        double scale, int64_t window) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3, "q and caches must be 3-d");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
+              "q must be float32, bfloat16 or float16");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
+              "q and the caches must share a dtype");
+  TORCH_CHECK(q.stride(2) == 1 && k_cache.stride(2) == 1 && v_cache.stride(2) == 1,
+              "q and the caches need unit stride on the head dimension");
+  TORCH_CHECK(q.size(1) % k_cache.size(1) == 0, "query heads must be a multiple of K/V heads");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.is_contiguous(), "block_tables: contiguous int32");
+  TORCH_CHECK(seq_lens.scalar_type() == at::kLong && seq_lens.is_contiguous(), "seq_lens: contiguous int64");
+  at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
+  switch (q.scalar_type()) {
+    case at::kFloat: decode<float>(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, window, out); break;
+    case at::kBFloat16: decode<c10::BFloat16>(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, window, out); break;
+    default: decode<c10::Half>(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, window, out);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(leanlm_cpu, m) {
+  m.def("paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
+        "int block_size, float scale, int window) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(leanlm_cpu, CPU, m) { m.impl("paged_decode", &paged_decode); }

@@ -1,0 +1,76 @@
+"""The C++ CPU paged decode kernel against the fp64 reference, on poisoned caches (every slot no
+request owns is NaN, so a read through a wrong slot shows up in the output)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_checks import rel_err
+from test_paged_attention import paged_batch, reference
+
+from leanlm import kernels
+from leanlm.errors import LeanLMError
+from leanlm.kernels import cpu_attention as ca
+from leanlm.kernels import paged_attention as pa
+
+pytestmark = pytest.mark.skipif(ca.ops() is None, reason="the C++ kernel cannot be built here")
+
+
+def decode(b: dict, window: int | None) -> torch.Tensor:
+    return ca.paged_decode(b["q"], b["k_cache"], b["v_cache"], b["block_tables"], b["seq_lens"],
+                           b["block_size"], b["scale"], window)
+
+
+@pytest.mark.parametrize("window", [None, 7])
+@pytest.mark.parametrize("heads,kv_heads,d,block_size", [(4, 2, 16, 4), (8, 1, 24, 16), (3, 3, 64, 8),
+                                                         (5, 5, 64, 16), (4, 4, 80, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_decode_matches_fp64_reference(window: int | None, heads: int, kv_heads: int, d: int,
+                                       block_size: int, dtype: torch.dtype) -> None:
+    seq_lens = [1, 5, 17, 40, 100, 3]
+    b = paged_batch([1] * len(seq_lens), seq_lens, heads, kv_heads, d, block_size, seed=heads + d,
+                    dtype=dtype)
+    out = decode(b, window)
+    assert out.dtype == dtype and out.shape == b["q"].shape
+    want = reference(b, window)
+    assert rel_err(out.double(), want) < (1e-6 if dtype == torch.float32 else 1e-2)
+    if dtype == torch.float32:  # the torch path the engine used before: fp32 rounding apart
+        got = pa.reference(b["q"], b["k_cache"], b["v_cache"], b["block_tables"], seq_lens,
+                           b["query_start"].tolist(), block_size, b["scale"], window)
+        torch.testing.assert_close(out, got, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mixed_batches_split_between_kernel_and_reference(dtype: torch.dtype) -> None:
+    # prefill chunks (one after a cached prefix), decode rows between them, a long decode
+    query_lens, seq_lens = [7, 1, 20, 1, 1], [7, 12, 33, 70, 2]
+    b = paged_batch(query_lens, seq_lens, 4, 2, 32, 4, seed=5, dtype=dtype)
+    args = (b["q"], b["k_cache"], b["v_cache"], b["block_tables"], seq_lens,
+            b["query_start"].tolist(), b["block_size"], b["scale"], 5)
+    out = ca.attention(*args)
+    assert rel_err(out.double(), reference(b, 5)) < (1e-6 if dtype == torch.float32 else 1e-2)
+    with kernels.kernel_mode("reference"):
+        assert not ca.runs(b["q"], b["k_cache"])
+        torch.testing.assert_close(ca.attention(*args), pa.reference(*args), rtol=0, atol=0)
+
+
+def test_runs_only_where_it_can() -> None:
+    b = paged_batch([1], [9], 4, 2, 16, 4, seed=1)
+    assert ca.runs(b["q"], b["k_cache"])
+    assert not ca.runs(b["q"].double(), b["k_cache"].double())  # fp64 stays on the reference
+    assert not ca.runs(b["q"], b["k_cache"].to(torch.int8))
+    assert not ca.runs(b["q"].requires_grad_(), b["k_cache"])
+
+
+def test_launcher_rejects_bad_arguments() -> None:
+    b = paged_batch([1, 1], [9, 30], 4, 2, 16, 4, seed=0)
+    with pytest.raises(LeanLMError, match="not a multiple of 2 K/V heads"):
+        decode({**b, "q": torch.randn(2, 3, 16)}, None)
+    with pytest.raises(LeanLMError, match="exceeds the"):
+        decode({**b, "seq_lens": torch.tensor([9, 10_000])}, None)
+    with pytest.raises(LeanLMError, match="at least one key"):
+        decode({**b, "seq_lens": torch.tensor([0, 3])}, None)
+    with pytest.raises(LeanLMError, match="describe 2 requests"):
+        decode({**b, "seq_lens": torch.tensor([9])}, None)
+    with pytest.raises(LeanLMError, match="k_cache must be one of"):
+        decode({**b, "k_cache": b["k_cache"].half()}, None)
