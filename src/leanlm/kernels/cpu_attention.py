@@ -63,10 +63,12 @@ def ops() -> Any | None:
     from torch.utils import cpp_extension
 
     level = x86_level()
-    flags = ["-O3"] + ([f"-march=x86-64-{level}"] if level else [])
+    # -fopenmp: at::parallel_for is OpenMP pragmas inlined from ATen's headers (serial without
+    # it); the libgomp.so.1 it links is the one torch has already loaded
+    flags = ["-O3", "-fopenmp"] + ([f"-march=x86-64-{level}"] if level else [])
     try:
         cpp_extension.load(f"leanlm_cpu_{level or platform.machine()}", [str(SOURCE)],
-                           extra_cflags=flags, is_python_module=False)
+                           extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as exc:  # no compiler, no ninja, a read-only cache: keep the reference
         log.warning("the C++ CPU attention kernel could not be built (%s); using the torch "
                     "reference", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

@@ -41,6 +41,13 @@ inline __m512 load16(const c10::Half* p) {
 }
 #endif
 
+// Rows come from scattered blocks: ask for the one kAhead keys on while this one is scored.
+constexpr int64_t kAhead = 4;
+inline void prefetch(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, 0, 3);
+}
+
 // a row of n elements to fp32
 template <typename T>
 inline void widen(const T* src, float* dst, int64_t n) {
@@ -93,6 +100,7 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   const int64_t* lp = lens.data_ptr<int64_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
   const float fscale = static_cast<float>(scale);
+  const int64_t row_bytes = k_cache.size(1) * d * static_cast<int64_t>(sizeof(scalar_t));
 
   // One request per work item: a slot's K (or V) row holds every K/V head side by side, and a
   // block's slots are contiguous, so the request's keys are read as whole, sequential rows.
@@ -109,6 +117,8 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
       };
       for (int64_t j = 0; j < len; ++j) {
         const scalar_t* row = kp + slot_of(first + j) * ks0;
+        if (j + kAhead < len) prefetch(kp + slot_of(first + j + kAhead) * ks0, row_bytes);
+        prefetch(vp + slot_of(first + j) * vs0, row_bytes);  // for the second pass
         for (int64_t h = 0; h < heads; ++h)
           scores[h * len + j] = dot(qf.data() + h * d, row + (h / group) * ks1, d) * fscale;
       }
