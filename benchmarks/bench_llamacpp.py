@@ -8,8 +8,8 @@ checkpoint converted by its own converter to f16 and quantized by its ``llama-qu
 many parallel slots as the highest concurrency (``-np``), each with room for a prompt and its
 output, and ``-t``/``-tb`` threads.
 Each server runs alone on the machine's cores, and the same ``leanlm bench serve`` workload
-(random prompts, fixed output length, EOS banned by logit bias and ``ignore_eos`` so both make
-every token) runs at each concurrency level. ``--preset default`` is the embedded default model;
+(random prompts sent as token ids, fixed output length, special tokens (EOS among them) banned
+by logit bias and ``ignore_eos`` so both make every token) runs at each concurrency level. ``--preset default`` is the embedded default model;
 ``--preset llama-3.2-1b`` a random-weight checkpoint of that shape with the default tokenizer and
 its vocabulary (8,192 ids: the embedding and head are smaller than the real 128k ones).
 
@@ -70,9 +70,12 @@ def main() -> None:
     levels = [int(x) for x in args.concurrency.split(",")]
     model = DEFAULT_MODEL if args.preset == "default" else preset_checkpoint(args.preset)
     tok = load_tokenizer(model)
-    prompts = bench.random_prompts(tok, args.num_prompts, args.input_len, seed=0)
-    eos = {str(t): -100 for t in ([tok.eos_token_id] if tok.eos_token_id is not None else [])}
-    extra = {"temperature": 0, "ignore_eos": True, "logit_bias": eos}
+    # token ids, not text: llama.cpp's own tokenizer splits the same text into other tokens (~11%
+    # more for these random prompts), and both servers take ids (the GGUF keeps the vocabulary)
+    prompts = bench.random_prompts(tok, args.num_prompts, args.input_len, seed=0, ids=True)
+    # every token made must be a text token: special ones (EOS among them) are banned
+    banned = {str(t): -100 for t in sorted(bench.special_ids(tok))}
+    extra = {"temperature": 0, "ignore_eos": True, "logit_bias": banned}
     print(f"# bench_llamacpp: {args.preset} model, {args.num_prompts} requests per level, random prompts of "
           f"{args.input_len} tokens, {args.output_len} tokens out, all arriving at once, concurrency "
           f"capped at {levels}; {args.threads} threads each; {machine()}", flush=True)

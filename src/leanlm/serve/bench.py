@@ -27,6 +27,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,11 +35,12 @@ import numpy as np
 
 from leanlm.errors import LeanLMError
 from leanlm.fsutil import json_lines
+from leanlm.tokenizer import Tokenizer
 
 
 @dataclass
 class BenchRequest:
-    prompt: str
+    prompt: str | list[int]  # text, or token ids (the same tokens for servers that tokenize apart)
     max_tokens: int
     user: str | None = None  # the OpenAI `user` (leanlm's fair scheduler serves by it)
     delay: float = 0.0  # seconds after the start at which it is sent
@@ -60,15 +62,20 @@ class RequestResult:
         return (self.latency - self.ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else None
 
 
-def random_prompts(tokenizer: object, n: int, input_len: int, seed: int = 0) -> list[str]:
+def random_prompts(tokenizer: Tokenizer, n: int, input_len: int, seed: int = 0,
+                   ids: bool = False) -> list[str] | list[list[int]]:
     """vLLM's random dataset: ``input_len`` uniformly random token ids (special tokens excluded)
-    decoded to text."""
+    decoded to text, or kept as ids (``ids=True``)."""
     rng = random.Random(seed)
-    vocab = tokenizer.vocab_size  # type: ignore[attr-defined]
-    special = set(getattr(tokenizer, "all_special_ids", ()) or ())
-    pool = [t for t in range(vocab) if t not in special]
-    return [tokenizer.decode([rng.choice(pool) for _ in range(input_len)])  # type: ignore[attr-defined]
-            for _ in range(n)]
+    special = special_ids(tokenizer)
+    pool = [t for t in range(tokenizer.vocab_size) if t not in special]
+    prompts = [[rng.choice(pool) for _ in range(input_len)] for _ in range(n)]
+    return prompts if ids else [tokenizer.decode(p) for p in prompts]
+
+
+def special_ids(tokenizer: Tokenizer) -> set[int]:
+    """The ids of the tokenizer's special tokens (which servers do not render as text)."""
+    return {i for i, t in tokenizer.tok.get_added_tokens_decoder().items() if t.special}
 
 
 def file_prompts(path: Path) -> list[str]:
@@ -90,7 +97,8 @@ def file_prompts(path: Path) -> list[str]:
     return out
 
 
-def schedule(prompts: list[str], n: int, max_tokens: int, rate: float, seed: int = 0) -> list[BenchRequest]:
+def schedule(prompts: Sequence[str | list[int]], n: int, max_tokens: int, rate: float,
+             seed: int = 0) -> list[BenchRequest]:
     """``n`` requests cycling through ``prompts``, sent all at once or as a Poisson process."""
     if n < 1 or max_tokens < 1 or not rate > 0:
         raise LeanLMError(f"need num_prompts >= 1, max_tokens >= 1 and rate > 0 "
@@ -150,7 +158,7 @@ async def _one(client: object, url: str, model: str, req: BenchRequest, headers:
                 if data.get("usage"):
                     usage = data["usage"]
                 choices = data.get("choices") or ()
-                if any(c.get("text") for c in choices):
+                if choices:  # a token, even one whose text is empty (as vLLM's benchmark counts them)
                     chunks.append(time.perf_counter())
                 reason = next((c["finish_reason"] for c in choices if c.get("finish_reason")), reason)
         end = time.perf_counter()
@@ -167,7 +175,7 @@ async def _one(client: object, url: str, model: str, req: BenchRequest, headers:
     result.ttft, result.latency = chunks[0] - sent, end - sent
     result.itl = list(np.diff(chunks))
     # without a usage chunk: a request that ran to its length made max_tokens tokens; else one
-    # token per non-empty chunk (a partial UTF-8 character can stream as an empty one)
+    # token per chunk
     result.output_tokens = (usage["completion_tokens"] if usage
                             else req.max_tokens if reason == "length" else len(chunks))
     result.prompt_tokens = usage["prompt_tokens"] if usage else 0
