@@ -9,8 +9,9 @@ many parallel slots as the highest concurrency (``-np``), each with room for a p
 output, and ``-t``/``-tb`` threads.
 Each server runs alone on the machine's cores, and the same ``leanlm bench serve`` workload
 (random prompts sent as token ids, fixed output length, special tokens (EOS among them) banned
-by logit bias and ``ignore_eos`` so both make every token) runs at each concurrency level. ``--preset default`` is the embedded default model;
-``--preset llama-3.2-1b`` a random-weight checkpoint of that shape with the default tokenizer and
+by logit bias and ``ignore_eos`` so both make every token, a connection per request) runs at
+each concurrency level. ``--preset default`` is the embedded default model; ``--preset
+llama-3.2-1b`` a random-weight checkpoint of that shape with the default tokenizer and
 its vocabulary (8,192 ids: the embedding and head are smaller than the real 128k ones).
 
     python benchmarks/bench_llamacpp.py [--preset default|llama-3.2-1b] [--concurrency 1,8,32]
@@ -104,10 +105,11 @@ def main() -> None:
             try:
                 for level in levels:  # each level's batch shape once (--compile compiles it)
                     warm = bench.schedule(prompts, level, 8, float("inf"))
-                    asyncio.run(bench.run(url, warm, max_concurrency=level, extra=extra))
+                    asyncio.run(bench.run(url, warm, max_concurrency=level, extra=extra, keepalive=False))
                 for level in levels:
                     reqs = bench.schedule(prompts, args.num_prompts, args.output_len, float("inf"))
-                    results, wall = asyncio.run(bench.run(url, reqs, max_concurrency=level, extra=extra))
+                    results, wall = asyncio.run(bench.run(url, reqs, max_concurrency=level, extra=extra,
+                                                          keepalive=False))
                     s = bench.summarize(results, wall)
                     rows.append((name, level, s))
                     print(f"{name:22s} concurrency {level:3d}: {s['completed']}/{len(reqs)} ok, output "

@@ -25,8 +25,10 @@ is q's (fp32/bf16/fp16), outside ``torch.compile`` and autograd; ``LEANLM_KERNEL
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -125,33 +127,59 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_size, scale, window or -1)
 
 
-def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-              block_tables: torch.Tensor, seq_lens: list[int], query_start: list[int],
+@dataclass(frozen=True)
+class Split:
+    """A varlen paged batch (the arguments of :func:`paged_attention.reference`) cut once per
+    step, for every layer: its one-query requests, which the kernel serves in one call, and the
+    others (prefill chunks, draft verification), which the reference serves."""
+
+    single_rows: torch.Tensor | None  # the one-query requests' rows of q (None: every request)
+    single_tables: torch.Tensor  # [S, W] int32
+    single_lens: torch.Tensor  # [S] int64
+    many_rows: torch.Tensor | None  # the other requests' rows of q (None: no such request)
+    many_tables: torch.Tensor
+    many_lens: list[int]
+    many_starts: list[int]  # offsets of their queries in q[many_rows]
+
+    @classmethod
+    def of(cls, block_tables: torch.Tensor, seq_lens: list[int], query_start: list[int],
+           block_size: int) -> Split:
+        counts = [b - a for a, b in itertools.pairwise(query_start)]
+        single = [r for r, m in enumerate(counts) if m == 1]
+        many = [r for r, m in enumerate(counts) if m > 1]
+        lens = [seq_lens[r] for r in single]
+        check(all(1 <= n <= block_tables.shape[1] * block_size for n in lens),
+              f"seq_lens {lens} must be ≥ 1 and fit {block_tables.shape[1]} blocks of {block_size}")
+        everyone = len(single) == len(seq_lens)
+        starts = [0]
+        for r in many:
+            starts.append(starts[-1] + counts[r])
+        return cls(
+            single_rows=None if everyone else torch.tensor([query_start[r] for r in single]),
+            single_tables=(block_tables if everyone else block_tables[single]).to(torch.int32).contiguous(),
+            single_lens=torch.tensor(lens, dtype=torch.int64),
+            many_rows=torch.cat([torch.arange(query_start[r], query_start[r + 1]) for r in many])
+            if many else None,
+            many_tables=block_tables[many], many_lens=[seq_lens[r] for r in many], many_starts=starts)
+
+
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, split: Split,
               block_size: int, scale: float, window: int | None = None) -> torch.Tensor:
-    """A varlen paged batch (the arguments of :func:`paged_attention.reference`): the requests
-    with one query go through :func:`paged_decode` in one call, the others (prefill chunks, draft
-    verification) through the reference, which scores several queries in q's dtype as the
-    model's own SDPA does."""
-    if not runs(q, k_cache):
-        return paged_attention.reference(q, k_cache, v_cache, block_tables, seq_lens, query_start,
-                                         block_size, scale, window)
-    single = [r for r in range(len(seq_lens)) if query_start[r + 1] - query_start[r] == 1]
-    lens = torch.tensor([seq_lens[r] for r in single], dtype=torch.int64)
-    if len(single) == len(seq_lens):
-        return paged_decode(q, k_cache, v_cache, block_tables, lens, block_size, scale, window)
+    """q [T, H, D] of a varlen paged batch cut by ``split`` -> [T, H, D], where :func:`runs`:
+    the one-query requests through the kernel in one call (q, caches and tables checked by the
+    engine that made them), the others through the reference, which scores several queries in
+    q's dtype as the model's own SDPA does."""
+    native, window = ops(), window or -1
+    if split.single_rows is None:
+        return native.paged_decode(q, k_cache, v_cache, split.single_tables, split.single_lens,
+                                   block_size, scale, window)
     out = torch.empty_like(q)
-    if single:
-        rows = torch.tensor([query_start[r] for r in single])
-        out[rows] = paged_decode(q[rows], k_cache, v_cache, block_tables[single], lens, block_size,
-                                 scale, window)
-    many = [r for r in range(len(seq_lens)) if query_start[r + 1] - query_start[r] > 1]
-    if not many:
-        return out
-    starts = [0]
-    for r in many:
-        starts.append(starts[-1] + query_start[r + 1] - query_start[r])
-    rows = torch.cat([torch.arange(query_start[r], query_start[r + 1]) for r in many])
-    out[rows] = paged_attention.reference(q[rows], k_cache, v_cache, block_tables[many],
-                                          [seq_lens[r] for r in many], starts, block_size, scale,
-                                          window)
+    if split.single_lens.numel():
+        out[split.single_rows] = native.paged_decode(q[split.single_rows], k_cache, v_cache,
+                                                     split.single_tables, split.single_lens, block_size,
+                                                     scale, window)
+    if split.many_rows is not None:
+        out[split.many_rows] = paged_attention.reference(
+            q[split.many_rows], k_cache, v_cache, split.many_tables, split.many_lens, split.many_starts,
+            block_size, scale, None if window < 0 else window)
     return out

@@ -184,15 +184,19 @@ async def _one(client: object, url: str, model: str, req: BenchRequest, headers:
 
 async def run(url: str, requests: list[BenchRequest], model: str | None = None, api_key: str | None = None,
               max_concurrency: int | None = None, extra: dict | None = None,
-              timeout: float = 600.0, stream: bool = True) -> tuple[list[RequestResult], float]:
+              timeout: float = 600.0, stream: bool = True,
+              keepalive: bool = True) -> tuple[list[RequestResult], float]:
     """Send ``requests`` to ``url`` (the API base, e.g. http://127.0.0.1:8000/v1), streamed or
     not; returns the results in request order and the wall time. ``model`` defaults to the
-    server's first."""
+    server's first. ``keepalive=False`` opens a connection per request: a server that closes
+    idle kept-alive connections (llama-server's cpp-httplib, after 5 s) can otherwise close one
+    just as a request is sent on it."""
     import httpx2 as httpx
 
     url = url.rstrip("/")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    async with httpx.AsyncClient(timeout=timeout) as client:
+    limits = httpx.Limits() if keepalive else httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         if model is None:
             try:
                 listed = (await client.get(f"{url}/models", headers=headers)).json()["data"]

@@ -142,6 +142,7 @@ class PagedMetadata:
     block_tables: torch.Tensor  # [R, max blocks] int32
     sliding_window: int | None = None
     _lengths: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    _split: cpu_attention.Split | None = field(default=None, repr=False)
 
     def lengths(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(seq_lens, query_start) as int32 tensors on the cache's device, built once per step."""
@@ -150,6 +151,13 @@ class PagedMetadata:
             self._lengths = (torch.tensor(self.seq_lens, dtype=torch.int32, device=dev),
                              torch.tensor(self.query_start, dtype=torch.int32, device=dev))
         return self._lengths
+
+    def split(self) -> cpu_attention.Split:
+        """The batch cut for the CPU decode kernel, once per step."""
+        if self._split is None:
+            self._split = cpu_attention.Split.of(self.block_tables, self.seq_lens, self.query_start,
+                                                 self.cache.block_size)
+        return self._split
 
     def fuses_rotary(self, q: torch.Tensor) -> bool:
         return fuses_rotary(self.cache, q)
@@ -184,8 +192,11 @@ class PagedMetadata:
                                                   bs, scale, max_query, max(self.seq_lens), window)
         else:  # the C++ decode kernel where it runs (cpu_attention), else the torch reference
             kv_store.reference(ck, cv, k_t, v_t, self.slot_mapping)
-            out = cpu_attention.attention(q_t, ck, cv, self.block_tables, self.seq_lens,
-                                          self.query_start, bs, scale, window)
+            if cpu_attention.runs(q_t, ck):
+                out = cpu_attention.attention(q_t, ck, cv, self.split(), bs, scale, window)
+            else:
+                out = paged_attention.reference(q_t, ck, cv, self.block_tables, self.seq_lens,
+                                                self.query_start, bs, scale, window)
         return out.transpose(0, 1)[None]
 
 
