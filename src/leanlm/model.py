@@ -45,7 +45,7 @@ from leanlm import fusion, kernels
 from leanlm.attention import KVCache, SDPAMetadata, compute_dtype
 from leanlm.config import ModelConfig
 from leanlm.errors import LeanLMError
-from leanlm.kernels import rmsnorm, rotary, silu_mul
+from leanlm.kernels import cpu_ops, rmsnorm, rotary, silu_mul
 from leanlm.kernels.cpu_linear import Linear
 from leanlm.loss import linear_cross_entropy
 
@@ -62,6 +62,8 @@ class RMSNorm(nn.Module):
         out_dtype = compute_dtype(x)
         if out_dtype == x.dtype and kernels.use_triton(x, self.weight):
             y, s = rmsnorm.rms_norm(x, self.weight, self.eps, residual)
+        elif out_dtype == x.dtype and cpu_ops.runs(x, self.weight, *([] if residual is None else [residual])):
+            y, s = cpu_ops.rms_norm(x, self.weight, self.eps, residual)
         else:
             y, s = rmsnorm.reference(x, self.weight, self.eps, residual)
             # Under autocast, hand the next matmuls their input dtype once, rather than have
@@ -77,9 +79,12 @@ def make_norm(config: ModelConfig, dim: int) -> nn.Module:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE of q or k [B, H, S, D] (kernel: :mod:`leanlm.kernels.rotary`)."""
+    """RoPE of q or k [B, H, S, D] (kernels: :mod:`leanlm.kernels.rotary` on CUDA,
+    :mod:`leanlm.kernels.cpu_ops` on the CPU)."""
     if kernels.use_triton(x):
         return rotary.rotary(x, cos, sin)
+    if cpu_ops.runs(x, cos, sin) and cos.shape[-1] == x.shape[-1]:
+        return cpu_ops.rotary(x, cos, sin)
     return rotary.reference(x, cos, sin)
 
 

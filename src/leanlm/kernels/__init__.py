@@ -17,13 +17,16 @@ to that limit on a GPU:
 
 Not Triton: ``cpu_linear`` is the model's ``nn.Linear``, which runs CPU inference on oneDNN's
 prepacked weight layout; ``cpu_int8`` is oneDNN's int8 x int8 GEMM (VNNI/AMX) that W8A8 layers run
-on CPU; ``packing`` is the bit-stream layout of quantized codes.
+on CPU; ``cpu_ops`` are C++ ops built on first use for CPU inference — the paged decode attention
+of ``cpu_attention``, RMSNorm and rotary — each one call where the torch reference dispatches
+several; ``packing`` is the bit-stream layout of quantized codes.
 
 Dispatch (:func:`use_triton`): the model, the paged attention backend and the quantized linear ask
 here whether to launch a kernel. The mode is read once, from ``LEANLM_KERNELS`` at first use, and
 changed for a block of code with :func:`kernel_mode` (tests, benchmarks):
 
-- ``auto`` (default): the Triton kernel for CUDA tensors, the torch reference elsewhere;
+- ``auto`` (default): the Triton kernel for CUDA tensors, the C++ op of ``cpu_ops`` for CPU
+  tensors where one exists (and could be built), the torch reference elsewhere;
 - ``reference``: always the torch reference;
 - ``triton``: always the kernel — on CPU this needs Triton's interpreter (``TRITON_INTERPRET=1``,
   set before Triton is imported), which is how the tests run every kernel without a GPU.

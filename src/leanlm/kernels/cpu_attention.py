@@ -13,86 +13,24 @@ contiguous per block) read once, widened to fp32 in registers (AVX-512 where the
 in fp32 as the reference does for one query per request, so the two agree to fp32 rounding
 (they differ in summation order only).
 
-The kernel is compiled on first use with :mod:`torch.utils.cpp_extension` (a C++ compiler and
-ninja; cached under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) for the
-CPU's x86-64 level (v4 = AVX-512, v3 = AVX2), so a cache shared by different machines never runs
-code built for another ISA. If it cannot be built the engine keeps the torch reference and
-says so once. It runs in the ``auto`` kernel mode on CPU tensors of a float cache whose dtype
-is q's (fp32/bf16/fp16), outside ``torch.compile`` and autograd; ``LEANLM_KERNELS=reference``
-(or :func:`leanlm.kernels.kernel_mode`) turns it off.
+It is one of the C++ CPU ops of :mod:`leanlm.kernels.cpu_ops` (built on first use; where and
+when they run is said there), here for a float cache whose dtype is q's (:func:`runs`).
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
-import logging
-import platform
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 
-from leanlm import kernels
-from leanlm.kernels import check, check_tensor, paged_attention
-
-log = logging.getLogger(__name__)
-SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def x86_level() -> str:
-    """The highest x86-64 micro-architecture level this CPU has, from /proc/cpuinfo ("" if
-    none can be told: another architecture, or no /proc)."""
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return ""
-    try:
-        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                         if line.startswith("flags")).split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        return ""
-    if {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"} <= flags:
-        return "v4"
-    if {"avx2", "fma", "f16c", "bmi2", "movbe"} <= flags:
-        return "v3"
-    return ""
-
-
-@functools.cache
-def ops() -> Any | None:
-    """``torch.ops.leanlm_cpu``, built and loaded on first call; None if it cannot be built."""
-    from torch.utils import cpp_extension
-
-    level = x86_level()
-    # -fopenmp: at::parallel_for is OpenMP pragmas inlined from ATen's headers (serial without
-    # it); the libgomp.so.1 it links is the one torch has already loaded
-    flags = ["-O3", "-fopenmp"] + ([f"-march=x86-64-{level}"] if level else [])
-    try:
-        cpp_extension.load(f"leanlm_cpu_{level or platform.machine()}", [str(SOURCE)],
-                           extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False)
-    except Exception as exc:  # no compiler, no ninja, a read-only cache: keep the reference
-        log.warning("the C++ CPU attention kernel could not be built (%s); using the torch "
-                    "reference", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        return None
-    return torch.ops.leanlm_cpu
-
-
-def prepare(dtype: torch.dtype, device: torch.device | str) -> None:
-    """Build the kernel now if a cache of ``dtype`` on ``device`` will use it."""
-    if torch.device(device).type == "cpu" and dtype in DTYPES and kernels.mode() != "reference":
-        ops()
+from leanlm.kernels import check, check_tensor, cpu_ops, paged_attention
+from leanlm.kernels.cpu_ops import DTYPES, ops
 
 
 def runs(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Whether :func:`paged_decode` runs for these tensors (see the module docstring)."""
-    if q.device.type != "cpu" or kernels.mode() == "reference" or torch.compiler.is_compiling():
-        return False
-    if q.dtype not in DTYPES or k_cache.dtype != q.dtype:
-        return False
-    if torch.is_grad_enabled() and q.requires_grad:
-        return False
-    return ops() is not None
+    """Whether :func:`attention` serves this batch (else the torch reference does)."""
+    return k_cache.dtype == q.dtype and cpu_ops.runs(q)
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -25,7 +25,7 @@ import torch
 from leanlm import kernels
 from leanlm.config import ModelConfig
 from leanlm.errors import LeanLMError
-from leanlm.kernels import cpu_attention, kv_store, paged_attention, rotary_store
+from leanlm.kernels import cpu_attention, cpu_ops, kv_store, paged_attention, rotary_store
 from leanlm.kernels.rotary import reference as rope_reference
 from leanlm.parallel import local_kv_heads
 
@@ -74,7 +74,7 @@ class PagedKVCache:
         make = lambda shape, dt: [torch.zeros(shape, dtype=dt, device=device) for _ in range(num_layers)]
         scales = (make(shape[:2], torch.float16), make(shape[:2], torch.float16)) \
             if dtype == torch.int8 else (None, None)
-        cpu_attention.prepare(dtype, device)  # build the C++ decode kernel now, not on a request
+        cpu_ops.prepare(dtype, device)  # build the C++ CPU ops now, not on a request
         return cls(make(shape, dtype), make(shape, dtype), block_size, *scales)
 
     @property
@@ -143,6 +143,7 @@ class PagedMetadata:
     sliding_window: int | None = None
     _lengths: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
     _split: cpu_attention.Split | None = field(default=None, repr=False)
+    _stored: tuple[torch.Tensor, torch.Tensor | None] | None = field(default=None, repr=False)
 
     def lengths(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(seq_lens, query_start) as int32 tensors on the cache's device, built once per step."""
@@ -151,6 +152,16 @@ class PagedMetadata:
             self._lengths = (torch.tensor(self.seq_lens, dtype=torch.int32, device=dev),
                              torch.tensor(self.query_start, dtype=torch.int32, device=dev))
         return self._lengths
+
+    def stored(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(slots, rows): where the step's cached tokens go and which rows they are (None: every
+        row; a negative slot is a token not cached), once per step for every layer."""
+        if self._stored is None:
+            keep = self.slot_mapping >= 0
+            every = bool(keep.all())
+            self._stored = (self.slot_mapping.long() if every else self.slot_mapping[keep].long(),
+                            None if every else keep)
+        return self._stored
 
     def split(self) -> cpu_attention.Split:
         """The batch cut for the CPU decode kernel, once per step."""
@@ -191,7 +202,9 @@ class PagedMetadata:
             out = paged_attention.paged_attention(q_t, ck, cv, self.block_tables, seq_lens, query_start,
                                                   bs, scale, max_query, max(self.seq_lens), window)
         else:  # the C++ decode kernel where it runs (cpu_attention), else the torch reference
-            kv_store.reference(ck, cv, k_t, v_t, self.slot_mapping)
+            slots, keep = self.stored()
+            kv_store.write_rows(ck, slots, k_t if keep is None else k_t[keep])
+            kv_store.write_rows(cv, slots, v_t if keep is None else v_t[keep])
             if cpu_attention.runs(q_t, ck):
                 out = cpu_attention.attention(q_t, ck, cv, self.split(), bs, scale, window)
             else:

@@ -12,34 +12,12 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdint>
-#include <cstring>
 #include <limits>
 #include <vector>
 
+#include "cpu_vec.h"
+
 namespace {
-
-inline float to_float(float x) { return x; }
-inline float to_float(c10::Half x) { return static_cast<float>(x); }
-inline float to_float(c10::BFloat16 x) {  // bf16 is the high half of an fp32
-  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-#if defined(__AVX512F__)
-#include <immintrin.h>
-constexpr int64_t kLanes = 16;
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {
-  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-inline __m512 load16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-#endif
 
 // Rows come from scattered blocks: ask for the one kAhead keys on while this one is scored.
 constexpr int64_t kAhead = 4;
@@ -84,6 +62,39 @@ inline void axpy(float p, const T* x, float* y, int64_t n) {
   for (; i < n; ++i) y[i] += p * to_float(x[i]);
 }
 
+// s[0:n] <- e^{s_j − max s} / Σ_j e^{s_j − max s}
+inline void softmax(float* s, int64_t n) {
+  int64_t j = 0;
+  float top = -std::numeric_limits<float>::infinity(), total = 0.f;
+#if defined(__AVX512F__)
+  __m512 vtop = _mm512_set1_ps(top);
+  for (; j + kLanes <= n; j += kLanes) vtop = _mm512_max_ps(vtop, _mm512_loadu_ps(s + j));
+  top = _mm512_reduce_max_ps(vtop);
+#endif
+  for (; j < n; ++j) top = std::max(top, s[j]);
+  j = 0;
+#if defined(__AVX512F__)
+  const __m512 vmax = _mm512_set1_ps(top);
+  __m512 vsum = _mm512_setzero_ps();
+  for (; j + kLanes <= n; j += kLanes) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), vmax));
+    _mm512_storeu_ps(s + j, e);
+    vsum = _mm512_add_ps(vsum, e);
+  }
+  total = _mm512_reduce_add_ps(vsum);
+#endif
+  for (; j < n; ++j) {
+    s[j] = std::exp(s[j] - top);
+    total += s[j];
+  }
+  j = 0;
+#if defined(__AVX512F__)
+  const __m512 vtotal = _mm512_set1_ps(total);
+  for (; j + kLanes <= n; j += kLanes) _mm512_storeu_ps(s + j, _mm512_div_ps(_mm512_loadu_ps(s + j), vtotal));
+#endif
+  for (; j < n; ++j) s[j] /= total;
+}
+
 template <typename scalar_t>
 void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
             const at::Tensor& tables, const at::Tensor& lens, int64_t block_size, double scale,
@@ -122,17 +133,7 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
         for (int64_t h = 0; h < heads; ++h)
           scores[h * len + j] = dot(qf.data() + h * d, row + (h / group) * ks1, d) * fscale;
       }
-      for (int64_t h = 0; h < heads; ++h) {
-        float* s = scores.data() + h * len;
-        float top = -std::numeric_limits<float>::infinity();
-        for (int64_t j = 0; j < len; ++j) top = std::max(top, s[j]);
-        float total = 0.f;
-        for (int64_t j = 0; j < len; ++j) {
-          s[j] = std::exp(s[j] - top);
-          total += s[j];
-        }
-        for (int64_t j = 0; j < len; ++j) s[j] /= total;
-      }
+      for (int64_t h = 0; h < heads; ++h) softmax(scores.data() + h * len, len);
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t j = 0; j < len; ++j) {
         const scalar_t* row = vp + slot_of(first + j) * vs0;

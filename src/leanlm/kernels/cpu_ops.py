@@ -1,0 +1,109 @@
+"""leanlm's C++ CPU ops, built on first use: paged decode attention, RMSNorm, rotary embedding.
+
+A decode step of a small model on the CPU is bound by op count, not arithmetic: each torch op
+costs microseconds of dispatch, and the references spend 6–8 ops on an RMSNorm or a rotary
+embedding, and a gathered fp32 copy of every request's K/V on paged decode attention
+(:mod:`leanlm.kernels.cpu_attention`). These ops do each in one call, with the references'
+math and roundings (``csrc/``; the formulas are in each file's header):
+
+- ``leanlm_cpu::paged_decode``: one query per request against its keys through the block table;
+- ``leanlm_cpu::rms_norm``: RMSNorm with the residual add (:mod:`leanlm.kernels.rmsnorm`);
+- ``leanlm_cpu::rotary``: RoPE of q or k (:mod:`leanlm.kernels.rotary`).
+
+They are compiled with :mod:`torch.utils.cpp_extension` (a C++ compiler and ninja; cached under
+``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) for the CPU's x86-64 level
+(v4 = AVX-512, v3 = AVX2) under a name that carries it, so a cache shared by different machines
+never runs code built for another ISA. If they cannot be built, the torch references run and
+the log says so once. They run (:func:`runs`) in the ``auto`` kernel mode on CPU tensors in
+fp32/bf16/fp16, outside ``torch.compile`` and autograd; ``LEANLM_KERNELS=reference`` (or
+:func:`leanlm.kernels.kernel_mode`) turns them off. Parallel work goes to ATen's OpenMP pool.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from leanlm import kernels
+
+log = logging.getLogger(__name__)
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_decode.cpp", "norm_rotary.cpp")]
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def x86_level() -> str:
+    """The highest x86-64 micro-architecture level this CPU has, from /proc/cpuinfo ("" if
+    none can be told: another architecture, or no /proc)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return ""
+    try:
+        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return ""
+    if {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"} <= flags:
+        return "v4"
+    if {"avx2", "fma", "f16c", "bmi2", "movbe"} <= flags:
+        return "v3"
+    return ""
+
+
+@functools.cache
+def ops() -> Any | None:
+    """``torch.ops.leanlm_cpu``, built and loaded on first call; None if it cannot be built."""
+    from torch.utils import cpp_extension
+
+    level = x86_level()
+    # -fopenmp: at::parallel_for is OpenMP pragmas inlined from ATen's headers (serial without
+    # it); the libgomp.so.1 it links is the one torch has already loaded. -ffp-contract=off: no
+    # a·b + c fused where the reference rounds a·b first (explicit FMAs stay FMAs)
+    flags = ["-O3", "-fopenmp", "-ffp-contract=off"] + ([f"-march=x86-64-{level}"] if level else [])
+    log.info("loading leanlm's C++ CPU ops (compiled once per machine and source: ~30 s)")
+    try:
+        cpp_extension.load(f"leanlm_cpu_{level or platform.machine()}", [str(s) for s in SOURCES],
+                           extra_cflags=flags, extra_ldflags=["-fopenmp"], is_python_module=False)
+    except Exception as exc:  # no compiler, no ninja, a read-only cache: keep the references
+        log.warning("leanlm's C++ CPU ops could not be built (%s); using the torch references",
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None
+    return torch.ops.leanlm_cpu
+
+
+def prepare(dtype: torch.dtype, device: torch.device | str) -> None:
+    """Build the ops now (not on a request) if tensors of ``dtype`` on ``device`` will use them."""
+    if torch.device(device).type == "cpu" and dtype in DTYPES and kernels.mode() != "reference":
+        ops()
+
+
+def runs(*tensors: torch.Tensor) -> bool:
+    """Whether the C++ op runs for these tensors: CPU, one float dtype, no autograd through them,
+    not traced, not switched off, and built."""
+    x = tensors[0]
+    if x.device.type != "cpu" or kernels.mode() == "reference" or torch.compiler.is_compiling():
+        return False
+    if x.dtype not in DTYPES or any(t.dtype != x.dtype or t.device != x.device for t in tensors):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return ops() is not None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
+             residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(s), s) with s = x + residual (or x): :func:`leanlm.kernels.rmsnorm.reference`'s
+    result in one op (where :func:`runs`)."""
+    x = x.contiguous()
+    residual = None if residual is None else residual.contiguous()
+    y, s = ops().rms_norm(x, residual, weight.contiguous(), eps)
+    return y, (x if residual is None else s)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, S, D] rotated by cos/sin [B, 1, S, D]: :func:`leanlm.kernels.rotary.reference`'s
+    result in one op (where :func:`runs`)."""
+    return ops().rotary(x, cos, sin)
