@@ -15,6 +15,7 @@ llama-3.2-1b`` a random-weight checkpoint of that shape with the default tokeniz
 its vocabulary (8,192 ids: the embedding and head are smaller than the real 128k ones).
 
     python benchmarks/bench_llamacpp.py [--preset default|llama-3.2-1b] [--concurrency 1,8,32]
+                                        [--rounds N] [--no-compile]
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import asyncio
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -67,6 +69,8 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--rounds", type=int, default=1, help="repeat every server this often; medians")
+    ap.add_argument("--no-compile", action="store_true", help="without the leanlm --compile row")
     args = ap.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
     model = DEFAULT_MODEL if args.preset == "default" else preset_checkpoint(args.preset)
@@ -96,39 +100,58 @@ def main() -> None:
             ("leanlm int4 (RTN g32)", [sys.executable, "-m", "leanlm.cli", "serve", str(int4)]),
             ("llama-server Q4_0", [*llama_server, "-m", str(files["Q4_0"])]),
         ]
+        if args.no_compile:
+            servers = [row for row in servers if "--compile" not in row[0]]
         rows = []
-        for name, cmd in servers:
-            port = free_port()
-            cmd = [*cmd, "--port", str(port)] + ([] if "llama-server" in cmd[0] else ["--max-num-seqs", "64"])
-            url = f"http://127.0.0.1:{port}/v1"
-            proc = start_server(cmd, url)
-            try:
-                for level in levels:  # each level's batch shape once (--compile compiles it)
-                    warm = bench.schedule(prompts, level, 8, float("inf"))
-                    asyncio.run(bench.run(url, warm, max_concurrency=level, extra=extra, keepalive=False))
-                for level in levels:
-                    reqs = bench.schedule(prompts, args.num_prompts, args.output_len, float("inf"))
-                    results, wall = asyncio.run(bench.run(url, reqs, max_concurrency=level, extra=extra,
-                                                          keepalive=False))
-                    s = bench.summarize(results, wall)
-                    rows.append((name, level, s))
-                    print(f"{name:22s} concurrency {level:3d}: {s['completed']}/{len(reqs)} ok, output "
-                          f"{s['output_throughput']:7.1f} tok/s, TPOT median {s['median_tpot_ms']:6.1f} ms, "
-                          f"TTFT median {s['median_ttft_ms']:8.1f} ms, p99 {s['p99_ttft_ms']:8.1f} ms"
-                          + (f"; errors {s['errors']}" if s.get("errors") else ""), flush=True)
-            finally:
-                proc.terminate()
-                proc.wait(timeout=30)
-    print("\n| server | concurrency | output tok/s | TPOT median ms | TTFT median ms | TTFT p99 ms |")
+        for rnd in range(args.rounds):  # servers alternate within a round; rounds repeat the whole set
+            for name, cmd in servers:
+                measured = serve_levels(name, cmd, levels, prompts, extra, args, rnd)
+                rows += [(name, level, s) for level, s in measured]
+    names = list(dict.fromkeys(name for name, _, _ in rows))
+    med = lambda name, lv, key: statistics.median(s[key] for n, v, s in rows if (n, v) == (name, lv))
+    print(f"\nmedians of {args.rounds} round(s):")
+    print("| server | concurrency | output tok/s | TPOT median ms | TTFT median ms | TTFT p99 ms |")
     print("|---|---:|---:|---:|---:|---:|")
-    for name, level, s in rows:
-        print(f"| {name} | {level} | {s['output_throughput']:.1f} | {s['median_tpot_ms']:.1f} | "
-              f"{s['median_ttft_ms']:.1f} | {s['p99_ttft_ms']:.1f} |")
-    by = {(n, lv): s["output_throughput"] for n, lv, s in rows}
+    for name in names:
+        for lv in levels:
+            cells = [f"{med(name, lv, key):.1f}" for key in ("output_throughput", "median_tpot_ms",
+                                                              "median_ttft_ms", "p99_ttft_ms")]
+            print(f"| {name} | {lv} | " + " | ".join(cells) + " |")
     for ours, theirs in (("leanlm bf16", "llama-server f16"), ("leanlm bf16 --compile", "llama-server f16"),
                          ("leanlm int4 (RTN g32)", "llama-server Q4_0")):
-        print(f"{ours} / {theirs} output throughput: " + ", ".join(
-            f"{by[(ours, lv)] / by[(theirs, lv)]:.2f}x at {lv}" for lv in levels))
+        if ours in names:
+            print(f"{ours} / {theirs} output throughput (medians): " + ", ".join(
+                f"{med(ours, lv, 'output_throughput') / med(theirs, lv, 'output_throughput'):.2f}x at {lv}"
+                for lv in levels))
+
+
+def serve_levels(name: str, cmd: list[str], levels: list[int], prompts: list, extra: dict,
+                 args: argparse.Namespace, rnd: int) -> list[tuple[int, dict]]:
+    """One server started, warmed at each level, then measured at each level."""
+    port = free_port()
+    cmd = [*cmd, "--port", str(port)] + ([] if "llama-server" in cmd[0] else ["--max-num-seqs", "64"])
+    url = f"http://127.0.0.1:{port}/v1"
+    proc = start_server(cmd, url)
+    out = []
+    try:
+        for level in levels:  # each level's batch shape once (--compile compiles it)
+            warm = bench.schedule(prompts, level, 8, float("inf"))
+            asyncio.run(bench.run(url, warm, max_concurrency=level, extra=extra, keepalive=False))
+        for level in levels:
+            reqs = bench.schedule(prompts, args.num_prompts, args.output_len, float("inf"))
+            results, wall = asyncio.run(bench.run(url, reqs, max_concurrency=level, extra=extra,
+                                                  keepalive=False))
+            s = bench.summarize(results, wall)
+            out.append((level, s))
+            print(f"round {rnd + 1} {name:22s} concurrency {level:3d}: {s['completed']}/{len(reqs)} ok, "
+                  f"output "
+                  f"{s['output_throughput']:7.1f} tok/s, TPOT median {s['median_tpot_ms']:6.1f} ms, "
+                  f"TTFT median {s['median_ttft_ms']:8.1f} ms, p99 {s['p99_ttft_ms']:8.1f} ms"
+                  + (f"; errors {s['errors']}" if s.get("errors") else ""), flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return out
 
 
 if __name__ == "__main__":

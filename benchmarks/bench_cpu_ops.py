@@ -1,0 +1,115 @@
+"""leanlm's C++ CPU ops (``kernels/cpu_ops.py``) against the torch references they replace, in one run.
+
+1. Paged decode attention alone: the default model's attention shape (5 heads of 64, bf16), R
+   requests of ~190 keys in 16-slot blocks scattered over a large cache, the torch reference
+   (``paged_attention.decode_reference``: gathers an fp32 copy of every request's K/V) against
+   ``leanlm_cpu::paged_decode``; hot (the same call again) and cold (caches evicted by a 64 MB
+   write between calls, as a decode step's weights evict them), medians, interleaved.
+2. The offline serving engine on the default model (bf16): a prefill step of one 128-token prompt
+   and decode steps at batch B (128-token prompts), with the kernel mode ``reference`` (every
+   op a torch reference) against ``auto`` (the C++ ops), interleaved, medians of step times.
+
+    python benchmarks/bench_cpu_ops.py [--batches 1 8 32] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from common import machine
+from leanlm import DEFAULT_MODEL, kernels
+from leanlm.checkpoint import load_model
+from leanlm.kernels import cpu_ops
+from leanlm.kernels import paged_attention as pa
+from leanlm.sampling import SamplingParams
+from leanlm.serve.engine import EngineConfig, LLMEngine
+
+
+def timed(fn: Callable[[], object], evict: torch.Tensor | None) -> float:
+    if evict is not None:
+        evict.add_(1)
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def attention(requests: int, calls: int) -> None:
+    g = torch.Generator().manual_seed(requests)
+    heads, d, bs, blocks = 5, 64, 16, 4096
+    k_cache = torch.randn(blocks * bs, heads, d, generator=g).bfloat16()
+    v_cache = torch.randn(blocks * bs, heads, d, generator=g).bfloat16()
+    tables = torch.randperm(blocks, generator=g)[:requests * 13].view(requests, 13).int()
+    lens = torch.randint(180, 200, (requests,), generator=g)
+    q = torch.randn(requests, heads, d, generator=g).bfloat16()
+    scale, evict = d**-0.5, torch.zeros(16 << 20)
+    fns = {"torch reference": lambda: pa.decode_reference(q, k_cache, v_cache, tables, lens, int(lens.max()),
+                                                          bs, scale, None),
+           "C++ paged_decode": lambda: cpu_ops.ops().paged_decode(q, k_cache, v_cache, tables, lens, bs,
+                                                                  scale, -1)}
+    for fn in fns.values():
+        fn()
+    for label, ev in (("hot", None), ("cold", evict)):
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        for _ in range(calls):
+            for name, fn in fns.items():
+                times[name].append(timed(fn, ev))
+        ref, ours = (statistics.median(times[n]) * 1e3 for n in fns)
+        print(f"attention, {requests:2d} requests x ~190 keys, {label:4s}: reference {ref:.3f} ms, "
+              f"C++ {ours:.3f} ms ({ref / ours:.1f}x)", flush=True)
+
+
+def drain(engine: LLMEngine) -> None:
+    while engine.has_unfinished_requests():
+        engine.step()
+
+
+def engine_steps(batches: list[int], rounds: int) -> None:
+    model = load_model(DEFAULT_MODEL, pack=True)
+    rng = random.Random(0)
+    prompt = lambda: [rng.randrange(3, 8000) for _ in range(128)]
+    results: dict[tuple[str, str], list[float]] = {}
+    for _ in range(rounds):
+        for mode in ("reference", "auto"):
+            with kernels.kernel_mode(mode), torch.inference_mode():
+                engine = LLMEngine(model, EngineConfig())
+                one = SamplingParams(max_tokens=1, ignore_eos=True)
+                for _ in range(3):  # prefill steps of one prompt
+                    engine.add_request(prompt(), one)
+                    results.setdefault(("prefill 128 tokens", mode), []).append(timed(engine.step, None))
+                    drain(engine)
+                for b in batches:
+                    for _ in range(b):
+                        engine.add_request(prompt(), SamplingParams(max_tokens=40, ignore_eos=True))
+                    sched = engine.scheduler
+                    while any(not r.output_token_ids for r in sched.running) or sched.waiting:
+                        engine.step()  # every prompt prefilled: the steps timed below are decodes
+                    steps = results.setdefault((f"decode step, batch {b}", mode), [])
+                    steps += [timed(engine.step, None) for _ in range(20)]
+                    drain(engine)
+    for what in dict.fromkeys(k for k, _ in results):
+        ref, ours = (statistics.median(results[what, m]) * 1e3 for m in ("reference", "auto"))
+        print(f"engine {what:22s}: reference {ref:6.2f} ms, C++ ops {ours:6.2f} ms ({ref / ours:.2f}x)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--calls", type=int, default=200)
+    args = ap.parse_args()
+    print(f"# bench_cpu_ops: {machine()}", flush=True)
+    if cpu_ops.ops() is None:
+        raise SystemExit("leanlm's C++ CPU ops could not be built here")
+    for requests in (8, 32):
+        attention(requests, args.calls)
+    engine_steps(args.batches, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
