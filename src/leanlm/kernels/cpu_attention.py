@@ -11,7 +11,7 @@ contiguous per block) read once, widened to fp32 in registers (AVX-512 where the
     s_j = (q · k_j)·scale,   p_j = e^{s_j − max s} / Σ_j e^{s_j − max s},   o = Σ_j p_j v_j,
 
 in fp32 as the reference does for one query per request, so the two agree to fp32 rounding
-(they differ in summation order only).
+(they differ in summation order, and e^x is Cephes' polynomial, within 2 ulp of expf).
 
 It is one of the C++ CPU ops of :mod:`leanlm.kernels.cpu_ops` (built on first use; where and
 when they run is said there), here for a float cache whose dtype is q's (:func:`runs`).
