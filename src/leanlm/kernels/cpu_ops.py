@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import platform
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +60,15 @@ def ops() -> Any | None:
     """``torch.ops.leanlm_cpu``, built and loaded on first call; None if it cannot be built."""
     from torch.utils import cpp_extension
 
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        log.warning("no C++ compiler (%s) on PATH: leanlm's C++ CPU ops are not built, the torch "
+                    "references run (install g++ for the fast CPU path)", compiler)
+        return None
+    if shutil.which("ninja") is None:  # the ninja package's binary, where its bin is not on PATH
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     level = x86_level()
     # -fopenmp: at::parallel_for is OpenMP pragmas inlined from ATen's headers (serial without
     # it); the libgomp.so.1 it links is the one torch has already loaded. -ffp-contract=off: no
