@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <tuple>
 
@@ -28,18 +29,18 @@ void norm_rows(const scalar_t* x, const scalar_t* res, const scalar_t* w, scalar
   at::parallel_for(0, rows, grain(cols), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* xr = x + r * cols;
-      scalar_t* sr = s + r * cols;
+      scalar_t* sr = res != nullptr ? s + r * cols : nullptr;  // the sum's row (with a residual)
       float sq = 0.f;
       for (int64_t c = 0; c < cols; ++c) {
         float h = to_float(xr[c]);
-        if (res != nullptr) {
+        if (sr != nullptr) {
           sr[c] = round_to<scalar_t>(h + to_float(res[r * cols + c]));
           h = to_float(sr[c]);
         }
         sq += h * h;
       }
       const float inv = 1.f / std::sqrt(sq / static_cast<float>(cols) + eps);
-      const scalar_t* hr = res != nullptr ? sr : xr;
+      const scalar_t* hr = sr != nullptr ? sr : xr;
       scalar_t* yr = y + r * cols;
       for (int64_t c = 0; c < cols; ++c)
         yr[c] = round_to<scalar_t>(to_float(w[c]) * to_float(round_to<scalar_t>(to_float(hr[c]) * inv)));

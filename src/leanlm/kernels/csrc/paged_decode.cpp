@@ -1,8 +1,9 @@
 // Decode attention over the serving engine's paged K/V cache, on the CPU.
 //
-// One query per request (the engine's steady state). Work item (request r, K/V head g) reads
-// the request's keys through its block table straight from the cache, in the cache's dtype,
-// once for the whole query-head group of g; no gathered copy of K/V is ever made. Scores,
+// One query per request (the engine's steady state). Work item r reads request r's keys through
+// its block table straight from the cache, in the cache's dtype, a whole slot row (every K/V
+// head) at a time, each K/V head once for its query-head group; no gathered copy of K/V is ever
+// made. Scores,
 // softmax and the weighted sum of values are fp32, in the order of the torch reference
 // (leanlm.kernels.paged_attention.decode_reference): s_j = (q · k_j)·scale, p_j = e^{s_j − max s}
 // / Σ_j e^{s_j − max s}, o = Σ_j p_j v_j. Work items run in parallel on ATen's thread pool.
