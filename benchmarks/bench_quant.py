@@ -9,7 +9,7 @@ the same non-overlapping windows for every row; everything is evaluated in bf16.
     python benchmarks/bench_quant.py --speed     # random llama-3.2-1b shape, decode tokens/s
     python benchmarks/bench_quant.py --memory    # GPTQ on the llama-3.2-1b shape, peak RSS
     python benchmarks/bench_quant.py --resident  # RSS of the int4 model while decoding
-    python benchmarks/bench_quant.py --peers     # GPTQ/AWQ against GPTQModel's (quant_peers.py)
+    python benchmarks/bench_quant.py --peers     # GPTQ/AWQ against GPTQModel (quant_peers.py)
 """
 
 from __future__ import annotations
@@ -129,15 +129,15 @@ ROWS: list[tuple[str, str, int, int, Build]] = [
 ]
 
 
-def eval_data(args: argparse.Namespace) -> tuple[Any, dict[str, np.ndarray], torch.Tensor]:
-    """(tokenizer, validation tokens per domain, calibration windows [samples, seq_len]): seeded
-    windows of the corpus's train split, scored on every domain's validation split."""
+def eval_data(args: argparse.Namespace, seed: int = 0) -> tuple[Any, dict[str, np.ndarray], torch.Tensor]:
+    """(tokenizer, validation tokens per domain, calibration windows [samples, seq_len]): windows
+    of the corpus's train split drawn with ``seed``, scored on every domain's validation split."""
     corpus = corpus_dir(args.corpus)
     tok = load_tokenizer(DEFAULT_MODEL)
     files = tokenize_corpus(corpus, tok, CACHE / "quant-tokens", tok.eos_token_id)
     val = {d: load_tokens(f["val"]) for d, f in files.items()}
     train = np.concatenate([load_tokens(f["train"]) for f in files.values()]).astype(np.int64)
-    return tok, val, sample_windows(torch.from_numpy(train), args.samples, args.seq_len, seed=0)
+    return tok, val, sample_windows(torch.from_numpy(train), args.samples, args.seq_len, seed=seed)
 
 
 def perplexity(model: nn.Module, tok: Any, val: dict[str, np.ndarray], args: argparse.Namespace) -> float:
@@ -295,7 +295,8 @@ def main() -> None:
     ap.add_argument("--resident", action="store_true", help="RSS of the int4 model while decoding")
     ap.add_argument("--peers", action="store_true", help="GPTQ/AWQ against GPTQModel (quant_peers.py)")
     ap.add_argument("--peer-child", default="", help=argparse.SUPPRESS)
-    ap.add_argument("--rounds", type=int, default=None, help="--speed: 3, --peers: 1")
+    ap.add_argument("--rounds", type=int, default=None, help="--speed: 3, --peers: 1 (per seed)")
+    ap.add_argument("--seeds", type=int, default=5, help="--peers: calibration sets (seeds 0..N-1)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.peers or args.peer_child:

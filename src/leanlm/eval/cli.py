@@ -184,9 +184,10 @@ def quantize(
         help="GPTQ: quantize columns in decreasing Hessian order.")] = False,
     group_aware: Annotated[bool, typer.Option(
         help="GPTQ without act-order: visit whole groups, and the columns in each, in decreasing "
-             "Hessian order (GAR, GPTQModel's default); the checkpoint needs no act-order kernel.")] = False,
+             "Hessian order (GAR, GPTQModel's default); the checkpoint needs no act-order kernel. "
+             "--no-group-aware --damp-percent 0.01: the reference implementation's settings.")] = True,
     damp_percent: Annotated[float, typer.Option(help="GPTQ: Hessian dampening, a fraction of its mean "
-                                                     "diagonal.")] = 0.01,
+                                                     "diagonal (GPTQModel's default).")] = 0.05,
     static_groups: Annotated[bool, typer.Option(help="GPTQ: choose all group scales up front.")] = False,
     lm_head: Annotated[bool, typer.Option(
         "--lm-head", help="Quantize the LM head too (gptq, rtn, llm-int8, fp8): what a CPU decode step "

@@ -7,7 +7,8 @@ H = 2 X Xᵀ / tokens, quantizing column k with error e = (w_k - q_k) / [H⁻¹]
 on the not-yet-quantized columns by  W[:, k+1:] -= e · [H⁻¹]_{k, k+1:}.  The implementation:
 
 - dead inputs (H_kk = 0) get H_kk = 1 and their weights set to 0;
-- dampening: H += λ I with λ = ``damp_percent`` · mean(diag H) (1% by default);
+- dampening: H += λ I with λ = ``damp_percent`` · mean(diag H) (5% by default, GPTQModel's; the
+  reference implementation's 1% overfits the calibration set at 3 bits, see below);
 - H⁻¹ enters only through its upper Cholesky factor  U = chol(H⁻¹)ᵀ, whose rows give the
   updates above exactly (the paper's "Cholesky reformulation");
 - lazy batch updates: columns are processed in blocks of ``block_size`` (128); the updates
@@ -18,10 +19,13 @@ on the not-yet-quantized columns by  W[:, k+1:] -= e · [H⁻¹]_{k, k+1:}.  The
 - act-order ("desc_act"): columns are visited in decreasing H_kk; the resulting ``g_idx``
   maps every column to the group it was quantized in;
 - group-aware reordering (GAR; Gafni et al., "Dual Precision Quantization for Efficient and
-  Accurate Deep Neural Networks Inference", CVPRW 2025; GPTQModel's default without act-order):
+  Accurate Deep Neural Networks Inference", CVPRW 2025; on by default without act-order, as in
+  GPTQModel):
   the groups are visited in decreasing max H_kk and the columns of each group in decreasing H_kk,
   so the most salient inputs are quantized first, as with act-order, while every group keeps its
-  own columns: the checkpoint has the plain ``g_idx`` and needs no act-order kernel;
+  own columns: the checkpoint has the plain ``g_idx`` and needs no act-order kernel. GAR with 5%
+  dampening against the reference's settings (no GAR, 1%), mean Δppl of 5 calibration seeds on
+  the default model (benchmarks/RESULTS.md, "Against GPTQModel"): see ``bench_quant.py --peers``;
 - true-sequential: within a block, q/k/v, then o, then gate/up, then down, each calibrated on
   inputs produced by the already-quantized earlier sub-layers.
 """
@@ -44,10 +48,10 @@ from leanlm.quant.rtn import to_quant_linear
 @dataclass
 class GPTQConfig(WeightOnlyConfig):
     act_order: bool = False
-    group_aware: bool = False  # GAR when not act_order (GPTQModel's default, with damp 0.05)
+    group_aware: bool = True  # GAR when not act_order (GPTQModel's default, as is damp 0.05)
     static_groups: bool = False
     true_sequential: bool = True
-    damp_percent: float = 0.01
+    damp_percent: float = 0.05
     block_size: int = 128
 
     def __post_init__(self) -> None:
