@@ -8,8 +8,12 @@
 2. The offline serving engine on the default model (bf16): a prefill step of one 128-token prompt
    and decode steps at batch B (128-token prompts), with the kernel mode ``reference`` (every
    op a torch reference) against ``auto`` (the C++ ops), interleaved, medians of step times.
+3. ``--int4``: the 4-bit GEMM alone (``leanlm_cpu::int4pack_mm``) against torch's
+   ``_weight_int4pack_mm_for_cpu`` on the same packing, and the bf16 product on oneDNN's
+   prepacked weight (what the bf16 model runs), on the default model's and a 1B model's layer
+   shapes (group 32), at 1 / 4 / 8 / 16 / 32 rows; medians of interleaved calls.
 
-    python benchmarks/bench_cpu_ops.py [--batches 1 8 32] [--rounds 3]
+    python benchmarks/bench_cpu_ops.py [--batches 1 8 32] [--rounds 3] [--int4]
 """
 
 from __future__ import annotations
@@ -97,15 +101,57 @@ def engine_steps(batches: list[int], rounds: int) -> None:
         print(f"engine {what:22s}: reference {ref:6.2f} ms, C++ ops {ours:6.2f} ms ({ref / ours:.2f}x)")
 
 
+INT4_SHAPES = [(320, 320), (864, 320), (320, 864), (2048, 2048), (8192, 2048), (2048, 8192)]  # [out, in]
+
+
+def int4_gemm(rows: list[int], calls: int) -> None:
+    """The int4 GEMM against torch's on one packing (and bf16 prepacked), interleaved, medians."""
+    from functools import partial
+
+    from leanlm.quant.linear import int4pack
+
+    gs = 32
+    print("| weight [out × in] | rows | torch int4 µs | leanlm int4 µs | bf16 prepacked µs | "
+          "leanlm / torch |")
+    print("|---|---:|---:|---:|---:|---:|")
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for n, k in INT4_SHAPES:
+            codes = torch.randint(0, 16, (n + (-n) % 64, k), generator=g)
+            packed = int4pack(codes)
+            sz = torch.randn(k // gs, codes.shape[0], 2, generator=g).to(torch.bfloat16)
+            plain = torch.randn(n, k, generator=g).to(torch.bfloat16)
+            dense = torch.ops.mkldnn._reorder_linear_weight(plain, None)
+            for m in rows:
+                x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+                fns = {"torch": partial(torch.ops.aten._weight_int4pack_mm_for_cpu, x, packed, gs, sz),
+                       "leanlm": partial(cpu_ops.int4pack_mm, x, packed, sz, gs),
+                       "bf16": partial(torch.ops.mkldnn._linear_pointwise, x, dense, None, "none", [], "")}
+                times: dict[str, list[float]] = {name: [] for name in fns}
+                for _ in range(5):
+                    for fn in fns.values():
+                        fn()
+                for _ in range(calls):
+                    for name, fn in fns.items():
+                        times[name].append(timed(fn, None))
+                t = {name: statistics.median(v) * 1e6 for name, v in times.items()}
+                print(f"| {n}×{k} | {m} | {t['torch']:.1f} | {t['leanlm']:.1f} | {t['bf16']:.1f} | "
+                      f"{t['torch'] / t['leanlm']:.2f}x |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--int4", action="store_true", help="only the int4 GEMM (section 3)")
     args = ap.parse_args()
     print(f"# bench_cpu_ops: {machine()}", flush=True)
     if cpu_ops.ops() is None:
         raise SystemExit("leanlm's C++ CPU ops could not be built here")
+    if args.int4:
+        int4_gemm([1, 4, 8, 16, 32], max(20, args.calls // 4))
+        return
     for requests in (8, 32):
         attention(requests, args.calls)
     engine_steps(args.batches, args.rounds)

@@ -1,4 +1,4 @@
-"""The C++ CPU RMSNorm and rotary ops against their torch references, and where they run."""
+"""The C++ CPU ops (RMSNorm, rotary, the int4 GEMM) against their references, and where they run."""
 
 from __future__ import annotations
 
@@ -59,3 +59,72 @@ def test_the_ops_refuse_bad_arguments() -> None:
         cpu_ops.ops().rms_norm(torch.randn(2, 8), None, torch.ones(8).bfloat16(), 1e-6)
     with pytest.raises(RuntimeError, match="cos/sin"):
         cpu_ops.ops().rotary(torch.randn(1, 2, 3, 8), torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8))
+
+
+def int4_layer(n: int, k: int, gs: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(packed, sz, w): random 4-bit codes in leanlm's int4pack layout, torch's (scale, offset)
+    per group and output row, and the fp32 weight they mean: (q − 8)·s + offset."""
+    from leanlm.quant.linear import int4pack
+
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), generator=g)
+    sz = torch.stack([torch.rand(k // gs, n, generator=g) * 0.1 + 0.01,
+                      torch.randn(k // gs, n, generator=g) * 0.05], -1).to(torch.bfloat16).contiguous()
+    per_col = sz.float().repeat_interleave(gs, 0).transpose(0, 1)  # [n, k, 2]
+    return int4pack(codes), sz, (codes.float() - 8) * per_col[..., 0] + per_col[..., 1]
+
+
+@pytest.mark.parametrize(("n", "k", "gs"), [(64, 64, 32), (192, 256, 64), (128, 384, 128), (320, 320, 32)])
+@pytest.mark.parametrize("m", [1, 5, 12, 33])
+def test_int4pack_mm_is_the_dequantized_product(n: int, k: int, gs: int, m: int) -> None:
+    """Within the weight's own rounding to bf16 (the AVX512-BF16 path) and the output's: 2⁻⁸ of
+    Σ|x·w| per output; a wrong group, row or nibble is off by the size of the output itself."""
+    packed, sz, w = int4_layer(n, k, gs, seed=n + k + m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
+    y = cpu_ops.int4pack_mm(x, packed, sz, gs)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    want = x.float() @ w.t()
+    bound = 2.0**-8 * (x.float().abs() @ w.abs().t()) + 1e-6
+    assert bool(((y.float() - want).abs() <= bound).all()), float(((y.float() - want).abs() / bound).max())
+    torch_y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, gs, sz)  # the same packing's meaning
+    assert bool(((y.float() - torch_y.float()).abs() <= 2 * bound).all())
+
+
+def test_int4pack_mm_rows_do_not_depend_on_the_batch() -> None:
+    """A request's logits must not change with what it is batched with: each row is computed in
+    the same order whatever the number of rows."""
+    packed, sz, _ = int4_layer(128, 256, 32, seed=0)
+    x = torch.randn(13, 256, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    whole = cpu_ops.int4pack_mm(x, packed, sz, 32)
+    for r in (0, 6, 12):
+        assert torch.equal(cpu_ops.int4pack_mm(x[r:r + 1].contiguous(), packed, sz, 32)[0], whole[r])
+
+
+def test_int4pack_mm_refuses_what_it_cannot_read() -> None:
+    packed, sz, _ = int4_layer(64, 64, 32, seed=0)
+    x = torch.randn(2, 64).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        cpu_ops.int4pack_mm(x, packed[:32], sz[:, :32].contiguous(), 32)
+    with pytest.raises(RuntimeError, match="bf16"):
+        cpu_ops.int4pack_mm(x.float(), packed, sz, 32)
+    with pytest.raises(RuntimeError, match="sz must be"):
+        cpu_ops.int4pack_mm(x, packed, sz[:1].contiguous(), 32)
+
+
+def test_quant_linear_runs_int4pack_mm_for_batched_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From INT4_MIN_ROWS rows an int4 layer on the CPU takes leanlm's kernel; fewer, torch's;
+    both give the dequantized product."""
+    from leanlm.quant import RTNConfig
+    from leanlm.quant.rtn import rtn_quantize, to_quant_linear
+
+    linear = torch.nn.Linear(256, 192, bias=False).to(torch.bfloat16)
+    layer = to_quant_linear(linear, *rtn_quantize(linear.weight, RTNConfig(4, 64)), RTNConfig(4, 64))
+    calls = []
+    real = cpu_ops.int4pack_mm
+    monkeypatch.setattr(cpu_ops, "int4pack_mm", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    with torch.inference_mode():
+        for m in (1, cpu_ops.INT4_MIN_ROWS - 1, cpu_ops.INT4_MIN_ROWS, 40):
+            x = torch.randn(m, 256).to(torch.bfloat16)
+            want = x.float() @ layer.dequantize(torch.float32).t()
+            torch.testing.assert_close(layer(x).float(), want, rtol=0.02, atol=0.02)
+    assert calls == [cpu_ops.INT4_MIN_ROWS, 40]

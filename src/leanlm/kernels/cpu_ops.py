@@ -34,7 +34,8 @@ import torch
 from leanlm import kernels
 
 log = logging.getLogger(__name__)
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("paged_decode.cpp", "norm_rotary.cpp")]
+SOURCES = [Path(__file__).parent / "csrc" / name for name in (
+    "paged_decode.cpp", "norm_rotary.cpp", "int4_gemm.cpp")]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -118,3 +119,17 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     """x [B, H, S, D] rotated by cos/sin [B, 1, S, D]: :func:`leanlm.kernels.rotary.reference`'s
     result in one op (where :func:`runs`)."""
     return ops().rotary(x, cos, sin)
+
+
+# Rows from which int4pack_mm beats torch's _weight_int4pack_mm_for_cpu (2 EPYC cores, 2026-12-07,
+# layers of the default model and of a 1B model; benchmarks/bench_cpu_ops.py --int4): 0.75-1.2x
+# at 1 row, 0.94-1.5x at 8, 1.2-1.6x at 32
+INT4_MIN_ROWS = 8
+
+
+def int4pack_mm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x [M, K] bf16 times a 4-bit weight packed by :func:`leanlm.quant.linear.int4pack` (uint8
+    [N, K/2], N a multiple of 64), ``sz`` [K/gs, N, 2] bf16 (scale, offset) as torch's
+    ``_weight_int4pack_mm_for_cpu`` takes them: the weight is unpacked once per group tile for
+    all M rows (csrc/int4_gemm.cpp), with AVX512-BF16 dot products where the CPU has them."""
+    return ops().int4pack_mm(x, packed, sz, group_size, True)

@@ -8,9 +8,13 @@ and the optional ``bias``. Checkpoint formats (GPTQ, AWQ) are conversions of thi
 The forward picks a backend once per (device, M-regime), automatically:
 
 - ``int4pack`` (CPU, 4 bits): torch's ``_weight_int4pack_mm_for_cpu`` with bf16 activations.
-  It computes ``(q - 8)·s + m`` per group, so the zero point goes in as ``m = (8 - z)·s``.
+  It computes ``(q - 8)·s + m`` per group, so the zero point goes in as ``m = (8 - z)·s``. From
+  ``cpu_ops.INT4_MIN_ROWS`` rows (a batched decode step, a prefill), leanlm's C++ kernel
+  (:func:`leanlm.kernels.cpu_ops.int4pack_mm`) multiplies the same packing instead: torch's
+  unpacks the weight again for every few rows, leanlm's once for all of them.
   Its groups are contiguous, so act-order weights are stored with their columns sorted by group
-  (``perm``) and the input is gathered with the same permutation; K is padded to a whole group.
+  (``perm``) and the input is gathered with the same permutation; K is padded to a whole group,
+  N (in leanlm's packing, :func:`int4pack`) to whole blocks of 64 rows.
   Once that packing exists it is the only copy of the codes (``qweight`` is emptied and rebuilt
   from it for ``state_dict``, device/dtype moves and the other backends), so an int4 layer costs
   0.5 byte per weight in memory, not 1.
@@ -44,7 +48,7 @@ from torch import nn
 
 from leanlm import kernels
 from leanlm.errors import LeanLMError
-from leanlm.kernels import cpu_int8, quant_gemm, quant_gemv
+from leanlm.kernels import cpu_int8, cpu_ops, quant_gemm, quant_gemv
 from leanlm.kernels.packing import pack_codes, packed_bytes, pad_codes, unpack_codes
 from leanlm.quant.primitives import default_g_idx, dequantize_weight, num_groups
 
@@ -111,9 +115,9 @@ class QuantLinear(nn.Module):
         if self.qweight.numel() == 0 and "int8pack" in self._kernels:  # held by the kernel only
             return self._kernels["int8pack"][0].view(torch.uint8) ^ 0x80  # q - 128 back to q
         if self.qweight.numel() == 0 and "int4pack" in self._kernels:
-            packed, _, perm, pad = self._kernels["int4pack"]
-            codes = int4pack_codes(packed, self.out_features, self.in_features + pad)
-            codes = codes[:, :self.in_features]
+            packed, _, perm, pad, _ = self._kernels["int4pack"]
+            codes = int4pack_codes(packed, packed.shape[0], self.in_features + pad)
+            codes = codes[:self.out_features, :self.in_features]
             return codes if perm is None else codes[:, torch.argsort(perm)]
         return unpack_codes(self.qweight, self.bits, self.in_features)
 
@@ -244,14 +248,17 @@ class QuantLinear(nn.Module):
                 codes = codes[:, perm]
             pad = (-k) % g
             codes = F.pad(codes, (0, pad))  # the padded columns meet zero inputs
-            if self.out_features % 64 == 0 and int4pack_layout_known():
-                packed = int4pack(codes)  # in uint8: no int32 copy of the layer (4 bytes/weight)
+            s = self.scales.float()
+            sz = torch.stack([s, (8 - self.zeros.float()) * s], -1).transpose(0, 1)  # [G, N, 2]
+            ours = int4pack_layout_known()  # the layout leanlm's kernel reads
+            if ours:  # whole blocks of 64 output rows; the padding rows have scale and offset 0
+                rows = (-self.out_features) % 64
+                packed = int4pack(F.pad(codes, (0, 0, 0, rows)))  # uint8: no int32 copy (4 B/weight)
+                sz = F.pad(sz, (0, 0, 0, rows))
                 self.qweight = self.qweight.new_empty(0)  # the packing is now the one copy
             else:
                 packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 2)
-            s = self.scales.float()
-            sz = torch.stack([s, (8 - self.zeros.float()) * s], -1).transpose(0, 1)
-            self._kernels[backend] = (packed, sz.to(torch.bfloat16).contiguous(), perm, pad)
+            self._kernels[backend] = (packed, sz.to(torch.bfloat16).contiguous(), perm, pad, ours)
         elif backend == "int8pack":
             s = self.scales.float()[:, 0]
             zero = self.zeros.float()[:, 0] - 128
@@ -283,13 +290,18 @@ class QuantLinear(nn.Module):
                                           self._g_idx(), self.bits, self.group_size, self.bias)
             out_dtype, bias = dtype, None
         elif backend == "int4pack":
-            packed, sz, perm, pad = self._prepare(backend)
+            packed, sz, perm, pad, ours = self._prepare(backend)
             xb = x2.to(torch.bfloat16)
             if perm is not None:
                 xb = xb[:, perm]
             if pad:
                 xb = F.pad(xb, (0, pad))
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), packed, self.group_size, sz)
+            xb = xb.contiguous()
+            if ours and xb.shape[0] >= cpu_ops.INT4_MIN_ROWS and cpu_ops.runs(xb):
+                y = cpu_ops.int4pack_mm(xb, packed, sz, self.group_size)  # unpacked once for all rows
+            else:
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, self.group_size, sz)
+            y = y[:, :self.out_features]  # (the padding rows of leanlm's packing)
         elif backend == "int8pack":
             w8, s, corr = self._prepare(backend)
             xb = x2.to(torch.bfloat16).contiguous()
