@@ -11,18 +11,24 @@
 3. ``--int4``: the 4-bit GEMM alone (``leanlm_cpu::int4pack_mm``) against torch's
    ``_weight_int4pack_mm_for_cpu`` on the same packing, and the bf16 product on oneDNN's
    prepacked weight (what the bf16 model runs), on the default model's and a 1B model's layer
-   shapes (group 32), at 1 / 4 / 8 / 16 / 32 rows; medians of interleaved calls.
+   shapes (group 32), at 1 / 4 / 8 / 16 / 32 rows; medians of interleaved calls. Then the
+   engine's steps (as in 2.) on the default model (or ``--model``) quantized to 4 bits (RTN, group 32), with
+   torch's int4 kernel at every row count against leanlm's from ``cpu_ops.INT4_MIN_ROWS`` rows.
 
-    python benchmarks/bench_cpu_ops.py [--batches 1 8 32] [--rounds 3] [--int4]
+    python benchmarks/bench_cpu_ops.py [--batches 1 8 32] [--rounds 3] [--int4 [--model DIR]]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -73,14 +79,16 @@ def drain(engine: LLMEngine) -> None:
         engine.step()
 
 
-def engine_steps(batches: list[int], rounds: int) -> None:
-    model = load_model(DEFAULT_MODEL, pack=True)
+def engine_steps(model: torch.nn.Module, modes: dict[str, Callable[[], AbstractContextManager]],
+                 batches: list[int], rounds: int) -> None:
+    """Prefill and decode step times of the offline engine under each of ``modes`` (two: the
+    baseline first), interleaved, medians."""
     rng = random.Random(0)
     prompt = lambda: [rng.randrange(3, 8000) for _ in range(128)]
     results: dict[tuple[str, str], list[float]] = {}
     for _ in range(rounds):
-        for mode in ("reference", "auto"):
-            with kernels.kernel_mode(mode), torch.inference_mode():
+        for mode, context in modes.items():
+            with context(), torch.inference_mode():
                 engine = LLMEngine(model, EngineConfig())
                 one = SamplingParams(max_tokens=1, ignore_eos=True)
                 for _ in range(3):  # prefill steps of one prompt
@@ -96,9 +104,32 @@ def engine_steps(batches: list[int], rounds: int) -> None:
                     steps = results.setdefault((f"decode step, batch {b}", mode), [])
                     steps += [timed(engine.step, None) for _ in range(20)]
                     drain(engine)
+    base, ours = modes
     for what in dict.fromkeys(k for k, _ in results):
-        ref, ours = (statistics.median(results[what, m]) * 1e3 for m in ("reference", "auto"))
-        print(f"engine {what:22s}: reference {ref:6.2f} ms, C++ ops {ours:6.2f} ms ({ref / ours:.2f}x)")
+        ref, new = (statistics.median(results[what, m]) * 1e3 for m in (base, ours))
+        print(f"engine {what:22s}: {base} {ref:7.2f} ms, {ours} {new:7.2f} ms ({ref / new:.2f}x)", flush=True)
+
+
+@contextlib.contextmanager
+def torch_int4() -> Iterator[None]:
+    """int4 layers on torch's kernel at every row count (leanlm's int4 GEMM off)."""
+    rows = cpu_ops.INT4_MIN_ROWS
+    cpu_ops.INT4_MIN_ROWS = 1 << 30
+    try:
+        yield
+    finally:
+        cpu_ops.INT4_MIN_ROWS = rows
+
+
+def int4_engine(path: Path, batches: list[int], rounds: int) -> None:
+    """Engine steps of the model at ``path`` quantized to 4 bits (RTN, group 32), torch's int4
+    kernel against leanlm's from INT4_MIN_ROWS rows."""
+    from leanlm.quant import RTNConfig, quantize_
+
+    model = load_model(path, dtype="bfloat16")
+    quantize_(model, RTNConfig(bits=4, group_size=32), progress=False)
+    print(f"int4 (RTN g32) {path.name}:")
+    engine_steps(model, {"torch int4": torch_int4, "leanlm int4": contextlib.nullcontext}, batches, rounds)
 
 
 INT4_SHAPES = [(320, 320), (864, 320), (320, 864), (2048, 2048), (8192, 2048), (2048, 8192)]  # [out, in]
@@ -106,8 +137,6 @@ INT4_SHAPES = [(320, 320), (864, 320), (320, 864), (2048, 2048), (8192, 2048), (
 
 def int4_gemm(rows: list[int], calls: int) -> None:
     """The int4 GEMM against torch's on one packing (and bf16 prepacked), interleaved, medians."""
-    from functools import partial
-
     from leanlm.quant.linear import int4pack
 
     gs = 32
@@ -145,16 +174,20 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--int4", action="store_true", help="only the int4 GEMM (section 3)")
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="--int4: the model of the engine steps")
     args = ap.parse_args()
     print(f"# bench_cpu_ops: {machine()}", flush=True)
     if cpu_ops.ops() is None:
         raise SystemExit("leanlm's C++ CPU ops could not be built here")
     if args.int4:
         int4_gemm([1, 4, 8, 16, 32], max(20, args.calls // 4))
+        int4_engine(args.model, args.batches, args.rounds)
         return
     for requests in (8, 32):
         attention(requests, args.calls)
-    engine_steps(args.batches, args.rounds)
+    modes = {"reference": partial(kernels.kernel_mode, "reference"),
+             "C++ ops": partial(kernels.kernel_mode, "auto")}
+    engine_steps(load_model(DEFAULT_MODEL, pack=True), modes, args.batches, args.rounds)
 
 
 if __name__ == "__main__":

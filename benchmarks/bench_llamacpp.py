@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--rounds", type=int, default=1, help="repeat every server this often; medians")
     ap.add_argument("--no-compile", action="store_true", help="without the leanlm --compile row")
+    ap.add_argument("--only", default="", help="comma-separated parts of server names: only those rows")
     args = ap.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
     model = DEFAULT_MODEL if args.preset == "default" else preset_checkpoint(args.preset)
@@ -102,6 +103,8 @@ def main() -> None:
         ]
         if args.no_compile:
             servers = [row for row in servers if "--compile" not in row[0]]
+        if args.only:
+            servers = [row for row in servers if any(part in row[0] for part in args.only.split(","))]
         rows = []
         for rnd in range(args.rounds):  # servers alternate within a round; rounds repeat the whole set
             for name, cmd in servers:

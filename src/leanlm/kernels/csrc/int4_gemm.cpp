@@ -232,10 +232,18 @@ at::Tensor int4pack_mm(const at::Tensor& x, const at::Tensor& packed, const at::
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
 #if defined(__AVX512F__)
   if (bf16 && has_bf16() && gs % 2 == 0) {
-    const at::Tensor xsum = x.to(at::kFloat).view({m, groups, gs}).sum(-1).contiguous();  // X per row, group
     const c10::BFloat16* xp = x.data_ptr<c10::BFloat16>();
-    const float* xs = xsum.data_ptr<float>();
-    at::parallel_for(0, n / kBlock, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> xsum(m * groups);  // X per row and group
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t g = 0; g < groups; ++g) {
+        float sum = 0.f;
+        for (int64_t c = 0; c < gs; ++c) sum += to_float(xp[r * k + g * gs + c]);
+        xsum[r * groups + g] = sum;
+      }
+    const float* xs = xsum.data();
+    // blocks per thread: enough work per block-group that a small layer runs on one thread
+    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, k * std::max<int64_t>(m, 4)));
+    at::parallel_for(0, n / kBlock, grain, [&](int64_t begin, int64_t end) {
       std::vector<int32_t> tile(gs / 2 * kBlock);
       std::vector<float> acc(m * kBlock);
       float s[kBlock], zc[kBlock];
