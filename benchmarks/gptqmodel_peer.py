@@ -148,7 +148,8 @@ def int4pack_zero_offsets_as_gptqmodel(model: torch.nn.Module) -> None:
         state = getattr(layer, "_kernels", {}).get("int4pack")
         if state is None:
             continue
-        packed, sz, perm, pad = state
-        s = sz[..., 0]  # [G, N], bf16
-        z = layer.zeros.t().to(s.dtype)
-        layer._kernels["int4pack"] = (packed, torch.stack([s, (8 - z) * s], -1).contiguous(), perm, pad)
+        packed, sz, perm, pad, ours = state
+        s = sz[..., 0]  # [G, N (+ leanlm's padding rows)], bf16
+        rows = s.shape[1] - layer.out_features
+        z = torch.nn.functional.pad(layer.zeros.t().to(s.dtype), (0, rows), value=8)  # padding: offset 0
+        layer._kernels["int4pack"] = (packed, torch.stack([s, (8 - z) * s], -1).contiguous(), perm, pad, ours)

@@ -26,6 +26,7 @@ import torch
 
 from conftest import build_hf_model, write_tokenizer
 from leanlm.checkpoint import load_model
+from leanlm.kernels import kernel_mode
 from leanlm.quant import QuantLinear
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -63,13 +64,14 @@ def peer_logits(path: Path) -> tuple[torch.Tensor, set[str]]:
 
 
 def leanlm_logits(path: Path, offsets_as_gptqmodel: bool = False) -> tuple[torch.Tensor, Any]:
-    """fp32 logits of ``path`` loaded by leanlm, its int4 layers on the ``int4pack`` backend."""
+    """fp32 logits of ``path`` loaded by leanlm, its int4 layers on the ``int4pack`` backend, the
+    rest on the torch references (transformers' math: leanlm's C++ RMSNorm sums in another order)."""
     model = load_model(path, dtype="float32")
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert layers and all(m.bits == 4 for m in layers)
     for m in layers:
         m.backend = "int4pack"
-    with torch.no_grad():
+    with torch.no_grad(), kernel_mode("reference"):
         logits = model(ids())
         if offsets_as_gptqmodel:
             peer.int4pack_zero_offsets_as_gptqmodel(model)

@@ -11,7 +11,8 @@ The forward picks a backend once per (device, M-regime), automatically:
   It computes ``(q - 8)·s + m`` per group, so the zero point goes in as ``m = (8 - z)·s``. From
   ``cpu_ops.INT4_MIN_ROWS`` rows (a batched decode step, a prefill), leanlm's C++ kernel
   (:func:`leanlm.kernels.cpu_ops.int4pack_mm`) multiplies the same packing instead: torch's
-  unpacks the weight again for every few rows, leanlm's once for all of them.
+  unpacks the weight again for every few rows, leanlm's once for all of them (in ``auto``; a
+  forced ``int4pack`` is torch's kernel at every row count, as GPTQModel's CPU kernel runs it).
   Its groups are contiguous, so act-order weights are stored with their columns sorted by group
   (``perm``) and the input is gathered with the same permutation; K is padded to a whole group,
   N (in leanlm's packing, :func:`int4pack`) to whole blocks of 64 rows.
@@ -297,7 +298,8 @@ class QuantLinear(nn.Module):
             if pad:
                 xb = F.pad(xb, (0, pad))
             xb = xb.contiguous()
-            if ours and xb.shape[0] >= cpu_ops.INT4_MIN_ROWS and cpu_ops.runs(xb):
+            # (auto only: a forced int4pack is torch's kernel, whose roundings peers share)
+            if ours and self.backend == "auto" and xb.shape[0] >= cpu_ops.INT4_MIN_ROWS and cpu_ops.runs(xb):
                 y = cpu_ops.int4pack_mm(xb, packed, sz, self.group_size)  # unpacked once for all rows
             else:
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, self.group_size, sz)
