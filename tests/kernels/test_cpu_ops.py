@@ -76,12 +76,14 @@ def int4_layer(n: int, k: int, gs: int, seed: int) -> tuple[torch.Tensor, torch.
 
 @pytest.mark.parametrize(("n", "k", "gs"), [(64, 64, 32), (192, 256, 64), (128, 384, 128), (320, 320, 32)])
 @pytest.mark.parametrize("m", [1, 5, 12, 33])
-def test_int4pack_mm_is_the_dequantized_product(n: int, k: int, gs: int, m: int) -> None:
-    """Within the weight's own rounding to bf16 (the AVX512-BF16 path) and the output's: 2⁻⁸ of
-    Σ|x·w| per output; a wrong group, row or nibble is off by the size of the output itself."""
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16-dot", "fp32-fma"])
+def test_int4pack_mm_is_the_dequantized_product(n: int, k: int, gs: int, m: int, bf16: bool) -> None:
+    """Within fp32 accumulation and the output's rounding to bf16: 2⁻⁸ of Σ|x·w| per output; a
+    wrong group, row or nibble is off by the size of the output itself. Both paths: AVX512-BF16
+    dot products (where the CPU has them; else the fp32 path runs) and fp32 FMAs."""
     packed, sz, w = int4_layer(n, k, gs, seed=n + k + m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
-    y = cpu_ops.int4pack_mm(x, packed, sz, gs)
+    y = cpu_ops.ops().int4pack_mm(x, packed, sz, gs, bf16)
     assert y.dtype == torch.bfloat16 and y.shape == (m, n)
     want = x.float() @ w.t()
     bound = 2.0**-8 * (x.float().abs() @ w.abs().t()) + 1e-6
