@@ -139,10 +139,12 @@ def apply_penalties(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
         pres = torch.tensor([p.presence_penalty for p in ps], device=dev)[:, None]
         freq = torch.tensor([p.frequency_penalty for p in ps], device=dev)[:, None]
         logits = logits - pres * (counts > 0) - freq * counts
-    for i, p in enumerate(ps):
-        if p.logit_bias:
-            ids = torch.tensor(list(p.logit_bias), device=dev)
-            logits[i, ids] += torch.tensor(list(p.logit_bias.values()), device=dev, dtype=logits.dtype)
+    biased = [(i, p.logit_bias) for i, p in enumerate(ps) if p.logit_bias]
+    if biased:  # every row's biases in one indexed add (a row's token ids are distinct: dict keys)
+        at = (torch.tensor([i for i, b in biased for _ in b], device=dev),
+              torch.tensor([t for _, b in biased for t in b], device=dev))
+        vals = torch.tensor([v for _, b in biased for v in b.values()], device=dev, dtype=logits.dtype)
+        logits.index_put_(at, vals, accumulate=True)
     if any(p.repetition_penalty != 1.0 for p in ps):
         seen = _padded([row.token_ids for row in rows], v, dev)
         pen = torch.tensor([p.repetition_penalty for p in ps], device=dev)[:, None]

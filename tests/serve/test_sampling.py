@@ -10,7 +10,7 @@ import torch
 from leanlm.sampling import Row, SamplingParams, apply_penalties, probabilities, process_logits, sample
 
 PARAMS = [SamplingParams(temperature=0.0, repetition_penalty=1.3),
-          SamplingParams(temperature=0.7, top_k=5),
+          SamplingParams(temperature=0.7, top_k=5, logit_bias={0: -2.0, 7: 1.5, 3: 0.5}),
           SamplingParams(temperature=1.2, top_p=0.8, presence_penalty=0.4, frequency_penalty=0.2),
           SamplingParams(temperature=1.0, min_p=0.1, logit_bias={3: 5.0}),
           SamplingParams(temperature=0.9, top_k=10, top_p=0.9, min_p=0.05, repetition_penalty=1.2)]
