@@ -274,3 +274,25 @@ def test_fused_projections_give_the_same_greedy_outputs(family: str) -> None:
     model.pack_weights_(fuse=True)
     assert "qkv" in model.layers[0].self_attn._modules
     assert LLM(model, EngineConfig(block_size=4, num_blocks=256)).generate(ps, params) == want
+
+
+def test_a_wholly_cached_prompt_computes_one_token_unstored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prompt whose blocks are all cached is admitted with every block shared: its first step
+    computes only the last token (for the logits), reads that token's K/V from the cache (slot
+    -1: not stored again into the shared block), and the outputs are the reference's."""
+    from leanlm.serve.batch import PagedBatch
+
+    model = random_model("llama")
+    rng = random.Random(5)
+    ps = [[rng.randrange(2, 300) for _ in range(8)] for _ in range(3)]  # two whole blocks each
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    want = [generate(model, [p], params)[0] for p in ps]
+    llm = LLM(model, EngineConfig(block_size=4, num_blocks=64))
+    assert llm.generate(ps, params) == want
+    steps: list[list[int]] = []
+    logits = PagedBatch.logits
+    monkeypatch.setattr(PagedBatch, "logits", lambda self, *a, **k: steps.append(list(self.slots)) or
+                        logits(self, *a, **k))
+    assert llm.generate(ps, params) == want
+    assert steps[0] == [-1, -1, -1]  # one token per prompt, none stored
+    assert all(s >= 0 for step in steps[1:] for s in step)

@@ -84,11 +84,16 @@ def test_eviction_is_lru_and_forgets_the_hash() -> None:
 
 
 def test_a_fully_cached_prompt_still_computes_its_last_token() -> None:
+    """Every block is shared; only the last token is computed again (for its logits), not the
+    whole last block as in vLLM v1; the next position gets a block of its own."""
     m = KVCacheManager(num_blocks=8, block_size=4)
     schedule(m, Req("a", list(range(8))))
     b = Req("b", list(range(8)))
     hits, n = m.get_computed_blocks(b)
-    assert [h.block_id for h in hits] == [0] and n == 4  # the last block is recomputed
+    assert [h.block_id for h in hits] == [0, 1] and n == 7
+    new = m.allocate_slots(b, 1, hits)
+    assert new is not None and len(new) == 1 and new[0].block_id not in (0, 1)
+    assert refs(m)[:2] == [2, 2]
 
 
 def test_allocation_failure_changes_nothing() -> None:

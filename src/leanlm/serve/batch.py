@@ -42,14 +42,15 @@ class PagedBatch:
     tables: list[list[int]] = field(default_factory=list)
     rows: list[int] = field(default_factory=list)
 
-    def add(self, token_ids: Sequence[int], start: int, table: list[int]) -> int:
+    def add(self, token_ids: Sequence[int], start: int, table: list[int], stored: int = 0) -> int:
         """Append a request's ``token_ids`` at positions ``start, start + 1, ...``; returns the
-        index of its first token in the batch."""
+        index of its first token in the batch. Positions below ``stored`` already have their K/V
+        in the cache: they are computed but not stored (slot -1)."""
         first, bs, owner = len(self.tokens), self.block_size, len(self.tables)
         positions = range(start, start + len(token_ids))
         self.tokens += token_ids
         self.positions += positions
-        self.slots += [table[p // bs] * bs + p % bs for p in positions]
+        self.slots += [table[p // bs] * bs + p % bs if p >= stored else -1 for p in positions]
         self.owners += [owner] * len(token_ids)
         self.starts.append(len(self.tokens))
         self.seq_lens.append(start + len(token_ids))

@@ -229,10 +229,14 @@ class KVCacheManager:
         return known
 
     def get_computed_blocks(self, request: CacheableRequest) -> tuple[list[KVCacheBlock], int]:
-        """The longest run of cached full blocks that prefixes the request, and its token count.
+        """The longest run of cached full blocks that prefixes the request, and the tokens it
+        leaves computed.
 
-        At least one token is always left to compute (its logits are needed), so a request whose
-        tokens are all cached gets one block fewer.
+        At least one token is always left to compute (its logits are needed). A request whose
+        tokens are all cached keeps every block and recomputes only its last token, whose K/V the
+        last block already holds (the step does not store them again: the block is shared). vLLM
+        v1 recomputes the whole last block here, which a burst of repeated prompts pays for in
+        time to first token.
         """
         if not self.pool.enable_caching:
             return [], 0
@@ -244,11 +248,9 @@ class KVCacheManager:
                 break
             hits.append(block)
         n = len(request.all_token_ids)
-        if hits and len(hits) * self.block_size >= n:
-            hits.pop()
         self.stats.queries += n
         self.stats.hits += len(hits) * self.block_size
-        return hits, len(hits) * self.block_size
+        return hits, min(len(hits) * self.block_size, n - 1)
 
     def allocate_slots(self, request: CacheableRequest, num_new_tokens: int,
                        new_computed_blocks: Sequence[KVCacheBlock] = (),

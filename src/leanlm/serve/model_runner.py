@@ -84,8 +84,9 @@ class ModelRunner:
             return ModelRunnerOutput()
         batch, plan = self._prepare_inputs(out)
         compiled = self.compiled
-        if len(batch.rows) != len(batch.tokens) or plan.prompt_rows or any(plan.adapters):
-            compiled = None  # not every token a decode row: the eager paged forward
+        if len(batch.rows) != len(batch.tokens) or plan.prompt_rows or any(plan.adapters) or \
+                min(batch.slots, default=0) < 0:
+            compiled = None  # not every token a decode row storing its K/V: the eager paged forward
         logits = batch.logits(self.model, self.cache, compiled, plan.adapters).float()
         return self._sample(logits, plan)
 
@@ -106,13 +107,15 @@ class ModelRunner:
     def _prepare_inputs(self, out: SchedulerOutput) -> tuple[PagedBatch, _Plan]:
         computed = {n.request_id: n.num_computed_tokens for n in out.new_requests}
         computed.update({c.request_id: c.num_computed_tokens for c in out.cached_requests})
+        stored = {n.request_id: n.num_computed_tokens + 1 for n in out.new_requests if n.last_token_cached}
         batch, plan = PagedBatch(self.cache.block_size), _Plan()
         prompt_rows: list[int] = []
         for rid, n in out.num_scheduled_tokens.items():
             state, start = self.requests[rid], computed[rid]
             drafts = out.spec_token_ids.get(rid, [])
             real = n - len(drafts)
-            first = batch.add(state.token_ids[start:start + real] + drafts, start, state.block_ids)
+            first = batch.add(state.token_ids[start:start + real] + drafts, start, state.block_ids,
+                              stored.get(rid, 0))
             plan.adapters += [state.lora] * n
             if drafts:  # the last real token and every draft: k + 1 rows to verify
                 plan.verify[rid] = (len(batch.rows), drafts)

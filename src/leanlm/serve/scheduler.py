@@ -83,6 +83,8 @@ class NewRequestData:
     block_ids: list[int]
     num_computed_tokens: int  # tokens whose K/V are already cached (a prefix hit)
     num_prompt_tokens: int  # the rest of token_ids are outputs (penalties count those)
+    # every token was cached: the first one computed (the last, for its logits) is not stored again
+    last_token_cached: bool = False
 
 
 @dataclass
@@ -257,7 +259,8 @@ class Scheduler:
         self.running.append(request)
         out.new_requests.append(NewRequestData(
             request.request_id, list(request.all_token_ids), request.sampling_params, request.lora,
-            self.kv.block_ids(request.request_id), cached, request.num_prompt_tokens))
+            self.kv.block_ids(request.request_id), cached, request.num_prompt_tokens,
+            len(hits) * self.kv.block_size > cached))
         out.num_scheduled_tokens[request.request_id] = n
         return n
 
