@@ -112,12 +112,19 @@ def test_tiny_temperatures_sample_greedily_and_bad_floats_are_refused() -> None:
             SamplingParams(**bad)
 
 
-@pytest.mark.parametrize("chunked", [False, True])
-def test_prompt_logprobs_equal_a_teacher_forced_forward(chunked: bool) -> None:
+@pytest.mark.parametrize(("chunked", "cached"), [(False, False), (True, False), (False, True)])
+def test_prompt_logprobs_equal_a_teacher_forced_forward(chunked: bool, cached: bool) -> None:
+    """Every prompt position scored, also when the prompt's blocks are already in the prefix
+    cache (such a request does not take the hit: its positions need logits)."""
     model = random_model("llama")
     sched = SchedulerConfig(max_num_batched_tokens=8, long_prefill_token_threshold=3) if chunked else None
     engine = LLM(model, EngineConfig(block_size=4, num_blocks=64, scheduler=sched)).engine
     prompt = prompts(3)[1]
+    if cached:
+        engine.add_request(prompt, SamplingParams(max_tokens=1))
+        while engine.has_unfinished_requests():
+            engine.step()
+        assert engine.kv.pool.cached  # the prompt's full blocks are there to hit
     req = engine.add_request(prompt, SamplingParams(max_tokens=2, prompt_logprobs=2, ignore_eos=True))
     engine.add_request(prompts(3)[2], SamplingParams(max_tokens=2))  # a neighbour in the batch
     while engine.has_unfinished_requests():
