@@ -249,9 +249,9 @@ class Scheduler:
     def _admit(self, request: Request, out: SchedulerOutput, budget: int) -> int:
         """Move a waiting request to running with up to ``budget`` tokens this step (starting from
         its cached prefix); the tokens scheduled, or 0 if its blocks do not fit."""
-        hits, cached = self.kv.get_computed_blocks(request)
-        if request.sampling_params.prompt_logprobs is not None:
-            hits, cached = [], 0  # every prompt position is scored: none may come from the cache
+        hits, cached = [], 0  # prompt logprobs score every prompt position: none from the cache
+        if request.sampling_params.prompt_logprobs is None:
+            hits, cached = self.kv.get_computed_blocks(request)
         n = self._budgeted(request.num_tokens - cached, budget)
         if self.kv.allocate_slots(request, n, hits, self.lookahead) is None:
             return 0

@@ -1,14 +1,17 @@
-// A few rows (a batched decode step) times a 4-bit weight in torch's CPU int4pack layout,
-// reading and unpacking the weight once for all rows.
+// A few rows (a batched decode step, a prefill) times a 4-bit weight in torch's CPU int4pack
+// layout, reading and unpacking the weight once for all rows.
 //
 // torch's _weight_int4pack_mm_for_cpu unpacks the weight again for every few rows: at one row
 // it streams the weight at ~70% of copy bandwidth, at 16 rows it falls to ~10%, below the bf16
 // GEMM (benchmarks/RESULTS.md, "CPU linear kernels streamed from memory"). Here each thread owns
-// blocks of 64 output rows; for each group of `gs` input columns it dequantizes the block's
-// [gs, 64] tile once into fp32 (in L1), then multiplies every input row by it from there:
+// blocks of 64 output rows; for each group of `gs` input columns it unpacks the block's [gs, 64]
+// tile once (in L1), then multiplies every input row by it from there:
 //
 //   w[n, k] = (q[n, k] − 8) · s[g, n] + z[g, n]          (g = k / gs; torch's int4pack meaning)
 //   y[m, n] = Σ_k x[m, k] · w[n, k]                       (fp32 accumulation, rounded once)
+//
+// Two ways to hold the tile: bf16 codes for AVX512-BF16 dot products, scale and offset applied
+// per group (below, where the CPU has them), or the dequantized fp32 weights for fp32 FMAs.
 //
 // Layout (leanlm.quant.linear.int4pack): blocks of 64 output rows, each stored k-major as 32
 // bytes per input column, byte j holding row j (low nibble) and row j + 32 (high nibble).
@@ -19,6 +22,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_vec.h"
@@ -26,6 +30,23 @@
 namespace {
 
 constexpr int64_t kBlock = 64;  // output rows per packed block
+constexpr int kRows = 6;  // input rows per register tile: 6 x 4 accumulators + 4 weights + 1
+
+// f(rows, r) for the input rows [r, r + rows) in register tiles of kRows, then the remainder;
+// rows is a compile-time constant (std::integral_constant<int, R>)
+template <typename F>
+void for_row_tiles(int64_t m, F&& f) {
+  int64_t r = 0;
+  for (; r + kRows <= m; r += kRows) f(std::integral_constant<int, kRows>{}, r);
+  switch (m - r) {
+    case 5: f(std::integral_constant<int, 5>{}, r); break;
+    case 4: f(std::integral_constant<int, 4>{}, r); break;
+    case 3: f(std::integral_constant<int, 3>{}, r); break;
+    case 2: f(std::integral_constant<int, 2>{}, r); break;
+    case 1: f(std::integral_constant<int, 1>{}, r); break;
+    default: break;
+  }
+}
 
 // the block's tile for one group: tile[kk * 64 + j] = w[block row j, group column kk]
 void dequant_tile(const uint8_t* cols, const c10::BFloat16* sz, int64_t gs, float* tile) {
@@ -176,42 +197,10 @@ LEANLM_BF16 void group_rows(const c10::BFloat16* x, int64_t ldx, const float* xs
   }
 }
 
-LEANLM_BF16 void rows_times_codes(const c10::BFloat16* x, int64_t ldx, const float* xsum, int64_t lds, int64_t m,
-                                  const int32_t* tile, int64_t gs, const float* s, const float* zc, float* acc) {
-  int64_t r = 0;
-  for (; r + 6 <= m; r += 6) group_rows<6>(x + r * ldx, ldx, xsum + r * lds, lds, tile, gs, s, zc, acc + r * kBlock);
-  const c10::BFloat16* xr = x + r * ldx;
-  const float* sr = xsum + r * lds;
-  float* ar = acc + r * kBlock;
-  switch (m - r) {
-    case 5: group_rows<5>(xr, ldx, sr, lds, tile, gs, s, zc, ar); break;
-    case 4: group_rows<4>(xr, ldx, sr, lds, tile, gs, s, zc, ar); break;
-    case 3: group_rows<3>(xr, ldx, sr, lds, tile, gs, s, zc, ar); break;
-    case 2: group_rows<2>(xr, ldx, sr, lds, tile, gs, s, zc, ar); break;
-    case 1: group_rows<1>(xr, ldx, sr, lds, tile, gs, s, zc, ar); break;
-    default: break;
-  }
-}
-
 bool has_bf16() { return __builtin_cpu_supports("avx512bf16"); }
 #else
 bool has_bf16() { return false; }
 #endif
-
-constexpr int kRows = 6;  // input rows per register tile: 6 x 4 accumulators + 4 weights + 1
-
-void rows_times_tile(const float* x, int64_t ldx, int64_t m, const float* tile, int64_t gs, float* acc) {
-  int64_t r = 0;
-  for (; r + kRows <= m; r += kRows) tile_rows<kRows>(x + r * ldx, ldx, tile, gs, acc + r * kBlock);
-  switch (m - r) {
-    case 5: tile_rows<5>(x + r * ldx, ldx, tile, gs, acc + r * kBlock); break;
-    case 4: tile_rows<4>(x + r * ldx, ldx, tile, gs, acc + r * kBlock); break;
-    case 3: tile_rows<3>(x + r * ldx, ldx, tile, gs, acc + r * kBlock); break;
-    case 2: tile_rows<2>(x + r * ldx, ldx, tile, gs, acc + r * kBlock); break;
-    case 1: tile_rows<1>(x + r * ldx, ldx, tile, gs, acc + r * kBlock); break;
-    default: break;
-  }
-}
 
 at::Tensor int4pack_mm(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& sz, int64_t gs, bool bf16) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "int4pack_mm: x must be [M, K] bf16");
@@ -230,6 +219,8 @@ at::Tensor int4pack_mm(const at::Tensor& x, const at::Tensor& packed, const at::
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const c10::BFloat16* szp = sz.data_ptr<c10::BFloat16>();
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
+  // blocks per thread: enough work per block-group that a small layer runs on one thread
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, k * std::max<int64_t>(m, 4)));
 #if defined(__AVX512F__)
   if (bf16 && has_bf16() && gs % 2 == 0) {
     const c10::BFloat16* xp = x.data_ptr<c10::BFloat16>();
@@ -241,8 +232,6 @@ at::Tensor int4pack_mm(const at::Tensor& x, const at::Tensor& packed, const at::
         xsum[r * groups + g] = sum;
       }
     const float* xs = xsum.data();
-    // blocks per thread: enough work per block-group that a small layer runs on one thread
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, k * std::max<int64_t>(m, 4)));
     at::parallel_for(0, n / kBlock, grain, [&](int64_t begin, int64_t end) {
       std::vector<int32_t> tile(gs / 2 * kBlock);
       std::vector<float> acc(m * kBlock);
@@ -254,7 +243,10 @@ at::Tensor int4pack_mm(const at::Tensor& x, const at::Tensor& packed, const at::
           const c10::BFloat16* gsz = szp + (g * n + blk * kBlock) * 2;
           group_scales(gsz, s, zc);
           codes_tile(block + g * gs * 32, gs, tile.data());
-          rows_times_codes(xp + g * gs, k, xs + g, groups, m, tile.data(), gs, s, zc, acc.data());
+          for_row_tiles(m, [&](auto rows, int64_t r) LEANLM_BF16 {  // (inlinable into the tile loop)
+            group_rows<decltype(rows)::value>(xp + r * k + g * gs, k, xs + r * groups + g, groups, tile.data(),
+                                              gs, s, zc, acc.data() + r * kBlock);
+          });
         }
         for (int64_t r = 0; r < m; ++r)
           for (int l = 0; l < kBlock; ++l)
@@ -265,14 +257,17 @@ at::Tensor int4pack_mm(const at::Tensor& x, const at::Tensor& packed, const at::
   }
 #endif
   const at::Tensor xf = x.to(at::kFloat).contiguous();
-  at::parallel_for(0, n / kBlock, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n / kBlock, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> tile(gs * kBlock), acc(m * kBlock);
     for (int64_t blk = begin; blk < end; ++blk) {
       std::fill(acc.begin(), acc.end(), 0.f);
       const uint8_t* block = wp + blk * k * 32;  // k columns x 32 bytes
       for (int64_t g = 0; g < groups; ++g) {
         dequant_tile(block + g * gs * 32, szp + (g * n + blk * kBlock) * 2, gs, tile.data());
-        rows_times_tile(xf.data_ptr<float>() + g * gs, k, m, tile.data(), gs, acc.data());
+        for_row_tiles(m, [&](auto rows, int64_t r) {
+          tile_rows<decltype(rows)::value>(xf.data_ptr<float>() + r * k + g * gs, k, tile.data(), gs,
+                                           acc.data() + r * kBlock);
+        });
       }
       for (int64_t r = 0; r < m; ++r)
         for (int64_t j = 0; j < kBlock; ++j)
