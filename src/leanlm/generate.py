@@ -7,8 +7,8 @@ each row's positions count from its own first real token, so a batched row produ
 tokens as the row alone (a seeded row draws from its own generator, seeded alike).
 
 Sampling takes the engine's :class:`~leanlm.sampling.SamplingParams` and runs the one logits
-pipeline of :mod:`leanlm.sampling` (penalties, temperature, top-k, top-p, min-p, the exponential
-race); a row ends as an engine request does (:func:`~leanlm.sampling.stops`). ``n``, ``logprobs``
+pipeline of :mod:`leanlm.sampling` (penalties, temperature, top-k, top-p, min-p, the inverse-CDF
+draw); a row ends as an engine request does (:func:`~leanlm.sampling.stops`). ``n``, ``logprobs``
 and ``prompt_logprobs`` are the engine's (``leanlm.serve``): here they are refused.
 """
 

@@ -14,9 +14,12 @@ that seeded sampling is comparable, with the OpenAI penalties first:
    temperature, then cut by top-k, top-p (nucleus, Holtzman et al. 2020: a token is dropped once
    the mass before it reaches top_p; the first always stays) and min-p (probability below
    min_p × the top one's);
-4. sampling by the exponential race: token = argmax_t p_t / E_t with E_t ~ Exp(1) i.i.d., which
-   draws t with probability p_t (vLLM's sampler; each row can use its own seeded generator while
-   the arithmetic stays batched).
+4. sampling by the inverse CDF: token = the first t whose cumulative probability exceeds u·Σp, for
+   one u ~ U[0, 1) per row (what ``torch.multinomial`` does for one sample, batched; the running
+   sum in float64). It draws t with probability p_t, as vLLM's exponential race argmax p_t / E_t
+   does, from one random number a row instead of one a token: on CPU, drawing [R, V] exponentials
+   took 1.5 ms for 8 rows of an 8k vocabulary, the CDF 0.05 ms. Each row can use its own seeded
+   generator while the arithmetic stays batched.
 """
 
 from __future__ import annotations
@@ -194,11 +197,15 @@ def sample(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
         return apply_penalties(logits.clone(), rows).argmax(-1)
     greedy = torch.tensor([row.params.greedy for row in rows], device=logits.device)
     tokens, probs = probabilities(logits, rows)
-    noise = torch.empty_like(probs)
+    cdf = probs.double().cumsum(-1)
+    u = torch.empty(len(rows), 1, dtype=torch.float64, device=probs.device)
     shared = [i for i, row in enumerate(rows) if row.generator is None]
     if shared:
-        noise[shared] = torch.empty(len(shared), probs.shape[1], device=probs.device).exponential_()
+        u[shared] = torch.rand(len(shared), 1, dtype=torch.float64, device=probs.device)
     for i, row in enumerate(rows):
         if row.generator is not None:
-            noise[i].exponential_(generator=row.generator)
-    return torch.where(greedy, tokens, (probs / noise).argmax(-1))
+            u[i] = torch.rand(1, dtype=torch.float64, device=probs.device, generator=row.generator)
+    # the first t with cdf_t > u·Σp: a token of probability 0 never has cdf_t > cdf_{t-1}, so it
+    # is never drawn; u < 1 keeps t in range but for a product rounded up to Σp (odds ~2⁻⁵³)
+    drawn = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0].clamp_(max=cdf.shape[1] - 1)
+    return torch.where(greedy, tokens, drawn)

@@ -38,7 +38,7 @@ def test_batched_processing_equals_the_reference_per_row() -> None:
             torch.testing.assert_close(probs[i], ref[0].softmax(-1), rtol=1e-5, atol=1e-6)
 
 
-def test_exponential_race_draws_from_the_distribution_and_is_seeded() -> None:
+def test_sampling_draws_from_the_distribution_and_is_seeded() -> None:
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     p = SamplingParams(temperature=1.0)
     draws = torch.stack([sample(logits, [Row(p, [0], 1, None)]) for _ in range(4000)])
@@ -47,3 +47,13 @@ def test_exponential_race_draws_from_the_distribution_and_is_seeded() -> None:
     seeded = lambda: [int(sample(logits, [Row(p, [0], 1, torch.Generator().manual_seed(5))]))
                       for _ in range(3)]
     assert seeded() == seeded()
+
+
+def test_sampling_never_draws_a_removed_token_and_rows_draw_independently() -> None:
+    logits = torch.tensor([[0.0, 5.0, 0.0, 5.0, 0.0], [3.0, 0.0, 0.0, 0.0, 3.0]])
+    kept = SamplingParams(temperature=1.0, top_k=2)  # tokens 1, 3 (row 0) and 0, 4 (row 1) remain
+    rows = [Row(kept, [0], 1, None), Row(kept, [0], 1, torch.Generator().manual_seed(1))]
+    draws = torch.stack([sample(logits, rows) for _ in range(2000)])
+    assert set(draws[:, 0].tolist()) == {1, 3} and set(draws[:, 1].tolist()) == {0, 4}
+    assert 0.45 < float((draws[:, 0] == 1).float().mean()) < 0.55
+
