@@ -88,7 +88,7 @@ def test_packed_load_packs_the_fused_weights_only(family: str, make_hf_checkpoin
     assert len(linears) == 4 * layers + 1  # qkv, o_proj, gate_up, down_proj; the head
     assert all(m.is_packed and m._packed is None for m in linears)
     c = packed.config
-    assert packed.layers[0].self_attn.qkv.weight.shape[0] == c.hidden_size + 2 * c.num_kv_heads * c.head_dim
+    assert packed.layers[0].self_attn.qkv.dense_weight().shape[0] == c.hidden_size + 2 * c.num_kv_heads * c.head_dim
     with torch.inference_mode():
         assert torch.equal(packed(TOKENS), plain(TOKENS))
     assert same_state(packed, snapshot(plain))

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from leanlm.kernels.cpu_linear import Linear
+from leanlm.kernels.cpu_linear import Linear, is_packed_weight
 
 PLAIN = (nn.Parameter, torch.Tensor)
 _FUSED = "_fused_groups"  # the owner's attribute: fused name -> _Group
@@ -110,7 +110,7 @@ def fuse_(owner: nn.Module, parts: Sequence[str], name: str,
     groups(owner)[name] = _Group(tuple(parts), [m.out_features for m in modules], fuser.shared)
     if after is not None:
         for w in plain:
-            if not w.is_mkldnn:
+            if not is_packed_weight(w):
                 after(w)
     return True
 

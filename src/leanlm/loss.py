@@ -114,7 +114,7 @@ def linear_cross_entropy(h: torch.Tensor, head: nn.Module, targets: torch.Tensor
         return own(h, targets, chunk)
     hooked = bool(head._forward_hooks or head._forward_pre_hooks)  # e.g. a LoRA on lm_head
     if (type(head) in (nn.Linear, Linear) and head.bias is None and not hooked and torch.is_grad_enabled()
-            and not head.weight.is_mkldnn):  # a packed head (CPU inference) runs its own forward
+            and not getattr(head, "is_packed", False)):  # a packed head (CPU inference) runs its own forward
         chunk = chunk or (CUDA_CHUNK if h.device.type == "cuda" else CHUNK)
         return _LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), head.weight, targets.reshape(-1), chunk)
     logits = head(h).float()

@@ -237,7 +237,7 @@ def _pack(module: nn.Module, after: Callable[[torch.Tensor], None] | None) -> in
     linears = sorted((m for m in module.modules() if isinstance(m, Linear)), key=lambda m: -m.weight.numel())
     for linear in linears:
         plain = linear.weight
-        if not plain.is_mkldnn and linear.pack_():
+        if not linear.is_packed and linear.pack_():
             n += 1
             if after is not None:
                 after(plain)

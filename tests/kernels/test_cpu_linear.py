@@ -1,4 +1,5 @@
-"""The model's Linear: oneDNN-prepacked weights for CPU inference, F.linear everywhere else."""
+"""The model's Linear: oneDNN-prepacked weights for CPU inference (or 64-row blocks for leanlm's bf16
+GEMM), F.linear everywhere else."""
 
 from __future__ import annotations
 
@@ -20,15 +21,22 @@ def _layer(dtype: torch.dtype, bias: bool = True) -> Linear:
     return Linear(96, 160, bias=bias).to(dtype)
 
 
+def _blocked(dtype: torch.dtype, gemm: str) -> bool:
+    """Whether a weight of ``dtype`` packs into leanlm's 64-row blocks under ``gemm``."""
+    return dtype == torch.bfloat16 and gemm == "leanlm"
+
+
+@pytest.mark.parametrize("gemm", ["onednn", "leanlm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1, 96), (1, 1, 96), (3, 7, 96), (64, 96)])
-def test_packed_inference_matches_f_linear(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+def test_packed_inference_matches_f_linear(dtype: torch.dtype, shape: tuple[int, ...], gemm: str) -> None:
     m = _layer(dtype)
     x = torch.randn(shape).to(dtype)
     expected = F.linear(x, m.weight, m.bias)
-    with torch.inference_mode():
+    with torch.inference_mode(), kernels.bf16_gemm_kernel(gemm):
         y = m(x)
     assert m._packed is not None and m._packed[1] is not None  # the packed path ran
+    assert m._packed[1].is_mkldnn != _blocked(dtype, gemm)
     assert y.shape == expected.shape and y.dtype == dtype
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(y, expected, rtol=tol, atol=tol)
@@ -121,14 +129,20 @@ def test_a_weight_is_not_packed_where_memory_is_short(monkeypatch: pytest.Monkey
     assert cpu_linear.available_memory() > cpu_linear.HEADROOM  # this machine has room
 
 
+@pytest.mark.parametrize("gemm", ["onednn", "leanlm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_only_weight_is_the_one_copy_and_comes_back_on_demand(dtype: torch.dtype) -> None:
+def test_packed_only_weight_is_the_one_copy_and_comes_back_on_demand(dtype: torch.dtype, gemm: str) -> None:
     m = _layer(dtype)
     plain = m.weight.detach().clone()
     x = torch.randn(3, 96).to(dtype)
     expected = F.linear(x, plain, m.bias)
-    assert m.pack_() and m.is_packed and m.weight.is_mkldnn and not m.weight.requires_grad
-    assert m._packed is None and m.weight.shape == plain.shape  # no cache beside it
+    with kernels.bf16_gemm_kernel(gemm):
+        assert m.pack_() and m.is_packed and not m.weight.requires_grad
+    assert m._packed is None  # no cache beside it
+    if _blocked(dtype, gemm):  # 160 rows in 3 blocks of 64, k-major
+        assert m.weight.shape == (3, 96, 64) and torch.equal(m.weight[1, :, 5], plain[69])
+    else:
+        assert m.weight.is_mkldnn and m.weight.shape == plain.shape
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     with torch.inference_mode():
         torch.testing.assert_close(m(x), expected, rtol=tol, atol=tol)
@@ -137,6 +151,7 @@ def test_packed_only_weight_is_the_one_copy_and_comes_back_on_demand(dtype: torc
     assert m.is_packed
     # the plain layout on demand, exactly: state dict, copies, pickles
     assert torch.equal(m.state_dict()["weight"], plain) and not m.state_dict()["weight"].is_mkldnn
+    assert torch.equal(m.dense_weight(), plain)
     for other in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
         assert not other.is_packed and torch.equal(other.weight, plain)
     # training: the forward unpacks, and gradients flow to the weight again

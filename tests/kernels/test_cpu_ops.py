@@ -130,3 +130,54 @@ def test_quant_linear_runs_int4pack_mm_for_batched_rows(monkeypatch: pytest.Monk
             want = x.float() @ layer.dequantize(torch.float32).t()
             torch.testing.assert_close(layer(x).float(), want, rtol=0.02, atol=0.02)
     assert calls == [cpu_ops.INT4_MIN_ROWS, 40]
+
+
+@pytest.mark.parametrize(("n", "k"), [(64, 64), (160, 96), (320, 320), (200, 130)])
+@pytest.mark.parametrize("m", [1, 4, 6, 7, 8, 13, 33])
+@pytest.mark.parametrize("bias", [False, True])
+def test_bf16_mm_is_the_fp32_product_rounded_once(n: int, k: int, m: int, bias: bool) -> None:
+    """leanlm's bf16 GEMM (64-row blocks, the last one partial where n is not a multiple of 64;
+    K in 64-column slices and a remainder; register tiles of 1-6 rows, split evenly) equals the
+    product of the same bf16 values in fp32, rounded once to bf16: only the fp32 summation order
+    may move it, by one bf16 rounding step at most (2⁻⁸ relative, with 2⁻¹⁶ of Σ|x·w| for the
+    order)."""
+    from leanlm.kernels.cpu_linear import to_blocks
+
+    g = torch.Generator().manual_seed(n + k + m)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+    b = torch.randn(n, generator=g).to(torch.bfloat16) if bias else None
+    y = cpu_ops.ops().bf16_mm(x, to_blocks(w), b, n)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    exact = x.float() @ w.float().t() + (0 if b is None else b.float())
+    bound = 2.0**-8 * exact.abs() + 2.0**-16 * (x.float().abs() @ w.float().abs().t()) + 1e-6
+    assert bool(((y.float() - exact).abs() <= bound).all()), float(((y.float() - exact).abs() / bound).max())
+    with kernels.kernel_mode("reference"):  # the torch product on the same blocks
+        ref = cpu_ops.bf16_mm(x, to_blocks(w), b, n)
+    assert bool(((ref.float() - exact).abs() <= bound).all())
+
+
+def test_bf16_mm_rows_do_not_depend_on_the_batch() -> None:
+    from leanlm.kernels.cpu_linear import to_blocks
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(192, 320, generator=g).to(torch.bfloat16)
+    x = torch.randn(13, 320, generator=g).to(torch.bfloat16)
+    whole = cpu_ops.bf16_mm(x, to_blocks(w), None, 192)
+    for r in (0, 6, 12):
+        assert torch.equal(cpu_ops.bf16_mm(x[r:r + 1].contiguous(), to_blocks(w), None, 192)[0], whole[r])
+
+
+def test_bf16_mm_refuses_what_it_cannot_read() -> None:
+    from leanlm.kernels.cpu_linear import to_blocks
+
+    blocks = to_blocks(torch.randn(100, 64).to(torch.bfloat16))
+    x = torch.randn(2, 64).to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="last block"):
+        cpu_ops.ops().bf16_mm(x, blocks, None, 140)
+    with pytest.raises(RuntimeError, match="x's K"):
+        cpu_ops.ops().bf16_mm(torch.randn(2, 32).to(torch.bfloat16), blocks, None, 100)
+    with pytest.raises(RuntimeError, match="bias"):
+        cpu_ops.ops().bf16_mm(x, blocks, torch.zeros(99).to(torch.bfloat16), 100)
+    with pytest.raises(RuntimeError, match="x must be"):
+        cpu_ops.ops().bf16_mm(x.float(), blocks, None, 100)

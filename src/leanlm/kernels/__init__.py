@@ -16,10 +16,11 @@ to that limit on a GPU:
   path's one launch before attention).
 
 Not Triton: ``cpu_linear`` is the model's ``nn.Linear``, which runs CPU inference on oneDNN's
-prepacked weight layout; ``cpu_int8`` is oneDNN's int8 x int8 GEMM (VNNI/AMX) that W8A8 layers run
-on CPU; ``cpu_ops`` are C++ ops built on first use for CPU inference — the paged decode attention
-of ``cpu_attention``, RMSNorm and rotary — each one call where the torch reference dispatches
-several; ``packing`` is the bit-stream layout of quantized codes.
+prepacked weight layout (or, for bf16 on CPUs without bf16 instructions, leanlm's 64-row blocks);
+``cpu_int8`` is oneDNN's int8 x int8 GEMM (VNNI/AMX) that W8A8 layers run on CPU; ``cpu_ops``
+are C++ ops built on first use for CPU inference — the paged decode attention of
+``cpu_attention``, RMSNorm, rotary, and GEMMs for int4 and bf16 weights — each one call where the
+torch reference dispatches several; ``packing`` is the bit-stream layout of quantized codes.
 
 Dispatch (:func:`use_triton`): the model, the paged attention backend and the quantized linear ask
 here whether to launch a kernel. The mode is read once, from ``LEANLM_KERNELS`` at first use, and
@@ -33,10 +34,11 @@ changed for a block of code with :func:`kernel_mode` (tests, benchmarks):
 
 Without Triton installed (``_triton.HAS_TRITON`` false) the references always run, and the core
 still imports. The oneDNN prepacking of ``cpu_linear`` is a switch of its own
-(``LEANLM_PREPACK=0`` or :func:`prepacking`), independent of the Triton mode; so is whether an
-fp32 model's quantized layers may use the bf16 CPU kernels (:func:`bf16_kernels`), and so is
-whether an inference load fuses q/k/v and gate/up into one linear each (by default on GPUs only;
-``LEANLM_FUSE=1``/``0`` or :func:`fusing`; :mod:`leanlm.fusion`).
+(``LEANLM_PREPACK=0`` or :func:`prepacking`), independent of the Triton mode; so is which GEMM
+packed bf16 weights use (:func:`bf16_gemm`), whether an fp32 model's quantized layers may use
+the bf16 CPU kernels (:func:`bf16_kernels`), and whether an inference load fuses q/k/v and
+gate/up into one linear each (by default on GPUs only; ``LEANLM_FUSE=1``/``0`` or
+:func:`fusing`; :mod:`leanlm.fusion`).
 
 Kernels have no backward: whenever autograd is recording through an input, the reference runs.
 Under ``torch.compile`` the references are traced too: inductor fuses them into kernels of its own.
@@ -93,6 +95,29 @@ def prepack() -> bool:
     if "prepack" not in _switches:
         _switches["prepack"] = os.environ.get("LEANLM_PREPACK", "1") != "0"
     return bool(_switches["prepack"])
+
+
+BF16_GEMMS = ("auto", "leanlm", "onednn")
+
+
+def bf16_gemm() -> str:
+    """Which GEMM packed bf16 linears use on CPU (``LEANLM_BF16_GEMM``, or :func:`bf16_gemm_kernel`):
+    ``onednn`` (its prepacked layout), ``leanlm`` (``cpu_ops.bf16_mm`` on 64-row blocks), or
+    ``auto`` (default): leanlm's on AVX-512 CPUs without bf16 instructions, where oneDNN
+    emulates bf16 (:mod:`leanlm.kernels.cpu_linear`), oneDNN's everywhere else."""
+    if "bf16_gemm" not in _switches:
+        value = os.environ.get("LEANLM_BF16_GEMM", "auto")
+        if value not in BF16_GEMMS:
+            raise LeanLMError(f"LEANLM_BF16_GEMM={value!r}: expected one of {BF16_GEMMS}")
+        _switches["bf16_gemm"] = value
+    return str(_switches["bf16_gemm"])
+
+
+def bf16_gemm_kernel(value: str) -> contextlib.AbstractContextManager[None]:
+    """``with bf16_gemm_kernel("leanlm"): ...`` packs bf16 linears for that GEMM in the block."""
+    if value not in BF16_GEMMS:
+        raise LeanLMError(f"bf16 GEMM {value!r}: expected one of {BF16_GEMMS}")
+    return _switched("bf16_gemm", value)
 
 
 def fuse(device: torch.device | str) -> bool:

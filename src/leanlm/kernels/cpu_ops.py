@@ -1,4 +1,5 @@
-"""leanlm's C++ CPU ops, built on first use: paged decode attention, RMSNorm, rotary embedding.
+"""leanlm's C++ CPU ops, built on first use: paged decode attention, RMSNorm, rotary embedding, and
+GEMMs for a few rows (int4 weights; bf16 weights on CPUs without bf16 instructions).
 
 A decode step of a small model on the CPU is bound by op count, not arithmetic: each torch op
 costs microseconds of dispatch, and the references spend 6–8 ops on an RMSNorm or a rotary
@@ -8,7 +9,9 @@ math and roundings (``csrc/``; the formulas are in each file's header):
 
 - ``leanlm_cpu::paged_decode``: one query per request against its keys through the block table;
 - ``leanlm_cpu::rms_norm``: RMSNorm with the residual add (:mod:`leanlm.kernels.rmsnorm`);
-- ``leanlm_cpu::rotary``: RoPE of q or k (:mod:`leanlm.kernels.rotary`).
+- ``leanlm_cpu::rotary``: RoPE of q or k (:mod:`leanlm.kernels.rotary`);
+- ``leanlm_cpu::int4pack_mm``: x times a 4-bit weight in torch's CPU int4pack layout;
+- ``leanlm_cpu::bf16_mm``: x times a bf16 weight in 64-row blocks (:mod:`leanlm.kernels.cpu_linear`).
 
 They are compiled with :mod:`torch.utils.cpp_extension` (a C++ compiler and ninja; cached under
 ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) for the CPU's x86-64 level
@@ -35,8 +38,18 @@ from leanlm import kernels
 
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).parent / "csrc" / name for name in (
-    "paged_decode.cpp", "norm_rotary.cpp", "int4_gemm.cpp")]
+    "paged_decode.cpp", "norm_rotary.cpp", "int4_gemm.cpp", "bf16_gemm.cpp")]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none to read)."""
+    try:
+        return frozenset(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                              if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return frozenset()
 
 
 def x86_level() -> str:
@@ -44,16 +57,18 @@ def x86_level() -> str:
     none can be told: another architecture, or no /proc)."""
     if platform.machine() not in ("x86_64", "AMD64"):
         return ""
-    try:
-        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                         if line.startswith("flags")).split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        return ""
+    flags = cpu_flags()
     if {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"} <= flags:
         return "v4"
     if {"avx2", "fma", "f16c", "bmi2", "movbe"} <= flags:
         return "v3"
     return ""
+
+
+def native_bf16() -> bool:
+    """Whether the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), as oneDNN's bf16 GEMMs
+    need to run at full speed."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 @functools.cache
@@ -133,3 +148,15 @@ def int4pack_mm(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, group_s
     ``_weight_int4pack_mm_for_cpu`` takes them: the weight is unpacked once per group tile for
     all M rows (csrc/int4_gemm.cpp), with AVX512-BF16 dot products where the CPU has them."""
     return ops().int4pack_mm(x, packed, sz, group_size, True)
+
+
+def bf16_mm(x: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    """x [M, K] bf16 times a bf16 weight [n, K] held in 64-row blocks [⌈n/64⌉, K, 64]
+    (:func:`leanlm.kernels.cpu_linear.to_blocks`), plus ``bias``: fp32 multiply-adds on the
+    weight widened as it is read (csrc/bf16_gemm.cpp) where :func:`runs`, else the same fp32
+    product in torch; either rounds once to bf16."""
+    if runs(x, blocks, *(() if bias is None else (bias,))):
+        return ops().bf16_mm(x.contiguous(), blocks, bias, n)
+    y = torch.matmul(x.float(), blocks.float()).transpose(0, 1).reshape(x.shape[0], -1)[:, :n]  # [M, N]
+    return (y if bias is None else y + bias.float()).to(x.dtype)
+

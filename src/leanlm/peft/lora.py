@@ -61,7 +61,7 @@ class LoRAConfig(PeftConfig):
 def base_weight(module: nn.Module) -> torch.Tensor:
     """W of a plain or quantized linear (dequantized), in fp32."""
     if isinstance(module, nn.Linear):  # a weight packed for CPU inference reads back plain
-        return (module.weight.to_dense() if module.weight.is_mkldnn else module.weight).float()
+        return (module.dense_weight() if getattr(module, "is_packed", False) else module.weight).float()
     if hasattr(module, "dequantize"):
         return module.dequantize(torch.float32)
     raise LeanLMError(f"LoRA targets linear layers; got {type(module).__name__}")

@@ -22,31 +22,11 @@
 
 #include <algorithm>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
-#include "cpu_vec.h"
+#include "gemm_tile.h"
 
 namespace {
-
-constexpr int64_t kBlock = 64;  // output rows per packed block
-constexpr int kRows = 6;  // input rows per register tile: 6 x 4 accumulators + 4 weights + 1
-
-// f(rows, r) for the input rows [r, r + rows) in register tiles of kRows, then the remainder;
-// rows is a compile-time constant (std::integral_constant<int, R>)
-template <typename F>
-void for_row_tiles(int64_t m, F&& f) {
-  int64_t r = 0;
-  for (; r + kRows <= m; r += kRows) f(std::integral_constant<int, kRows>{}, r);
-  switch (m - r) {
-    case 5: f(std::integral_constant<int, 5>{}, r); break;
-    case 4: f(std::integral_constant<int, 4>{}, r); break;
-    case 3: f(std::integral_constant<int, 3>{}, r); break;
-    case 2: f(std::integral_constant<int, 2>{}, r); break;
-    case 1: f(std::integral_constant<int, 1>{}, r); break;
-    default: break;
-  }
-}
 
 // the block's tile for one group: tile[kk * 64 + j] = w[block row j, group column kk]
 void dequant_tile(const uint8_t* cols, const c10::BFloat16* sz, int64_t gs, float* tile) {
@@ -80,33 +60,6 @@ void dequant_tile(const uint8_t* cols, const c10::BFloat16* sz, int64_t gs, floa
       tile[kk * kBlock + j] = static_cast<float>(b & 15) * s[j] + z[j];
       tile[kk * kBlock + j + 32] = static_cast<float>(b >> 4) * s[j + 32] + z[j + 32];
     }
-#endif
-}
-
-// acc[r, 0:64] += Σ_kk x[r, kk] · tile[kk, 0:64] for R rows (x: fp32 rows of stride ldx)
-template <int R>
-void tile_rows(const float* x, int64_t ldx, const float* tile, int64_t gs, float* acc) {
-#if defined(__AVX512F__)
-  __m512 a[R][4];
-  for (int r = 0; r < R; ++r)
-    for (int i = 0; i < 4; ++i) a[r][i] = _mm512_loadu_ps(acc + r * kBlock + 16 * i);
-  for (int64_t kk = 0; kk < gs; ++kk) {
-    const __m512 w0 = _mm512_loadu_ps(tile + kk * kBlock), w1 = _mm512_loadu_ps(tile + kk * kBlock + 16),
-                 w2 = _mm512_loadu_ps(tile + kk * kBlock + 32), w3 = _mm512_loadu_ps(tile + kk * kBlock + 48);
-    for (int r = 0; r < R; ++r) {
-      const __m512 xv = _mm512_set1_ps(x[r * ldx + kk]);
-      a[r][0] = _mm512_fmadd_ps(xv, w0, a[r][0]);
-      a[r][1] = _mm512_fmadd_ps(xv, w1, a[r][1]);
-      a[r][2] = _mm512_fmadd_ps(xv, w2, a[r][2]);
-      a[r][3] = _mm512_fmadd_ps(xv, w3, a[r][3]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int i = 0; i < 4; ++i) _mm512_storeu_ps(acc + r * kBlock + 16 * i, a[r][i]);
-#else
-  for (int r = 0; r < R; ++r)
-    for (int64_t kk = 0; kk < gs; ++kk)
-      for (int64_t j = 0; j < kBlock; ++j) acc[r * kBlock + j] += x[r * ldx + kk] * tile[kk * kBlock + j];
 #endif
 }
 
@@ -219,8 +172,7 @@ at::Tensor int4pack_mm(const at::Tensor& x, const at::Tensor& packed, const at::
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const c10::BFloat16* szp = sz.data_ptr<c10::BFloat16>();
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
-  // blocks per thread: enough work per block-group that a small layer runs on one thread
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, k * std::max<int64_t>(m, 4)));
+  const int64_t grain = block_grain(m, k);
 #if defined(__AVX512F__)
   if (bf16 && has_bf16() && gs % 2 == 0) {
     const c10::BFloat16* xp = x.data_ptr<c10::BFloat16>();

@@ -1,0 +1,71 @@
+// The register tile shared by leanlm's CPU GEMMs for a few rows (int4_gemm.cpp, bf16_gemm.cpp):
+// each thread owns blocks of 64 output rows and multiplies every input row by a block's weights,
+// k-major ([k][64]: the 64 rows' weights of one input column side by side), from L1.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "cpu_vec.h"
+
+namespace {
+
+constexpr int64_t kBlock = 64;  // output rows per block
+constexpr int kRows = 6;  // input rows per register tile: 6 x 4 accumulators + 4 weights + 1
+
+// blocks per parallel chunk: enough multiply-adds per chunk that a small layer runs on one thread
+inline int64_t block_grain(int64_t m, int64_t k) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, k * std::max<int64_t>(m, 4)));
+}
+
+// f(rows, r) for the input rows [r, r + rows), all of them in register tiles of at most kRows
+// rows and as even as can be (8 rows: 4 + 4, not 6 + 2, whose 2-row tile does half the
+// multiply-adds per weight load); rows is a compile-time constant (std::integral_constant<int, R>)
+template <typename F>
+void for_row_tiles(int64_t m, F&& f) {
+  const int64_t tiles = (m + kRows - 1) / kRows;
+  int64_t r = 0;
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t rows = (m - r) / (tiles - t);  // the remaining rows over the remaining tiles
+    switch (rows) {
+      case 6: f(std::integral_constant<int, 6>{}, r); break;
+      case 5: f(std::integral_constant<int, 5>{}, r); break;
+      case 4: f(std::integral_constant<int, 4>{}, r); break;
+      case 3: f(std::integral_constant<int, 3>{}, r); break;
+      case 2: f(std::integral_constant<int, 2>{}, r); break;
+      default: f(std::integral_constant<int, 1>{}, r); break;
+    }
+    r += rows;
+  }
+}
+
+// acc[r, 0:64] += Σ_kk x[r, kk] · tile[kk, 0:64] for R rows (x: fp32 rows of stride ldx; tile:
+// fp32, or bf16 widened exactly to fp32 as it is loaded)
+template <int R, typename W>
+void tile_rows(const float* x, int64_t ldx, const W* tile, int64_t kn, float* acc) {
+#if defined(__AVX512F__)
+  __m512 a[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < 4; ++i) a[r][i] = _mm512_loadu_ps(acc + r * kBlock + 16 * i);
+  for (int64_t kk = 0; kk < kn; ++kk) {
+    const W* t = tile + kk * kBlock;
+    const __m512 w0 = load16(t), w1 = load16(t + 16), w2 = load16(t + 32), w3 = load16(t + 48);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_set1_ps(x[r * ldx + kk]);
+      a[r][0] = _mm512_fmadd_ps(xv, w0, a[r][0]);
+      a[r][1] = _mm512_fmadd_ps(xv, w1, a[r][1]);
+      a[r][2] = _mm512_fmadd_ps(xv, w2, a[r][2]);
+      a[r][3] = _mm512_fmadd_ps(xv, w3, a[r][3]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < 4; ++i) _mm512_storeu_ps(acc + r * kBlock + 16 * i, a[r][i]);
+#else
+  for (int r = 0; r < R; ++r)
+    for (int64_t kk = 0; kk < kn; ++kk)
+      for (int64_t j = 0; j < kBlock; ++j) acc[r * kBlock + j] += x[r * ldx + kk] * to_float(tile[kk * kBlock + j]);
+#endif
+}
+
+}  // namespace
