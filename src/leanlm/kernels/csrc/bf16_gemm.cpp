@@ -24,14 +24,6 @@ namespace {
 
 constexpr int64_t kCols = 64;  // input columns per fp32 tile: 16 KB
 
-void widen(const c10::BFloat16* w, int64_t count, float* out) {
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  for (; i + kLanes <= count; i += kLanes) _mm512_storeu_ps(out + i, load16(w + i));
-#endif
-  for (; i < count; ++i) out[i] = to_float(w[i]);
-}
-
 at::Tensor bf16_mm(const at::Tensor& x, const at::Tensor& wb, const std::optional<at::Tensor>& bias, int64_t n) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(),
               "bf16_mm: x must be a contiguous [M, K] bf16 tensor");
@@ -43,10 +35,11 @@ at::Tensor bf16_mm(const at::Tensor& x, const at::Tensor& wb, const std::optiona
   TORCH_CHECK(n > (blocks - 1) * kBlock && n <= blocks * kBlock, "bf16_mm: n must fall in the last block");
   TORCH_CHECK(!bias || (bias->dim() == 1 && bias->size(0) == n && bias->scalar_type() == at::kBFloat16),
               "bf16_mm: the bias must be bf16 [n]");
-  const at::Tensor xf = x.to(at::kFloat);
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
   at::Tensor y = at::empty({m, n}, x.options());
-  const float* xp = xf.data_ptr<float>();
+  std::vector<float> xf(m * k);  // x widened once (a broadcast from fp32 is one instruction)
+  widen(x.data_ptr<c10::BFloat16>(), xf.data(), m * k);
+  const float* xp = xf.data();
   const c10::BFloat16* wp = wb.data_ptr<c10::BFloat16>();
   const c10::BFloat16* bp = bias ? b.data_ptr<c10::BFloat16>() : nullptr;
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
@@ -58,7 +51,7 @@ at::Tensor bf16_mm(const at::Tensor& x, const at::Tensor& wb, const std::optiona
       for (int64_t k0 = 0; k0 < k; k0 += kCols) {
         const int64_t kn = std::min(kCols, k - k0);
         const c10::BFloat16* slice = block + k0 * kBlock;
-        if (m > kRows) widen(slice, kn * kBlock, tile.data());
+        if (m > kRows) widen(slice, tile.data(), kn * kBlock);
         for_row_tiles(m, [&](auto rows, int64_t r) {
           constexpr int R = decltype(rows)::value;
           if (m > kRows)

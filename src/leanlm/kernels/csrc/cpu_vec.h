@@ -52,4 +52,14 @@ inline __m512 exp16(__m512 x) {
 }
 #endif
 
+// n elements to fp32 (exactly: every source dtype is a subset of fp32)
+template <typename T>
+inline void widen(const T* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + kLanes <= n; i += kLanes) _mm512_storeu_ps(dst + i, load16(src + i));
+#endif
+  for (; i < n; ++i) dst[i] = to_float(src[i]);
+}
+
 }  // namespace

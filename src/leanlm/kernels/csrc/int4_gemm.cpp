@@ -208,7 +208,8 @@ at::Tensor int4pack_mm(const at::Tensor& x, const at::Tensor& packed, const at::
     return y;
   }
 #endif
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  std::vector<float> xf(m * k);  // x widened once (a broadcast from fp32 is one instruction)
+  widen(x.data_ptr<c10::BFloat16>(), xf.data(), m * k);
   at::parallel_for(0, n / kBlock, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> tile(gs * kBlock), acc(m * kBlock);
     for (int64_t blk = begin; blk < end; ++blk) {
@@ -217,7 +218,7 @@ at::Tensor int4pack_mm(const at::Tensor& x, const at::Tensor& packed, const at::
       for (int64_t g = 0; g < groups; ++g) {
         dequant_tile(block + g * gs * 32, szp + (g * n + blk * kBlock) * 2, gs, tile.data());
         for_row_tiles(m, [&](auto rows, int64_t r) {
-          tile_rows<decltype(rows)::value>(xf.data_ptr<float>() + r * k + g * gs, k, tile.data(), gs,
+          tile_rows<decltype(rows)::value>(xf.data() + r * k + g * gs, k, tile.data(), gs,
                                            acc.data() + r * kBlock);
         });
       }

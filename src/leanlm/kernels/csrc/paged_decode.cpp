@@ -27,16 +27,6 @@ inline void prefetch(const void* p, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, 0, 3);
 }
 
-// a row of n elements to fp32
-template <typename T>
-inline void widen(const T* src, float* dst, int64_t n) {
-  int64_t i = 0;
-#if defined(__AVX512F__)
-  for (; i + kLanes <= n; i += kLanes) _mm512_storeu_ps(dst + i, load16(src + i));
-#endif
-  for (; i < n; ++i) dst[i] = to_float(src[i]);
-}
-
 // q · k, q in fp32, k converted as it is read
 template <typename T>
 inline float dot(const float* q, const T* k, int64_t n) {
