@@ -88,7 +88,7 @@ def test_packed_load_packs_the_fused_weights_only(family: str, make_hf_checkpoin
     assert len(linears) == 4 * layers + 1  # qkv, o_proj, gate_up, down_proj; the head
     assert all(m.is_packed and m._packed is None for m in linears)
     c = packed.config
-    assert packed.layers[0].self_attn.qkv.dense_weight().shape[0] == c.hidden_size + 2 * c.num_kv_heads * c.head_dim
+    assert packed.layers[0].self_attn.qkv.out_features == c.hidden_size + 2 * c.num_kv_heads * c.head_dim
     with torch.inference_mode():
         assert torch.equal(packed(TOKENS), plain(TOKENS))
     assert same_state(packed, snapshot(plain))
@@ -99,6 +99,9 @@ def test_packed_load_packs_the_fused_weights_only(family: str, make_hf_checkpoin
     assert "q_proj" in apart.layers[0].self_attn._modules
     assert "q_proj" in load_model(path, dtype="bfloat16", pack=True).layers[0].self_attn._modules
     assert kernels.fuse("cuda") and not kernels.fuse("cpu")
+    assert kernels.fuse("cpu", serving=True)  # the serving engine fuses on the CPU too
+    with kernels.fusing(False):
+        assert not kernels.fuse("cpu", serving=True) and not kernels.fuse("cuda")
     assert load_model(path, dtype="bfloat16", pack=False).layers[0].self_attn.q_proj is not None
 
 
@@ -129,3 +132,13 @@ def test_adapters_and_shards_are_not_fused_and_transforms_unfuse() -> None:
     shard.layers[0].mlp.up_proj.tp_shard = True  # what the tensor-parallel plan marks
     assert shard.fuse_projections_() == 2 * shard.config.num_layers - 1
     assert "up_proj" in shard.layers[0].mlp._modules
+
+
+def test_the_serving_engine_fuses_its_cpu_model(make_hf_checkpoint) -> None:
+    from leanlm.serve.core_process import CoreSpec, build_engine
+    from leanlm.serve.engine import EngineConfig
+
+    engine = build_engine(CoreSpec(model=str(make_hf_checkpoint("llama")), engine=EngineConfig()))
+    attn = engine.model.layers[0].self_attn
+    assert "qkv" in attn._modules and "q_proj" not in attn._modules and attn.qkv.is_packed
+

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import zmq
 
+from leanlm import kernels
 from leanlm.checkpoint import load_model, resolve_dtype
 from leanlm.config import ModelConfig
 from leanlm.errors import LeanLMError
@@ -64,13 +65,14 @@ class CoreSpec:
 def build_engine(spec: CoreSpec) -> LLMEngine:
     """The engine: the model in this process (``uniproc``), or in worker processes / Ray actors."""
     pack = not spec.engine.compile  # CPU inference on packed weights (compiled steps pack their own)
-    draft = load_model(spec.draft_model, dtype=spec.dtype, pack=pack) if spec.draft_model else None
+    fuse = pack and kernels.fuse("cpu", serving=True)
+    draft = load_model(spec.draft_model, dtype=spec.dtype, pack=pack, fuse=fuse) if spec.draft_model else None
     if spec.backend == "uniproc":
         if spec.tensor_parallel_size != 1:
             raise LeanLMError("--tensor-parallel-size > 1 needs the mp, ray or torchrun executor")
         if spec.threads:
             torch.set_num_threads(spec.threads)
-        engine = LLMEngine(load_model(spec.model, dtype=spec.dtype, pack=pack), spec.engine, draft)
+        engine = LLMEngine(load_model(spec.model, dtype=spec.dtype, pack=pack, fuse=fuse), spec.engine, draft)
     else:
         config = ModelConfig.from_json_file(Path(spec.model) / "config.json")
         dtype = resolve_dtype(spec.dtype) or resolve_dtype(config.torch_dtype) or torch.float32

@@ -19,6 +19,7 @@ import torch
 import zmq
 from torch.distributed.device_mesh import DeviceMesh
 
+from leanlm import kernels
 from leanlm.errors import LeanLMError
 from leanlm.model import Transformer
 from leanlm.parallel import tensor_parallel_, tp_mesh
@@ -87,8 +88,9 @@ def build_worker(rank: int, world: int, init_method: str, spec: WorkerSpec) -> W
         torch.set_num_threads(spec.threads)
     mesh = init_distributed(rank, world, init_method, spec.device) if world > 1 else None
     # one rank packs its weights at load; ranks of a tensor-parallel group shard plain ones
-    model = load_model(spec.model, dtype=spec.dtype, device=spec.device,
-                       pack=mesh is None and not spec.compile)
+    pack = mesh is None and not spec.compile
+    model = load_model(spec.model, dtype=spec.dtype, device=spec.device, pack=pack,
+                       fuse=pack and kernels.fuse(spec.device, serving=True))
     if mesh is not None:
         tensor_parallel_(model, mesh)
     return Worker(model, spec)
