@@ -14,8 +14,14 @@
    shapes (group 32), at 1 / 4 / 8 / 16 / 32 rows; medians of interleaved calls. Then the
    engine's steps (as in 2.) on the default model (or ``--model``) quantized to 4 bits (RTN, group 32), with
    torch's int4 kernel at every row count against leanlm's from ``cpu_ops.INT4_MIN_ROWS`` rows.
+4. ``--bf16``: leanlm's bf16 GEMM (``leanlm_cpu::bf16_mm``, 64-row blocks) against oneDNN's bf16
+   and fp32 GEMMs on prepacked weights, at 1 / 4 / 8 / 16 / 32 / 128 rows, on the default
+   model's and a 1B model's layer shapes; medians of interleaved calls. Then the engine's steps
+   on the default model (or ``--model``) packed for oneDNN's bf16 GEMM against leanlm's. On CPUs
+   with AVX512-BF16 or AMX oneDNN runs bf16 natively (and ``auto`` keeps it); without them it
+   emulates bf16, the case leanlm's GEMM is for.
 
-    python benchmarks/bench_cpu_ops.py [--batches 1 8 32] [--rounds 3] [--int4 [--model DIR]]
+    python benchmarks/bench_cpu_ops.py [--batches 1 8 32] [--rounds 3] [--int4 | --bf16] [--model DIR]
 """
 
 from __future__ import annotations
@@ -79,15 +85,17 @@ def drain(engine: LLMEngine) -> None:
         engine.step()
 
 
-def engine_steps(model: torch.nn.Module, modes: dict[str, Callable[[], AbstractContextManager]],
-                 batches: list[int], rounds: int) -> None:
+Mode = tuple[torch.nn.Module, Callable[[], AbstractContextManager]]  # a model, and a context to run it in
+
+
+def engine_steps(modes: dict[str, Mode], batches: list[int], rounds: int) -> None:
     """Prefill and decode step times of the offline engine under each of ``modes`` (two: the
     baseline first), interleaved, medians."""
     rng = random.Random(0)
     prompt = lambda: [rng.randrange(3, 8000) for _ in range(128)]
     results: dict[tuple[str, str], list[float]] = {}
     for _ in range(rounds):
-        for mode, context in modes.items():
+        for mode, (model, context) in modes.items():
             with context(), torch.inference_mode():
                 engine = LLMEngine(model, EngineConfig())
                 one = SamplingParams(max_tokens=1, ignore_eos=True)
@@ -129,7 +137,8 @@ def int4_engine(path: Path, batches: list[int], rounds: int) -> None:
     model = load_model(path, dtype="bfloat16")
     quantize_(model, RTNConfig(bits=4, group_size=32), progress=False)
     print(f"int4 (RTN g32) {path.name}:")
-    engine_steps(model, {"torch int4": torch_int4, "leanlm int4": contextlib.nullcontext}, batches, rounds)
+    engine_steps({"torch int4": (model, torch_int4), "leanlm int4": (model, contextlib.nullcontext)},
+                 batches, rounds)
 
 
 INT4_SHAPES = [(320, 320), (864, 320), (320, 864), (2048, 2048), (8192, 2048), (2048, 8192)]  # [out, in]
@@ -168,13 +177,65 @@ def int4_gemm(rows: list[int], calls: int) -> None:
                       f"{t['torch'] / t['leanlm']:.2f}x |", flush=True)
 
 
+BF16_SHAPES = [(320, 320), (960, 320), (864, 320), (320, 864), (8192, 320), (2048, 2048), (8192, 2048),
+               (2048, 8192)]  # [out, in]: the default model's (q, qkv fused, gate, down, head) and a 1B's
+
+
+def bf16_gemm(rows: list[int], calls: int) -> None:
+    """leanlm's bf16 GEMM on 64-row blocks against oneDNN's bf16 and fp32 on prepacked weights,
+    interleaved, medians."""
+    from leanlm.kernels.cpu_linear import to_blocks
+
+    print("| weight [out × in] | rows | oneDNN bf16 µs | oneDNN fp32 µs | leanlm bf16 µs | "
+          "leanlm / oneDNN bf16 |")
+    print("|---|---:|---:|---:|---:|---:|")
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for n, k in BF16_SHAPES:
+            w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+            blocks = to_blocks(w)
+            packed = {dt: torch.ops.mkldnn._reorder_linear_weight(w.to(dt), None) for dt in (torch.bfloat16,
+                                                                                              torch.float32)}
+            for m in rows:
+                x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+                xf = x.float()
+                fns = {"bf16": partial(torch.ops.mkldnn._linear_pointwise, x, packed[torch.bfloat16], None,
+                                       "none", [], ""),
+                       "fp32": partial(torch.ops.mkldnn._linear_pointwise, xf, packed[torch.float32], None,
+                                       "none", [], ""),
+                       "leanlm": partial(cpu_ops.bf16_mm, x, blocks, None, n)}
+                times: dict[str, list[float]] = {name: [] for name in fns}
+                for _ in range(5):
+                    for fn in fns.values():
+                        fn()
+                for _ in range(calls):
+                    for name, fn in fns.items():
+                        times[name].append(timed(fn, None))
+                t = {name: statistics.median(v) * 1e6 for name, v in times.items()}
+                print(f"| {n}×{k} | {m} | {t['bf16']:.1f} | {t['fp32']:.1f} | {t['leanlm']:.1f} | "
+                      f"{t['bf16'] / t['leanlm']:.2f}x |", flush=True)
+
+
+def bf16_engine(path: Path, batches: list[int], rounds: int) -> None:
+    """Engine steps of the bf16 model at ``path`` packed for oneDNN's GEMM and for leanlm's."""
+    def packed_for(gemm: str) -> torch.nn.Module:
+        with kernels.bf16_gemm_kernel(gemm):
+            return load_model(path, dtype="bfloat16", pack=True)
+
+    print(f"bf16 {path.name}:")
+    engine_steps({"oneDNN": (packed_for("onednn"), contextlib.nullcontext),
+                  "leanlm": (packed_for("leanlm"), contextlib.nullcontext)}, batches, rounds)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--int4", action="store_true", help="only the int4 GEMM (section 3)")
-    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="--int4: the model of the engine steps")
+    ap.add_argument("--bf16", action="store_true", help="only the bf16 GEMM (section 4)")
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                    help="--int4/--bf16: the model of the engine steps")
     args = ap.parse_args()
     print(f"# bench_cpu_ops: {machine()}", flush=True)
     if cpu_ops.ops() is None:
@@ -183,11 +244,16 @@ def main() -> None:
         int4_gemm([1, 4, 8, 16, 32], max(20, args.calls // 4))
         int4_engine(args.model, args.batches, args.rounds)
         return
+    if args.bf16:
+        bf16_gemm([1, 4, 8, 16, 32, 128], max(20, args.calls // 4))
+        bf16_engine(args.model, args.batches, args.rounds)
+        return
     for requests in (8, 32):
         attention(requests, args.calls)
-    modes = {"reference": partial(kernels.kernel_mode, "reference"),
-             "C++ ops": partial(kernels.kernel_mode, "auto")}
-    engine_steps(load_model(DEFAULT_MODEL, pack=True), modes, args.batches, args.rounds)
+    model = load_model(DEFAULT_MODEL, pack=True)
+    modes = {"reference": (model, partial(kernels.kernel_mode, "reference")),
+             "C++ ops": (model, partial(kernels.kernel_mode, "auto"))}
+    engine_steps(modes, args.batches, args.rounds)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,9 @@ The forward picks a backend once per (device, M-regime), automatically:
   :mod:`leanlm.kernels.quant_gemm`, which reads ``qweight`` as it is and dequantizes in registers
   (act-order through ``g_idx``).
 - ``dequant``: ŵ = s·(q - z) in the activation dtype, then a dense GEMM. This is what runs for
-  large M (long prefills: M ≥ ``KERNEL_MAX_M`` rows), for shapes the kernels refuse, and when
-  autograd needs the gradient of the input (QLoRA: adapters on a quantized base).
+  large M past torch's packed kernels (long prefills: M ≥ ``KERNEL_MAX_M`` rows; leanlm's int4
+  GEMM has no such limit), for shapes the kernels refuse, and when autograd needs the gradient
+  of the input (QLoRA: adapters on a quantized base).
 - ``reference``: the same in fp32 (tests compare the others against it).
 
 ``backend=`` forces one; a forced kernel that cannot run this layer raises a clear error.
@@ -227,7 +228,14 @@ class QuantLinear(nn.Module):
             return self.backend
         # torch's packed CPU kernels compute in bf16: fp32 inputs only where the user allows it
         bf16 = _activation_dtype(x2) == torch.bfloat16 or kernels.bf16_kernels()
-        return kernel if kernel is not None and m < KERNEL_MAX_M[kernel] and bf16 else "dequant"
+        if kernel is None or not bf16:
+            return "dequant"
+        # leanlm's int4 GEMM unpacks each weight tile once for all rows, so it beats dequantize +
+        # GEMM at any M (2.4-4x at 256-2048 rows, 2 Xeon cores without AVX512-BF16); torch's
+        # kernels unpack per few rows, and give way to it past KERNEL_MAX_M
+        ours = (kernel == "int4pack" and m >= cpu_ops.INT4_MIN_ROWS and int4pack_layout_known()
+                and cpu_ops.runs(x2))
+        return kernel if ours or m < KERNEL_MAX_M[kernel] else "dequant"
 
     def _kernel(self) -> str | None:
         if self.backend != "auto":
@@ -362,6 +370,7 @@ def int4pack_codes(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return torch.cat([b & 15, b >> 4], dim=2).transpose(1, 2).reshape(n, k)
 
 
+@functools.cache
 @functools.cache
 def int4pack_layout_known() -> bool:
     """Whether this torch build packs as :func:`int4pack` does (checked once on a probe); if
