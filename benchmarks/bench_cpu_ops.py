@@ -144,6 +144,19 @@ def int4_engine(path: Path, batches: list[int], rounds: int) -> None:
 INT4_SHAPES = [(320, 320), (864, 320), (320, 864), (2048, 2048), (8192, 2048), (2048, 8192)]  # [out, in]
 
 
+def interleaved_us(fns: dict[str, Callable[[], object]], calls: int) -> dict[str, float]:
+    """Median µs of each of ``fns``, called in turn ``calls`` times (after 5 warm-up turns), so no
+    function finds its weight in cache from its own last call."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(5):
+        for fn in fns.values():
+            fn()
+    for _ in range(calls):
+        for name, fn in fns.items():
+            times[name].append(timed(fn, None))
+    return {name: statistics.median(v) * 1e6 for name, v in times.items()}
+
+
 def int4_gemm(rows: list[int], calls: int) -> None:
     """The int4 GEMM against torch's on one packing (and bf16 prepacked), interleaved, medians."""
     from leanlm.quant.linear import int4pack
@@ -165,14 +178,7 @@ def int4_gemm(rows: list[int], calls: int) -> None:
                 fns = {"torch": partial(torch.ops.aten._weight_int4pack_mm_for_cpu, x, packed, gs, sz),
                        "leanlm": partial(cpu_ops.int4pack_mm, x, packed, sz, gs),
                        "bf16": partial(torch.ops.mkldnn._linear_pointwise, x, dense, None, "none", [], "")}
-                times: dict[str, list[float]] = {name: [] for name in fns}
-                for _ in range(5):
-                    for fn in fns.values():
-                        fn()
-                for _ in range(calls):
-                    for name, fn in fns.items():
-                        times[name].append(timed(fn, None))
-                t = {name: statistics.median(v) * 1e6 for name, v in times.items()}
+                t = interleaved_us(fns, calls)
                 print(f"| {n}×{k} | {m} | {t['torch']:.1f} | {t['leanlm']:.1f} | {t['bf16']:.1f} | "
                       f"{t['torch'] / t['leanlm']:.2f}x |", flush=True)
 
@@ -204,14 +210,7 @@ def bf16_gemm(rows: list[int], calls: int) -> None:
                        "fp32": partial(torch.ops.mkldnn._linear_pointwise, xf, packed[torch.float32], None,
                                        "none", [], ""),
                        "leanlm": partial(cpu_ops.bf16_mm, x, blocks, None, n)}
-                times: dict[str, list[float]] = {name: [] for name in fns}
-                for _ in range(5):
-                    for fn in fns.values():
-                        fn()
-                for _ in range(calls):
-                    for name, fn in fns.items():
-                        times[name].append(timed(fn, None))
-                t = {name: statistics.median(v) * 1e6 for name, v in times.items()}
+                t = interleaved_us(fns, calls)
                 print(f"| {n}×{k} | {m} | {t['bf16']:.1f} | {t['fp32']:.1f} | {t['leanlm']:.1f} | "
                       f"{t['bf16'] / t['leanlm']:.2f}x |", flush=True)
 

@@ -50,6 +50,10 @@ void tile_rows(const float* x, int64_t ldx, const W* tile, int64_t kn, float* ac
     for (int i = 0; i < 4; ++i) a[r][i] = _mm512_loadu_ps(acc + r * kBlock + 16 * i);
   for (int64_t kk = 0; kk < kn; ++kk) {
     const W* t = tile + kk * kBlock;
+    if constexpr (sizeof(W) == 2) {  // streamed from memory: ask for the rows 2 KB ahead
+      _mm_prefetch(reinterpret_cast<const char*>(t + 16 * kBlock), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(t + 16 * kBlock) + 64, _MM_HINT_T0);
+    }
     const __m512 w0 = load16(t), w1 = load16(t + 16), w2 = load16(t + 32), w3 = load16(t + 48);
     for (int r = 0; r < R; ++r) {
       const __m512 xv = _mm512_set1_ps(x[r * ldx + kk]);
