@@ -23,12 +23,12 @@ otherwise:
   off (``LEANLM_PREPACK=0``, :func:`leanlm.kernels.prepacking`), and oneDNN is available.
 
 **bf16 on CPUs without bf16 instructions.** oneDNN's bf16 GEMM needs AVX512-BF16 or AMX. On an
-AVX-512 CPU without them it emulates bf16 and runs 3–8x slower than its own fp32 GEMM at 8–32
-rows (a 2-core Xeon without them: 320 x 960 at 8 rows, 137 µs bf16, 41 µs fp32). There a bf16
+AVX-512 CPU without them it emulates bf16 and runs 2–4x slower than its own fp32 GEMM at 8–32
+rows (a 2-core Xeon without them: 960 x 320 at 8 rows, 120 µs bf16, 44 µs fp32). There a bf16
 weight is packed instead into 64-row blocks, k-major ([⌈N/64⌉, K, 64], :func:`to_blocks`), for
 leanlm's own GEMM (``cpu_ops.bf16_mm``): fp32 multiply-adds on the weight widened as it is read,
 which is exact, so its results are fp32 products rounded once. The same 8-row product takes
-36 µs, and one row 13 µs (benchmarks/RESULTS.md). ``LEANLM_BF16_GEMM=leanlm|onednn`` (or
+39 µs, one row 22 µs against 36 (benchmarks/RESULTS.md, "A CPU without bf16 instructions"). ``LEANLM_BF16_GEMM=leanlm|onednn`` (or
 :func:`leanlm.kernels.bf16_gemm_kernel`) picks one GEMM on any CPU.
 
 Two ways to hold the packed weight:

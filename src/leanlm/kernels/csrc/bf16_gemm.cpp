@@ -1,15 +1,15 @@
 // A few rows times a bf16 weight, for CPUs without AVX512-BF16 (or AMX): fp32 FMAs on the weight
-// widened as it is read, where oneDNN emulates bf16 and runs 3–8x slower than its own fp32 GEMM
-// at 8–32 rows (benchmarks/RESULTS.md, "A bf16 GEMM for CPUs without bf16 instructions").
+// widened as it is read, where oneDNN emulates bf16 and runs 2–4x slower than its own fp32 GEMM
+// at 8–32 rows (benchmarks/RESULTS.md, "A CPU without bf16 instructions").
 //
 //   y[m, n] = bf16(Σ_k x[m, k] · w[n, k] + b[n])        (fp32 products and sums, rounded once)
 //
 // bf16 is the high half of an fp32, so widening is exact: the products are those of fp32 on the
-// same values. Layout (leanlm.kernels.cpu_linear.block_weight): w's rows in blocks of 64 (the last
+// same values. Layout (leanlm.kernels.cpu_linear.to_blocks): w's rows in blocks of 64 (the last
 // one zero-padded), each block k-major — wb[b, k, j] = w[64 b + j, k] — so a thread streams one
-// block's K x 128 bytes in order. Up to kRows input rows widen the weight in registers as they
-// multiply; more rows widen a [kc, 64] slice once into an fp32 tile in L1 and multiply every row
-// tile by that.
+// block's K x 128 bytes in order (prefetching 2 KB ahead). Up to kRows input rows widen the
+// weight in registers as they multiply; more rows widen a [kCols, 64] slice once into an fp32
+// tile in L1 and multiply every row tile by that.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
