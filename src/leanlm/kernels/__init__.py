@@ -37,8 +37,8 @@ still imports. The oneDNN prepacking of ``cpu_linear`` is a switch of its own
 (``LEANLM_PREPACK=0`` or :func:`prepacking`), independent of the Triton mode; so is which GEMM
 packed bf16 weights use (:func:`bf16_gemm`), whether an fp32 model's quantized layers may use
 the bf16 CPU kernels (:func:`bf16_kernels`), and whether an inference load fuses q/k/v and
-gate/up into one linear each (by default on GPUs only; ``LEANLM_FUSE=1``/``0`` or
-:func:`fusing`; :mod:`leanlm.fusion`).
+gate/up into one linear each (by default on GPUs, and for the serving engine on the CPU too;
+``LEANLM_FUSE=1``/``0`` or :func:`fusing`; :mod:`leanlm.fusion`).
 
 Kernels have no backward: whenever autograd is recording through an input, the reference runs.
 Under ``torch.compile`` the references are traced too: inductor fuses them into kernels of its own.

@@ -371,7 +371,6 @@ def int4pack_codes(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
 
 
 @functools.cache
-@functools.cache
 def int4pack_layout_known() -> bool:
     """Whether this torch build packs as :func:`int4pack` does (checked once on a probe); if
     not, layers use torch's packing and keep their own copy of the codes."""
