@@ -28,8 +28,9 @@ rows (a 2-core Xeon without them: 960 x 320 at 8 rows, 120 µs bf16, 44 µs fp32
 weight is packed instead into 64-row blocks, k-major ([⌈N/64⌉, K, 64], :func:`to_blocks`), for
 leanlm's own GEMM (``cpu_ops.bf16_mm``): fp32 multiply-adds on the weight widened as it is read,
 which is exact, so its results are fp32 products rounded once. The same 8-row product takes
-39 µs, one row 22 µs against 36 (benchmarks/RESULTS.md, "A CPU without bf16 instructions"). ``LEANLM_BF16_GEMM=leanlm|onednn`` (or
-:func:`leanlm.kernels.bf16_gemm_kernel`) picks one GEMM on any CPU.
+39 µs, one row 22 µs against 36 (benchmarks/RESULTS.md, "A CPU without bf16 instructions").
+``LEANLM_BF16_GEMM=leanlm|onednn`` (or :func:`leanlm.kernels.bf16_gemm_kernel`) picks one GEMM
+on any CPU.
 
 Two ways to hold the packed weight:
 
