@@ -174,7 +174,9 @@ def interpreting() -> bool:
 def use_triton(*tensors: torch.Tensor) -> bool:
     """Whether an op on ``tensors`` runs its Triton kernel (see the module docstring)."""
     chosen = mode()
-    if chosen == "reference" or not HAS_TRITON or torch.compiler.is_compiling():
+    if chosen == "reference" or not HAS_TRITON or (chosen == "auto" and tensors[0].device.type != "cuda"):
+        return False  # (the last: every CPU op of a decode step asks, and is answered at once)
+    if torch.compiler.is_compiling():
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False

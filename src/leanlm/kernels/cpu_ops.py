@@ -110,14 +110,16 @@ def prepare(dtype: torch.dtype, device: torch.device | str) -> None:
 def runs(*tensors: torch.Tensor) -> bool:
     """Whether the C++ op runs for these tensors: CPU, one float dtype, no autograd through them,
     not traced, not switched off, and built."""
+    # (called for every op of a decode step: the cheap tests first, no generators)
     x = tensors[0]
-    if x.device.type != "cpu" or kernels.mode() == "reference" or torch.compiler.is_compiling():
+    dtype = x.dtype
+    if x.device.type != "cpu" or dtype not in DTYPES or kernels.mode() == "reference":
         return False
-    if x.dtype not in DTYPES or any(t.dtype != x.dtype or t.device != x.device for t in tensors):
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    return ops() is not None
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t.dtype != dtype or t.device.type != "cpu" or (grad and t.requires_grad):
+            return False
+    return not torch.compiler.is_compiling() and ops() is not None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
