@@ -139,5 +139,8 @@ def test_interleaved_stages_match_one_process_and_resume(tiny_data, tmp_path, tp
     got_model = load_file(tmp_path / "pp" / "model" / "model.safetensors")
     want = load_file(tmp_path / "single" / "model" / "model.safetensors")
     assert got_model.keys() == want.keys()
+    # to 1e-3 of the tensor's largest entry: a wrong stage or shard in the export is off by the
+    # weights themselves, while Adam's normalized steps carry the runs' last-bit gradient
+    # differences into the weights (a CPU without bf16 instructions: 8.7e-6 on a max of 0.074)
     for k, w in want.items():
-        assert float((got_model[k] - w).abs().max()) <= 1e-4 * float(w.abs().max()) + 1e-6, k
+        assert float((got_model[k] - w).abs().max()) <= 1e-3 * float(w.abs().max()) + 1e-6, k
