@@ -25,9 +25,11 @@ def test_grid_report_resume_and_a_failing_cell(tmp_path: Path) -> None:
                           "gptq-w5-g32"}
     assert "error" in cells["rtn-w5-g32"] and "bits" in cells["rtn-w5-g32"]["error"]  # 5 bits: unsupported
     ok = {k: v for k, v in cells.items() if "error" not in v}
-    assert len(ok) == 5 and cells["full"]["kl"] == 0.0
+    assert len(ok) == 5
     assert all(v["perplexity"]["ppl"] > 1 and 0 <= v["tasks"]["t"]["acc"] <= 1 for v in ok.values())
-    # fewer bits, further from the full model; memory shrinks
+    # fewer bits, further from the full model; memory shrinks. The full model against a second copy
+    # of itself is 0 up to rounding (once in five CI runs 2.8e-9, against w8's ~5e-7)
+    assert 0 <= cells["full"]["kl"] <= 0.05 * cells["rtn-w8-g32"]["kl"]
     assert 0 < cells["rtn-w8-g32"]["kl"] < cells["rtn-w4-g32"]["kl"]
     assert cells["rtn-w4-g32"]["memory_mib"] < cells["rtn-w8-g32"]["memory_mib"] < cells["full"]["memory_mib"]
     report = (out / "report.md").read_text()
