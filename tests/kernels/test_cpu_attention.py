@@ -12,6 +12,7 @@ from leanlm import kernels
 from leanlm.errors import LeanLMError
 from leanlm.kernels import cpu_attention as ca
 from leanlm.kernels import paged_attention as pa
+from leanlm.kernels import rotary
 
 pytestmark = pytest.mark.skipif(ca.ops() is None, reason="the C++ kernel cannot be built here")
 
@@ -51,6 +52,40 @@ def test_mixed_batches_split_between_kernel_and_reference(dtype: torch.dtype) ->
     assert rel_err(out.double(), reference(b, 5)) < (1e-6 if dtype == torch.float32 else 1e-2)
     with kernels.kernel_mode("reference"):
         assert not ca.runs(b["q"], b["k_cache"])
+
+
+@pytest.mark.parametrize("window", [None, 7])
+@pytest.mark.parametrize("heads,kv_heads,d", [(4, 2, 16), (5, 5, 64), (8, 1, 24)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rotary_decode_is_rotary_store_and_decode(window: int | None, heads: int, kv_heads: int, d: int,
+                                                  dtype: torch.dtype) -> None:
+    # the step's q/k/v as views of one fused projection's output (the engine's layout); each
+    # request's last key slot is where its new k/v go; cos/sin of the requests' positions
+    seq_lens, block_size = [1, 5, 17, 40, 3], 4
+    b = paged_batch([1] * len(seq_lens), seq_lens, heads, kv_heads, d, block_size, seed=d, dtype=dtype)
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(len(seq_lens), (heads + 2 * kv_heads) * d, generator=g).to(dtype)
+    q, k, v = (t.view(len(seq_lens), -1, d) for t in qkv.split([heads * d, kv_heads * d, kv_heads * d], -1))
+    angles = torch.randn(len(seq_lens), d // 2, generator=g) * 3
+    cos, sin = (torch.cat([f(angles)] * 2, -1).to(dtype) for f in (torch.cos, torch.sin))
+    tables = b["block_tables"]
+    slots = torch.tensor([int(tables[r, (n - 1) // block_size]) * block_size + (n - 1) % block_size
+                          for r, n in enumerate(seq_lens)])
+    split = ca.Split.of(tables, seq_lens, list(range(len(seq_lens) + 1)), block_size)
+    # unfused: rotary of q and of k, the two row stores, the decode kernel
+    kc, vc = b["k_cache"].clone(), b["v_cache"].clone()
+    rq = rotary.reference(q.transpose(0, 1)[None], cos[None, None], sin[None, None])[0].transpose(0, 1)
+    rk = rotary.reference(k.transpose(0, 1)[None], cos[None, None], sin[None, None])[0].transpose(0, 1)
+    kc[slots], vc[slots] = rk, v
+    want = ca.attention(rq.contiguous(), kc, vc, split, block_size, b["scale"], window)
+    kf, vf = b["k_cache"].clone(), b["v_cache"].clone()
+    got = ca.rotary_decode(q, k, v, cos, sin, kf, vf, slots, split, block_size, b["scale"], window)
+    assert torch.equal(got, want)
+    for cache, want_cache in ((kf, kc), (vf, vc)):  # the same slots written, the poison left alone
+        torch.testing.assert_close(cache, want_cache, rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(LeanLMError, match="one query per request"):
+        mixed = ca.Split.of(tables[:2], [5, 5], [0, 2, 3], block_size)
+        ca.rotary_decode(q, k, v, cos, sin, kf, vf, slots, mixed, block_size, b["scale"], window)
 
 
 def test_runs_only_where_it_can() -> None:

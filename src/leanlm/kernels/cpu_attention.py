@@ -13,6 +13,12 @@ contiguous per block) read once, widened to fp32 in registers (AVX-512 where the
 in fp32 as the reference does for one query per request, so the two agree to fp32 rounding
 (they differ in summation order, and e^x is Cephes' polynomial, within 2 ulp of expf).
 
+:func:`rotary_decode` is the same kernel for a step of one query per request given its q/k/v
+unrotated: each request's work item first rotates its k and q (the roundings of
+:mod:`leanlm.kernels.rotary`) and writes its k and v to its slot, as the serving engine's CPU
+decode step would with a rotary op for q, one for k, two K/V row stores and the decode kernel:
+one op instead of five per layer.
+
 It is one of the C++ CPU ops of :mod:`leanlm.kernels.cpu_ops` (built on first use; where and
 when they run is said there), here for a float cache whose dtype is q's (:func:`runs`).
 """
@@ -121,3 +127,15 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, spl
             q[split.many_rows], k_cache, v_cache, split.many_tables, split.many_lens, split.many_starts,
             block_size, scale, None if window < 0 else window)
     return out
+
+
+def rotary_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, split: Split,
+                  block_size: int, scale: float, window: int | None = None) -> torch.Tensor:
+    """:func:`attention` of a step of one query per request (``split`` has no other), where
+    :func:`runs`, from unrotated q [R, H, D] and k/v [R, Hkv, D]: q and k rotated by cos/sin
+    [R, D], k and v written to the caches at ``slots`` [R] (int64, every one a real slot) first."""
+    check(split.single_rows is None and split.many_rows is None,
+          "rotary_decode takes a step of one query per request")
+    return ops().rotary_decode(q, k, v, cos, sin, k_cache, v_cache, slots, split.single_tables,
+                               split.single_lens, block_size, scale, -1 if window is None else window)

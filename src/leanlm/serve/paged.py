@@ -144,6 +144,7 @@ class PagedMetadata:
     _lengths: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
     _split: cpu_attention.Split | None = field(default=None, repr=False)
     _stored: tuple[torch.Tensor, torch.Tensor | None] | None = field(default=None, repr=False)
+    _cpu_rotary: bool | None = field(default=None, repr=False)
 
     def lengths(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(seq_lens, query_start) as int32 tensors on the cache's device, built once per step."""
@@ -171,7 +172,12 @@ class PagedMetadata:
         return self._split
 
     def fuses_rotary(self, q: torch.Tensor) -> bool:
-        return fuses_rotary(self.cache, q)
+        """Where the kernels run on a float cache; on the CPU, for a step of one query per
+        request whose every token is cached (its C++ decode kernel rotates and stores them)."""
+        if self._cpu_rotary is None:
+            self._cpu_rotary = (not self.cache.torch_path and cpu_attention.runs(q, self.cache.k[0])
+                                and self.split().single_rows is None and self.stored()[1] is None)
+        return self._cpu_rotary or fuses_rotary(self.cache, q)
 
     def attend(self, layer_idx: int, sliding: bool, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor, rotary: Tables | None = None) -> torch.Tensor:
@@ -201,6 +207,10 @@ class PagedMetadata:
             max_query = max(b - a for a, b in zip(self.query_start, self.query_start[1:], strict=False))
             out = paged_attention.paged_attention(q_t, ck, cv, self.block_tables, seq_lens, query_start,
                                                   bs, scale, max_query, max(self.seq_lens), window)
+        elif fused:  # the C++ decode kernel, rotating and storing the step's q/k/v as it goes
+            cos, sin = rotary
+            out = cpu_attention.rotary_decode(q_t, k_t, v_t, cos[0, 0], sin[0, 0], ck, cv, self.stored()[0],
+                                              self.split(), bs, scale, window)
         else:  # the C++ decode kernel where it runs (cpu_attention), else the torch reference
             slots, keep = self.stored()
             kv_store.write_rows(ck, slots, k_t if keep is None else k_t[keep])

@@ -1,5 +1,5 @@
 // Element conversions shared by leanlm's CPU kernels: fp32 / bf16 / fp16 to fp32, one at a
-// time or sixteen at a time where the CPU has AVX-512.
+// time or sixteen at a time where the CPU has AVX-512; and the rotary embedding of one head.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -51,6 +51,22 @@ inline __m512 exp16(__m512 x) {
   return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_scalef_ps(p, n));
 }
 #endif
+
+template <typename T>
+inline T round_to(float x) { return static_cast<T>(x); }  // round to nearest even, as torch casts
+
+// one head's RoPE, as leanlm.kernels.rotary.reference rounds it:
+// y = T(T(x ⊙ cos) + T(rotate_half(x) ⊙ sin)), rotate_half(x) = [−x₂, x₁]
+template <typename T>
+inline void rotate_row(const T* x, const T* c, const T* sn, T* y, int64_t d) {
+  const int64_t half = d / 2;
+  for (int64_t j = 0; j < d; ++j) {
+    const float rot = j < half ? -to_float(x[j + half]) : to_float(x[j - half]);
+    const float a = to_float(round_to<T>(to_float(x[j]) * to_float(c[j])));
+    const float r = to_float(round_to<T>(to_float(round_to<T>(rot)) * to_float(sn[j])));
+    y[j] = round_to<T>(a + r);
+  }
+}
 
 // n elements to fp32 (exactly: every source dtype is a subset of fp32)
 template <typename T>

@@ -17,9 +17,6 @@
 
 namespace {
 
-template <typename T>
-inline T round_to(float x) { return static_cast<T>(x); }  // round to nearest even, as torch casts
-
 // rows per parallel chunk: ~32k elements, so a decode step's few rows run on one thread
 inline int64_t grain(int64_t cols) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)); }
 
@@ -79,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const c10::opti
 template <typename scalar_t>
 void rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& y) {
   // x [B, H, S, D] (any strides, unit on D); cos/sin [B, 1, S, D] (unit on D); y [B, S, H, D] contiguous
-  const int64_t b = x.size(0), h = x.size(1), seq = x.size(2), d = x.size(3), half = d / 2;
+  const int64_t b = x.size(0), h = x.size(1), seq = x.size(2), d = x.size(3);
   const int64_t xb = x.stride(0), xh = x.stride(1), xs = x.stride(2);
   const int64_t cb = cos.stride(0), cs = cos.stride(2), sb = sin.stride(0), ss = sin.stride(2);
   const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -89,16 +86,7 @@ void rotate(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, a
   at::parallel_for(0, b * seq * h, grain(d), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const int64_t i = row / (seq * h), t = (row / h) % seq, k = row % h;
-      const scalar_t* xr = xp + i * xb + k * xh + t * xs;
-      const scalar_t* c = cp + i * cb + t * cs;
-      const scalar_t* sn = sp + i * sb + t * ss;
-      scalar_t* yr = yp + row * d;
-      for (int64_t j = 0; j < d; ++j) {
-        const float rot = j < half ? -to_float(xr[j + half]) : to_float(xr[j - half]);
-        const float a = to_float(round_to<scalar_t>(to_float(xr[j]) * to_float(c[j])));
-        const float r = to_float(round_to<scalar_t>(to_float(round_to<scalar_t>(rot)) * to_float(sn[j])));
-        yr[j] = round_to<scalar_t>(a + r);
-      }
+      rotate_row(xp + i * xb + k * xh + t * xs, cp + i * cb + t * cs, sp + i * sb + t * ss, yp + row * d, d);
     }
   });
 }

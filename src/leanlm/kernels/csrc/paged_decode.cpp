@@ -86,10 +86,16 @@ inline void softmax(float* s, int64_t n) {
   for (; j < n; ++j) s[j] /= total;
 }
 
+// The step's own K/V and the rotary tables, for rotary_decode: request r's work item rotates its
+// k and q, and stores its k and v in its slot, before it reads its keys.
+struct Fresh {
+  at::Tensor k, v, cos, sin, slots;  // k/v [R, kv_heads, D]; cos/sin [R, D]; slots [R] int64
+};
+
 template <typename scalar_t>
 void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
             const at::Tensor& tables, const at::Tensor& lens, int64_t block_size, double scale,
-            int64_t window, at::Tensor& out) {
+            int64_t window, at::Tensor& out, const Fresh* fresh = nullptr) {
   const int64_t requests = q.size(0), heads = q.size(1), d = q.size(2);
   const int64_t group = heads / k_cache.size(1), width = tables.size(1);
   const int64_t qs0 = q.stride(0), qs1 = q.stride(1), os0 = out.stride(0), os1 = out.stride(1);
@@ -108,11 +114,30 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   // block's slots are contiguous, so the request's keys are read as whole, sequential rows.
   at::parallel_for(0, requests, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(heads * d), acc(heads * d), scores;
+    std::vector<scalar_t> rotated(fresh ? d : 0);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = lp[r];
       const int64_t first = window > 0 ? std::max<int64_t>(0, n - window) : 0, len = n - first;
       scores.resize(heads * len);
-      for (int64_t h = 0; h < heads; ++h) widen(qp + r * qs0 + h * qs1, qf.data() + h * d, d);
+      if (fresh) {
+        const scalar_t* c = fresh->cos.data_ptr<scalar_t>() + r * fresh->cos.stride(0);
+        const scalar_t* sn = fresh->sin.data_ptr<scalar_t>() + r * fresh->sin.stride(0);
+        const int64_t slot = fresh->slots.data_ptr<int64_t>()[r];
+        const scalar_t* k = fresh->k.data_ptr<scalar_t>() + r * fresh->k.stride(0);
+        const scalar_t* v = fresh->v.data_ptr<scalar_t>() + r * fresh->v.stride(0);
+        scalar_t* kc = const_cast<scalar_t*>(kp) + slot * ks0;
+        scalar_t* vc = const_cast<scalar_t*>(vp) + slot * vs0;
+        for (int64_t h = 0; h < k_cache.size(1); ++h) {
+          rotate_row(k + h * fresh->k.stride(1), c, sn, kc + h * ks1, d);
+          std::copy(v + h * fresh->v.stride(1), v + h * fresh->v.stride(1) + d, vc + h * vs1);
+        }
+        for (int64_t h = 0; h < heads; ++h) {
+          rotate_row(qp + r * qs0 + h * qs1, c, sn, rotated.data(), d);
+          widen(rotated.data(), qf.data() + h * d, d);
+        }
+      } else {
+        for (int64_t h = 0; h < heads; ++h) widen(qp + r * qs0 + h * qs1, qf.data() + h * d, d);
+      }
       const int32_t* table = tp + r * width;
       auto slot_of = [&](int64_t pos) {
         return static_cast<int64_t>(table[pos / block_size]) * block_size + pos % block_size;
@@ -140,9 +165,9 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
 
 // q [R, H, D]; caches [slots, kv_heads, D] (q's dtype, unit stride on D); block_tables [R, W]
 // int32; seq_lens [R] int64 (keys per request, ≥ 1); window ≤ 0: none. -> [R, H, D].
-at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                        const at::Tensor& block_tables, const at::Tensor& seq_lens, int64_t block_size,
-                        double scale, int64_t window) {
+at::Tensor run_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                      const at::Tensor& block_tables, const at::Tensor& seq_lens, int64_t block_size,
+                      double scale, int64_t window, const Fresh* fresh) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 3 && v_cache.dim() == 3, "q and caches must be 3-d");
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf,
               "q must be float32, bfloat16 or float16");
@@ -155,11 +180,41 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
   TORCH_CHECK(seq_lens.scalar_type() == at::kLong && seq_lens.is_contiguous(), "seq_lens: contiguous int64");
   at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
   switch (q.scalar_type()) {
-    case at::kFloat: decode<float>(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, window, out); break;
-    case at::kBFloat16: decode<c10::BFloat16>(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, window, out); break;
-    default: decode<c10::Half>(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, window, out);
+    case at::kFloat: decode<float>(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, window, out, fresh); break;
+    case at::kBFloat16: decode<c10::BFloat16>(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, window, out, fresh); break;
+    default: decode<c10::Half>(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, window, out, fresh);
   }
   return out;
+}
+
+at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                        const at::Tensor& block_tables, const at::Tensor& seq_lens, int64_t block_size,
+                        double scale, int64_t window) {
+  return run_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, window, nullptr);
+}
+
+// paged_decode of a step's unrotated q [R, H, D] whose own k/v [R, kv_heads, D] (unrotated) go to
+// the caches first: per request, k and q rotated by cos/sin [R, D] (leanlm.kernels.rotary's
+// roundings), k and v written to slot slots[r], then its keys read: what rotary, two K/V row
+// stores and paged_decode compute, in one op.
+at::Tensor rotary_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                         const at::Tensor& sin, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                         const at::Tensor& slots, const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                         int64_t block_size, double scale, int64_t window) {
+  const int64_t r = q.size(0), d = q.size(2);
+  TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.size(0) == r && v.size(0) == r && k.size(1) == k_cache.size(1) &&
+                  v.size(1) == v_cache.size(1) && k.size(2) == d && v.size(2) == d,
+              "rotary_decode: k and v must be [R, kv_heads, D] like q and the caches");
+  TORCH_CHECK(cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(0) == r && cos.size(1) == d && d % 2 == 0,
+              "rotary_decode: cos and sin must be [R, D] (D even)");
+  for (const at::Tensor* t : {&k, &v, &cos, &sin})
+    TORCH_CHECK(t->scalar_type() == q.scalar_type() && t->stride(-1) == 1,
+                "rotary_decode: k, v, cos and sin in q's dtype, with unit stride on D");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1 && slots.size(0) == r && slots.is_contiguous(),
+              "rotary_decode: slots must be contiguous int64 [R]");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "rotary_decode: contiguous caches");
+  Fresh fresh{k, v, cos, sin, slots};
+  return run_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, window, &fresh);
 }
 
 }  // namespace
@@ -167,6 +222,12 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
 TORCH_LIBRARY(leanlm_cpu, m) {
   m.def("paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, "
         "int block_size, float scale, int window) -> Tensor");
+  m.def("rotary_decode(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
+        "Tensor(b!) v_cache, Tensor slots, Tensor block_tables, Tensor seq_lens, int block_size, float scale, "
+        "int window) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(leanlm_cpu, CPU, m) { m.impl("paged_decode", &paged_decode); }
+TORCH_LIBRARY_IMPL(leanlm_cpu, CPU, m) {
+  m.impl("paged_decode", &paged_decode);
+  m.impl("rotary_decode", &rotary_decode);
+}
