@@ -32,6 +32,7 @@ from typing import ClassVar
 import torch
 
 from leanlm.errors import LeanLMError
+from leanlm.kernels import cpu_ops
 
 
 @dataclass
@@ -163,7 +164,7 @@ def process_logits(logits: torch.Tensor, rows: list[Row]) -> tuple[torch.Tensor,
     v = logits.shape[1]
     dev = logits.device
     logits = apply_penalties(logits.clone(), rows)
-    tokens = logits.argmax(-1)
+    tokens = cpu_ops.argmax(logits)
     ps = [row.params for row in rows]
     temp = torch.tensor([1.0 if p.greedy else p.temperature for p in ps], device=dev)[:, None]
     logits = logits / temp
@@ -194,7 +195,7 @@ def probabilities(logits: torch.Tensor, rows: list[Row]) -> tuple[torch.Tensor, 
 def sample(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
     """Token ids [R] for float32 logits [R, V] of the rows."""
     if all(row.params.greedy for row in rows):  # decided on the host: no transfer, no sync
-        return apply_penalties(logits.clone(), rows).argmax(-1)
+        return cpu_ops.argmax(apply_penalties(logits.clone(), rows))
     greedy = torch.tensor([row.params.greedy for row in rows], device=logits.device)
     tokens, probs = probabilities(logits, rows)
     cdf = probs.double().cumsum(-1)

@@ -181,3 +181,23 @@ def test_bf16_mm_refuses_what_it_cannot_read() -> None:
         cpu_ops.ops().bf16_mm(x, blocks, torch.zeros(99).to(torch.bfloat16), 100)
     with pytest.raises(RuntimeError, match="x must be"):
         cpu_ops.ops().bf16_mm(x.float(), blocks, None, 100)
+
+
+@pytest.mark.parametrize("v", [1, 7, 16, 33, 8192])
+def test_argmax_is_torchs_first_index_of_the_largest(v: int) -> None:
+    g = torch.Generator().manual_seed(v)
+    x = torch.randn(9, v, generator=g)
+    x[1] = 0.5  # all equal: the first
+    x[2, v // 2:] = x[2].max() + 1  # ties: the first of them
+    x[3, -1] = float("inf")
+    x[4] = float("-inf")
+    x[5, v // 3] = float("nan")  # a NaN is larger than everything: the first NaN
+    x[5, -1] = float("nan")
+    x[6, -1] = float("nan")  # a NaN in the tail
+    x[7, v // 2] = 1e30
+    assert torch.equal(cpu_ops.argmax(x), x.argmax(-1))
+    assert torch.equal(cpu_ops.argmax(x[:, ::1][1:4]), x[1:4].argmax(-1))  # row stride ≠ V
+    big = torch.randn(40, 300, generator=g)[:, :257]  # strided rows, a tail of one
+    assert torch.equal(cpu_ops.argmax(big), big.argmax(-1))
+    with kernels.kernel_mode("reference"):  # torch's own where the op does not run
+        assert torch.equal(cpu_ops.argmax(x), x.argmax(-1))

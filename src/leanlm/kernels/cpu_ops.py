@@ -11,7 +11,8 @@ math and roundings (``csrc/``; the formulas are in each file's header):
 - ``leanlm_cpu::rms_norm``: RMSNorm with the residual add (:mod:`leanlm.kernels.rmsnorm`);
 - ``leanlm_cpu::rotary``: RoPE of q or k (:mod:`leanlm.kernels.rotary`);
 - ``leanlm_cpu::int4pack_mm``: x times a 4-bit weight in torch's CPU int4pack layout;
-- ``leanlm_cpu::bf16_mm``: x times a bf16 weight in 64-row blocks (:mod:`leanlm.kernels.cpu_linear`).
+- ``leanlm_cpu::bf16_mm``: x times a bf16 weight in 64-row blocks (:mod:`leanlm.kernels.cpu_linear`);
+- ``leanlm_cpu::argmax_rows``: torch.argmax(x, -1) of fp32 logits [R, V], vectorised (greedy sampling).
 
 They are compiled with :mod:`torch.utils.cpp_extension` (a C++ compiler and ninja; cached under
 ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``) for the CPU's x86-64 level
@@ -38,7 +39,7 @@ from leanlm import kernels
 
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).parent / "csrc" / name for name in (
-    "paged_decode.cpp", "norm_rotary.cpp", "int4_gemm.cpp", "bf16_gemm.cpp")]
+    "paged_decode.cpp", "norm_rotary.cpp", "int4_gemm.cpp", "bf16_gemm.cpp", "argmax.cpp")]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -130,6 +131,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     residual = None if residual is None else residual.contiguous()
     y, s = ops().rms_norm(x, residual, weight.contiguous(), eps)
     return y, (x if residual is None else s)
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(-1)`` of fp32 logits [R, V]: the C++ op where :func:`runs`, else torch's."""
+    if x.dim() == 2 and x.dtype == torch.float32 and x.shape[1] and runs(x):
+        return ops().argmax_rows(x if x.stride(1) == 1 else x.contiguous())
+    return x.argmax(-1)
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
