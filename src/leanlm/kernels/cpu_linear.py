@@ -170,9 +170,13 @@ class Linear(nn.Linear):
             self.weight = nn.Parameter(self.dense_weight(), requires_grad=requires_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.is_packed and not _eligible_packed(self.weight, x):
+        w = self.weight  # (a parameter: each read is a module attribute lookup)
+        if is_packed_weight(w):
+            if _eligible_packed(w, x):  # the serving engine's decode steps: straight to the kernel
+                return packed_linear(x, w, self.bias, self.out_features)
             self.unpack_()  # e.g. training after a packed load: the plain layout, on demand
-        return self.linear(x, self.weight, self.bias)
+            w = self.weight
+        return self.linear(x, w, self.bias)
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x wᵀ + bias through this module's packed copy of ``w``: ``forward`` passes its own
