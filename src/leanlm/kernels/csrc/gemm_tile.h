@@ -72,4 +72,46 @@ void tile_rows(const float* x, int64_t ldx, const W* tile, int64_t kn, float* ac
 #endif
 }
 
+// acc[r, 0:32] += Σ_kk x[r, kk] · tile[kk, 0:32] for R rows, R up to 12 (24 accumulators): the
+// half of a block's columns, for 7–12 rows, which widen the weight in registers too (one
+// weight load per 2R multiply-adds; more rows than a 64-column tile holds in registers would
+// otherwise widen it into an fp32 copy first). tile rows are kBlock apart; acc's too.
+template <int R, typename W>
+void tile_rows_half(const float* x, int64_t ldx, const W* tile, int64_t kn, float* acc) {
+#if defined(__AVX512F__)
+  __m512 a[R][2];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < 2; ++i) a[r][i] = _mm512_loadu_ps(acc + r * kBlock + 16 * i);
+  for (int64_t kk = 0; kk < kn; ++kk) {
+    const W* t = tile + kk * kBlock;
+    if constexpr (sizeof(W) == 2) _mm_prefetch(reinterpret_cast<const char*>(t + 16 * kBlock), _MM_HINT_T0);
+    const __m512 w0 = load16(t), w1 = load16(t + 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_set1_ps(x[r * ldx + kk]);
+      a[r][0] = _mm512_fmadd_ps(xv, w0, a[r][0]);
+      a[r][1] = _mm512_fmadd_ps(xv, w1, a[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < 2; ++i) _mm512_storeu_ps(acc + r * kBlock + 16 * i, a[r][i]);
+#else
+  for (int r = 0; r < R; ++r)
+    for (int64_t kk = 0; kk < kn; ++kk)
+      for (int64_t j = 0; j < kBlock / 2; ++j) acc[r * kBlock + j] += x[r * ldx + kk] * to_float(tile[kk * kBlock + j]);
+#endif
+}
+
+// f(rows) for m in 7..12 rows as a compile-time constant (std::integral_constant<int, m>)
+template <typename F>
+void with_half_rows(int64_t m, F&& f) {
+  switch (m) {
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    case 9: f(std::integral_constant<int, 9>{}); break;
+    case 10: f(std::integral_constant<int, 10>{}); break;
+    case 11: f(std::integral_constant<int, 11>{}); break;
+    default: f(std::integral_constant<int, 12>{}); break;
+  }
+}
+
 }  // namespace
