@@ -282,6 +282,13 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
+        fast = self._kernels.get("ours")  # the serving engine's steps on CPU: straight to the kernel
+        if (fast is not None and x2.dtype == torch.bfloat16 and x2.shape[0] >= cpu_ops.INT4_MIN_ROWS
+                and not torch.is_autocast_enabled("cpu") and cpu_ops.runs(x2)):
+            y = cpu_ops.int4pack_mm(x2.contiguous(), *fast, self.group_size)[:, :self.out_features]
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+            return y.reshape(*shape[:-1], self.out_features)
         backend = self._choose(x2)
         out_dtype = x.dtype
         bias = self.bias
@@ -309,6 +316,8 @@ class QuantLinear(nn.Module):
             # (auto only: a forced int4pack is torch's kernel, whose roundings peers share)
             if ours and self.backend == "auto" and xb.shape[0] >= cpu_ops.INT4_MIN_ROWS and cpu_ops.runs(xb):
                 y = cpu_ops.int4pack_mm(xb, packed, sz, self.group_size)  # unpacked once for all rows
+                if perm is None and not pad:  # bf16 rows of this layer go here from now on (above)
+                    self._kernels["ours"] = (packed, sz)
             else:
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, self.group_size, sz)
             y = y[:, :self.out_features]  # (the padding rows of leanlm's packing)
