@@ -117,7 +117,11 @@ class LayerContext:
     ``attend(layer_idx, sliding, q, k, v)`` and ``fuses_rotary(q)``) and the rotary tables
     [B, 1, S, D] of the positions (None for learned positions). A backend whose ``fuses_rotary``
     is true receives q and k unrotated with ``attend(..., rotary=(cos, sin))`` and rotates them
-    as it stores K/V (the serving engine's paged batches on CUDA: :mod:`leanlm.kernels.rotary_store`)."""
+    as it stores K/V (the serving engine's paged batches on CUDA: :mod:`leanlm.kernels.rotary_store`).
+    A backend may also offer ``attend_qkv(layer_idx, sliding, qkv, heads, (cos, sin))``: the
+    attention output [B, S, H·D] straight from a fused q/k/v projection's output [B, S, (H + 2
+    Hkv)·D], or None where it does not take that step (the serving engine's CPU decode steps:
+    :func:`leanlm.kernels.cpu_attention.rotary_decode_qkv`)."""
 
     attn: Any
     cos: torch.Tensor | None = None
@@ -144,7 +148,13 @@ class Attention(nn.Module):
         if qkv is None:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         else:  # one product, split (views of its output)
-            q, k, v = qkv[0](x).split(qkv[1], dim=-1)
+            proj = qkv[0](x)
+            whole = getattr(ctx.attn, "attend_qkv", None)  # the backend's whole step, where it has one
+            if whole is not None and ctx.cos is not None and self.q_norm is None:
+                out = whole(self.layer_idx, self.sliding, proj, self.num_heads, (ctx.cos, ctx.sin))
+                if out is not None:
+                    return self.o_proj(out)
+            q, k, v = proj.split(qkv[1], dim=-1)
         q = q.view(b, s, self.num_heads, self.head_dim)
         k = k.view(b, s, self.num_kv_heads, self.head_dim)
         v = v.view(b, s, self.num_kv_heads, self.head_dim)

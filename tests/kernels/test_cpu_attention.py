@@ -83,6 +83,11 @@ def test_rotary_decode_is_rotary_store_and_decode(window: int | None, heads: int
     assert torch.equal(got, want)
     for cache, want_cache in ((kf, kc), (vf, vc)):  # the same slots written, the poison left alone
         torch.testing.assert_close(cache, want_cache, rtol=0, atol=0, equal_nan=True)
+    kf, vf = b["k_cache"].clone(), b["v_cache"].clone()  # the fused projection's output as it is
+    whole = ca.rotary_decode_qkv(qkv, heads, cos[None, None], sin[None, None], kf, vf, slots, split,
+                                 block_size, b["scale"], window)
+    assert torch.equal(whole, want.view(len(seq_lens), heads * d))
+    torch.testing.assert_close(kf, kc, rtol=0, atol=0, equal_nan=True)
     with pytest.raises(LeanLMError, match="one query per request"):
         mixed = ca.Split.of(tables[:2], [5, 5], [0, 2, 3], block_size)
         ca.rotary_decode(q, k, v, cos, sin, kf, vf, slots, mixed, block_size, b["scale"], window)

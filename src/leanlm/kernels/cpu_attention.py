@@ -17,7 +17,8 @@ in fp32 as the reference does for one query per request, so the two agree to fp3
 unrotated: each request's work item first rotates its k and q (the roundings of
 :mod:`leanlm.kernels.rotary`) and writes its k and v to its slot, as the serving engine's CPU
 decode step would with a rotary op for q, one for k, two K/V row stores and the decode kernel:
-one op instead of five per layer.
+one op instead of five per layer. :func:`rotary_decode_qkv` takes the fused q/k/v projection's
+output as it is, so a layer's attention between its two projections is one op.
 
 It is one of the C++ CPU ops of :mod:`leanlm.kernels.cpu_ops` (built on first use; where and
 when they run is said there), here for a float cache whose dtype is q's (:func:`runs`).
@@ -139,3 +140,14 @@ def rotary_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.
           "rotary_decode takes a step of one query per request")
     return ops().rotary_decode(q, k, v, cos, sin, k_cache, v_cache, slots, split.single_tables,
                                split.single_lens, block_size, scale, -1 if window is None else window)
+
+
+def rotary_decode_qkv(qkv: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor,
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, split: Split,
+                      block_size: int, scale: float, window: int | None = None) -> torch.Tensor:
+    """:func:`rotary_decode` of the fused q/k/v projection's output qkv [R, (H + 2 Hkv) D] (q, k, v
+    side by side; cos/sin hold one [D] row per request) -> [R, H D], the o projection's input."""
+    check(split.single_rows is None and split.many_rows is None,
+          "rotary_decode takes a step of one query per request")
+    return ops().rotary_decode_qkv(qkv, heads, cos, sin, k_cache, v_cache, slots, split.single_tables,
+                                   split.single_lens, block_size, scale, -1 if window is None else window)

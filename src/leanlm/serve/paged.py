@@ -179,6 +179,18 @@ class PagedMetadata:
                                 and self.split().single_rows is None and self.stored()[1] is None)
         return self._cpu_rotary or fuses_rotary(self.cache, q)
 
+    def attend_qkv(self, layer_idx: int, sliding: bool, qkv: torch.Tensor, heads: int,
+                   rotary: Tables) -> torch.Tensor | None:
+        """The fused q/k/v projection's output [1, T, (H + 2 Hkv) D] (unrotated) -> the attention
+        output [1, T, H D], where the CPU's decode kernel takes the step (see :meth:`fuses_rotary`);
+        else None."""
+        if not (self.fuses_rotary(qkv) and self._cpu_rotary):
+            return None
+        ck, cv = self.cache.k[layer_idx], self.cache.v[layer_idx]
+        window = self.sliding_window if sliding else None
+        return cpu_attention.rotary_decode_qkv(qkv[0], heads, *rotary, ck, cv, self.stored()[0], self.split(),
+                                               self.cache.block_size, ck.shape[-1] ** -0.5, window)[None]
+
     def attend(self, layer_idx: int, sliding: bool, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor, rotary: Tables | None = None) -> torch.Tensor:
         """q [1, H, T, D], k/v [1, Hkv, T, D] -> [1, H, T, D] (q/k unrotated when ``rotary``

@@ -217,6 +217,27 @@ at::Tensor rotary_decode(const at::Tensor& q, const at::Tensor& k, const at::Ten
   return run_decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, window, &fresh);
 }
 
+// rotary_decode of one projection's output qkv [R, (H + 2·kv_heads)·D] (q, k and v side by side,
+// as the fused q/k/v linear makes them), cos/sin [..., R, D] -> [R, H·D], the o projection's input
+at::Tensor rotary_decode_qkv(const at::Tensor& qkv, int64_t heads, const at::Tensor& cos, const at::Tensor& sin,
+                             const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
+                             const at::Tensor& block_tables, const at::Tensor& seq_lens, int64_t block_size,
+                             double scale, int64_t window) {
+  TORCH_CHECK(k_cache.dim() == 3, "rotary_decode_qkv: caches [slots, kv_heads, D]");
+  const int64_t kv_heads = k_cache.size(1), d = k_cache.size(2);
+  TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1 && heads > 0 && qkv.size(1) == (heads + 2 * kv_heads) * d,
+              "rotary_decode_qkv: qkv must be [R, (heads + 2 kv_heads) D] with unit stride on its columns");
+  TORCH_CHECK(cos.size(-1) == d && sin.sizes() == cos.sizes() && cos.numel() == qkv.size(0) * d,
+              "rotary_decode_qkv: cos and sin must hold one [D] row per request");
+  const int64_t r = qkv.size(0);
+  const at::Tensor q = qkv.narrow(1, 0, heads * d).view({r, heads, d});
+  const at::Tensor k = qkv.narrow(1, heads * d, kv_heads * d).view({r, kv_heads, d});
+  const at::Tensor v = qkv.narrow(1, (heads + kv_heads) * d, kv_heads * d).view({r, kv_heads, d});
+  return rotary_decode(q, k, v, cos.reshape({r, d}), sin.reshape({r, d}), k_cache, v_cache, slots, block_tables,
+                       seq_lens, block_size, scale, window)
+      .view({r, heads * d});
+}
+
 }  // namespace
 
 TORCH_LIBRARY(leanlm_cpu, m) {
@@ -225,9 +246,12 @@ TORCH_LIBRARY(leanlm_cpu, m) {
   m.def("rotary_decode(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
         "Tensor(b!) v_cache, Tensor slots, Tensor block_tables, Tensor seq_lens, int block_size, float scale, "
         "int window) -> Tensor");
+  m.def("rotary_decode_qkv(Tensor qkv, int heads, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "Tensor slots, Tensor block_tables, Tensor seq_lens, int block_size, float scale, int window) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(leanlm_cpu, CPU, m) {
   m.impl("paged_decode", &paged_decode);
   m.impl("rotary_decode", &rotary_decode);
+  m.impl("rotary_decode_qkv", &rotary_decode_qkv);
 }
