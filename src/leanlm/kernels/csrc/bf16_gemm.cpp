@@ -54,7 +54,7 @@ at::Tensor bf16_mm(const at::Tensor& x, const at::Tensor& wb, const std::optiona
       if (halves) {
         with_half_rows(m, [&](auto rows) {
           constexpr int R = decltype(rows)::value;
-          for (int64_t h = 0; h < kBlock; h += kBlock / 2) tile_rows_half<R>(xp, k, block + h, k, acc.data() + h);
+          for (int64_t h = 0; h < kBlock; h += kBlock / 2) tile_rows<R, 2>(xp, k, block + h, k, acc.data() + h);
         });
       }
       for (int64_t k0 = 0; k0 < k && !halves; k0 += kCols) {

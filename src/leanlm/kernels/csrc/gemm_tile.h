@@ -40,64 +40,34 @@ void for_row_tiles(int64_t m, F&& f) {
   }
 }
 
-// acc[r, 0:64] += Σ_kk x[r, kk] · tile[kk, 0:64] for R rows (x: fp32 rows of stride ldx; tile:
-// fp32, or bf16 widened exactly to fp32 as it is loaded)
-template <int R, typename W>
+// acc[r, 0:16C] += Σ_kk x[r, kk] · tile[kk, 0:16C] for R rows (x: fp32 rows of stride ldx;
+// tile: fp32, or bf16 widened exactly to fp32 as it is loaded; tile and acc rows kBlock apart):
+// C = 4, a block's 64 columns, for up to kRows rows; C = 2, half of them, for 7–12 rows, which
+// then widen the weight in registers too (24 accumulators at most)
+template <int R, int C = 4, typename W>
 void tile_rows(const float* x, int64_t ldx, const W* tile, int64_t kn, float* acc) {
 #if defined(__AVX512F__)
-  __m512 a[R][4];
+  __m512 a[R][C];
   for (int r = 0; r < R; ++r)
-    for (int i = 0; i < 4; ++i) a[r][i] = _mm512_loadu_ps(acc + r * kBlock + 16 * i);
+    for (int i = 0; i < C; ++i) a[r][i] = _mm512_loadu_ps(acc + r * kBlock + 16 * i);
   for (int64_t kk = 0; kk < kn; ++kk) {
     const W* t = tile + kk * kBlock;
     if constexpr (sizeof(W) == 2) {  // streamed from memory: ask for the rows 2 KB ahead
-      _mm_prefetch(reinterpret_cast<const char*>(t + 16 * kBlock), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(t + 16 * kBlock) + 64, _MM_HINT_T0);
+      for (int i = 0; i < C; i += 2) _mm_prefetch(reinterpret_cast<const char*>(t + 16 * kBlock + 16 * i), _MM_HINT_T0);
     }
-    const __m512 w0 = load16(t), w1 = load16(t + 16), w2 = load16(t + 32), w3 = load16(t + 48);
+    __m512 w[C];
+    for (int i = 0; i < C; ++i) w[i] = load16(t + 16 * i);
     for (int r = 0; r < R; ++r) {
       const __m512 xv = _mm512_set1_ps(x[r * ldx + kk]);
-      a[r][0] = _mm512_fmadd_ps(xv, w0, a[r][0]);
-      a[r][1] = _mm512_fmadd_ps(xv, w1, a[r][1]);
-      a[r][2] = _mm512_fmadd_ps(xv, w2, a[r][2]);
-      a[r][3] = _mm512_fmadd_ps(xv, w3, a[r][3]);
+      for (int i = 0; i < C; ++i) a[r][i] = _mm512_fmadd_ps(xv, w[i], a[r][i]);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int i = 0; i < 4; ++i) _mm512_storeu_ps(acc + r * kBlock + 16 * i, a[r][i]);
+    for (int i = 0; i < C; ++i) _mm512_storeu_ps(acc + r * kBlock + 16 * i, a[r][i]);
 #else
   for (int r = 0; r < R; ++r)
     for (int64_t kk = 0; kk < kn; ++kk)
-      for (int64_t j = 0; j < kBlock; ++j) acc[r * kBlock + j] += x[r * ldx + kk] * to_float(tile[kk * kBlock + j]);
-#endif
-}
-
-// acc[r, 0:32] += Σ_kk x[r, kk] · tile[kk, 0:32] for R rows, R up to 12 (24 accumulators): the
-// half of a block's columns, for 7–12 rows, which widen the weight in registers too (one
-// weight load per 2R multiply-adds; more rows than a 64-column tile holds in registers would
-// otherwise widen it into an fp32 copy first). tile rows are kBlock apart; acc's too.
-template <int R, typename W>
-void tile_rows_half(const float* x, int64_t ldx, const W* tile, int64_t kn, float* acc) {
-#if defined(__AVX512F__)
-  __m512 a[R][2];
-  for (int r = 0; r < R; ++r)
-    for (int i = 0; i < 2; ++i) a[r][i] = _mm512_loadu_ps(acc + r * kBlock + 16 * i);
-  for (int64_t kk = 0; kk < kn; ++kk) {
-    const W* t = tile + kk * kBlock;
-    if constexpr (sizeof(W) == 2) _mm_prefetch(reinterpret_cast<const char*>(t + 16 * kBlock), _MM_HINT_T0);
-    const __m512 w0 = load16(t), w1 = load16(t + 16);
-    for (int r = 0; r < R; ++r) {
-      const __m512 xv = _mm512_set1_ps(x[r * ldx + kk]);
-      a[r][0] = _mm512_fmadd_ps(xv, w0, a[r][0]);
-      a[r][1] = _mm512_fmadd_ps(xv, w1, a[r][1]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int i = 0; i < 2; ++i) _mm512_storeu_ps(acc + r * kBlock + 16 * i, a[r][i]);
-#else
-  for (int r = 0; r < R; ++r)
-    for (int64_t kk = 0; kk < kn; ++kk)
-      for (int64_t j = 0; j < kBlock / 2; ++j) acc[r * kBlock + j] += x[r * ldx + kk] * to_float(tile[kk * kBlock + j]);
+      for (int64_t j = 0; j < 16 * C; ++j) acc[r * kBlock + j] += x[r * ldx + kk] * to_float(tile[kk * kBlock + j]);
 #endif
 }
 
