@@ -8,6 +8,8 @@ embedding, and a gathered fp32 copy of every request's K/V on paged decode atten
 math and roundings (``csrc/``; the formulas are in each file's header):
 
 - ``leanlm_cpu::paged_decode``: one query per request against its keys through the block table;
+- ``leanlm_cpu::rotary_decode(_qkv)``: the same, rotating and storing the step's own q/k/v first
+  (:mod:`leanlm.kernels.cpu_attention`);
 - ``leanlm_cpu::rms_norm``: RMSNorm with the residual add (:mod:`leanlm.kernels.rmsnorm`);
 - ``leanlm_cpu::rotary``: RoPE of q or k (:mod:`leanlm.kernels.rotary`);
 - ``leanlm_cpu::int4pack_mm``: x times a 4-bit weight in torch's CPU int4pack layout;

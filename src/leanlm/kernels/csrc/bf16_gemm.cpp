@@ -9,7 +9,7 @@
 // one zero-padded), each block k-major — wb[b, k, j] = w[64 b + j, k] — so a thread streams one
 // block's K x 128 bytes in order (prefetching 2 KB ahead). Up to kRows input rows widen the
 // weight in registers as they multiply, all 64 columns at once; 7–12 rows do too, 32 columns at
-// a time (one weight load per 2 x rows multiply-adds: 1.3x the fp32-tile path at 8 rows); more
+// a time (one weight load per 2 x rows multiply-adds: 1.1–1.4x the fp32-tile path at 8 rows); more
 // rows widen a [kCols, 64] slice once into an fp32 tile in L1 and multiply every row tile by it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

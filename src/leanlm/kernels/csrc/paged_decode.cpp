@@ -7,6 +7,11 @@
 // softmax and the weighted sum of values are fp32, in the order of the torch reference
 // (leanlm.kernels.paged_attention.decode_reference): s_j = (q · k_j)·scale, p_j = e^{s_j − max s}
 // / Σ_j e^{s_j − max s}, o = Σ_j p_j v_j. Work items run in parallel on ATen's thread pool.
+//
+// rotary_decode (and rotary_decode_qkv, on the fused q/k/v projection's output) takes the step's
+// q, k and v unrotated: each work item first rotates its request's k and q (norm_rotary.cpp's
+// roundings, cpu_vec.h's rotate_row) and writes its k and v to its slot, then reads its keys as
+// above — what two rotary ops, two K/V row stores and paged_decode would compute, in one op.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
