@@ -129,6 +129,9 @@ def test_quant_linear_runs_int4pack_mm_for_batched_rows(monkeypatch: pytest.Monk
             x = torch.randn(m, 256).to(torch.bfloat16)
             want = x.float() @ layer.dequantize(torch.float32).t()
             torch.testing.assert_close(layer(x).float(), want, rtol=0.02, atol=0.02)
+        assert calls == [cpu_ops.INT4_MIN_ROWS, 40]
+        layer.backend = "int4pack"  # forced after running: torch's kernel from now on
+        layer(torch.randn(40, 256).to(torch.bfloat16))
     assert calls == [cpu_ops.INT4_MIN_ROWS, 40]
 
 

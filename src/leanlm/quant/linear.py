@@ -283,8 +283,9 @@ class QuantLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         fast = self._kernels.get("ours")  # the serving engine's steps on CPU: straight to the kernel
-        if (fast is not None and x2.dtype == torch.bfloat16 and x2.shape[0] >= cpu_ops.INT4_MIN_ROWS
-                and not torch.is_autocast_enabled("cpu") and cpu_ops.runs(x2)):
+        if (fast is not None and self.backend == "auto" and x2.dtype == torch.bfloat16
+                and x2.shape[0] >= cpu_ops.INT4_MIN_ROWS and not torch.is_autocast_enabled("cpu")
+                and cpu_ops.runs(x2)):
             y = cpu_ops.int4pack_mm(x2.contiguous(), *fast, self.group_size)[:, :self.out_features]
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
