@@ -136,10 +136,8 @@ def rotary_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.
     """:func:`attention` of a step of one query per request (``split`` has no other), where
     :func:`runs`, from unrotated q [R, H, D] and k/v [R, Hkv, D]: q and k rotated by cos/sin
     [R, D], k and v written to the caches at ``slots`` [R] (int64, every one a real slot) first."""
-    check(split.single_rows is None and split.many_rows is None,
-          "rotary_decode takes a step of one query per request")
-    return ops().rotary_decode(q, k, v, cos, sin, k_cache, v_cache, slots, split.single_tables,
-                               split.single_lens, block_size, scale, -1 if window is None else window)
+    return ops().rotary_decode(q, k, v, cos, sin, k_cache, v_cache, slots,
+                               *_decode_step(split, block_size, scale, window))
 
 
 def rotary_decode_qkv(qkv: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor,
@@ -147,7 +145,12 @@ def rotary_decode_qkv(qkv: torch.Tensor, heads: int, cos: torch.Tensor, sin: tor
                       block_size: int, scale: float, window: int | None = None) -> torch.Tensor:
     """:func:`rotary_decode` of the fused q/k/v projection's output qkv [R, (H + 2 Hkv) D] (q, k, v
     side by side; cos/sin hold one [D] row per request) -> [R, H D], the o projection's input."""
+    return ops().rotary_decode_qkv(qkv, heads, cos, sin, k_cache, v_cache, slots,
+                                   *_decode_step(split, block_size, scale, window))
+
+
+def _decode_step(split: Split, block_size: int, scale: float, window: int | None) -> tuple:
+    """The rotary_decode ops' trailing arguments, for a step of one query per request only."""
     check(split.single_rows is None and split.many_rows is None,
           "rotary_decode takes a step of one query per request")
-    return ops().rotary_decode_qkv(qkv, heads, cos, sin, k_cache, v_cache, slots, split.single_tables,
-                                   split.single_lens, block_size, scale, -1 if window is None else window)
+    return split.single_tables, split.single_lens, block_size, scale, -1 if window is None else window
