@@ -4,7 +4,9 @@ slots) on the same model and workload.
 llama.cpp is built from the sources vendored in the llama-cpp-python sdist (``llamacpp.py``), the
 checkpoint converted by its own converter to f16 and quantized by its ``llama-quantize`` to Q4_0
 (4-bit, groups of 32, symmetric); leanlm serves the same checkpoint in bf16 (eager, and with
-``--compile``) and quantized with RTN W4 g32 (symmetric, as Q4_0). ``llama-server`` runs with as
+``--compile``) and quantized with RTN W4 g32 (symmetric, as Q4_0), with bf16 activations and with
+int8 ones (``--w4a8``, on AVX512-VNNI CPUs: Q4_0's own arithmetic, whose activations are Q8_0
+blocks). ``llama-server`` runs with as
 many parallel slots as the highest concurrency (``-np``), each with room for a prompt and its
 output, and ``-t``/``-tb`` threads.
 Each server runs alone on the machine's cores, and the same ``leanlm bench serve`` workload
@@ -99,6 +101,7 @@ def main() -> None:
             ("leanlm bf16 --compile", [sys.executable, "-m", "leanlm.cli", "serve", str(model), "--compile"]),
             ("llama-server f16", [*llama_server, "-m", str(files["f16"])]),
             ("leanlm int4 (RTN g32)", [sys.executable, "-m", "leanlm.cli", "serve", str(int4)]),
+            ("leanlm int4 W4A8 (RTN g32)", [sys.executable, "-m", "leanlm.cli", "serve", str(int4), "--w4a8"]),
             ("llama-server Q4_0", [*llama_server, "-m", str(files["Q4_0"])]),
         ]
         if args.no_compile:
@@ -121,7 +124,8 @@ def main() -> None:
                                                               "median_ttft_ms", "p99_ttft_ms")]
             print(f"| {name} | {lv} | " + " | ".join(cells) + " |")
     for ours, theirs in (("leanlm bf16", "llama-server f16"), ("leanlm bf16 --compile", "llama-server f16"),
-                         ("leanlm int4 (RTN g32)", "llama-server Q4_0")):
+                         ("leanlm int4 (RTN g32)", "llama-server Q4_0"),
+                         ("leanlm int4 W4A8 (RTN g32)", "llama-server Q4_0")):
         if ours in names:
             print(f"{ours} / {theirs} output throughput (medians): " + ", ".join(
                 f"{med(ours, lv, 'output_throughput') / med(theirs, lv, 'output_throughput'):.2f}x at {lv}"

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from common import CACHE, machine, random_model, unpacked_linears
-from leanlm import DEFAULT_MODEL, Transformer, load_model, load_tokenizer
+from leanlm import DEFAULT_MODEL, Transformer, kernels, load_model, load_tokenizer
 from leanlm.data.tokens import load_tokens, tokenize_corpus
 from leanlm.eval.efficiency import model_bytes, tokens_per_s
 from leanlm.eval.perplexity import stream_loss
@@ -180,6 +180,11 @@ def quality(args: argparse.Namespace) -> None:
         g = "ch" if group == -1 else group
         print(f"| {tool} | {name} | {bits} | {g} | {ppl:.3f} | {ppl - fp_ppl:+.3f} | "
               f"{100 * (ppl / fp_ppl - 1):+.2f} | {size} | {secs:.1f} |", flush=True)
+        if args.w4a8 and tool == "leanlm" and bits == 4:  # the same model, int8 activations on VNNI
+            with kernels.w4a8_activations(True):
+                ppl = score(model)
+            print(f"| {tool} | {name}, int8 activations (W4A8) | {bits} | {g} | {ppl:.3f} | "
+                  f"{ppl - fp_ppl:+.3f} | {100 * (ppl / fp_ppl - 1):+.2f} | {size} | {secs:.1f} |", flush=True)
     checks(results, fp_ppl)
 
 
@@ -289,6 +294,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=None)
     ap.add_argument("--eval-len", type=int, default=512)
     ap.add_argument("--max-windows", type=int, default=0, help="per domain (0 = all)")
+    ap.add_argument("--w4a8", action="store_true", help="also score each leanlm 4-bit model with int8 "
+                    "activations (LEANLM_W4A8, needs AVX512-VNNI)")
     ap.add_argument("--only", default="", help="run only rows whose 'tool method' contains this")
     ap.add_argument("--speed", action="store_true")
     ap.add_argument("--memory", action="store_true")

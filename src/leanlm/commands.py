@@ -39,6 +39,9 @@ def generate(
     mmap: Annotated[bool, typer.Option(
         help="Keep the weights in the file mapping: no load time, pages shared with other processes; "
         "slower CPU decode (implies --no-pack).")] = False,
+    w4a8: Annotated[bool, typer.Option(
+        help="4-bit layers on the CPU round their activations to int8 per group and multiply on "
+             "AVX512-VNNI, as llama.cpp's Q4_0 does: faster, slightly different logits (LEANLM_W4A8=1).")] = False,
 ) -> None:
     """Generate a completion of --prompt with MODEL and print it (streamed token by token)."""
     from leanlm import kernels
@@ -66,7 +69,8 @@ def generate(
         sys.stdout.write(delta)
         sys.stdout.flush()
 
-    with kernels.prepacking(pack or adapter is not None):  # --no-pack/--mmap: no packed copy either
+    with (kernels.prepacking(pack or adapter is not None),  # --no-pack/--mmap: no packed copy either
+          kernels.w4a8_activations(w4a8 or kernels.w4a8())):
         text = generate_text(lm, tok, messages or prompt, cfg, stream=write if stream else None)
     if not stream:
         sys.stdout.write(text)

@@ -36,7 +36,8 @@ Without Triton installed (``_triton.HAS_TRITON`` false) the references always ru
 still imports. The oneDNN prepacking of ``cpu_linear`` is a switch of its own
 (``LEANLM_PREPACK=0`` or :func:`prepacking`), independent of the Triton mode; so is which GEMM
 packed bf16 weights use (:func:`bf16_gemm`), whether an fp32 model's quantized layers may use
-the bf16 CPU kernels (:func:`bf16_kernels`), and whether an inference load fuses q/k/v and
+the bf16 CPU kernels (:func:`bf16_kernels`), whether 4-bit layers take int8 activations on VNNI
+(:func:`w4a8`), and whether an inference load fuses q/k/v and
 gate/up into one linear each (by default on GPUs, and for the serving engine on the CPU too;
 ``LEANLM_FUSE=1``/``0`` or :func:`fusing`; :mod:`leanlm.fusion`).
 
@@ -88,6 +89,20 @@ def bf16_kernels() -> bool:
 def allow_bf16_kernels(enabled: bool) -> contextlib.AbstractContextManager[None]:
     """``with allow_bf16_kernels(True): ...`` lets fp32 quantized layers use the bf16 kernels."""
     return _switched("bf16_kernels", enabled)
+
+
+def w4a8() -> bool:
+    """Whether 4-bit CPU layers round their activations to int8 per group and multiply on VNNI
+    (``LEANLM_W4A8=1``, or :func:`w4a8_activations`; default off: it changes the numerics,
+    :mod:`leanlm.kernels.cpu_w4a8`). Read when a layer runs; a layer packs for it once."""
+    if "w4a8" not in _switches:
+        _switches["w4a8"] = os.environ.get("LEANLM_W4A8", "0") == "1"
+    return bool(_switches["w4a8"])
+
+
+def w4a8_activations(enabled: bool) -> contextlib.AbstractContextManager[None]:
+    """``with w4a8_activations(True): ...`` runs 4-bit CPU layers as W4A8 in the block."""
+    return _switched("w4a8", enabled)
 
 
 def prepack() -> bool:

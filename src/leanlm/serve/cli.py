@@ -44,6 +44,9 @@ def serve(
         help="static-shape decode steps (batch/length buckets): CUDA graphs on CUDA, torch.compile "
              "elsewhere; captured or compiled on first use.")] = False,
     threads: Annotated[int, typer.Option(help="torch threads for the model (0: torch's default).")] = 0,
+    w4a8: Annotated[bool, typer.Option(
+        help="4-bit layers on the CPU round their activations to int8 per group and multiply on "
+             "AVX512-VNNI, as llama.cpp's Q4_0 does: faster, slightly different logits (LEANLM_W4A8=1).")] = False,
     max_n: Annotated[int, typer.Option(help="Most completions per request (`n`).")] = 16,
     max_request_tokens: Annotated[int, typer.Option(
         help="Most KV-cache tokens a request may reserve: n x (prompt + max_tokens) "
@@ -109,6 +112,8 @@ def serve(
         raise LeanLMError(f"--router {router!r}: expected one of {POLICIES}")
     if min(tensor_parallel_size, data_parallel_size, api_server_count) < 1:
         raise LeanLMError("--tensor-parallel-size, --data-parallel-size and --api-server-count must be >= 1")
+    if w4a8:  # read by the engine processes, which inherit it
+        os.environ["LEANLM_W4A8"] = "1"
     keep_freed_memory()  # CPU steps reuse freed memory instead of page-faulting on it each step
     use_huge_pages()  # weights on 2 MiB pages: decode streams them faster (a slower load)
     bound_kernel_caches()  # else oneDNN keeps a primitive per step size, and RSS grows with them

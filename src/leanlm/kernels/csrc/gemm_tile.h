@@ -19,23 +19,25 @@ inline int64_t block_grain(int64_t m, int64_t k) {
   return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, k * std::max<int64_t>(m, 4)));
 }
 
-// f(rows, r) for the input rows [r, r + rows), all of them in register tiles of at most kRows
+// f(R, r) for R = rows if rows <= Max, as a compile-time constant (std::integral_constant<int, R>)
+template <int Max, typename F>
+void with_rows(int64_t rows, int64_t r, F& f) {
+  if constexpr (Max > 1) {
+    if (rows < Max) return with_rows<Max - 1>(rows, r, f);
+  }
+  f(std::integral_constant<int, Max>{}, r);
+}
+
+// f(rows, r) for the input rows [r, r + rows), all of them in register tiles of at most Max
 // rows and as even as can be (8 rows: 4 + 4, not 6 + 2, whose 2-row tile does half the
 // multiply-adds per weight load); rows is a compile-time constant (std::integral_constant<int, R>)
-template <typename F>
+template <int Max = kRows, typename F>
 void for_row_tiles(int64_t m, F&& f) {
-  const int64_t tiles = (m + kRows - 1) / kRows;
+  const int64_t tiles = (m + Max - 1) / Max;
   int64_t r = 0;
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t rows = (m - r) / (tiles - t);  // the remaining rows over the remaining tiles
-    switch (rows) {
-      case 6: f(std::integral_constant<int, 6>{}, r); break;
-      case 5: f(std::integral_constant<int, 5>{}, r); break;
-      case 4: f(std::integral_constant<int, 4>{}, r); break;
-      case 3: f(std::integral_constant<int, 3>{}, r); break;
-      case 2: f(std::integral_constant<int, 2>{}, r); break;
-      default: f(std::integral_constant<int, 1>{}, r); break;
-    }
+    with_rows<Max>(rows, r, f);
     r += rows;
   }
 }
