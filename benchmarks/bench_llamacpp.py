@@ -101,7 +101,8 @@ def main() -> None:
             ("leanlm bf16 --compile", [sys.executable, "-m", "leanlm.cli", "serve", str(model), "--compile"]),
             ("llama-server f16", [*llama_server, "-m", str(files["f16"])]),
             ("leanlm int4 (RTN g32)", [sys.executable, "-m", "leanlm.cli", "serve", str(int4)]),
-            ("leanlm int4 W4A8 (RTN g32)", [sys.executable, "-m", "leanlm.cli", "serve", str(int4), "--w4a8"]),
+            ("leanlm int4 W4A8 (RTN g32)",
+             [sys.executable, "-m", "leanlm.cli", "serve", str(int4), "--w4a8"]),
             ("llama-server Q4_0", [*llama_server, "-m", str(files["Q4_0"])]),
         ]
         if args.no_compile:

@@ -184,7 +184,8 @@ def quality(args: argparse.Namespace) -> None:
             with kernels.w4a8_activations(True):
                 ppl = score(model)
             print(f"| {tool} | {name}, int8 activations (W4A8) | {bits} | {g} | {ppl:.3f} | "
-                  f"{ppl - fp_ppl:+.3f} | {100 * (ppl / fp_ppl - 1):+.2f} | {size} | {secs:.1f} |", flush=True)
+                  f"{ppl - fp_ppl:+.3f} | {100 * (ppl / fp_ppl - 1):+.2f} | {size} | {secs:.1f} |",
+                  flush=True)
     checks(results, fp_ppl)
 
 

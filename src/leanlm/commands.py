@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from leanlm.cliutil import ModelArg, resolve_model, weights_bytes
+from leanlm.cliutil import W4A8_HELP, ModelArg, resolve_model, weights_bytes
 from leanlm.errors import LeanLMError
 
 
@@ -39,9 +39,7 @@ def generate(
     mmap: Annotated[bool, typer.Option(
         help="Keep the weights in the file mapping: no load time, pages shared with other processes; "
         "slower CPU decode (implies --no-pack).")] = False,
-    w4a8: Annotated[bool, typer.Option(
-        help="4-bit layers on the CPU round their activations to int8 per group and multiply on "
-             "AVX512-VNNI, as llama.cpp's Q4_0 does: faster, slightly different logits (LEANLM_W4A8=1).")] = False,
+    w4a8: Annotated[bool, typer.Option(help=W4A8_HELP)] = False,
 ) -> None:
     """Generate a completion of --prompt with MODEL and print it (streamed token by token)."""
     from leanlm import kernels

@@ -30,7 +30,8 @@ def test_pack_round_trips_and_puts_four_columns_in_a_lane() -> None:
     # block 1, octet 2, line 3, lane 5: row 64 + 48 + 5, columns 16..19 (low) and 20..23 (high)
     line = packed.view(-1)[((1 * 6 + 2) * 4 + 3) * 64:][:64]
     row = 64 + 48 + 5
-    assert torch.equal(line[20:24] & 15, codes[row, 16:20]) and torch.equal(line[20:24] >> 4, codes[row, 20:24])
+    assert torch.equal(line[20:24] & 15, codes[row, 16:20])
+    assert torch.equal(line[20:24] >> 4, codes[row, 20:24])
 
 
 @pytest.mark.parametrize("gs", [32, 128])
@@ -48,7 +49,8 @@ def test_reference_is_the_product_up_to_the_activations_rounding(gs: int) -> Non
 
 
 @needs_vnni
-@pytest.mark.parametrize(("n", "k", "gs"), [(64, 64, 32), (192, 256, 64), (128, 384, 128), (320, 320, 32), (64, 96, 32)])
+@pytest.mark.parametrize(("n", "k", "gs"),
+                         [(64, 64, 32), (192, 256, 64), (128, 384, 128), (320, 320, 32), (64, 96, 32)])
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 13, 33])
 def test_w4a8_mm_is_the_reference(n: int, k: int, gs: int, m: int) -> None:
     """The integer dots are exact and x̂ the same, so only fp32's order of sums and the output's
@@ -92,7 +94,8 @@ def rtn_layer(n: int = 192, k: int = 256, gs: int = 64):
     from leanlm.quant.rtn import rtn_quantize, to_quant_linear
 
     linear = torch.nn.Linear(k, n, bias=True).to(torch.bfloat16)
-    layer = to_quant_linear(linear, *rtn_quantize(linear.weight, RTNConfig(4, gs, sym=False)), RTNConfig(4, gs))
+    config = RTNConfig(4, gs, sym=False)
+    layer = to_quant_linear(linear, *rtn_quantize(linear.weight, config), config)
     layer.bias = torch.nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
     return layer
 

@@ -57,7 +57,8 @@ def block_scales(sz: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_activations(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x̂, a): x [M, K] rounded to int8 codes per row and group ([M, G, gs], fp32) and the scales [M, G, 1]."""
+    """(x̂, a): x [M, K] rounded to int8 codes per row and group ([M, G, gs], fp32), and the
+    scales [M, G, 1]."""
     xg = x.float().reshape(x.shape[0], -1, group_size)
     a = xg.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127
     return torch.round(xg / a).clamp(-127, 127), a

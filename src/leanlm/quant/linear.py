@@ -334,15 +334,17 @@ class QuantLinear(nn.Module):
             if pad:
                 xb = F.pad(xb, (0, pad))
             xb = xb.contiguous()
-            # (auto only: a forced int4pack is torch's kernel, whose roundings peers share)
+            # (kernel, from how many rows, W4A8?); auto only: a forced int4pack is torch's kernel,
+            # whose roundings peers share
             direct = None
             if backend == "w4a8":
                 direct = (cpu_w4a8.mm, 1, True)
-            elif ours and self.backend == "auto" and xb.shape[0] >= cpu_ops.INT4_MIN_ROWS and cpu_ops.runs(xb):
+            elif (ours and self.backend == "auto" and xb.shape[0] >= cpu_ops.INT4_MIN_ROWS
+                  and cpu_ops.runs(xb)):
                 direct = (cpu_ops.int4pack_mm, cpu_ops.INT4_MIN_ROWS, False)  # unpacked once for all rows
             if direct is not None:
                 y = direct[0](xb, packed, sz, self.group_size)
-                if perm is None and not pad and self.backend == "auto":  # bf16 rows go here from now on (above)
+                if perm is None and not pad and self.backend == "auto":  # bf16 rows go here from now on
                     self._kernels["direct"] = (*direct, packed, sz)
             else:
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, self.group_size, sz)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from leanlm.cliutil import ModelArg, resolve_model
+from leanlm.cliutil import W4A8_HELP, ModelArg, resolve_model
 from leanlm.errors import LeanLMError
 
 
@@ -44,9 +44,7 @@ def serve(
         help="static-shape decode steps (batch/length buckets): CUDA graphs on CUDA, torch.compile "
              "elsewhere; captured or compiled on first use.")] = False,
     threads: Annotated[int, typer.Option(help="torch threads for the model (0: torch's default).")] = 0,
-    w4a8: Annotated[bool, typer.Option(
-        help="4-bit layers on the CPU round their activations to int8 per group and multiply on "
-             "AVX512-VNNI, as llama.cpp's Q4_0 does: faster, slightly different logits (LEANLM_W4A8=1).")] = False,
+    w4a8: Annotated[bool, typer.Option(help=W4A8_HELP)] = False,
     max_n: Annotated[int, typer.Option(help="Most completions per request (`n`).")] = 16,
     max_request_tokens: Annotated[int, typer.Option(
         help="Most KV-cache tokens a request may reserve: n x (prompt + max_tokens) "
