@@ -15,7 +15,8 @@ in bf16 (leanlm's default) and, for RTN, with the head quantized too (``quantize
 lm_head=...)``: int4 with an 8- or 4-bit head, int8 with an 8-bit one): llama-quantize stores the
 tied output/embedding tensor quantized (Q6_K for Q4_0, Q8_0 for Q8_0). Differences the table
 shows rather than hides: the bytes each reads per token, and leanlm's weight-only kernels take
-bf16 activations where llama.cpp quantizes activations to 8 bits (the W8A8 row does too).
+bf16 activations where llama.cpp quantizes activations to 8 bits (the W8A8 row does too, and
+on AVX512-VNNI CPUs the int4 W4A8 rows: int8 activations per group of 32, as Q8_0's blocks).
 
     python benchmarks/bench_llamabench.py [--llama-cpp-src llama_cpp_python-0.3.36.tar.gz] [--rounds 3]
     python benchmarks/bench_llamabench.py --own   # leanlm only: int4/int8 bodies x head formats vs bf16
@@ -40,11 +41,15 @@ import leanlm
 from bench_cpu_start import checkpoint
 from bench_generate import per_token
 from common import machine
+from leanlm import kernels
 from leanlm.generate import generate
+from leanlm.kernels import cpu_w4a8
 from leanlm.quant import RTNConfig, SmoothQuantConfig, quantize_
 from leanlm.quant.rtn import RTN
 from leanlm.sampling import SamplingParams
 from llamacpp import SDIST, build, ggufs
+
+W4A8 = "w4a8:"  # rows run with int8 activations (leanlm.kernels.cpu_w4a8; AVX512-VNNI CPUs only)
 
 
 def llama_bench(tree: Path, gguf: Path, new: int, threads: int) -> tuple[float, int]:
@@ -72,9 +77,12 @@ def weight_bytes(model: torch.nn.Module) -> int:
             continue
         seen.add(id(t))
         total += torch.ops.mkldnn._nbytes(t) if t.is_mkldnn else t.numel() * t.element_size()
-    for m in model.modules():  # int4 layers hold their codes in torch's packed layout
+    for m in model.modules():  # int4 layers hold their codes in a kernel's packed layout
         for packed in getattr(m, "_kernels", {}).values():
-            total += sum(x.numel() * x.element_size() for x in packed if isinstance(x, torch.Tensor))
+            for x in packed:
+                if isinstance(x, torch.Tensor) and id(x) not in seen:
+                    seen.add(id(x))
+                    total += x.numel() * x.element_size()
     return total
 
 
@@ -128,6 +136,8 @@ def main() -> None:
     calib = torch.randint(0, 8000, (4, 64), generator=torch.Generator().manual_seed(0))
     rows = [("bf16", "f16", None, False),
             ("int4 (RTN W4 g32 sym)", "Q4_0", RTNConfig(4, 32), False),
+            (W4A8 + "int4 W4A8 (RTN W4 g32 sym, int8 activations)", "Q4_0", RTNConfig(4, 32), False),
+            (W4A8 + "int4 W4A8, head int4 (RTN W4 g32 sym)", "Q4_0", RTNConfig(4, 32), True),
             ("int4, head int8 (RTN W4 g32 sym, head W8 per channel)", "Q4_0", RTNConfig(4, 32),
              RTNConfig(8, -1)),
             ("int4, head int4 (RTN W4 g32 sym)", "Q4_0", RTNConfig(4, 32), True),
@@ -138,7 +148,11 @@ def main() -> None:
           "| vs leanlm bf16 (same rounds) |")
     print("|---|---:|---:|---|---:|---:|---:|---:|", flush=True)
     bf16 = leanlm.load_model(path, pack=True)  # decoded in every row's rounds: "vs leanlm bf16"
+    if not cpu_w4a8.available():
+        rows = [row for row in rows if not row[0].startswith(W4A8)]
     for name, kind, config, head in rows:  # one quantized model in memory at a time
+        w4a8 = name.startswith(W4A8)
+        name = name.removeprefix(W4A8)
         model = bf16
         if config is not None:
             model = leanlm.load_model(path)
@@ -149,7 +163,8 @@ def main() -> None:
         for _ in range(args.rounds):
             if model is not bf16:
                 base.append(leanlm_decode(bf16, args.new_tokens))
-            ours.append(leanlm_decode(model, args.new_tokens))
+            with kernels.w4a8_activations(w4a8):
+                ours.append(leanlm_decode(model, args.new_tokens))
             seconds, size = llama_bench(tree, files[kind], args.new_tokens, threads)
             theirs.append(seconds)
         a, b = statistics.median(ours), statistics.median(theirs)
