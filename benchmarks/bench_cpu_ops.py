@@ -14,8 +14,8 @@
    shapes (group 32), at 1 / 4 / 8 / 16 / 32 rows; medians of interleaved calls. Then the
    engine's steps (as in 2.) on the default model (or ``--model``) quantized to 4 bits (RTN, group 32), with
    torch's int4 kernel at every row count against leanlm's from ``cpu_ops.INT4_MIN_ROWS`` rows.
-   On CPUs with AVX512-VNNI, W4A8 too (``leanlm_cpu::w4a8_mm``: the activations rounded to int8
-   per group, ``LEANLM_W4A8``), in the GEMM table and in engine steps against bf16 activations.
+   On CPUs with AVX512-VNNI, W4A8 too (``leanlm_cpu::vnni_mm``: the activations rounded to int8
+   per group, ``LEANLM_INT8_ACTIVATIONS``), in the GEMM table and in engine steps against bf16 activations.
 4. ``--bf16``: leanlm's bf16 GEMM (``leanlm_cpu::bf16_mm``, 64-row blocks) against oneDNN's bf16
    and fp32 GEMMs on prepacked weights, at 1 / 4 / 8 / 16 / 32 / 128 rows, on the default
    model's and a 1B model's layer shapes; medians of interleaved calls. Then the engine's steps
@@ -43,7 +43,7 @@ import torch
 from common import machine
 from leanlm import DEFAULT_MODEL, kernels
 from leanlm.checkpoint import load_model
-from leanlm.kernels import cpu_ops, cpu_w4a8
+from leanlm.kernels import cpu_ops, cpu_vnni
 from leanlm.kernels import paged_attention as pa
 from leanlm.sampling import SamplingParams
 from leanlm.serve.engine import EngineConfig, LLMEngine
@@ -141,10 +141,10 @@ def int4_engine(path: Path, batches: list[int], rounds: int) -> None:
     print(f"int4 (RTN g32) {path.name}:")
     engine_steps({"torch int4": (model, torch_int4), "leanlm int4": (model, contextlib.nullcontext)},
                  batches, rounds)
-    if cpu_w4a8.available():
+    if cpu_vnni.available():
         print(f"int4 (RTN g32) {path.name}, bf16 against int8 activations:")
         engine_steps({"leanlm int4": (model, contextlib.nullcontext),
-                      "leanlm W4A8": (model, partial(kernels.w4a8_activations, True))}, batches, rounds)
+                      "leanlm W4A8": (model, partial(kernels.quantizing_activations, True))}, batches, rounds)
 
 
 INT4_SHAPES = [(320, 320), (864, 320), (320, 864), (2048, 2048), (8192, 2048), (2048, 8192)]  # [out, in]
@@ -169,7 +169,7 @@ def int4_gemm(rows: list[int], calls: int) -> None:
     from leanlm.quant.linear import int4pack
 
     gs = 32
-    vnni = cpu_w4a8.available()
+    vnni = cpu_vnni.available()
     print("| weight [out × in] | rows | torch int4 µs | leanlm int4 µs | bf16 prepacked µs | "
           "leanlm / torch |" + (" leanlm W4A8 µs | W4A8 / best int4 |" if vnni else ""))
     print("|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if vnni else ""))
@@ -181,14 +181,14 @@ def int4_gemm(rows: list[int], calls: int) -> None:
             sz = torch.randn(k // gs, codes.shape[0], 2, generator=g).to(torch.bfloat16)
             plain = torch.randn(n, k, generator=g).to(torch.bfloat16)
             dense = torch.ops.mkldnn._reorder_linear_weight(plain, None)
-            w4a8 = (cpu_w4a8.pack(codes), cpu_w4a8.block_scales(sz)) if vnni else None
+            w4a8 = (cpu_vnni.pack(codes, 4), cpu_vnni.block_scales(sz)) if vnni else None
             for m in rows:
                 x = torch.randn(m, k, generator=g).to(torch.bfloat16)
                 fns = {"torch": partial(torch.ops.aten._weight_int4pack_mm_for_cpu, x, packed, gs, sz),
                        "leanlm": partial(cpu_ops.int4pack_mm, x, packed, sz, gs),
                        "bf16": partial(torch.ops.mkldnn._linear_pointwise, x, dense, None, "none", [], "")}
                 if w4a8:
-                    fns["w4a8"] = partial(cpu_w4a8.mm, x, *w4a8, gs)
+                    fns["w4a8"] = partial(cpu_vnni.mm, x, *w4a8, gs, 4)
                 t = interleaved_us(fns, calls)
                 best = min(t["torch"], t["leanlm"])
                 extra = f" {t['w4a8']:.1f} | {best / t['w4a8']:.2f}x |" if w4a8 else ""

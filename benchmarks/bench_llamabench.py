@@ -16,7 +16,8 @@ lm_head=...)``: int4 with an 8- or 4-bit head, int8 with an 8-bit one): llama-qu
 tied output/embedding tensor quantized (Q6_K for Q4_0, Q8_0 for Q8_0). Differences the table
 shows rather than hides: the bytes each reads per token, and leanlm's weight-only kernels take
 bf16 activations where llama.cpp quantizes activations to 8 bits (the W8A8 row does too, and
-on AVX512-VNNI CPUs the int4 W4A8 rows: int8 activations per group of 32, as Q8_0's blocks).
+on AVX512-VNNI CPUs the rows with int8 activations, ``--int8-activations``: per group of 32 for
+4 bits, as Q8_0's blocks, per token for 8 bits per channel).
 
     python benchmarks/bench_llamabench.py [--llama-cpp-src llama_cpp_python-0.3.36.tar.gz] [--rounds 3]
     python benchmarks/bench_llamabench.py --own   # leanlm only: int4/int8 bodies x head formats vs bf16
@@ -43,13 +44,13 @@ from bench_generate import per_token
 from common import machine
 from leanlm import kernels
 from leanlm.generate import generate
-from leanlm.kernels import cpu_w4a8
+from leanlm.kernels import cpu_vnni
 from leanlm.quant import RTNConfig, SmoothQuantConfig, quantize_
 from leanlm.quant.rtn import RTN
 from leanlm.sampling import SamplingParams
 from llamacpp import SDIST, build, ggufs
 
-W4A8 = "w4a8:"  # rows run with int8 activations (leanlm.kernels.cpu_w4a8; AVX512-VNNI CPUs only)
+A8 = "a8:"  # rows run with int8 activations (leanlm.kernels.cpu_vnni; AVX512-VNNI CPUs only)
 
 
 def llama_bench(tree: Path, gguf: Path, new: int, threads: int) -> tuple[float, int]:
@@ -136,23 +137,26 @@ def main() -> None:
     calib = torch.randint(0, 8000, (4, 64), generator=torch.Generator().manual_seed(0))
     rows = [("bf16", "f16", None, False),
             ("int4 (RTN W4 g32 sym)", "Q4_0", RTNConfig(4, 32), False),
-            (W4A8 + "int4 W4A8 (RTN W4 g32 sym, int8 activations)", "Q4_0", RTNConfig(4, 32), False),
-            (W4A8 + "int4 W4A8, head int4 (RTN W4 g32 sym)", "Q4_0", RTNConfig(4, 32), True),
+            (A8 + "int4 W4A8 (RTN W4 g32 sym, int8 activations)", "Q4_0", RTNConfig(4, 32), False),
+            (A8 + "int4 W4A8, head W8A8 (RTN W4 g32 sym, head W8 per channel, int8 activations)", "Q4_0",
+             RTNConfig(4, 32), RTNConfig(8, -1)),
             ("int4, head int8 (RTN W4 g32 sym, head W8 per channel)", "Q4_0", RTNConfig(4, 32),
              RTNConfig(8, -1)),
             ("int4, head int4 (RTN W4 g32 sym)", "Q4_0", RTNConfig(4, 32), True),
             ("int8 (RTN W8 per channel, bf16 activations)", "Q8_0", RTNConfig(8, -1), False),
             ("int8, head too (RTN W8 per channel)", "Q8_0", RTNConfig(8, -1), True),
+            (A8 + "int8 W8A8, head too (RTN W8 per channel, int8 activations)", "Q8_0", RTNConfig(8, -1),
+             True),
             ("int8 W8A8 (SmoothQuant, per-token int8 activations)", "Q8_0", SmoothQuantConfig(), False)]
     print("| weights | leanlm ms/token | GB read | llama.cpp | ms/token | GB read | leanlm speed-up "
           "| vs leanlm bf16 (same rounds) |")
     print("|---|---:|---:|---|---:|---:|---:|---:|", flush=True)
     bf16 = leanlm.load_model(path, pack=True)  # decoded in every row's rounds: "vs leanlm bf16"
-    if not cpu_w4a8.available():
-        rows = [row for row in rows if not row[0].startswith(W4A8)]
+    if not cpu_vnni.available():
+        rows = [row for row in rows if not row[0].startswith(A8)]
     for name, kind, config, head in rows:  # one quantized model in memory at a time
-        w4a8 = name.startswith(W4A8)
-        name = name.removeprefix(W4A8)
+        a8 = name.startswith(A8)
+        name = name.removeprefix(A8)
         model = bf16
         if config is not None:
             model = leanlm.load_model(path)
@@ -163,7 +167,7 @@ def main() -> None:
         for _ in range(args.rounds):
             if model is not bf16:
                 base.append(leanlm_decode(bf16, args.new_tokens))
-            with kernels.w4a8_activations(w4a8):
+            with kernels.quantizing_activations(a8):
                 ours.append(leanlm_decode(model, args.new_tokens))
             seconds, size = llama_bench(tree, files[kind], args.new_tokens, threads)
             theirs.append(seconds)

@@ -5,7 +5,7 @@ llama.cpp is built from the sources vendored in the llama-cpp-python sdist (``ll
 checkpoint converted by its own converter to f16 and quantized by its ``llama-quantize`` to Q4_0
 (4-bit, groups of 32, symmetric); leanlm serves the same checkpoint in bf16 (eager, and with
 ``--compile``) and quantized with RTN W4 g32 (symmetric, as Q4_0), with bf16 activations and with
-int8 ones (``--w4a8``, on AVX512-VNNI CPUs: Q4_0's own arithmetic, whose activations are Q8_0
+int8 ones (``--int8-activations``, on AVX512-VNNI CPUs: Q4_0's own arithmetic, whose activations are Q8_0
 blocks). ``llama-server`` runs with as
 many parallel slots as the highest concurrency (``-np``), each with room for a prompt and its
 output, and ``-t``/``-tb`` threads.
@@ -102,7 +102,7 @@ def main() -> None:
             ("llama-server f16", [*llama_server, "-m", str(files["f16"])]),
             ("leanlm int4 (RTN g32)", [sys.executable, "-m", "leanlm.cli", "serve", str(int4)]),
             ("leanlm int4 W4A8 (RTN g32)",
-             [sys.executable, "-m", "leanlm.cli", "serve", str(int4), "--w4a8"]),
+             [sys.executable, "-m", "leanlm.cli", "serve", str(int4), "--int8-activations"]),
             ("llama-server Q4_0", [*llama_server, "-m", str(files["Q4_0"])]),
         ]
         if args.no_compile:

@@ -180,10 +180,10 @@ def quality(args: argparse.Namespace) -> None:
         g = "ch" if group == -1 else group
         print(f"| {tool} | {name} | {bits} | {g} | {ppl:.3f} | {ppl - fp_ppl:+.3f} | "
               f"{100 * (ppl / fp_ppl - 1):+.2f} | {size} | {secs:.1f} |", flush=True)
-        if args.w4a8 and tool == "leanlm" and bits == 4:  # the same model, int8 activations on VNNI
-            with kernels.w4a8_activations(True):
+        if args.int8_activations and tool == "leanlm" and bits in (4, 8) and "A8" not in name:
+            with kernels.quantizing_activations(True):  # the same model, int8 activations on VNNI
                 ppl = score(model)
-            print(f"| {tool} | {name}, int8 activations (W4A8) | {bits} | {g} | {ppl:.3f} | "
+            print(f"| {tool} | {name}, int8 activations (W{bits}A8) | {bits} | {g} | {ppl:.3f} | "
                   f"{ppl - fp_ppl:+.3f} | {100 * (ppl / fp_ppl - 1):+.2f} | {size} | {secs:.1f} |",
                   flush=True)
     checks(results, fp_ppl)
@@ -295,8 +295,8 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=None)
     ap.add_argument("--eval-len", type=int, default=512)
     ap.add_argument("--max-windows", type=int, default=0, help="per domain (0 = all)")
-    ap.add_argument("--w4a8", action="store_true", help="also score each leanlm 4-bit model with int8 "
-                    "activations (LEANLM_W4A8, needs AVX512-VNNI)")
+    ap.add_argument("--int8-activations", action="store_true", help="also score each leanlm 4/8-bit "
+                    "weight-only model with int8 activations (LEANLM_INT8_ACTIVATIONS, needs AVX512-VNNI)")
     ap.add_argument("--only", default="", help="run only rows whose 'tool method' contains this")
     ap.add_argument("--speed", action="store_true")
     ap.add_argument("--memory", action="store_true")

@@ -8,8 +8,10 @@ from typing import Annotated
 
 import typer
 
-W4A8_HELP = ("4-bit layers on the CPU round their activations to int8 per group and multiply on "
-             "AVX512-VNNI, as llama.cpp's Q4_0 does: faster, slightly different logits (LEANLM_W4A8=1).")
+INT8_ACTIVATIONS_HELP = (
+    "4- and 8-bit layers on the CPU round their activations to int8 per group and multiply on "
+    "AVX512-VNNI, as llama.cpp's Q4_0/Q8_0 do: faster, slightly different logits "
+    "(LEANLM_INT8_ACTIVATIONS=1).")
 ModelArg = Annotated[Path | None, typer.Argument(
     help="Hugging Face model directory (config.json + safetensors + tokenizer.json); "
          "default: the model shipped with leanlm.", show_default=False)]

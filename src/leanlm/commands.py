@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from leanlm.cliutil import W4A8_HELP, ModelArg, resolve_model, weights_bytes
+from leanlm.cliutil import INT8_ACTIVATIONS_HELP, ModelArg, resolve_model, weights_bytes
 from leanlm.errors import LeanLMError
 
 
@@ -39,7 +39,7 @@ def generate(
     mmap: Annotated[bool, typer.Option(
         help="Keep the weights in the file mapping: no load time, pages shared with other processes; "
         "slower CPU decode (implies --no-pack).")] = False,
-    w4a8: Annotated[bool, typer.Option(help=W4A8_HELP)] = False,
+    int8_activations: Annotated[bool, typer.Option(help=INT8_ACTIVATIONS_HELP)] = False,
 ) -> None:
     """Generate a completion of --prompt with MODEL and print it (streamed token by token)."""
     from leanlm import kernels
@@ -68,7 +68,7 @@ def generate(
         sys.stdout.flush()
 
     with (kernels.prepacking(pack or adapter is not None),  # --no-pack/--mmap: no packed copy either
-          kernels.w4a8_activations(w4a8 or kernels.w4a8())):
+          kernels.quantizing_activations(int8_activations or kernels.int8_activations())):
         text = generate_text(lm, tok, messages or prompt, cfg, stream=write if stream else None)
     if not stream:
         sys.stdout.write(text)

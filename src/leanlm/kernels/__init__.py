@@ -17,7 +17,8 @@ to that limit on a GPU:
 
 Not Triton: ``cpu_linear`` is the model's ``nn.Linear``, which runs CPU inference on oneDNN's
 prepacked weight layout (or, for bf16 on CPUs without bf16 instructions, leanlm's 64-row blocks);
-``cpu_int8`` is oneDNN's int8 x int8 GEMM (VNNI/AMX) that W8A8 layers run on CPU; ``cpu_ops``
+``cpu_int8`` is oneDNN's int8 x int8 GEMM (VNNI/AMX) that W8A8 layers run on CPU; ``cpu_vnni`` the
+int4/int8-weight GEMM on int8 activations (``LEANLM_INT8_ACTIVATIONS``); ``cpu_ops``
 are C++ ops built on first use for CPU inference — the paged decode attention of
 ``cpu_attention``, RMSNorm, rotary, and GEMMs for int4 and bf16 weights — each one call where the
 torch reference dispatches several; ``packing`` is the bit-stream layout of quantized codes.
@@ -36,8 +37,8 @@ Without Triton installed (``_triton.HAS_TRITON`` false) the references always ru
 still imports. The oneDNN prepacking of ``cpu_linear`` is a switch of its own
 (``LEANLM_PREPACK=0`` or :func:`prepacking`), independent of the Triton mode; so is which GEMM
 packed bf16 weights use (:func:`bf16_gemm`), whether an fp32 model's quantized layers may use
-the bf16 CPU kernels (:func:`bf16_kernels`), whether 4-bit layers take int8 activations on VNNI
-(:func:`w4a8`), and whether an inference load fuses q/k/v and
+the bf16 CPU kernels (:func:`bf16_kernels`), whether 4/8-bit layers take int8 activations on VNNI
+(:func:`int8_activations`), and whether an inference load fuses q/k/v and
 gate/up into one linear each (by default on GPUs, and for the serving engine on the CPU too;
 ``LEANLM_FUSE=1``/``0`` or :func:`fusing`; :mod:`leanlm.fusion`).
 
@@ -91,18 +92,19 @@ def allow_bf16_kernels(enabled: bool) -> contextlib.AbstractContextManager[None]
     return _switched("bf16_kernels", enabled)
 
 
-def w4a8() -> bool:
-    """Whether 4-bit CPU layers round their activations to int8 per group and multiply on VNNI
-    (``LEANLM_W4A8=1``, or :func:`w4a8_activations`; default off: it changes the numerics,
-    :mod:`leanlm.kernels.cpu_w4a8`). Read when a layer runs; a layer packs for it once."""
-    if "w4a8" not in _switches:
-        _switches["w4a8"] = os.environ.get("LEANLM_W4A8", "0") == "1"
-    return bool(_switches["w4a8"])
+def int8_activations() -> bool:
+    """Whether 4- and 8-bit CPU layers round their activations to int8 per group and multiply on
+    VNNI (``LEANLM_INT8_ACTIVATIONS=1``, or :func:`quantizing_activations`; default off: it
+    changes the numerics, :mod:`leanlm.kernels.cpu_vnni`). Read when a layer runs; a layer packs
+    for it once."""
+    if "int8_activations" not in _switches:
+        _switches["int8_activations"] = os.environ.get("LEANLM_INT8_ACTIVATIONS", "0") == "1"
+    return bool(_switches["int8_activations"])
 
 
-def w4a8_activations(enabled: bool) -> contextlib.AbstractContextManager[None]:
-    """``with w4a8_activations(True): ...`` runs 4-bit CPU layers as W4A8 in the block."""
-    return _switched("w4a8", enabled)
+def quantizing_activations(enabled: bool) -> contextlib.AbstractContextManager[None]:
+    """``with quantizing_activations(True): ...`` runs 4/8-bit CPU layers on int8 activations."""
+    return _switched("int8_activations", enabled)
 
 
 def prepack() -> bool:

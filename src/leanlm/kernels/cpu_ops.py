@@ -41,7 +41,7 @@ from leanlm import kernels
 
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).parent / "csrc" / name for name in (
-    "paged_decode.cpp", "norm_rotary.cpp", "int4_gemm.cpp", "bf16_gemm.cpp", "argmax.cpp", "w4a8_gemm.cpp")]
+    "paged_decode.cpp", "norm_rotary.cpp", "int4_gemm.cpp", "bf16_gemm.cpp", "argmax.cpp", "vnni_gemm.cpp")]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

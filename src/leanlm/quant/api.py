@@ -160,7 +160,7 @@ class WeightOnlyConfig(MethodConfig):
     bits: int = 4
     group_size: int = 128
     sym: bool = True
-    backend: str = "auto"  # QuantLinear backend: auto | int4pack | w4a8 | int8pack | dequant | reference
+    backend: str = "auto"  # QuantLinear backend: auto | int4pack | vnni | int8pack | dequant | reference
 
     def __post_init__(self) -> None:
         from leanlm.quant.linear import BACKENDS

@@ -19,11 +19,12 @@ The forward picks a backend once per (device, M-regime), automatically:
   Once that packing exists it is the only copy of the codes (``qweight`` is emptied and rebuilt
   from it for ``state_dict``, device/dtype moves and the other backends), so an int4 layer costs
   0.5 byte per weight in memory, not 1.
-- ``w4a8`` (CPU with AVX512-VNNI, 4 bits; ``auto`` takes it only when :func:`leanlm.kernels.w4a8`
-  is on): the same groups, the activations rounded to int8 per row and group and the integer
-  products on VNNI (:mod:`leanlm.kernels.cpu_w4a8`), 1.5-2.4x the bf16-activation kernels at
-  1-32 rows on 2 Xeon cores without AVX512-BF16. Its packing (VNNI's operand order) is then the
-  one copy of the codes, as int4pack's is.
+- ``vnni`` (CPU with AVX512-VNNI, 4 or 8 bits, groups of a multiple of 16 or per channel;
+  ``auto`` takes it only when :func:`leanlm.kernels.int8_activations` is on): the activations
+  rounded to int8 per row and group and the integer products on VNNI
+  (:mod:`leanlm.kernels.cpu_vnni`), W4A8 1.5-2.4x the bf16-activation int4 kernels at 1-32 rows
+  on 2 Xeon cores without AVX512-BF16. Its packing (VNNI's operand order) is then the one copy
+  of the codes, as int4pack's is.
 - ``int8pack`` (CPU, 8 bits, per-channel): ``_weight_int8pack_mm`` on ``q - 128`` with bf16
   activations; an asymmetric zero point becomes a rank-1 correction ``-(Σ_k x_k)·s·(z - 128)``.
   Like ``int4pack``, its ``q - 128`` is then the one copy of the codes (1 byte per weight).
@@ -55,11 +56,11 @@ from torch import nn
 
 from leanlm import kernels
 from leanlm.errors import LeanLMError
-from leanlm.kernels import cpu_int8, cpu_ops, cpu_w4a8, quant_gemm, quant_gemv
+from leanlm.kernels import cpu_int8, cpu_ops, cpu_vnni, quant_gemm, quant_gemv
 from leanlm.kernels.packing import pack_codes, packed_bytes, pad_codes, unpack_codes
 from leanlm.quant.primitives import default_g_idx, dequantize_weight, num_groups
 
-BACKENDS = ("auto", "triton", "int4pack", "w4a8", "int8pack", "dequant", "reference")
+BACKENDS = ("auto", "triton", "int4pack", "vnni", "int8pack", "dequant", "reference")
 # Rows below which a packed CPU kernel beats dequantize + bf16 GEMM. Measured on an 8192 x 2048
 # layer, 2 cores: the kernels cost ~0.10 (int4) / ~0.12 (int8) ms per row against 0.044 for bf16
 # GEMM, and dequantizing the layer costs ~30 ms, so they cross near 600 and 375 rows.
@@ -121,18 +122,19 @@ class QuantLinear(nn.Module):
     def codes(self) -> torch.Tensor:
         if self.qweight.numel() == 0 and "int8pack" in self._kernels:  # held by the kernel only
             return self._kernels["int8pack"][0].view(torch.uint8) ^ 0x80  # q - 128 back to q
-        held = next((b for b in ("int4pack", "w4a8") if b in self._kernels), None)
+        held = next((b for b in ("int4pack", "vnni") if b in self._kernels), None)
         if self.qweight.numel() == 0 and held is not None:
             packed, _, perm, pad, _ = self._kernels[held]
-            unpack = cpu_w4a8.unpack if held == "w4a8" else int4pack_codes
-            codes = unpack(packed, packed.shape[0], self.in_features + pad)
+            k = self.in_features + pad
+            codes = (cpu_vnni.unpack(packed, packed.shape[0], k, self.bits) if held == "vnni"
+                     else int4pack_codes(packed, packed.shape[0], k))
             codes = codes[:self.out_features, :self.in_features]
             return codes if perm is None else codes[:, torch.argsort(perm)]
         return unpack_codes(self.qweight, self.bits, self.in_features)
 
     def _restore_codes(self) -> None:
         """Rebuild ``qweight`` from the kernel's packing before the kernel tensors go away."""
-        if self.qweight.numel() == 0 and any(b in self._kernels for b in ("int4pack", "w4a8", "int8pack")):
+        if self.qweight.numel() == 0 and any(b in self._kernels for b in ("int4pack", "vnni", "int8pack")):
             self.qweight = pack_codes(pad_codes(self.codes(), self.bits), self.bits)
 
     def _g_idx(self) -> torch.Tensor | None:
@@ -204,10 +206,16 @@ class QuantLinear(nn.Module):
             if not self._contiguous_groups():
                 return "int4pack needs every group to hold group_size columns (g_idx is irregular)"
             return None
-        if backend == "w4a8":
-            if not cpu_w4a8.available():
-                return "w4a8 needs a CPU with AVX512-VNNI and leanlm's C++ ops built"
-            return self.kernel_problem("int4pack")
+        if backend == "vnni":
+            if not cpu_vnni.available():
+                return "vnni needs a CPU with AVX512-VNNI and leanlm's C++ ops built"
+            if self.bits not in cpu_vnni.BITS:
+                return f"vnni runs {cpu_vnni.BITS}-bit weights, this layer has {self.bits} bits"
+            if (g == -1 and self.in_features % 16) or (g != -1 and g % 16):
+                return f"vnni needs groups of a multiple of 16 columns; group_size {g}, K {self.in_features}"
+            if g != -1 and not self._contiguous_groups():
+                return "vnni needs every group to hold group_size columns (g_idx is irregular)"
+            return None
         if backend == "int8pack":
             if self.bits != 8 or g != -1:
                 return (f"int8pack runs 8-bit per-channel weights (group_size -1), this layer has "
@@ -239,13 +247,15 @@ class QuantLinear(nn.Module):
             return self.backend
         # torch's packed CPU kernels compute in bf16: fp32 inputs only where the user allows it
         bf16 = _activation_dtype(x2) == torch.bfloat16 or kernels.bf16_kernels()
-        if kernel is None or not bf16:
+        if not bf16:
             return "dequant"
-        if kernel == "int4pack" and kernels.w4a8() and cpu_ops.runs(x2):  # int8 activations, by request
-            if "w4a8?" not in self._kernels:
-                self._kernels["w4a8?"] = (self.kernel_problem("w4a8") is None,)
-            if self._kernels["w4a8?"][0]:
-                return "w4a8"
+        if kernels.int8_activations() and cpu_ops.runs(x2):  # by request: the numerics change
+            if "vnni?" not in self._kernels:
+                self._kernels["vnni?"] = (self.kernel_problem("vnni") is None,)
+            if self._kernels["vnni?"][0]:
+                return "vnni"
+        if kernel is None:
+            return "dequant"
         # leanlm's int4 GEMM unpacks each weight tile once for all rows, so it beats dequantize +
         # GEMM at any M (2.4-4x at 256-2048 rows, 2 Xeon cores without AVX512-BF16); torch's
         # kernels unpack per few rows, and give way to it past KERNEL_MAX_M
@@ -265,28 +275,29 @@ class QuantLinear(nn.Module):
         if backend in self._kernels:
             return self._kernels[backend]
         codes = self.codes()
-        if backend in ("int4pack", "w4a8"):
-            g, k = self.group_size, self.in_features
+        if backend in ("int4pack", "vnni"):
+            k = self.in_features
+            g = k if self.group_size == -1 else self.group_size
             perm = None
             if not torch.equal(self.g_idx, torch.sort(self.g_idx, stable=True).values):
                 perm = torch.argsort(self.g_idx.long(), stable=True)
                 codes = codes[:, perm]
             pad = (-k) % g
             codes = F.pad(codes, (0, pad))  # the padded columns meet zero inputs
-            s = self.scales.float()
-            sz = torch.stack([s, (8 - self.zeros.float()) * s], -1).transpose(0, 1)  # [G, N, 2]
-            ours = int4pack_layout_known() or backend == "w4a8"  # the layouts leanlm's kernels read
+            s, h = self.scales.float(), 2 ** (self.bits - 1)
+            sz = torch.stack([s, (h - self.zeros.float()) * s], -1).transpose(0, 1)  # [G, N, 2]
+            ours = int4pack_layout_known() or backend == "vnni"  # the layouts leanlm's kernels read
             if ours:  # whole blocks of 64 output rows; the padding rows have scale and offset 0
                 rows = (-self.out_features) % 64
-                pack = cpu_w4a8.pack if backend == "w4a8" else int4pack
-                packed = pack(F.pad(codes, (0, 0, 0, rows)))  # uint8: no int32 copy (4 B/weight)
+                codes = F.pad(codes, (0, 0, 0, rows))  # uint8: no int32 copy (4 B/weight)
+                packed = cpu_vnni.pack(codes, self.bits) if backend == "vnni" else int4pack(codes)
                 sz = F.pad(sz, (0, 0, 0, rows))
                 self.qweight = self.qweight.new_empty(0)  # the packing is now the one copy
             else:
                 packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 2)
             sz = sz.to(torch.bfloat16).contiguous()
-            if backend == "w4a8":
-                sz = cpu_w4a8.block_scales(sz)
+            if backend == "vnni":
+                sz = cpu_vnni.block_scales(sz)
             self._kernels[backend] = (packed, sz, perm, pad, ours)
         elif backend == "int8pack":
             s = self.scales.float()[:, 0]
@@ -304,9 +315,9 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         fast = self._kernels.get("direct")  # the serving engine's steps on CPU: straight to the kernel
         if (fast is not None and self.backend == "auto" and x2.dtype == torch.bfloat16
-                and x2.shape[0] >= fast[1] and fast[2] == kernels.w4a8()
+                and x2.shape[0] >= fast[1] and fast[2] == kernels.int8_activations()
                 and not torch.is_autocast_enabled("cpu") and cpu_ops.runs(x2)):
-            y = fast[0](x2.contiguous(), *fast[3:], self.group_size)[:, :self.out_features]
+            y = fast[0](x2.contiguous(), *fast[3:])[:, :self.out_features]
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
             return y.reshape(*shape[:-1], self.out_features)
@@ -326,7 +337,7 @@ class QuantLinear(nn.Module):
                 y = quant_gemm.quant_gemm(x2.to(dtype).contiguous(), self.qweight, self.scales, self.zeros,
                                           self._g_idx(), self.bits, self.group_size, self.bias)
             out_dtype, bias = dtype, None
-        elif backend in ("int4pack", "w4a8"):
+        elif backend in ("int4pack", "vnni"):
             packed, sz, perm, pad, ours = self._prepare(backend)
             xb = x2.to(torch.bfloat16)
             if perm is not None:
@@ -334,18 +345,19 @@ class QuantLinear(nn.Module):
             if pad:
                 xb = F.pad(xb, (0, pad))
             xb = xb.contiguous()
-            # (kernel, from how many rows, W4A8?); auto only: a forced int4pack is torch's kernel,
-            # whose roundings peers share
+            # (kernel, from how many rows, int8 activations?, its arguments); auto only: a forced
+            # int4pack is torch's kernel, whose roundings peers share
             direct = None
-            if backend == "w4a8":
-                direct = (cpu_w4a8.mm, 1, True)
+            if backend == "vnni":
+                gs = xb.shape[1] if self.group_size == -1 else self.group_size
+                direct = (cpu_vnni.mm, 1, True, packed, sz, gs, self.bits)
             elif (ours and self.backend == "auto" and xb.shape[0] >= cpu_ops.INT4_MIN_ROWS
-                  and cpu_ops.runs(xb)):
-                direct = (cpu_ops.int4pack_mm, cpu_ops.INT4_MIN_ROWS, False)  # unpacked once for all rows
+                  and cpu_ops.runs(xb)):  # unpacked once for all rows
+                direct = (cpu_ops.int4pack_mm, cpu_ops.INT4_MIN_ROWS, False, packed, sz, self.group_size)
             if direct is not None:
-                y = direct[0](xb, packed, sz, self.group_size)
+                y = direct[0](xb, *direct[3:])
                 if perm is None and not pad and self.backend == "auto":  # bf16 rows go here from now on
-                    self._kernels["direct"] = (*direct, packed, sz)
+                    self._kernels["direct"] = direct
             else:
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, packed, self.group_size, sz)
             y = y[:, :self.out_features]  # (the padding rows of leanlm's packing)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from leanlm.cliutil import W4A8_HELP, ModelArg, resolve_model
+from leanlm.cliutil import INT8_ACTIVATIONS_HELP, ModelArg, resolve_model
 from leanlm.errors import LeanLMError
 
 
@@ -44,7 +44,7 @@ def serve(
         help="static-shape decode steps (batch/length buckets): CUDA graphs on CUDA, torch.compile "
              "elsewhere; captured or compiled on first use.")] = False,
     threads: Annotated[int, typer.Option(help="torch threads for the model (0: torch's default).")] = 0,
-    w4a8: Annotated[bool, typer.Option(help=W4A8_HELP)] = False,
+    int8_activations: Annotated[bool, typer.Option(help=INT8_ACTIVATIONS_HELP)] = False,
     max_n: Annotated[int, typer.Option(help="Most completions per request (`n`).")] = 16,
     max_request_tokens: Annotated[int, typer.Option(
         help="Most KV-cache tokens a request may reserve: n x (prompt + max_tokens) "
@@ -110,8 +110,8 @@ def serve(
         raise LeanLMError(f"--router {router!r}: expected one of {POLICIES}")
     if min(tensor_parallel_size, data_parallel_size, api_server_count) < 1:
         raise LeanLMError("--tensor-parallel-size, --data-parallel-size and --api-server-count must be >= 1")
-    if w4a8:  # read by the engine processes, which inherit it
-        os.environ["LEANLM_W4A8"] = "1"
+    if int8_activations:  # read by the engine processes, which inherit it
+        os.environ["LEANLM_INT8_ACTIVATIONS"] = "1"
     keep_freed_memory()  # CPU steps reuse freed memory instead of page-faulting on it each step
     use_huge_pages()  # weights on 2 MiB pages: decode streams them faster (a slower load)
     bound_kernel_caches()  # else oneDNN keeps a primitive per step size, and RSS grows with them
