@@ -4,9 +4,10 @@ slots) on the same model and workload.
 llama.cpp is built from the sources vendored in the llama-cpp-python sdist (``llamacpp.py``), the
 checkpoint converted by its own converter to f16 and quantized by its ``llama-quantize`` to Q4_0
 (4-bit, groups of 32, symmetric); leanlm serves the same checkpoint in bf16 (eager, and with
-``--compile``) and quantized with RTN W4 g32 (symmetric, as Q4_0), with bf16 activations and with
-int8 ones (``--int8-activations``, on AVX512-VNNI CPUs: Q4_0's own arithmetic, whose activations are Q8_0
-blocks). ``llama-server`` runs with as
+``--compile``) and quantized with RTN W4 g32 (symmetric, as Q4_0): as ``leanlm quantize`` makes
+it (head bf16) with bf16 activations, and as llama-quantize's Q4_0 file is (the tied head in 8
+bits, its Q8_0) with int8 activations (``--int8-activations``, on AVX512-VNNI CPUs: Q4_0's own
+arithmetic, whose activations are Q8_0 blocks). ``llama-server`` runs with as
 many parallel slots as the highest concurrency (``-np``), each with room for a prompt and its
 output, and ``-t``/``-tb`` threads.
 Each server runs alone on the machine's cores, and the same ``leanlm bench serve`` workload
@@ -55,10 +56,10 @@ def preset_checkpoint(preset: str) -> Path:
     return path
 
 
-def leanlm_int4(model: Path, work: Path) -> Path:
-    out = work / "rtn-w4g32"
+def leanlm_int4(model: Path, out: Path, *options: str) -> Path:
     subprocess.run([sys.executable, "-m", "leanlm.cli", "quantize", str(model), "--method", "rtn",
-                    "--bits", "4", "--group-size", "32", "--out", str(out)], check=True, capture_output=True)
+                    "--bits", "4", "--group-size", "32", "--out", str(out), *options], check=True,
+                   capture_output=True)
     return out
 
 
@@ -93,7 +94,9 @@ def main() -> None:
     files = ggufs(tree, model, ("Q4_0",), gguf_dir)
     slots, slot_ctx = max(levels), args.input_len + args.output_len + 64
     with tempfile.TemporaryDirectory() as tmp:
-        int4 = leanlm_int4(model, Path(tmp))
+        int4 = leanlm_int4(model, Path(tmp) / "rtn-w4g32")
+        # as llama-quantize's Q4_0 file: the tied head in 8 bits (its Q8_0), activations in int8
+        int4_h8 = leanlm_int4(model, Path(tmp) / "rtn-w4g32-head8", "--lm-head-bits", "8")
         llama_server = [str(tree / "build/bin/llama-server"), "--host", "127.0.0.1", "-t", str(args.threads),
                         "-tb", str(args.threads), "-np", str(slots), "-c", str(slots * slot_ctx), "-cb"]
         servers = [
@@ -101,8 +104,8 @@ def main() -> None:
             ("leanlm bf16 --compile", [sys.executable, "-m", "leanlm.cli", "serve", str(model), "--compile"]),
             ("llama-server f16", [*llama_server, "-m", str(files["f16"])]),
             ("leanlm int4 (RTN g32)", [sys.executable, "-m", "leanlm.cli", "serve", str(int4)]),
-            ("leanlm int4 W4A8 (RTN g32)",
-             [sys.executable, "-m", "leanlm.cli", "serve", str(int4), "--int8-activations"]),
+            ("leanlm int4, head int8, int8 activations",
+             [sys.executable, "-m", "leanlm.cli", "serve", str(int4_h8), "--int8-activations"]),
             ("llama-server Q4_0", [*llama_server, "-m", str(files["Q4_0"])]),
         ]
         if args.no_compile:
@@ -126,7 +129,7 @@ def main() -> None:
             print(f"| {name} | {lv} | " + " | ".join(cells) + " |")
     for ours, theirs in (("leanlm bf16", "llama-server f16"), ("leanlm bf16 --compile", "llama-server f16"),
                          ("leanlm int4 (RTN g32)", "llama-server Q4_0"),
-                         ("leanlm int4 W4A8 (RTN g32)", "llama-server Q4_0")):
+                         ("leanlm int4, head int8, int8 activations", "llama-server Q4_0")):
         if ours in names:
             print(f"{ours} / {theirs} output throughput (medians): " + ", ".join(
                 f"{med(ours, lv, 'output_throughput') / med(theirs, lv, 'output_throughput'):.2f}x at {lv}"

@@ -24,7 +24,7 @@ def decode(b: dict, window: int | None) -> torch.Tensor:
 
 @pytest.mark.parametrize("window", [None, 7])
 @pytest.mark.parametrize("heads,kv_heads,d,block_size", [(4, 2, 16, 4), (8, 1, 24, 16), (3, 3, 64, 8),
-                                                         (5, 5, 64, 16), (4, 4, 80, 16)])
+                                                         (5, 5, 64, 16), (4, 4, 80, 16), (4, 2, 128, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_decode_matches_fp64_reference(window: int | None, heads: int, kv_heads: int, d: int,
                                        block_size: int, dtype: torch.dtype) -> None:

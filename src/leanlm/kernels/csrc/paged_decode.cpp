@@ -91,6 +91,60 @@ inline void softmax(float* s, int64_t n) {
   for (; j < n; ++j) s[j] /= total;
 }
 
+#if defined(__AVX512F__)
+// out lane i = the sum of v[i]'s lanes, for 16 vectors: a transpose-and-add tree (45 ops where 16
+// horizontal reductions take ~110)
+inline __m512 sum16(const __m512* v) {
+  __m512 a[8], b[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [x0+x2, y0+y2, x1+x3, y1+y3]
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: that lane's sums of v[4i..4i+3]
+    const __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
+    b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  const __m512 t01 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], 0x44), _mm512_shuffle_f32x4(b[0], b[1], 0xEE));
+  const __m512 t23 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], 0x44), _mm512_shuffle_f32x4(b[2], b[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(t01, t23, 0x88), _mm512_shuffle_f32x4(t01, t23, 0xDD));
+}
+
+// One head of D = 16·C: s[j] = (q · k_j)·scale over the request's keys (rows: their slots; base:
+// the head's first element in the cache), q held in registers and 16 keys' sums reduced at once;
+// then o = Σ_j p_j v_j with o in registers (the same order of multiply-adds as axpy's).
+template <int C, typename T>
+void head_scores(const float* q, const T* base, int64_t stride, const int64_t* rows, int64_t len, float scale,
+                 float* s, const T* ahead, int64_t row_bytes) {
+  __m512 qv[C];
+  for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
+  int64_t j = 0;
+  for (; j + 16 <= len; j += 16) {
+    __m512 v[16];
+    for (int t = 0; t < 16; ++t) {
+      if (ahead && j + t + kAhead < len) prefetch(ahead + rows[j + t + kAhead] * stride, row_bytes);
+      const T* k = base + rows[j + t] * stride;
+      __m512 acc = _mm512_mul_ps(qv[0], load16(k));
+      for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qv[c], load16(k + 16 * c), acc);
+      v[t] = acc;
+    }
+    _mm512_storeu_ps(s + j, _mm512_mul_ps(sum16(v), _mm512_set1_ps(scale)));
+  }
+  for (; j < len; ++j) s[j] = dot(q, base + rows[j] * stride, 16 * C) * scale;
+}
+
+template <int C, typename T>
+void head_values(const float* p, const T* base, int64_t stride, const int64_t* rows, int64_t len, T* out) {
+  __m512 a[C];
+  for (int c = 0; c < C; ++c) a[c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < len; ++j) {
+    const __m512 pv = _mm512_set1_ps(p[j]);
+    const T* v = base + rows[j] * stride;
+    for (int c = 0; c < C; ++c) a[c] = _mm512_fmadd_ps(pv, load16(v + 16 * c), a[c]);
+  }
+  float o[16 * C];
+  for (int c = 0; c < C; ++c) _mm512_storeu_ps(o + 16 * c, a[c]);
+  for (int i = 0; i < 16 * C; ++i) out[i] = static_cast<T>(o[i]);
+}
+#endif
+
 // The step's own K/V and the rotary tables, for rotary_decode: request r's work item rotates its
 // k and q, and stores its k and v in its slot, before it reads its keys.
 struct Fresh {
@@ -119,6 +173,7 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   // block's slots are contiguous, so the request's keys are read as whole, sequential rows.
   at::parallel_for(0, requests, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(heads * d), acc(heads * d), scores;
+    std::vector<int64_t> rows;
     std::vector<scalar_t> rotated(fresh ? d : 0);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t n = lp[r];
@@ -147,6 +202,26 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
       auto slot_of = [&](int64_t pos) {
         return static_cast<int64_t>(table[pos / block_size]) * block_size + pos % block_size;
       };
+#if defined(__AVX512F__)
+      if (d == 64 || d == 128) {  // head by head, q and o in registers
+        rows.resize(len);
+        for (int64_t j = 0; j < len; ++j) rows[j] = slot_of(first + j);
+        for (int64_t j = 0; j < std::min(len, kAhead); ++j) prefetch(kp + rows[j] * ks0, row_bytes);
+        for (int64_t h = 0; h < heads; ++h) {
+          const scalar_t* kh = kp + (h / group) * ks1;
+          const scalar_t* ahead = h == 0 ? kp : nullptr;  // the first head's pass fetches whole rows
+          float* s = scores.data() + h * len;
+          if (d == 64) head_scores<4>(qf.data() + h * d, kh, ks0, rows.data(), len, fscale, s, ahead, row_bytes);
+          else head_scores<8>(qf.data() + h * d, kh, ks0, rows.data(), len, fscale, s, ahead, row_bytes);
+          softmax(scores.data() + h * len, len);
+          const scalar_t* vh = vp + (h / group) * vs1;
+          scalar_t* o = op + r * os0 + h * os1;
+          if (d == 64) head_values<4>(scores.data() + h * len, vh, vs0, rows.data(), len, o);
+          else head_values<8>(scores.data() + h * len, vh, vs0, rows.data(), len, o);
+        }
+        continue;
+      }
+#endif
       for (int64_t j = 0; j < len; ++j) {
         const scalar_t* row = kp + slot_of(first + j) * ks0;
         if (j + kAhead < len) prefetch(kp + slot_of(first + j + kAhead) * ks0, row_bytes);
