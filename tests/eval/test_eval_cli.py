@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from eval_fixtures import tiny_eval_files
 
+from leanlm.kernels import cpu_vnni
+
 
 def leanlm(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "leanlm.cli", *args], capture_output=True, text=True,
@@ -56,12 +58,18 @@ def test_a_quantized_model_says_what_its_layers_computed_in(setup: tuple[Path, P
     q = tmp_path / "q"
     assert leanlm("quantize", str(model), "--method", "rtn", "--out", str(q)).returncode == 0
     runs = {}
-    for flags in ((), ("--bf16-kernels",)):
+    for flags in ((), ("--bf16-kernels",), ("--int8-activations",)):
         out = leanlm("eval", str(q), "--ppl", str(text), "--seq-len", "32", "--json", *flags)
         assert out.returncode == 0, out.stderr
         runs[flags] = json.loads(out.stdout)
     assert runs[()]["quantized_compute"] == "fp32 (dequantized)"
     assert runs[("--bf16-kernels",)]["quantized_compute"] == "bf16 (packed CPU kernels)"
     assert runs[()]["perplexity"]["ppl"] != runs[("--bf16-kernels",)]["perplexity"]["ppl"]
+    a8 = runs[("--int8-activations",)]
+    if cpu_vnni.available():  # the activations rounded to int8: other figures again
+        assert a8["quantized_compute"] == "int8 activations (VNNI) where a layer can, else bf16"
+        assert a8["perplexity"]["ppl"] != runs[("--bf16-kernels",)]["perplexity"]["ppl"]
+    else:
+        assert a8["quantized_compute"] == "bf16 (packed CPU kernels)"
     plain = json.loads(leanlm("eval", str(model), "--ppl", str(text), "--seq-len", "32", "--json").stdout)
     assert "quantized_compute" not in plain

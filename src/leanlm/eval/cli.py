@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from leanlm.cliutil import ModelArg, resolve_model, weights_bytes
+from leanlm.cliutil import INT8_ACTIVATIONS_HELP, ModelArg, resolve_model, weights_bytes
 from leanlm.errors import LeanLMError
 
 
@@ -42,6 +42,8 @@ def eval_(
     bf16_kernels: Annotated[bool, typer.Option(
         "--bf16-kernels", help="Let quantized layers of an fp32 model run the packed int4/int8 CPU "
         "kernels, which compute in bf16 (faster; the figures are then not fp32 figures).")] = False,
+    int8_activations: Annotated[bool, typer.Option(help=INT8_ACTIVATIONS_HELP + " Implies --bf16-kernels.")]
+    = False,
 ) -> None:
     """Evaluate MODEL: perplexity (GPTQ protocol), zero-shot tasks, agreement with a reference."""
     import torch
@@ -51,6 +53,7 @@ def eval_(
     from leanlm.data.text import read_texts
     from leanlm.eval.evaluate import evaluate
     from leanlm.eval.tasks import shipped_tasks
+    from leanlm.kernels import cpu_vnni
     from leanlm.quant import quantized_linears
     from leanlm.tokenizer import load_tokenizer
 
@@ -63,16 +66,19 @@ def eval_(
     lm = load_model(path, dtype=dtype, pack=True).eval()
     tok = load_tokenizer(path)
     ref = load_model(reference, dtype=dtype, pack=True).eval() if reference is not None else None
-    bf16 = bf16_kernels or kernels.bf16_kernels()
-    with kernels.allow_bf16_kernels(bf16):
+    act8 = int8_activations or kernels.int8_activations()
+    bf16 = bf16_kernels or kernels.bf16_kernels() or act8
+    with kernels.allow_bf16_kernels(bf16), kernels.quantizing_activations(act8):
         result = {"model": str(path), **evaluate(lm, tok, texts, names, seq_len, stride, max_windows,
                                                  ref, batch_size)}
         if data is not None:
             result["domains"] = _domain_losses(lm, tok, data, seq_len, batch_size, max_windows)
     if quantized_linears(lm):  # what the figures are: fp32 results, or those of the bf16 kernels
         fp32 = lm.embed_tokens.weight.dtype == torch.float32
-        result["quantized_compute"] = ("fp32 (dequantized)" if fp32 and not bf16
-                                       else "bf16 (packed CPU kernels)")
+        result["quantized_compute"] = (
+            "fp32 (dequantized)" if fp32 and not bf16
+            else "int8 activations (VNNI) where a layer can, else bf16" if act8 and cpu_vnni.available()
+            else "bf16 (packed CPU kernels)")
     if as_json:
         sys.stdout.write(json.dumps(result, indent=1) + "\n")
         return
