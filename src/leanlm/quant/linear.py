@@ -312,15 +312,17 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         fast = self._kernels.get("direct")  # the serving engine's steps on CPU: straight to the kernel
+        # (a decode step makes ~25 of these calls: each test here is one the kernel would need)
         if (fast is not None and self.backend == "auto" and x2.dtype == torch.bfloat16
-                and x2.shape[0] >= fast[1] and fast[2] == kernels.int8_activations()
-                and not torch.is_autocast_enabled("cpu") and cpu_ops.runs(x2)):
-            y = fast[0](x2.contiguous(), *fast[3:])[:, :self.out_features]
+                and x2.shape[0] >= fast[1] and fast[2] == kernels.int8_activations() and cpu_ops.direct(x2)):
+            y = fast[0](x2 if x2.is_contiguous() else x2.contiguous(), *fast[3:])
+            if y.shape[1] != self.out_features:  # the padding rows of the packing
+                y = y[:, :self.out_features]
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
-            return y.reshape(*shape[:-1], self.out_features)
+            return y if x.dim() == 2 else y.reshape(*shape[:-1], self.out_features)
         backend = self._choose(x2)
         out_dtype = x.dtype
         bias = self.bias
