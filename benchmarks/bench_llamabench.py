@@ -17,7 +17,7 @@ tied output/embedding tensor quantized (Q6_K for Q4_0, Q8_0 for Q8_0). Differenc
 shows rather than hides: the bytes each reads per token, and leanlm's weight-only kernels take
 bf16 activations where llama.cpp quantizes activations to 8 bits (the W8A8 row does too, and
 on AVX512-VNNI CPUs the rows with int8 activations, ``--int8-activations``: per group of 32 for
-4 bits, as Q8_0's blocks, per token for 8 bits per channel).
+4 bits, as Q8_0's blocks, per 128 columns for 8 bits per channel).
 
     python benchmarks/bench_llamabench.py [--llama-cpp-src llama_cpp_python-0.3.36.tar.gz] [--rounds 3]
     python benchmarks/bench_llamabench.py --own   # leanlm only: int4/int8 bodies x head formats vs bf16
@@ -121,6 +121,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--own", action="store_true", help="leanlm only: quantized bodies and heads vs bf16")
+    ap.add_argument("--only", default="", help="comma-separated parts of row names: only those rows")
     args = ap.parse_args()
     threads = torch.get_num_threads()
     path = checkpoint(args.preset)
@@ -154,6 +155,8 @@ def main() -> None:
     bf16 = leanlm.load_model(path, pack=True)  # decoded in every row's rounds: "vs leanlm bf16"
     if not cpu_vnni.available():
         rows = [row for row in rows if not row[0].startswith(A8)]
+    if args.only:
+        rows = [row for row in rows if any(part in row[0] for part in args.only.split(","))]
     for name, kind, config, head in rows:  # one quantized model in memory at a time
         a8 = name.startswith(A8)
         name = name.removeprefix(A8)

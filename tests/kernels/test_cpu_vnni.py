@@ -117,13 +117,15 @@ def rtn_layer(bits: int = 4, gs: int = 64, n: int = 192, k: int = 256):
 @pytest.mark.parametrize(("bits", "gs"), [(4, 64), (8, -1), (8, 128)])
 def test_quant_linear_takes_vnni_only_when_asked(monkeypatch: pytest.MonkeyPatch, bits: int, gs: int) -> None:
     """Off by default; on, every row count of a bf16 input runs the VNNI kernel, whose result is
-    the reference's; the packing becomes the one copy of the codes, and the state dict keeps them."""
+    the reference's (a per-channel weight's activations rounded per 128 columns, not per row);
+    the packing becomes the one copy of the codes, and the state dict keeps them."""
     torch.manual_seed(0)
     quant = rtn_layer(bits, gs)
     codes = quant.codes().clone()
-    group = 256 if gs == -1 else gs
+    group = 128 if gs == -1 else gs  # per channel: the activations rounded per 128 columns all the same
     s = quant.scales.float()
     sz = torch.stack([s, (2 ** (bits - 1) - quant.zeros.float()) * s], -1).transpose(0, 1).to(torch.bfloat16)
+    sz = sz.repeat(256 // group // sz.shape[0], 1, 1)  # a per-channel (s, m) for each group
     calls = []
     real = cpu_vnni.mm
     monkeypatch.setattr(cpu_vnni, "mm", lambda *a: calls.append(a[0].shape[0]) or real(*a))

@@ -8,13 +8,16 @@ int8 lets the integer product of a group run as VNNI's ``vpdpbusd`` (u8 code × 
 multiply-adds an instruction, exact in int32) on codes that never leave the byte — what
 llama.cpp's Q4_0 and Q8_0 (× Q8_0 activations) and torchao's ``da8w4`` do on these CPUs.
 (torchao's CPU kernels are not in its pip wheel, so leanlm builds its own:
-``csrc/vnni_gemm.cpp``.) Per input row i and weight group g (a per-channel weight is one group of
-K), with w = q·s + c, c = m − h·s in torch's int4pack pairs (s, m) (h = 8 for 4 bits, 128 for 8):
+``csrc/vnni_gemm.cpp``.) Per input row i and weight group g, with w = q·s + c, c = m − h·s in
+torch's int4pack pairs (s, m) (h = 8 for 4 bits, 128 for 8):
 
     a[i, g] = max(max_k |x[i, k]|, 1e-8) / 127,   x̂[i, k] = round(x[i, k] / a[i, g])
     y[i, n] = Σ_g s[g, n] · a[i, g] · Σ_{k∈g} q[n, k] x̂[i, k]  +  c[g, n] · Σ_{k∈g} x[i, k]
 
 The zero point's term sees the unrounded row sum, so the rounding touches only the scaled part.
+A per-channel weight is given groups of 128/64/32 columns with its (s, m) repeated
+(:class:`leanlm.quant.linear.QuantLinear` does), so its activations are not rounded per whole
+row: per token, W8A8 cost the default model +0.59% perplexity; per 64 columns, see RESULTS.md.
 This changes a layer's numerics (each group's activations to 8 bits, like Q8_0's blocks of 32),
 so it is a switch (:func:`leanlm.kernels.int8_activations`), off by default; the perplexity cost
 is in benchmarks/RESULTS.md.

@@ -21,7 +21,8 @@ The forward picks a backend once per (device, M-regime), automatically:
   0.5 byte per weight in memory, not 1.
 - ``vnni`` (CPU with AVX512-VNNI, 4 or 8 bits, groups of a multiple of 16 or per channel;
   ``auto`` takes it only when :func:`leanlm.kernels.int8_activations` is on): the activations
-  rounded to int8 per row and group and the integer products on VNNI
+  rounded to int8 per row and group (a per-channel weight's per 128/64/32 columns, its scale
+  repeated) and the integer products on VNNI
   (:mod:`leanlm.kernels.cpu_vnni`), W4A8 1.5-2.4x the bf16-activation int4 kernels at 1-32 rows
   on 2 Xeon cores without AVX512-BF16. Its packing (VNNI's operand order) is then the one copy
   of the codes, as int4pack's is.
@@ -276,8 +277,10 @@ class QuantLinear(nn.Module):
             return self._kernels[backend]
         codes = self.codes()
         if backend in ("int4pack", "vnni"):
-            k = self.in_features
-            g = k if self.group_size == -1 else self.group_size
+            k, g, reps = self.in_features, self.group_size, 1
+            if g == -1:  # per channel: vnni rounds activations per 128/64/32 columns, (s, m) repeated
+                g = next((c for c in (128, 64, 32) if k % c == 0), k) if backend == "vnni" else k
+                reps = k // g
             perm = None
             if not torch.equal(self.g_idx, torch.sort(self.g_idx, stable=True).values):
                 perm = torch.argsort(self.g_idx.long(), stable=True)
@@ -286,6 +289,7 @@ class QuantLinear(nn.Module):
             codes = F.pad(codes, (0, pad))  # the padded columns meet zero inputs
             s, h = self.scales.float(), 2 ** (self.bits - 1)
             sz = torch.stack([s, (h - self.zeros.float()) * s], -1).transpose(0, 1)  # [G, N, 2]
+            sz = sz.repeat(reps, 1, 1)
             ours = int4pack_layout_known() or backend == "vnni"  # the layouts leanlm's kernels read
             if ours:  # whole blocks of 64 output rows; the padding rows have scale and offset 0
                 rows = (-self.out_features) % 64
@@ -351,8 +355,7 @@ class QuantLinear(nn.Module):
             # int4pack is torch's kernel, whose roundings peers share
             direct = None
             if backend == "vnni":
-                gs = xb.shape[1] if self.group_size == -1 else self.group_size
-                direct = (cpu_vnni.mm, 1, True, packed, sz, gs, self.bits)
+                direct = (cpu_vnni.mm, 1, True, packed, sz, xb.shape[1] // sz.shape[1], self.bits)
             elif (ours and self.backend == "auto" and xb.shape[0] >= cpu_ops.INT4_MIN_ROWS
                   and cpu_ops.runs(xb)):  # unpacked once for all rows
                 direct = (cpu_ops.int4pack_mm, cpu_ops.INT4_MIN_ROWS, False, packed, sz, self.group_size)

@@ -9,7 +9,8 @@
 //   y[i, n] = Σ_g s[g, n] · (a[i, g] · Σ_{k∈g} q[n, k] x̂[i, k])  +  c[g, n] · Σ_{k∈g} x[i, k]
 //
 // The zero point's term uses the row's unrounded sum, so only the scaled part sees x̂. fp32
-// accumulation across groups, rounded once to bf16. A per-channel weight is one group of K.
+// accumulation across groups, rounded once to bf16. (A per-channel weight comes as groups of
+// 128/64/32 columns with its (s, m) repeated, so that its activations are rounded per group too.)
 //
 // Layout (leanlm.kernels.cpu_vnni.pack): blocks of 64 output rows; in a block, every 8 input
 // columns (an octet) hold two quads of 4 columns, each quad 4 lines of 64 bytes (16 rows x 4
