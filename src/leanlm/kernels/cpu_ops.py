@@ -14,6 +14,8 @@ math and roundings (``csrc/``; the formulas are in each file's header):
 - ``leanlm_cpu::rotary``: RoPE of q or k (:mod:`leanlm.kernels.rotary`);
 - ``leanlm_cpu::int4pack_mm``: x times a 4-bit weight in torch's CPU int4pack layout;
 - ``leanlm_cpu::bf16_mm``: x times a bf16 weight in 64-row blocks (:mod:`leanlm.kernels.cpu_linear`);
+- ``leanlm_cpu::vnni_mm``: x rounded to int8 times a 4/8-bit weight on AVX512-VNNI
+  (:mod:`leanlm.kernels.cpu_vnni`, ``LEANLM_INT8_ACTIVATIONS``);
 - ``leanlm_cpu::argmax_rows``: torch.argmax(x, -1) of fp32 logits [R, V], vectorised (greedy sampling).
 
 They are compiled with :mod:`torch.utils.cpp_extension` (a C++ compiler and ninja; cached under
