@@ -141,6 +141,7 @@ def main() -> None:
             (A8 + "int4 W4A8 (RTN W4 g32 sym, int8 activations)", "Q4_0", RTNConfig(4, 32), False),
             (A8 + "int4 W4A8, head W8A8 (RTN W4 g32 sym, head W8 per channel, int8 activations)", "Q4_0",
              RTNConfig(4, 32), RTNConfig(8, -1)),
+            (A8 + "int4 W4A8, head W4A8 (RTN W4 g32 sym, int8 activations)", "Q4_0", RTNConfig(4, 32), True),
             ("int4, head int8 (RTN W4 g32 sym, head W8 per channel)", "Q4_0", RTNConfig(4, 32),
              RTNConfig(8, -1)),
             ("int4, head int4 (RTN W4 g32 sym)", "Q4_0", RTNConfig(4, 32), True),

@@ -157,3 +157,25 @@ def test_a_forced_vnni_backend_runs_and_explains_where_it_cannot(monkeypatch: py
     assert "3 bits" in rtn_layer(bits=3).kernel_problem("vnni")
     monkeypatch.setattr(cpu_vnni, "available", lambda: False)
     assert "AVX512-VNNI" in rtn_layer().kernel_problem("vnni")
+
+
+@needs_vnni
+def test_act_order_groups_gather_the_input() -> None:
+    """GPTQ's act-order: columns belong to groups in a permuted order (g_idx); the packing sorts
+    them by group and the input is gathered to match, so the product is still x·ŵᵀ."""
+    from leanlm.quant.linear import QuantLinear
+
+    g = torch.Generator().manual_seed(3)
+    n, k, gs = 128, 256, 32
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    scales = torch.rand(n, k // gs, generator=g) * 0.02 + 0.001
+    zeros = torch.randint(0, 16, (n, k // gs), generator=g, dtype=torch.uint8)
+    g_idx = (torch.arange(k) // gs)[torch.randperm(k, generator=g)].int()
+    quant = QuantLinear.from_codes(codes, scales, zeros, g_idx, 4, gs)
+    x = torch.randn(5, k, generator=g).to(torch.bfloat16)
+    want = x.float() @ quant.dequantize(torch.float32).t()
+    with torch.inference_mode(), kernels.quantizing_activations(True):
+        y = quant(x)
+    assert "vnni" in quant._kernels and quant._kernels["vnni"][2] is not None  # packed with a permutation
+    torch.testing.assert_close(y.float(), want, rtol=0.05, atol=0.05)
+    assert torch.equal(quant.codes(), codes)
