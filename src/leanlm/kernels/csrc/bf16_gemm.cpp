@@ -52,10 +52,11 @@ at::Tensor bf16_mm(const at::Tensor& x, const at::Tensor& wb, const std::optiona
       std::fill(acc.begin(), acc.end(), 0.f);
       const c10::BFloat16* block = wp + blk * k * kBlock;
       if (halves) {
-        with_half_rows(m, [&](auto rows) {
+        auto half_tiles = [&](auto rows, int64_t) {
           constexpr int R = decltype(rows)::value;
           for (int64_t h = 0; h < kBlock; h += kBlock / 2) tile_rows<R, 2>(xp, k, block + h, k, acc.data() + h);
-        });
+        };
+        with_rows<2 * kRows, kRows + 1>(m, 0, half_tiles);
       }
       for (int64_t k0 = 0; k0 < k && !halves; k0 += kCols) {
         const int64_t kn = std::min(kCols, k - k0);

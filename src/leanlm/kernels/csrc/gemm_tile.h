@@ -19,11 +19,12 @@ inline int64_t block_grain(int64_t m, int64_t k) {
   return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, k * std::max<int64_t>(m, 4)));
 }
 
-// f(R, r) for R = rows if rows <= Max, as a compile-time constant (std::integral_constant<int, R>)
-template <int Max, typename F>
+// f(R, r) with R = rows clamped to [Min, Max], as a compile-time constant
+// (std::integral_constant<int, R>): only R in [Min, Max] are instantiated
+template <int Max, int Min = 1, typename F>
 void with_rows(int64_t rows, int64_t r, F& f) {
-  if constexpr (Max > 1) {
-    if (rows < Max) return with_rows<Max - 1>(rows, r, f);
+  if constexpr (Max > Min) {
+    if (rows < Max) return with_rows<Max - 1, Min>(rows, r, f);
   }
   f(std::integral_constant<int, Max>{}, r);
 }
@@ -71,19 +72,6 @@ void tile_rows(const float* x, int64_t ldx, const W* tile, int64_t kn, float* ac
     for (int64_t kk = 0; kk < kn; ++kk)
       for (int64_t j = 0; j < 16 * C; ++j) acc[r * kBlock + j] += x[r * ldx + kk] * to_float(tile[kk * kBlock + j]);
 #endif
-}
-
-// f(rows) for m in 7..12 rows as a compile-time constant (std::integral_constant<int, m>)
-template <typename F>
-void with_half_rows(int64_t m, F&& f) {
-  switch (m) {
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    case 9: f(std::integral_constant<int, 9>{}); break;
-    case 10: f(std::integral_constant<int, 10>{}); break;
-    case 11: f(std::integral_constant<int, 11>{}); break;
-    default: f(std::integral_constant<int, 12>{}); break;
-  }
 }
 
 }  // namespace
