@@ -3,11 +3,12 @@ slots) on the same model and workload.
 
 llama.cpp is built from the sources vendored in the llama-cpp-python sdist (``llamacpp.py``), the
 checkpoint converted by its own converter to f16 and quantized by its ``llama-quantize`` to Q4_0
-(4-bit, groups of 32, symmetric); leanlm serves the same checkpoint in bf16 (eager, and with
-``--compile``) and quantized with RTN W4 g32 (symmetric, as Q4_0): as ``leanlm quantize`` makes
-it (head bf16) with bf16 activations, and as llama-quantize's Q4_0 file is (the tied head in 8
-bits, its Q8_0) with int8 activations (``--int8-activations``, on AVX512-VNNI CPUs: Q4_0's own
-arithmetic, whose activations are Q8_0 blocks). ``llama-server`` runs with as
+(4-bit, groups of 32, symmetric). leanlm serves the same checkpoint in bf16, and quantized with RTN
+W4 g32 (symmetric, as Q4_0): as ``leanlm quantize`` makes it (head bf16) with bf16 activations,
+and as llama-quantize's Q4_0 file is (the tied head in 8 bits, its Q8_0) with int8 activations
+(``--int8-activations``, on AVX512-VNNI CPUs: Q4_0's own arithmetic, whose activations are Q8_0
+blocks). bf16 and the latter run eagerly and with ``--compile`` (the decode step one compiled
+graph calling leanlm's C++ ops). ``llama-server`` runs with as
 many parallel slots as the highest concurrency (``-np``), each with room for a prompt and its
 output, and ``-t``/``-tb`` threads.
 Each server runs alone on the machine's cores, and the same ``leanlm bench serve`` workload
@@ -106,6 +107,8 @@ def main() -> None:
             ("leanlm int4 (RTN g32)", [sys.executable, "-m", "leanlm.cli", "serve", str(int4)]),
             ("leanlm int4, head int8, int8 activations",
              [sys.executable, "-m", "leanlm.cli", "serve", str(int4_h8), "--int8-activations"]),
+            ("leanlm int4, head int8, int8 activations --compile",
+             [sys.executable, "-m", "leanlm.cli", "serve", str(int4_h8), "--int8-activations", "--compile"]),
             ("llama-server Q4_0", [*llama_server, "-m", str(files["Q4_0"])]),
         ]
         if args.no_compile:
@@ -129,7 +132,8 @@ def main() -> None:
             print(f"| {name} | {lv} | " + " | ".join(cells) + " |")
     for ours, theirs in (("leanlm bf16", "llama-server f16"), ("leanlm bf16 --compile", "llama-server f16"),
                          ("leanlm int4 (RTN g32)", "llama-server Q4_0"),
-                         ("leanlm int4, head int8, int8 activations", "llama-server Q4_0")):
+                         ("leanlm int4, head int8, int8 activations", "llama-server Q4_0"),
+                         ("leanlm int4, head int8, int8 activations --compile", "llama-server Q4_0")):
         if ours in names:
             print(f"{ours} / {theirs} output throughput (medians): " + ", ".join(
                 f"{med(ours, lv, 'output_throughput') / med(theirs, lv, 'output_throughput'):.2f}x at {lv}"

@@ -204,3 +204,45 @@ def test_argmax_is_torchs_first_index_of_the_largest(v: int) -> None:
     assert torch.equal(cpu_ops.argmax(big), big.argmax(-1))
     with kernels.kernel_mode("reference"):  # torch's own where the op does not run
         assert torch.equal(cpu_ops.argmax(x), x.argmax(-1))
+
+
+def op_samples() -> dict[str, tuple]:
+    """Arguments for each op, as the model and the serving engine pass them."""
+    from test_paged_attention import paged_batch
+
+    from leanlm.kernels import cpu_vnni
+    from leanlm.kernels.cpu_linear import to_blocks
+
+    g = torch.Generator().manual_seed(0)
+    bf = lambda *shape: torch.randn(*shape, generator=g).to(torch.bfloat16)
+    packed, sz, _ = int4_layer(64, 64, 32, seed=0)
+    seq_lens, bs, heads, d = [1, 5, 17], 4, 4, 16
+    b = paged_batch([1] * 3, seq_lens, heads, 2, d, bs, seed=0, dtype=torch.bfloat16)
+    tables = b["block_tables"].to(torch.int32)
+    slots = torch.tensor([int(tables[r, (n - 1) // bs]) * bs + (n - 1) % bs for r, n in enumerate(seq_lens)])
+    lens, cos, sin = torch.tensor(seq_lens), bf(3, d), bf(3, d)
+    step = (b["k_cache"], b["v_cache"], slots, tables, lens, bs, 0.25, -1)
+    samples = {
+        "rms_norm": (bf(2, 3, 64), bf(2, 3, 64), bf(64), 1e-6),
+        "rotary": (bf(1, 5, 3, 64), bf(1, 1, 3, 64), bf(1, 1, 3, 64)),
+        "int4pack_mm": (bf(5, 64), packed, sz, 32, True),
+        "bf16_mm": (bf(5, 96), to_blocks(bf(160, 96)), None, 160),
+        "argmax_rows": (torch.randn(3, 100, generator=g),),
+        "paged_decode": (b["q"], b["k_cache"], b["v_cache"], tables, lens, bs, 0.25, -1),
+        "rotary_decode": (bf(3, heads, d), bf(3, 2, d), bf(3, 2, d), cos, sin, *step),
+        "rotary_decode_qkv": (bf(3, (heads + 4) * d), heads, cos, sin, *step),
+    }
+    if cpu_vnni.available():
+        codes = torch.randint(0, 16, (64, 64), generator=g, dtype=torch.uint8)
+        samples["vnni_mm"] = (bf(5, 64), cpu_vnni.pack(codes, 4), cpu_vnni.block_scales(sz), 32, 4)
+    return samples
+
+
+@pytest.mark.parametrize("name", list(op_samples()))
+def test_each_op_has_a_fake_that_torch_compile_can_trace(name: str) -> None:
+    """The serving engine's compiled decode step calls the ops from inside its graph: each has a
+    fake (shapes from shapes) that agrees with the op, and a schema that names what it writes
+    (rotary_decode's caches)."""
+    args = op_samples()[name]
+    torch.library.opcheck(getattr(cpu_ops.ops(), name).default, args,
+                          test_utils=("test_schema", "test_faketensor"))

@@ -9,6 +9,8 @@ import torch
 
 from conftest import random_model
 from leanlm.generate import generate
+from leanlm.kernels import cpu_ops
+from leanlm.kernels.cpu_linear import Linear
 from leanlm.sampling import SamplingParams
 from leanlm.serve.engine import LLM, EngineConfig
 from leanlm.serve.scheduler import SchedulerConfig
@@ -214,9 +216,10 @@ def test_compiled_decode_matches_eager(family: str) -> None:
         assert llm.engine.runner.compiled.fn is not None  # it compiled, it did not fall back
 
 
-def test_compiled_decode_compiles_every_bucket() -> None:
-    """One graph per (rows, table width) bucket: past dynamo's default of 8 graphs per function
-    the later buckets would silently run eagerly."""
+def test_compiled_decode_serves_every_batch_from_few_graphs() -> None:
+    """Symbolic shapes: 16 (rows, table width) shapes compile a graph for one row and one for
+    the rest (dynamo specialises sizes of 1), not one each; each step's logits are the eager
+    forward's."""
     from torch._dynamo.utils import counters
 
     from leanlm.serve.compiled import CompiledDecode
@@ -226,15 +229,65 @@ def test_compiled_decode_compiles_every_bucket() -> None:
     c = model.config
     cache = PagedKVCache.allocate(c.num_layers, 64 + 1, bs, c.num_kv_heads, c.head_dim, torch.float32, "cpu")
     decode = CompiledDecode(model, cache)
+    eager = CompiledDecode(model, cache)
+    eager.fn = eager._forward
     before = counters["stats"]["unique_graphs"]
     with torch.inference_mode():
-        for rows in (1, 2, 4):
-            for blocks in (1, 2, 4):
+        for rows in (1, 2, 3, 4):
+            for blocks in (1, 2, 3, 4):
                 n = blocks * bs
-                out = decode([5] * rows, [n - 1] * rows, [r * 16 * bs + n - 1 for r in range(rows)],
-                             [list(range(r * 16, r * 16 + blocks)) for r in range(rows)])
+                step = ([5 + rows] * rows, [n - 1] * rows, [r * 16 * bs + n - 1 for r in range(rows)],
+                        [list(range(r * 16, r * 16 + blocks)) for r in range(rows)])
+                out = decode(*step)
                 assert out is not None and out.shape == (rows, c.vocab_size)
-    assert counters["stats"]["unique_graphs"] - before == 9
+                torch.testing.assert_close(out, eager(*step), rtol=1e-5, atol=1e-5)
+    assert decode.fn is not None and 1 <= counters["stats"]["unique_graphs"] - before <= 4
+
+
+@pytest.mark.skipif(cpu_ops.ops() is None, reason="the C++ ops cannot be built here")
+@pytest.mark.parametrize("weights", ["bf16", "int4, int8 activations"])
+def test_compiled_cpu_decode_calls_the_cpp_ops(weights: str) -> None:
+    """A bf16 model packed for the CPU: the compiled step calls leanlm's C++ attention, RMSNorm
+    and (where the CPU has no bf16 instructions) bf16 GEMM from its graph, gives the eager
+    engine's tokens, and leaves the weights packed; quantized to 4 bits with int8 activations,
+    the VNNI GEMM (where the CPU has VNNI)."""
+    from leanlm import kernels
+    from leanlm.kernels import cpu_vnni
+    from leanlm.quant import RTNConfig, quantize_
+
+    model = random_model().to(torch.bfloat16)
+    ops = {"leanlm_cpu.rotary_decode_qkv", "leanlm_cpu.rms_norm"}
+    if weights == "bf16":
+        ops |= set() if cpu_ops.native_bf16() else {"leanlm_cpu.bf16_mm"}
+    else:
+        quantize_(model, RTNConfig(bits=4, group_size=32), progress=False)
+        ops |= {"leanlm_cpu.vnni_mm"} if cpu_vnni.available() else set()
+    model.pack_weights_(fuse=True)
+    with kernels.quantizing_activations(weights != "bf16"):
+        compiled_matches_eager(model, ops)
+
+
+def compiled_matches_eager(model: torch.nn.Module, ops: set[str]) -> None:
+    """The engine's tokens with and without ``compile``, and ``ops`` among the compiled graph's."""
+    from torch._inductor.compile_fx import compile_fx
+
+    from leanlm.serve.compiled import INDUCTOR_OPTIONS
+
+    ps = prompts(6, seed=7)
+    params = SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)
+    want = LLM(model, EngineConfig(block_size=4, num_blocks=128)).generate(ps, params)
+    llm = LLM(model, EngineConfig(block_size=4, num_blocks=128, compile=True))
+    compiled, called = llm.engine.runner.compiled, set()
+
+    def recording(gm: torch.fx.GraphModule, example_inputs: list) -> object:  # then inductor, as the engine
+        called.update(str(n.target).removesuffix(".default") for n in gm.graph.nodes
+                      if n.op == "call_function")
+        return compile_fx(gm, example_inputs, config_patches=INDUCTOR_OPTIONS)
+
+    compiled.fn = torch.compile(compiled._forward, dynamic=True, backend=recording)
+    assert llm.generate(ps, params) == want
+    assert ops <= called, called
+    assert all(m.is_packed for m in model.modules() if isinstance(m, Linear))
 
 
 def test_compiled_decode_falls_back_to_eager() -> None:

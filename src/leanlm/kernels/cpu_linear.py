@@ -218,7 +218,9 @@ class Linear(nn.Linear):
 
 def _eligible_packed(weight: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether a packed-only weight can multiply ``x`` as it is (else it is unpacked first):
-    no autograd through it, no autocast, not compiling, prepacking not switched off."""
-    return (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == weight.dtype
+    no autograd through it, no autocast, prepacking not switched off, and not compiling a oneDNN
+    weight (opaque to the compiler; 64-row blocks are traced as the C++ op that multiplies them)."""
+    return ((weight.dim() == 3 or not torch.compiler.is_compiling()) and x.device.type == "cpu"
+            and x.dtype == weight.dtype
             and not (torch.is_grad_enabled() and x.requires_grad)
             and not torch.is_autocast_enabled("cpu") and kernels.prepack())

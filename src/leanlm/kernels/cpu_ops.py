@@ -23,7 +23,8 @@ They are compiled with :mod:`torch.utils.cpp_extension` (a C++ compiler and ninj
 (v4 = AVX-512, v3 = AVX2) under a name that carries it, so a cache shared by different machines
 never runs code built for another ISA. If they cannot be built, the torch references run and
 the log says so once. They run (:func:`runs`) in the ``auto`` kernel mode on CPU tensors in
-fp32/bf16/fp16, outside ``torch.compile`` and autograd; ``LEANLM_KERNELS=reference`` (or
+fp32/bf16/fp16 outside autograd, and inside ``torch.compile`` too (each has a fake that gives its
+output shapes, so a compiled graph calls it); ``LEANLM_KERNELS=reference`` (or
 :func:`leanlm.kernels.kernel_mode`) turns them off. Parallel work goes to ATen's OpenMP pool.
 """
 
@@ -76,9 +77,20 @@ def native_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
-@functools.cache
+_UNBUILT = object()
+_ops: Any = _UNBUILT  # torch.ops.leanlm_cpu once built, None where it cannot be
+
+
 def ops() -> Any | None:
-    """``torch.ops.leanlm_cpu``, built and loaded on first call; None if it cannot be built."""
+    """``torch.ops.leanlm_cpu``, built and loaded on first call; None if it cannot be built.
+    (A global read once built, not ``functools.cache``: ``torch.compile`` traces this call.)"""
+    global _ops
+    if _ops is _UNBUILT:
+        _ops = _build()
+    return _ops
+
+
+def _build() -> Any | None:
     from torch.utils import cpp_extension
 
     compiler = os.environ.get("CXX", "c++")
@@ -103,7 +115,29 @@ def ops() -> Any | None:
         log.warning("leanlm's C++ CPU ops could not be built (%s); using the torch references",
                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return None
+    _register_fakes()
     return torch.ops.leanlm_cpu
+
+
+def _register_fakes() -> None:
+    """Each op's output shapes from its inputs' (no data read), so that ``torch.compile`` traces
+    the ops into its graph (the serving engine's compiled decode step) and calls them there."""
+    fakes = {
+        "paged_decode": lambda q, *_: torch.empty_like(q, memory_format=torch.contiguous_format),
+        "rotary_decode": lambda q, *_: torch.empty_like(q, memory_format=torch.contiguous_format),
+        "rotary_decode_qkv": lambda qkv, heads, cos, sin, k_cache, *_: qkv.new_empty(
+            qkv.shape[0], heads * k_cache.shape[-1]),
+        "rms_norm": lambda x, residual, *_: (torch.empty_like(x), x.new_empty(0) if residual is None
+                                             else torch.empty_like(x)),
+        # [B, S, H, D] transposed, as the op returns it
+        "rotary": lambda x, *_: x.new_empty(x.shape[0], x.shape[2], x.shape[1], x.shape[3]).transpose(1, 2),
+        "int4pack_mm": lambda x, packed, *_: x.new_empty(x.shape[0], packed.shape[0]),
+        "bf16_mm": lambda x, wb, bias, n: x.new_empty(x.shape[0], n),
+        "vnni_mm": lambda x, packed, *_: x.new_empty(x.shape[0], packed.shape[0]),
+        "argmax_rows": lambda x: x.new_empty(x.shape[0], dtype=torch.long),
+    }
+    for name, fake in fakes.items():
+        torch.library.register_fake(f"leanlm_cpu::{name}", fake)
 
 
 def prepare(dtype: torch.dtype, device: torch.device | str) -> None:
@@ -114,7 +148,7 @@ def prepare(dtype: torch.dtype, device: torch.device | str) -> None:
 
 def runs(*tensors: torch.Tensor) -> bool:
     """Whether the C++ op runs for these tensors: CPU, one float dtype, no autograd through them,
-    not traced, not switched off, and built."""
+    not switched off, and built."""
     # (called for every op of a decode step: the cheap tests first, no generators)
     x = tensors[0]
     dtype = x.dtype
@@ -124,15 +158,15 @@ def runs(*tensors: torch.Tensor) -> bool:
     for t in tensors:
         if t.dtype != dtype or t.device.type != "cpu" or (grad and t.requires_grad):
             return False
-    return not torch.compiler.is_compiling() and ops() is not None
+    return ops() is not None
 
 
 def direct(x: torch.Tensor) -> bool:
     """:func:`runs` for a layer that has run its C++ op on a tensor like ``x`` before (so the ops
     are built, and the dtype checked): only what can have changed since — a CPU tensor, the
-    kernel mode, autograd through it, autocast, tracing. ~1 µs where :func:`runs` takes ~3."""
+    kernel mode, autograd through it, autocast. ~1 µs where :func:`runs` takes ~3."""
     return (x.is_cpu and kernels.mode() != "reference" and not (x.requires_grad and torch.is_grad_enabled())
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+            and not torch.is_autocast_enabled("cpu"))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,

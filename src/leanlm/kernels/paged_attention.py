@@ -88,7 +88,7 @@ def decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """One query per request, batched: K/V gathered into [R, max_len, kv_heads, D] (``lens``
     [R] keys each, max_len ≥ all of them). Every shape depends on R and max_len only, so
-    ``torch.compile`` traces it once per (batch, length) bucket."""
+    ``torch.compile`` traces it with symbolic shapes."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     r, h, d = q.shape
     kv_heads = k_cache.shape[1]

@@ -41,8 +41,8 @@ def serve(
     spec_disable_batch_size: Annotated[int, typer.Option(
         help="Stop speculating while more requests than this run (0: never).")] = 0,
     compile: Annotated[bool, typer.Option(
-        help="static-shape decode steps (batch/length buckets): CUDA graphs on CUDA, torch.compile "
-             "elsewhere; captured or compiled on first use.")] = False,
+        help="decode steps as one graph: CUDA graphs on CUDA (batch/length buckets), torch.compile "
+             "elsewhere (leanlm's C++ CPU ops inside); captured or compiled on first use.")] = False,
     threads: Annotated[int, typer.Option(help="torch threads for the model (0: torch's default).")] = 0,
     int8_activations: Annotated[bool, typer.Option(help=INT8_ACTIVATIONS_HELP)] = False,
     max_n: Annotated[int, typer.Option(help="Most completions per request (`n`).")] = 16,

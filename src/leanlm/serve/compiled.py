@@ -1,9 +1,11 @@
-"""The serving engine's decode-shaped steps with static shapes: CUDA graphs on CUDA, ``torch.compile``
+"""The serving engine's decode-shaped steps as one graph: CUDA graphs on CUDA, ``torch.compile``
 elsewhere (``leanlm serve --compile``).
 
 A decode step of a small model is bound by per-op overhead: on a GPU by the CPU launching ~15
-kernels per layer, on a CPU by Python and dispatch. Padding every step to a bucket of fixed
-shapes lets one captured graph (or one compiled graph) serve it. See :class:`CompiledDecode`.
+kernels per layer, on a CPU by Python and dispatch. On CUDA, padding every step to a bucket of
+fixed shapes lets one captured graph serve it. On the CPU one compiled graph with symbolic shapes
+serves every step: leanlm's C++ ops (:mod:`leanlm.kernels.cpu_ops`: attention, RMSNorm, the GEMMs)
+inside it, called from a C++ wrapper, with the glue between them fused. See :class:`CompiledDecode`.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ import torch
 from leanlm.model import Transformer
 from leanlm.serve.paged import DecodeMetadata, PagedKVCache
 
-RECOMPILE_LIMIT = 128  # graphs per code object while a compiled step runs (one per bucket)
+# bf16/fp16 rounded where eager rounds; the wrapper that calls the kernels in C++ (~4% of a small
+# model's CPU decode step against a Python wrapper)
+INDUCTOR_OPTIONS = {"emulate_precision_casts": True, "cpp_wrapper": True}
+RECOMPILE_LIMIT = 128  # graphs per code object while a compiled step runs (target and draft share it)
 
 
 def bucket(n: int) -> int:
@@ -24,16 +29,18 @@ def bucket(n: int) -> int:
 
 
 class CompiledDecode:
-    """A model's decode-shaped forward (one query token per row) with static shapes, one graph per
-    (rows, length) bucket: rows and block-table width are padded to powers of two, and padding
-    rows write to the cache's last block, a scratch block past the engine's blocks (the K/V cache
-    is allocated one block larger).
+    """A model's decode-shaped forward (one query token per row) as one graph.
 
-    On CUDA each bucket is a captured CUDA graph of the eager forward — the Triton kernels and
-    cuBLAS GEMMs — replayed with the step's inputs copied into its static buffers, as vLLM does:
-    a decode step of a small model is otherwise bound by the CPU launching ~15 kernels per layer.
-    Elsewhere each bucket is a ``torch.compile`` graph; its fused kernels round bf16/fp16
-    intermediates where eager does, so outputs stay the eager ones."""
+    On CUDA each (rows, length) bucket is a captured CUDA graph of the eager forward — the Triton
+    kernels and cuBLAS GEMMs — replayed with the step's inputs copied into its static buffers, as
+    vLLM does: a decode step of a small model is otherwise bound by the CPU launching ~15 kernels
+    per layer. Rows and block-table width are padded to powers of two, and padding rows write to
+    the cache's last block, a scratch block past the engine's blocks (the K/V cache is allocated
+    one block larger).
+
+    Elsewhere it is a ``torch.compile`` graph with symbolic shapes (the table's width still
+    padded to a power of two); the C++ CPU ops are calls in it, and its fused kernels round
+    bf16/fp16 intermediates where eager does, so outputs stay the eager ones."""
 
     def __init__(self, model: Transformer, cache: PagedKVCache) -> None:
         self.model, self.cache = model, cache
@@ -41,8 +48,10 @@ class CompiledDecode:
         self.device = model.embed_tokens.weight.device
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
-        # the compiled step (not called where CUDA graphs run); None once anything failed: eager serves
-        self.fn = torch.compile(self._forward, dynamic=False, options={"emulate_precision_casts": True})
+        # the compiled step (not called where CUDA graphs run); None once anything failed: eager
+        # serves. Shapes are symbolic, so one graph serves every batch (dynamo specialises a size
+        # of 1: a graph for one row, one for a one-block table)
+        self.fn = torch.compile(self._forward, dynamic=True, options=INDUCTOR_OPTIONS)
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, meta: DecodeMetadata) -> torch.Tensor:
         return self.model(tokens, positions=positions, attn=meta)[0]
@@ -87,7 +96,9 @@ class CompiledDecode:
             return None
         b, bs = len(tokens), self.cache.block_size
         seq_lens = [p + 1 for p in positions]
-        pb, width = bucket(b), bucket(-(-max(seq_lens) // bs))
+        # rows padded for a CUDA graph only (a compiled graph takes any count); the table's width
+        # to a power of two, so that the references' masks see few distinct lengths
+        pb, width = bucket(b) if self.pool is not None else b, bucket(-(-max(seq_lens) // bs))
         pad = pb - b
         table = [t[:width] + [self.scratch] * (width - len(t)) for t in tables]
         table += [[self.scratch] * width] * pad

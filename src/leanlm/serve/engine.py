@@ -41,7 +41,7 @@ class EngineConfig:
     num_spec_tokens: int = 4  # most draft tokens per step and request
     spec_adaptive: bool = True  # per-request draft length from its acceptance rate and the draft's cost
     spec_disable_batch_size: int = 0  # no drafts while more requests than this run (0: never off)
-    # decode-shaped steps (decode, verify, draft) in static buckets: CUDA graphs on CUDA, else torch.compile
+    # decode-shaped steps (decode, verify, draft) as one graph: CUDA graphs on CUDA, else torch.compile
     compile: bool = False
 
 

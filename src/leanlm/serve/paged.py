@@ -5,8 +5,8 @@ PagedAttention, Kwon et al. 2023), and the batches that read and write them.
 request's block table lists its blocks, so token p of the request lives in slot
 ``table[p // block_size] * block_size + p % block_size``. :class:`PagedMetadata` is a varlen batch
 (every scheduled token of every request flattened into one row, prefill chunks and decodes
-mixed), :class:`DecodeMetadata` a decode-only batch whose shapes are fixed by a bucket (what the
-compiled decode step traces or captures). Both implement the model's attention signature
+mixed), :class:`DecodeMetadata` a decode-only batch of padded tables (what the compiled decode
+step traces or captures). Both implement the model's attention signature
 (``meta.attend(layer_idx, sliding, q, k, v)``, :mod:`leanlm.attention`) with the Triton kernels
 of :mod:`leanlm.kernels.paged_attention` and :mod:`leanlm.kernels.kv_store` on CUDA, the C++
 decode kernel of :mod:`leanlm.kernels.cpu_attention` for the one-query requests of a CPU batch,
@@ -237,10 +237,11 @@ class PagedMetadata:
 
 @dataclass
 class DecodeMetadata:
-    """A decode-only paged batch (one new token per request) whose every shape is fixed by a
-    (batch, max_len) bucket: what the serving engine's compiled decode step traces, or captures
-    in a CUDA graph. Padding rows write their K/V to a scratch slot and read it back (lens 1), so
-    no mask is data-dependent. Traced by ``torch.compile`` it is torch ops (the batched
+    """A decode-only paged batch (one new token per request), its tables padded to ``max_len``:
+    what the serving engine's compiled decode step traces, or captures in a CUDA graph (whose
+    every shape a (batch, max_len) bucket fixes; padding rows write their K/V to a scratch slot and
+    read it back (lens 1), so no mask is data-dependent). Traced by ``torch.compile`` on the CPU it
+    is the C++ decode op (:meth:`attend_qkv`) where that runs, else torch ops (the batched
     reference); run eagerly where the kernels run (a CUDA graph's capture), the Triton KV store
     and split-KV decode kernel, launched with host-side shapes only."""
 
@@ -253,6 +254,18 @@ class DecodeMetadata:
 
     def fuses_rotary(self, q: torch.Tensor) -> bool:
         return fuses_rotary(self.cache, q)
+
+    def attend_qkv(self, layer_idx: int, sliding: bool, qkv: torch.Tensor, heads: int,
+                   rotary: Tables) -> torch.Tensor | None:
+        """:meth:`PagedMetadata.attend_qkv` for this batch: the CPU's C++ decode kernel (an op in
+        the compiled graph), where it runs on this cache; else None."""
+        ck, cv = self.cache.k[layer_idx], self.cache.v[layer_idx]
+        if self.cache.torch_path or not cpu_attention.runs(qkv, ck):
+            return None
+        window = self.sliding_window if sliding else None
+        return cpu_ops.ops().rotary_decode_qkv(
+            qkv[0], heads, *rotary, ck, cv, self.slot_mapping, self.block_tables, self.lens,
+            self.cache.block_size, ck.shape[-1] ** -0.5, -1 if window is None else window)[None]
 
     def attend(self, layer_idx: int, sliding: bool, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor, rotary: Tables | None = None) -> torch.Tensor:
