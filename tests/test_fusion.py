@@ -134,11 +134,17 @@ def test_adapters_and_shards_are_not_fused_and_transforms_unfuse() -> None:
     assert "up_proj" in shard.layers[0].mlp._modules
 
 
-def test_the_serving_engine_fuses_its_cpu_model(make_hf_checkpoint) -> None:
+@pytest.mark.parametrize("compile", [False, True])
+def test_the_serving_engine_fuses_its_cpu_model(make_hf_checkpoint, compile: bool) -> None:
+    """Fused and packed for eager steps; compiled, fused too (the C++ decode op takes the fused
+    q/k/v), and packed where the packing is leanlm's bf16 blocks, which the compiler traces."""
+    from leanlm.kernels import cpu_linear
     from leanlm.serve.core_process import CoreSpec, build_engine
     from leanlm.serve.engine import EngineConfig
 
-    engine = build_engine(CoreSpec(model=str(make_hf_checkpoint("llama")), engine=EngineConfig()))
+    path = str(make_hf_checkpoint("llama"))
+    engine = build_engine(CoreSpec(model=path, engine=EngineConfig(compile=compile), dtype="bfloat16"))
     attn = engine.model.layers[0].self_attn
-    assert "qkv" in attn._modules and "q_proj" not in attn._modules and attn.qkv.is_packed
+    assert "qkv" in attn._modules and "q_proj" not in attn._modules
+    assert attn.qkv.is_packed == (not compile or cpu_linear.blocked())
 

@@ -14,6 +14,7 @@ import warnings
 
 import torch
 
+from leanlm.kernels import cpu_linear
 from leanlm.model import Transformer
 from leanlm.serve.paged import DecodeMetadata, PagedKVCache
 
@@ -21,6 +22,14 @@ from leanlm.serve.paged import DecodeMetadata, PagedKVCache
 # model's CPU decode step against a Python wrapper)
 INDUCTOR_OPTIONS = {"emulate_precision_casts": True, "cpp_wrapper": True}
 RECOMPILE_LIMIT = 128  # graphs per code object while a compiled step runs (target and draft share it)
+
+
+def packs(compile: bool) -> bool:
+    """Whether the serving engine loads CPU weights packed: always for eager steps; with
+    ``compile`` where they pack into leanlm's 64-row bf16 blocks, which the compiled step traces
+    as the C++ GEMM that reads them (oneDNN's layout is opaque to the compiler, which would
+    unpack it on first use)."""
+    return not compile or cpu_linear.blocked()
 
 
 def bucket(n: int) -> int:

@@ -27,6 +27,7 @@ from leanlm import kernels
 from leanlm.checkpoint import load_model, resolve_dtype
 from leanlm.config import ModelConfig
 from leanlm.errors import LeanLMError
+from leanlm.serve.compiled import packs
 from leanlm.serve.core import EngineCore
 from leanlm.serve.engine import EngineConfig, LLMEngine, num_kv_blocks
 from leanlm.serve.executor import EngineDeadError, MultiprocExecutor, child_process
@@ -64,8 +65,7 @@ class CoreSpec:
 
 def build_engine(spec: CoreSpec) -> LLMEngine:
     """The engine: the model in this process (``uniproc``), or in worker processes / Ray actors."""
-    pack = not spec.engine.compile  # CPU inference on packed weights (compiled steps pack their own)
-    fuse = pack and kernels.fuse("cpu", serving=True)
+    pack, fuse = packs(spec.engine.compile), kernels.fuse("cpu", serving=True)
     draft = load_model(spec.draft_model, dtype=spec.dtype, pack=pack, fuse=fuse) if spec.draft_model else None
     if spec.backend == "uniproc":
         if spec.tensor_parallel_size != 1:

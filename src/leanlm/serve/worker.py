@@ -23,6 +23,7 @@ from leanlm import kernels
 from leanlm.errors import LeanLMError
 from leanlm.model import Transformer
 from leanlm.parallel import tensor_parallel_, tp_mesh
+from leanlm.serve.compiled import packs
 from leanlm.serve.lora import LoRAManager
 from leanlm.serve.messages import Execute, Stop, WorkerCall, WorkerReply, encode, worker_input
 from leanlm.serve.model_runner import ModelRunner
@@ -88,9 +89,9 @@ def build_worker(rank: int, world: int, init_method: str, spec: WorkerSpec) -> W
         torch.set_num_threads(spec.threads)
     mesh = init_distributed(rank, world, init_method, spec.device) if world > 1 else None
     # one rank packs its weights at load; ranks of a tensor-parallel group shard plain ones
-    pack = mesh is None and not spec.compile
-    model = load_model(spec.model, dtype=spec.dtype, device=spec.device, pack=pack,
-                       fuse=pack and kernels.fuse(spec.device, serving=True))
+    alone = mesh is None
+    model = load_model(spec.model, dtype=spec.dtype, device=spec.device, pack=alone and packs(spec.compile),
+                       fuse=alone and kernels.fuse(spec.device, serving=True))
     if mesh is not None:
         tensor_parallel_(model, mesh)
     return Worker(model, spec)
