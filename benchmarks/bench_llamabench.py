@@ -21,6 +21,7 @@ on AVX512-VNNI CPUs the rows with int8 activations, ``--int8-activations``: per 
 
     python benchmarks/bench_llamabench.py [--llama-cpp-src llama_cpp_python-0.3.36.tar.gz] [--rounds 3]
     python benchmarks/bench_llamabench.py --own   # leanlm only: int4/int8 bodies x head formats vs bf16
+    python benchmarks/bench_llamabench.py --profile   # + each row's GEMM time and bandwidth
 
 ``--own`` holds the bf16 model and one int4 and one int8 body in memory and swaps the head module
 (bf16 packed, int8 per channel, int4 g32) between decodes, every variant in every round, so the
@@ -41,7 +42,7 @@ import torch
 import leanlm
 from bench_cpu_start import checkpoint
 from bench_generate import per_token
-from common import machine
+from common import machine, read_bandwidth
 from leanlm import kernels
 from leanlm.generate import generate
 from leanlm.kernels import cpu_vnni
@@ -67,6 +68,25 @@ def leanlm_decode(model: torch.nn.Module, new: int) -> float:
         return generate(model, [[1]], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
 
     return per_token(run, new, 1)
+
+
+# the ops that multiply by a weight in a CPU decode step (leanlm's C++ GEMMs, torch's int4/int8
+# packed kernels, oneDNN's prepacked linear, plain matmuls)
+GEMMS = ("leanlm_cpu::vnni_mm", "leanlm_cpu::int4pack_mm", "leanlm_cpu::bf16_mm",
+         "aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm", "mkldnn::_linear_pointwise",
+         "aten::mm", "aten::addmm")
+
+
+def gemm_seconds(model: torch.nn.Module, new: int) -> float:
+    """Seconds per token inside the weight GEMMs: their self time in a profile of one ``new``-token
+    decode (a one-token prompt, then ``new`` − 1 steps: ``new`` forwards)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
+    generate(model, [[1]], params)  # warm
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        generate(model, [[1]], params)
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in GEMMS) * 1e-6 / new
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -122,6 +142,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--own", action="store_true", help="leanlm only: quantized bodies and heads vs bf16")
     ap.add_argument("--only", default="", help="comma-separated parts of row names: only those rows")
+    ap.add_argument("--profile", action="store_true",
+                    help="also each leanlm row's GEMM time per token and the bandwidth it reads weights at")
     args = ap.parse_args()
     threads = torch.get_num_threads()
     path = checkpoint(args.preset)
@@ -179,6 +201,13 @@ def main() -> None:
         ref = statistics.median(base) if base else a
         print(f"| {name} | {a * 1e3:.1f} | {weight_bytes(model) / 1e9:.2f} | {kind} | {b * 1e3:.1f} | "
               f"{size / 1e9:.2f} | **{b / a:.2f}x** | {ref / a:.2f}x |", flush=True)
+        if args.profile:  # the weights' bytes over the GEMMs' time: how near the memory bound
+            with kernels.quantizing_activations(a8):
+                gemm = gemm_seconds(model, args.new_tokens)
+            rate, read = weight_bytes(model) / gemm / 1e9, read_bandwidth()
+            print(f"|   profile: GEMMs {gemm * 1e3:.1f} of {a * 1e3:.1f} ms/token, weights read at "
+                  f"{rate:.1f} GB/s = {100 * rate / read:.0f}% of the read bandwidth ({read:.1f} GB/s) |",
+                  flush=True)
         del model
         gc.collect()
 

@@ -80,6 +80,14 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / seconds / 1e9
 
 
+def read_bandwidth() -> float:
+    """Measured read bandwidth in GB/s now (not cached: it moves with the host's other tenants):
+    bytes read by summing 512 MiB of fp32 (median of 5), what a kernel that streams its weights
+    once can reach."""
+    src = torch.ones(1 << 27, dtype=torch.float32)
+    return src.numel() * 4 / median_time(lambda: src.sum(), repeats=5, warmup=2) / 1e9
+
+
 def machine() -> str:
     """The CPU model, its ISA extensions that matter to the kernels, cores, torch threads,
     measured copy bandwidth, torch version: every benchmark prints it, because a ratio holds
