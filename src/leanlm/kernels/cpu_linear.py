@@ -184,7 +184,8 @@ class Linear(nn.Linear):
         if is_packed_weight(w):  # packed only (checked eligible by forward)
             return packed_linear(x, w, bias, self.out_features)
         if not _eligible(w, x):
-            if self._packed is not None and not torch.compiler.is_compiling():
+            # (is_compiling first: a compiled graph must not guard on the copy eager steps make)
+            if not torch.compiler.is_compiling() and self._packed is not None:
                 self._packed = None  # e.g. training resumed after an evaluation: free the copy
             return F.linear(x, w, bias)
         key = (w.data_ptr(), w._version)

@@ -95,6 +95,18 @@ class CompiledDecode:
             logits = run()
         return graph, flat, logits
 
+    def warm_up(self) -> None:
+        """Compile (or capture) now what a server's first steps would: one row and several, each
+        with a one-block table and a longer one (the shapes dynamo specialises), run on the
+        scratch block. ``leanlm serve --compile`` does this before it takes requests: on 2 CPU
+        cores each graph takes ~10–15 s, which would otherwise stall the requests of each shape."""
+        bs, s = self.cache.block_size, self.scratch
+        with torch.inference_mode():
+            for rows in (1, 2):
+                for blocks in (1, 2):
+                    last = blocks * bs - 1  # the row's position: its table spans `blocks` blocks
+                    self([0] * rows, [last] * rows, [s * bs + last % bs] * rows, [[s] * blocks] * rows)
+
     def __call__(self, tokens: list[int], positions: list[int], slots: list[int],
                  tables: list[list[int]]) -> torch.Tensor | None:
         """Logits [B, V] of B rows, row i the token at ``positions[i]`` (its K/V written to

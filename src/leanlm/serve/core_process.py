@@ -89,6 +89,8 @@ def build_engine(spec: CoreSpec) -> LLMEngine:
         engine = LLMEngine.with_executor(config, spec.engine, dtype, tp, make, draft)
     for name, path in spec.loras.items():
         engine.add_lora(name, path)
+    if spec.backend == "uniproc" and engine.runner.compiled is not None:
+        engine.runner.compiled.warm_up()  # (worker processes warm their own: build_worker)
     return engine
 
 

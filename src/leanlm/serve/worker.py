@@ -94,7 +94,10 @@ def build_worker(rank: int, world: int, init_method: str, spec: WorkerSpec) -> W
                        fuse=alone and kernels.fuse(spec.device, serving=True))
     if mesh is not None:
         tensor_parallel_(model, mesh)
-    return Worker(model, spec)
+    worker = Worker(model, spec)
+    if worker.runner.compiled is not None:
+        worker.runner.compiled.warm_up()
+    return worker
 
 
 def worker_loop(rank: int, world: int, init_method: str, spec: WorkerSpec, inbox: str, outbox: str) -> None:
