@@ -119,7 +119,7 @@ def start_server(cmd: list[str], url: str, probe: str = "/models") -> subprocess
 
     log = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the server; not a pipe, which could fill and block it)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
-    deadline = time.time() + 180
+    deadline = time.time() + 600  # `leanlm serve --compile` compiles its graphs first (~1 min on 2 cores)
     while time.time() < deadline:
         if proc.poll() is not None:
             log.seek(0)

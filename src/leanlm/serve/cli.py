@@ -42,7 +42,8 @@ def serve(
         help="Stop speculating while more requests than this run (0: never).")] = 0,
     compile: Annotated[bool, typer.Option(
         help="decode steps as one graph: CUDA graphs on CUDA (batch/length buckets), torch.compile "
-             "elsewhere (leanlm's C++ CPU ops inside); captured or compiled on first use.")] = False,
+             "elsewhere (leanlm's C++ CPU ops inside); compiled before the server takes requests "
+             "(about a minute on 2 CPU cores).")] = False,
     threads: Annotated[int, typer.Option(help="torch threads for the model (0: torch's default).")] = 0,
     int8_activations: Annotated[bool, typer.Option(help=INT8_ACTIVATIONS_HELP)] = False,
     max_n: Annotated[int, typer.Option(help="Most completions per request (`n`).")] = 16,
