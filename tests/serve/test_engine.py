@@ -271,24 +271,29 @@ def test_compiled_cpu_decode_calls_the_cpp_ops(weights: str) -> None:
 
 
 def compiled_matches_eager(model: torch.nn.Module, ops: set[str]) -> None:
-    """The engine's tokens with and without ``compile``, and ``ops`` among the compiled graph's."""
+    """The engine's tokens with and without ``compile``, ``ops`` among the compiled graph's, and
+    nothing compiled after the warm-up (a server's)."""
     from torch._inductor.compile_fx import compile_fx
 
     from leanlm.serve.compiled import INDUCTOR_OPTIONS
 
     ps = prompts(6, seed=7)
     params = SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)
-    want = LLM(model, EngineConfig(block_size=4, num_blocks=128)).generate(ps, params)
-    llm = LLM(model, EngineConfig(block_size=4, num_blocks=128, compile=True))
-    compiled, called = llm.engine.runner.compiled, set()
+    llm = LLM(model, EngineConfig(block_size=4, num_blocks=128, compile=True))  # first: as a server
+    compiled, called, graphs = llm.engine.runner.compiled, set(), []
 
     def recording(gm: torch.fx.GraphModule, example_inputs: list) -> object:  # then inductor, as the engine
+        graphs.append(gm)
         called.update(str(n.target).removesuffix(".default") for n in gm.graph.nodes
                       if n.op == "call_function")
         return compile_fx(gm, example_inputs, config_patches=INDUCTOR_OPTIONS)
 
     compiled.fn = torch.compile(compiled._forward, dynamic=True, backend=recording)
-    assert llm.generate(ps, params) == want
+    compiled.warm_up()
+    warmed = len(graphs)
+    got = llm.generate(ps, params)
+    assert got == LLM(model, EngineConfig(block_size=4, num_blocks=128)).generate(ps, params)
+    assert len(graphs) == warmed  # no graph break, no recompile: the warm-up compiled them all
     assert ops <= called, called
     assert all(m.is_packed for m in model.modules() if isinstance(m, Linear))
 

@@ -102,6 +102,15 @@ class CompiledDecode:
         cores each graph takes ~10–15 s, which would otherwise stall the requests of each shape."""
         bs, s = self.cache.block_size, self.scratch
         with torch.inference_mode():
+            if self.pool is None and self.fn is not None:
+                # one eager step first, as a server's first prefill would run: the layers prepare
+                # their kernels (quantized ones pick the op for a batch of 8 rows), so that the
+                # graphs trace straight to those ops, and no later eager step changes what they see
+                compiled, self.fn = self.fn, self._forward
+                try:
+                    self([0] * 8, [bs - 1] * 8, [s * bs + bs - 1] * 8, [[s]] * 8)
+                finally:
+                    self.fn = compiled
             for rows in (1, 2):
                 for blocks in (1, 2):
                     last = blocks * bs - 1  # the row's position: its table spans `blocks` blocks
