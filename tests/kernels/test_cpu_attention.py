@@ -115,3 +115,30 @@ def test_launcher_rejects_bad_arguments() -> None:
         decode({**b, "k_cache": b["k_cache"].half()}, None)
     with pytest.raises(LeanLMError, match="must be ≥ 1 and fit 10 blocks"):
         ca.Split.of(b["block_tables"], [9, 41], [0, 1, 2], 4)
+
+
+def test_rotary_decode_rows_of_one_request_see_each_others_keys() -> None:
+    """Three rows of one request at positions 11, 10, 9 (drafts to verify, as the compiled step
+    passes them; the first row the last position): every row's k/v is stored before any row
+    attends, so the row at 11 reads the keys of the rows at 9 and 10, as the reference, which
+    stores them all first."""
+    heads, kv_heads, d, bs, n = 4, 2, 16, 4, 12
+    b = paged_batch([1], [n], heads, kv_heads, d, bs, seed=3)
+    g = torch.Generator().manual_seed(4)
+    table = b["block_tables"][0]
+    positions = [11, 10, 9]
+    slots = torch.tensor([int(table[p // bs]) * bs + p % bs for p in positions])
+    tables, lens = table[None].repeat(3, 1).contiguous(), torch.tensor([p + 1 for p in positions])
+    qkv = torch.randn(3, (heads + 2 * kv_heads) * d, generator=g)
+    q, k, v = (t.view(3, -1, d) for t in qkv.split([heads * d, kv_heads * d, kv_heads * d], -1))
+    angles = torch.randn(3, d // 2, generator=g) * 3
+    cos, sin = (torch.cat([f(angles)] * 2, -1) for f in (torch.cos, torch.sin))
+    tables_cs = (cos[None, None], sin[None, None])
+    rot = lambda x: rotary.reference(x.transpose(0, 1)[None], *tables_cs)[0].transpose(0, 1)
+    kc, vc = b["k_cache"].clone(), b["v_cache"].clone()
+    kc[slots], vc[slots] = rot(k), v  # the reference: every row stored, then each row attends
+    want = ca.paged_decode(rot(q).contiguous(), kc, vc, tables, lens, bs, b["scale"])
+    kf, vf = b["k_cache"].clone(), b["v_cache"].clone()
+    got = ca.ops().rotary_decode_qkv(qkv, heads, cos, sin, kf, vf, slots, tables, lens, bs, b["scale"], -1)
+    assert torch.equal(got, want.view(3, heads * d))
+    torch.testing.assert_close(kf, kc, rtol=0, atol=0, equal_nan=True)

@@ -169,6 +169,26 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   const float fscale = static_cast<float>(scale);
   const int64_t row_bytes = k_cache.size(1) * d * static_cast<int64_t>(sizeof(scalar_t));
 
+  // The step's own K/V first, every row's before any row attends: rows of one request (drafts to
+  // verify) read each other's keys, as the reference, which stores them all and then attends.
+  if (fresh) {
+    at::parallel_for(0, requests, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* c = fresh->cos.data_ptr<scalar_t>() + r * fresh->cos.stride(0);
+        const scalar_t* sn = fresh->sin.data_ptr<scalar_t>() + r * fresh->sin.stride(0);
+        const int64_t slot = fresh->slots.data_ptr<int64_t>()[r];
+        const scalar_t* k = fresh->k.data_ptr<scalar_t>() + r * fresh->k.stride(0);
+        const scalar_t* v = fresh->v.data_ptr<scalar_t>() + r * fresh->v.stride(0);
+        scalar_t* kc = const_cast<scalar_t*>(kp) + slot * ks0;
+        scalar_t* vc = const_cast<scalar_t*>(vp) + slot * vs0;
+        for (int64_t h = 0; h < k_cache.size(1); ++h) {
+          rotate_row(k + h * fresh->k.stride(1), c, sn, kc + h * ks1, d);
+          std::copy(v + h * fresh->v.stride(1), v + h * fresh->v.stride(1) + d, vc + h * vs1);
+        }
+      }
+    });
+  }
+
   // One request per work item: a slot's K (or V) row holds every K/V head side by side, and a
   // block's slots are contiguous, so the request's keys are read as whole, sequential rows.
   at::parallel_for(0, requests, 1, [&](int64_t begin, int64_t end) {
@@ -182,15 +202,6 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
       if (fresh) {
         const scalar_t* c = fresh->cos.data_ptr<scalar_t>() + r * fresh->cos.stride(0);
         const scalar_t* sn = fresh->sin.data_ptr<scalar_t>() + r * fresh->sin.stride(0);
-        const int64_t slot = fresh->slots.data_ptr<int64_t>()[r];
-        const scalar_t* k = fresh->k.data_ptr<scalar_t>() + r * fresh->k.stride(0);
-        const scalar_t* v = fresh->v.data_ptr<scalar_t>() + r * fresh->v.stride(0);
-        scalar_t* kc = const_cast<scalar_t*>(kp) + slot * ks0;
-        scalar_t* vc = const_cast<scalar_t*>(vp) + slot * vs0;
-        for (int64_t h = 0; h < k_cache.size(1); ++h) {
-          rotate_row(k + h * fresh->k.stride(1), c, sn, kc + h * ks1, d);
-          std::copy(v + h * fresh->v.stride(1), v + h * fresh->v.stride(1) + d, vc + h * vs1);
-        }
         for (int64_t h = 0; h < heads; ++h) {
           rotate_row(qp + r * qs0 + h * qs1, c, sn, rotated.data(), d);
           widen(rotated.data(), qf.data() + h * d, d);
