@@ -54,6 +54,19 @@ def test_mixed_batches_split_between_kernel_and_reference(dtype: torch.dtype) ->
         assert not ca.runs(b["q"], b["k_cache"])
 
 
+def fresh_step(rows: int, heads: int, kv_heads: int, d: int, dtype: torch.dtype, seed: int) -> tuple:
+    """A step's unrotated q/k/v as views of one fused projection's output (the engine's layout),
+    cos/sin [rows, D] of the rows' positions, and the reference's rotation of a [rows, heads, D]."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * d, generator=g).to(dtype)
+    q, k, v = (t.view(rows, -1, d) for t in qkv.split([heads * d, kv_heads * d, kv_heads * d], -1))
+    angles = torch.randn(rows, d // 2, generator=g) * 3
+    cos, sin = (torch.cat([f(angles)] * 2, -1).to(dtype) for f in (torch.cos, torch.sin))
+    tables = (cos[None, None], sin[None, None])
+    rot = lambda x: rotary.reference(x.transpose(0, 1)[None], *tables)[0].transpose(0, 1)
+    return qkv, q, k, v, cos, sin, rot
+
+
 @pytest.mark.parametrize("window", [None, 7])
 @pytest.mark.parametrize("heads,kv_heads,d", [(4, 2, 16), (5, 5, 64), (8, 1, 24)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -63,19 +76,14 @@ def test_rotary_decode_is_rotary_store_and_decode(window: int | None, heads: int
     # request's last key slot is where its new k/v go; cos/sin of the requests' positions
     seq_lens, block_size = [1, 5, 17, 40, 3], 4
     b = paged_batch([1] * len(seq_lens), seq_lens, heads, kv_heads, d, block_size, seed=d, dtype=dtype)
-    g = torch.Generator().manual_seed(1)
-    qkv = torch.randn(len(seq_lens), (heads + 2 * kv_heads) * d, generator=g).to(dtype)
-    q, k, v = (t.view(len(seq_lens), -1, d) for t in qkv.split([heads * d, kv_heads * d, kv_heads * d], -1))
-    angles = torch.randn(len(seq_lens), d // 2, generator=g) * 3
-    cos, sin = (torch.cat([f(angles)] * 2, -1).to(dtype) for f in (torch.cos, torch.sin))
+    qkv, q, k, v, cos, sin, rot = fresh_step(len(seq_lens), heads, kv_heads, d, dtype, seed=1)
     tables = b["block_tables"]
     slots = torch.tensor([int(tables[r, (n - 1) // block_size]) * block_size + (n - 1) % block_size
                           for r, n in enumerate(seq_lens)])
     split = ca.Split.of(tables, seq_lens, list(range(len(seq_lens) + 1)), block_size)
     # unfused: rotary of q and of k, the two row stores, the decode kernel
     kc, vc = b["k_cache"].clone(), b["v_cache"].clone()
-    rq = rotary.reference(q.transpose(0, 1)[None], cos[None, None], sin[None, None])[0].transpose(0, 1)
-    rk = rotary.reference(k.transpose(0, 1)[None], cos[None, None], sin[None, None])[0].transpose(0, 1)
+    rq, rk = rot(q), rot(k)
     kc[slots], vc[slots] = rk, v
     want = ca.attention(rq.contiguous(), kc, vc, split, block_size, b["scale"], window)
     kf, vf = b["k_cache"].clone(), b["v_cache"].clone()
@@ -124,17 +132,11 @@ def test_rotary_decode_rows_of_one_request_see_each_others_keys() -> None:
     stores them all first."""
     heads, kv_heads, d, bs, n = 4, 2, 16, 4, 12
     b = paged_batch([1], [n], heads, kv_heads, d, bs, seed=3)
-    g = torch.Generator().manual_seed(4)
     table = b["block_tables"][0]
     positions = [11, 10, 9]
     slots = torch.tensor([int(table[p // bs]) * bs + p % bs for p in positions])
     tables, lens = table[None].repeat(3, 1).contiguous(), torch.tensor([p + 1 for p in positions])
-    qkv = torch.randn(3, (heads + 2 * kv_heads) * d, generator=g)
-    q, k, v = (t.view(3, -1, d) for t in qkv.split([heads * d, kv_heads * d, kv_heads * d], -1))
-    angles = torch.randn(3, d // 2, generator=g) * 3
-    cos, sin = (torch.cat([f(angles)] * 2, -1) for f in (torch.cos, torch.sin))
-    tables_cs = (cos[None, None], sin[None, None])
-    rot = lambda x: rotary.reference(x.transpose(0, 1)[None], *tables_cs)[0].transpose(0, 1)
+    qkv, q, k, v, cos, sin, rot = fresh_step(3, heads, kv_heads, d, torch.float32, seed=4)
     kc, vc = b["k_cache"].clone(), b["v_cache"].clone()
     kc[slots], vc[slots] = rot(k), v  # the reference: every row stored, then each row attends
     want = ca.paged_decode(rot(q).contiguous(), kc, vc, tables, lens, bs, b["scale"])
